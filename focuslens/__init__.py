@@ -1,0 +1,35 @@
+"""focuslens: find the attention heads that read the relevant document, and steer them.
+
+An implementation of *Focus Directions Make Your Language Models Pay More Attention to
+Relevant Contexts* (Zhu et al., 2025) on TransformerLens' ``TransformerBridge``.
+
+>>> import focuslens as fl                                    # doctest: +SKIP
+>>> model = fl.load_model("smollm2-135m-instruct")            # doctest: +SKIP
+>>> examples = fl.make_synthetic_qa(100, n_documents=20)      # doctest: +SKIP
+>>> fl.evaluate_next_token(model, examples).correct.mean()    # doctest: +SKIP
+"""
+
+from focuslens.data import Document, Prompt, QAExample, Span, make_synthetic_qa, render, split_by_question
+from focuslens.errors import DataError, FocusLensError, ModelError
+from focuslens.eval import best_subspan_em, distraction, evaluate_generation, evaluate_next_token
+from focuslens.models import load_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "load_model",
+    "QAExample",
+    "Document",
+    "Prompt",
+    "Span",
+    "render",
+    "make_synthetic_qa",
+    "split_by_question",
+    "evaluate_next_token",
+    "evaluate_generation",
+    "best_subspan_em",
+    "distraction",
+    "FocusLensError",
+    "DataError",
+    "ModelError",
+]

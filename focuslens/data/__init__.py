@@ -1,0 +1,25 @@
+"""Multi-document QA data: examples, exact-span rendering, and sources."""
+
+from focuslens.data.examples import LITM_INSTRUCTION, Document, QAExample, split_by_question
+from focuslens.data.kv_retrieval import KV_INSTRUCTION, load_kv_file, make_kv_examples
+from focuslens.data.lost_in_the_middle import load_qa_file, make_nq_distractor_examples, read_jsonl
+from focuslens.data.render import Prompt, Span, render, render_user_text
+from focuslens.data.synthetic import make_synthetic_qa
+
+__all__ = [
+    "Document",
+    "QAExample",
+    "LITM_INSTRUCTION",
+    "split_by_question",
+    "Prompt",
+    "Span",
+    "render",
+    "render_user_text",
+    "make_synthetic_qa",
+    "read_jsonl",
+    "load_qa_file",
+    "make_nq_distractor_examples",
+    "KV_INSTRUCTION",
+    "load_kv_file",
+    "make_kv_examples",
+]

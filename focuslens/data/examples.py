@@ -1,0 +1,172 @@
+"""The one record type of focuslens: a multi-document QA example.
+
+An example is an instruction, a list of documents (title, text), the index of the one
+relevant ("gold") document, a question, the accepted answers and an optional answer prefix
+that opens the assistant turn (``"The headquarters of Acme are in"``), so that the next
+token is the answer. Everything downstream (rendering, spans, scoring, steering) reads this.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import re
+import string
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from focuslens.errors import DataError
+
+__all__ = ["Document", "QAExample", "split_by_question", "normalize_answer", "LITM_INSTRUCTION"]
+
+#: The instruction of Lost-in-the-Middle's ``qa.prompt`` (also used by the synthetic task).
+LITM_INSTRUCTION = (
+    "Write a high-quality answer for the given question using only the provided search "
+    "results (some of which might be irrelevant)."
+)
+
+_PUNCTUATION = frozenset(string.punctuation)
+
+
+def normalize_answer(s: str) -> str:
+    """SQuAD normalisation: lowercase, drop punctuation and articles, squeeze spaces."""
+    s = "".join(ch for ch in s.lower() if ch not in _PUNCTUATION)
+    return " ".join(re.sub(r"\b(a|an|the)\b", " ", s).split())
+
+
+@dataclass(frozen=True)
+class Document:
+    """One retrieved passage, rendered as ``Document [i](Title: {title}) {text}``."""
+
+    title: str
+    text: str
+
+
+@dataclass(frozen=True)
+class QAExample:
+    """A question with one gold document among ``len(documents)`` documents.
+
+    Attributes:
+        instruction: the task instruction that opens the user turn.
+        documents: the documents in prompt order.
+        gold_index: position of the relevant document in ``documents``.
+        question: the question.
+        answers: accepted answers (the first is the canonical one).
+        answer_prefix: optional text that opens the assistant turn; its tokens are the
+            "answer rows" whose next-token predictions produce the answer.
+        candidates: answers the model could confuse with the gold one (e.g. the attribute
+            of every document of the example); used by candidate accuracy.
+        qid: question id, used to split by question.
+        meta: free-form provenance (source file, seed, ...).
+    """
+
+    instruction: str
+    documents: tuple[Document, ...]
+    gold_index: int | None
+    question: str
+    answers: tuple[str, ...]
+    answer_prefix: str | None = None
+    candidates: tuple[str, ...] = ()
+    qid: str = ""
+    meta: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "documents", tuple(self.documents))
+        object.__setattr__(self, "answers", tuple(self.answers))
+        object.__setattr__(self, "candidates", tuple(self.candidates))
+        if not self.documents:
+            raise DataError("QAExample.documents is empty: give at least one Document.")
+        for i, doc in enumerate(self.documents):
+            if not isinstance(doc, Document):
+                raise DataError(
+                    f"QAExample.documents[{i}] is a {type(doc).__name__}, not a Document(title, text)."
+                )
+        if self.gold_index is not None and not 0 <= self.gold_index < len(self.documents):
+            raise DataError(
+                f"QAExample.gold_index={self.gold_index} is out of range for "
+                f"{len(self.documents)} documents (valid: 0..{len(self.documents) - 1}, or None)."
+            )
+        if not self.answers or not all(isinstance(a, str) and a.strip() for a in self.answers):
+            raise DataError("QAExample.answers must hold at least one non-empty string.")
+        if not self.question.strip():
+            raise DataError("QAExample.question is empty.")
+
+    @property
+    def n_documents(self) -> int:
+        return len(self.documents)
+
+    @property
+    def gold(self) -> Document | None:
+        return None if self.gold_index is None else self.documents[self.gold_index]
+
+    def replace(self, **changes: Any) -> QAExample:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+    def gold_only(self) -> QAExample:
+        """The same question with only the gold document (the oracle prompt)."""
+        if self.gold_index is None:
+            raise DataError("QAExample.gold_index is None: this example has no gold document.")
+        return self.replace(documents=(self.documents[self.gold_index],), gold_index=0)
+
+    def without_gold(self) -> QAExample:
+        """The same question with the gold document removed (needs ≥ 2 documents)."""
+        if self.gold_index is None:
+            return self
+        if len(self.documents) < 2:
+            raise DataError("QAExample.without_gold needs at least 2 documents.")
+        docs = self.documents[: self.gold_index] + self.documents[self.gold_index + 1 :]
+        return self.replace(documents=docs, gold_index=None)
+
+    def with_n_documents(self, n: int, gold_position: int | None = None) -> QAExample:
+        """Keep the gold document and the first ``n - 1`` others, gold at ``gold_position``
+        (default: as close to its current position as ``n`` allows)."""
+        if self.gold_index is None:
+            raise DataError("QAExample.gold_index is None: with_n_documents needs a gold document.")
+        if not 1 <= n <= len(self.documents):
+            raise DataError(f"n={n} documents: choose 1..{len(self.documents)}.")
+        others = [d for i, d in enumerate(self.documents) if i != self.gold_index][: n - 1]
+        pos = min(self.gold_index, n - 1) if gold_position is None else gold_position
+        if not 0 <= pos < n:
+            raise DataError(f"gold_position={pos} is out of range for {n} documents.")
+        others.insert(pos, self.documents[self.gold_index])
+        return self.replace(documents=tuple(others), gold_index=pos)
+
+    def with_gold_at(self, position: int) -> QAExample:
+        """Move the gold document to ``position``, keeping the other documents' order."""
+        if self.gold_index is None:
+            raise DataError("QAExample.gold_index is None: there is no gold document to move.")
+        if not 0 <= position < len(self.documents):
+            raise DataError(
+                f"gold position {position} is out of range for {len(self.documents)} documents."
+            )
+        others = [d for i, d in enumerate(self.documents) if i != self.gold_index]
+        others.insert(position, self.documents[self.gold_index])
+        return self.replace(documents=tuple(others), gold_index=position)
+
+
+def split_by_question(
+    examples: Sequence[QAExample],
+    fractions: tuple[float, float, float] = (0.5, 0.25, 0.25),
+    *,
+    seed: int = 0,
+) -> dict[str, list[QAExample]]:
+    """Split examples into train / validation / test so that no question crosses splits.
+
+    All examples sharing a ``qid`` (or, when empty, a question string) land in the same
+    split. The assignment is a seeded shuffle of the unique questions.
+    """
+    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
+        raise DataError(f"fractions={fractions} must be three non-negative numbers summing to 1.")
+    keys = list(dict.fromkeys(ex.qid or ex.question for ex in examples))
+    random.Random(seed).shuffle(keys)
+    n_train = round(fractions[0] * len(keys))
+    n_val = round(fractions[1] * len(keys))
+    which = {k: "train" for k in keys[:n_train]}
+    which.update({k: "validation" for k in keys[n_train : n_train + n_val]})
+    which.update({k: "test" for k in keys[n_train + n_val :]})
+    out: dict[str, list[QAExample]] = {"train": [], "validation": [], "test": []}
+    for ex in examples:
+        out[which[ex.qid or ex.question]].append(ex)
+    return out

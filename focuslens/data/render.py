@@ -1,0 +1,247 @@
+"""Render an example into a chat prompt and find its exact token spans.
+
+The user turn is laid out piece by piece, so the character range of every part
+(instruction, each document line, the question) is known exactly. The chat template
+wraps it; the tokenizer's offset mapping turns character ranges into token ranges. No
+fuzzy matching: a span is exactly the tokens whose characters fall in the part.
+
+Two layouts are built in, both byte-identical to Lost-in-the-Middle's templates:
+
+``"qa"`` (``qa.prompt``)::
+
+    {instruction}
+
+    Document [1](Title: {title}) {text}
+    ...
+
+    Question: {question}
+    Answer:
+
+``"kv"`` (``kv_retrieval.prompt``)::
+
+    Extract the value corresponding to the specified key in the JSON object below.
+
+    JSON data:
+    {"k1": "v1",
+     "k2": "v2"}
+
+    Key: "k2"
+    Corresponding value:
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from focuslens.data.examples import QAExample
+from focuslens.errors import DataError
+
+__all__ = ["Span", "Prompt", "render", "render_user_text", "format_qa", "format_kv"]
+
+
+@dataclass(frozen=True)
+class Span:
+    """A half-open range of token positions ``[start, end)``."""
+
+    start: int
+    end: int
+
+    def __len__(self) -> int:
+        return self.end - self.start
+
+    def __iter__(self):
+        return iter(range(self.start, self.end))
+
+    def to_slice(self) -> slice:
+        return slice(self.start, self.end)
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A rendered example: text, token ids, and exact token spans of its parts.
+
+    Attributes:
+        text: the full prompt string (chat template applied, answer prefix appended).
+        input_ids: token ids of ``text`` (1-D tensor).
+        documents: one span per document (the whole ``Document [i](Title: …) …`` line).
+        gold_index: which of ``documents`` is relevant (None if none is).
+        instruction, question: spans of those parts of the user turn.
+        answer: the answer rows, i.e. the query positions whose next-token predictions
+            produce the answer (the answer-prefix tokens, or the response tokens, or the
+            last prompt token when the assistant turn is empty).
+        sink: the first tokens of the sequence (attention sink).
+        char_offsets: per-token (start, end) character offsets into ``text``.
+        example: the example that was rendered.
+    """
+
+    text: str
+    input_ids: torch.Tensor
+    documents: tuple[Span, ...]
+    gold_index: int | None
+    instruction: Span
+    question: Span
+    answer: Span
+    sink: Span
+    char_offsets: tuple[tuple[int, int], ...] = field(repr=False)
+    example: QAExample = field(repr=False)
+
+    @property
+    def gold(self) -> Span | None:
+        return None if self.gold_index is None else self.documents[self.gold_index]
+
+    @property
+    def n_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    def span_text(self, span: Span) -> str:
+        """The exact characters of ``text`` that the span's tokens cover."""
+        if len(span) == 0:
+            return ""
+        return self.text[self.char_offsets[span.start][0] : self.char_offsets[span.end - 1][1]]
+
+    def spans(self) -> dict[str, Span]:
+        """Named spans (documents as ``doc_0`` … ``doc_{n-1}``, plus ``gold`` if any)."""
+        out = {"sink": self.sink, "instruction": self.instruction}
+        out.update({f"doc_{i}": s for i, s in enumerate(self.documents)})
+        if self.gold is not None:
+            out["gold"] = self.gold
+        out.update(question=self.question, answer=self.answer)
+        return out
+
+
+# ---------------------------------------------------------------- user-turn layouts
+CharRange = tuple[int, int]
+
+
+def format_qa(ex: QAExample) -> tuple[str, CharRange, list[CharRange], CharRange]:
+    """Lost-in-the-Middle ``qa.prompt``; returns text and char ranges of its parts."""
+    parts: list[str] = [ex.instruction, "\n\n"]
+    pos = len(ex.instruction) + 2
+    docs: list[CharRange] = []
+    for i, d in enumerate(ex.documents):
+        line = f"Document [{i + 1}](Title: {d.title}) {d.text}"
+        if i:
+            parts.append("\n")
+            pos += 1
+        docs.append((pos, pos + len(line)))
+        parts.append(line)
+        pos += len(line)
+    question = f"Question: {ex.question}"
+    parts += ["\n\n", question, "\nAnswer:"]
+    q0 = pos + 2
+    return "".join(parts), (0, len(ex.instruction)), docs, (q0, q0 + len(question))
+
+
+def format_kv(ex: QAExample) -> tuple[str, CharRange, list[CharRange], CharRange]:
+    """Lost-in-the-Middle ``kv_retrieval.prompt``: documents are (key=title, value=text)."""
+    head = f"{ex.instruction}\n\nJSON data:\n"
+    parts, pos, docs = [head], len(head), []
+    for i, d in enumerate(ex.documents):
+        record = f'"{d.title}": "{d.text}"'
+        start = "{" if i == 0 else " "
+        end = ",\n" if i != len(ex.documents) - 1 else "}"
+        docs.append((pos + 1, pos + 1 + len(record)))
+        parts.append(start + record + end)
+        pos += len(start) + len(record) + len(end)
+    question = f'Key: "{ex.question}"'
+    parts += ["\n\n", question, "\nCorresponding value:"]
+    q0 = pos + 2
+    return "".join(parts), (0, len(ex.instruction)), docs, (q0, q0 + len(question))
+
+
+LAYOUTS = {"qa": format_qa, "kv": format_kv}
+
+
+def render_user_text(ex: QAExample) -> str:
+    """The user turn of an example, exactly as its Lost-in-the-Middle template writes it."""
+    return _layout(ex)(ex)[0]
+
+
+def _layout(ex: QAExample):
+    name = ex.meta.get("layout", "qa")
+    if name not in LAYOUTS:
+        raise DataError(f"QAExample.meta['layout']={name!r} is unknown; use one of {sorted(LAYOUTS)}.")
+    return LAYOUTS[name]
+
+
+# ---------------------------------------------------------------- chat + tokens
+def _chat_text(tokenizer, user: str) -> str:
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+        )
+    return user + "\n"  # a base model without a chat template: plain continuation
+
+
+def _char_to_token_span(offsets: Sequence[tuple[int, int]], c0: int, c1: int, what: str) -> Span:
+    toks = [i for i, (a, b) in enumerate(offsets) if b > a and a < c1 and b > c0]
+    if not toks:
+        raise DataError(f"the {what} covers no token (characters {c0}..{c1}).")
+    return Span(toks[0], toks[-1] + 1)
+
+
+def render(
+    example: QAExample,
+    tokenizer,
+    *,
+    response: str | None = None,
+    n_sink: int = 2,
+    max_length: int | None = None,
+) -> Prompt:
+    """Render ``example`` with the tokenizer's chat template and locate every span.
+
+    Args:
+        example: the example.
+        tokenizer: a Hugging Face fast tokenizer (needs ``return_offsets_mapping``).
+        response: optional assistant text to append (e.g. the model's own answer). If the
+            example has an answer prefix, the response must start with it.
+        n_sink: how many leading tokens form the ``sink`` span (the paper uses keys 0:2).
+        max_length: the model's context length; longer prompts raise ``DataError``.
+    """
+    user, instr_c, doc_cs, question_c = _layout(example)(example)
+    chat = _chat_text(tokenizer, user)
+    user_at = chat.find(user)
+    if user_at < 0 or chat.find(user, user_at + 1) >= 0:
+        raise DataError("the chat template must contain the user turn exactly once.")
+    prefix = example.answer_prefix or ""
+    assistant = prefix if response is None else response
+    if response is not None and not response.startswith(prefix):
+        raise DataError(
+            f"QAExample.answer_prefix={prefix!r} is not a prefix of the assistant turn "
+            f"{response[:60]!r}…; pass a response that starts with the answer prefix."
+        )
+    text = chat + assistant
+    bos = getattr(tokenizer, "bos_token", None)
+    add_special = not (bos and chat.startswith(bos))
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=add_special)
+    ids, offsets = enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
+    if max_length is not None and len(ids) > max_length:
+        raise DataError(
+            f"the prompt has {len(ids)} tokens, more than the model's context of {max_length}; "
+            "use fewer or shorter documents."
+        )
+
+    def span(rng: CharRange, what: str) -> Span:
+        return _char_to_token_span(offsets, user_at + rng[0], user_at + rng[1], what)
+
+    if assistant:
+        answer = _char_to_token_span(offsets, len(chat), len(text), "assistant turn")
+        if answer.start == 0 or offsets[answer.start][0] < len(chat):
+            raise DataError("the assistant turn merges with the chat template's last token.")
+    else:
+        answer = Span(len(ids) - 1, len(ids))
+    return Prompt(
+        text=text,
+        input_ids=torch.tensor(ids, dtype=torch.long),
+        documents=tuple(span(c, f"document {i}") for i, c in enumerate(doc_cs)),
+        gold_index=example.gold_index,
+        instruction=span(instr_c, "instruction"),
+        question=span(question_c, "question"),
+        answer=answer,
+        sink=Span(0, min(n_sink, len(ids))),
+        char_offsets=tuple(offsets),
+        example=example,
+    )

@@ -1,0 +1,267 @@
+"""Metrics and evaluation loops.
+
+Two ways to score a multi-document QA prompt:
+
+* **One forward pass** (:func:`evaluate_next_token`): the prompt ends where the answer
+  starts (the answer prefix, e.g. ``"Varnex Motors is based in"``), so the next-token
+  logits decide. ``correct`` = the gold answer's first token is the top-1 token over the
+  vocabulary; ``candidate_correct`` = it beats the first tokens of the other documents'
+  answers (the example's ``candidates`` that appear in the prompt).
+* **Greedy generation** (:func:`evaluate_generation`) scored with Lost-in-the-Middle's
+  ``best_subspan_em``: 1 if any SQuAD-normalised gold answer is a substring of the
+  normalised prediction.
+
+Both return one row per example (a pandas DataFrame) so results can be grouped by
+number of documents or gold position.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from focuslens.data.examples import QAExample, normalize_answer
+from focuslens.data.render import Prompt, render
+from focuslens.errors import DataError
+
+__all__ = [
+    "normalize_answer",
+    "best_subspan_em",
+    "first_token_id",
+    "next_token_logits",
+    "evaluate_next_token",
+    "evaluate_generation",
+    "greedy_generate",
+    "position_label",
+    "accuracy_by",
+    "distraction",
+    "distraction_summary",
+]
+
+
+# ------------------------------------------------------------------ metrics
+def best_subspan_em(prediction: str, answers: Iterable[str]) -> float:
+    """1.0 if any normalised answer is a substring of the normalised prediction."""
+    pred = normalize_answer(prediction)
+    return float(any(normalize_answer(a) in pred for a in answers))
+
+
+def first_token_id(tokenizer, answer: str, *, leading_space: bool = True) -> int:
+    """The id of the first token of ``answer`` as it would follow the answer prefix."""
+    ids = tokenizer((" " if leading_space else "") + answer, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise DataError(f"answer {answer!r} tokenizes to nothing.")
+    return ids[0]
+
+
+def position_label(gold_index: int | None, n_documents: int) -> str:
+    """'first', 'middle', 'last' or 'other' (Lost-in-the-Middle's positional buckets)."""
+    if gold_index is None:
+        return "none"
+    if gold_index == 0:
+        return "first"
+    if gold_index == n_documents - 1:
+        return "last"
+    return "middle" if gold_index == (n_documents - 1) // 2 else "other"
+
+
+# ------------------------------------------------------------------ forward passes
+def _batches(prompts: Sequence[Prompt], batch_size: int) -> Iterable[list[int]]:
+    order = sorted(range(len(prompts)), key=lambda i: prompts[i].n_tokens)
+    for i in range(0, len(order), batch_size):
+        yield order[i : i + batch_size]
+
+
+@torch.no_grad()
+def next_token_logits(
+    model,
+    prompts: Sequence[Prompt],
+    *,
+    batch_size: int | None = None,
+    hooks: Sequence[tuple[str, Callable]] = (),
+    quiet: bool = False,
+    desc: str = "forward",
+) -> torch.Tensor:
+    """Logits [n_prompts, d_vocab] at each prompt's last position.
+
+    Prompts are right-padded into length-sorted batches; causal attention means real
+    tokens never see the padding, and only the last real position is unembedded.
+    ``hooks`` are extra ``(hook_name, fn)`` pairs active during the forward passes.
+    ``batch_size`` defaults to 1 on CPU (batching buys nothing there) and 16 on GPU.
+    """
+    if batch_size is None:
+        batch_size = 1 if str(model.cfg.device).startswith("cpu") else 16
+    pad = model.tokenizer.pad_token_id or 0
+    out = torch.empty(len(prompts), model.cfg.d_vocab, dtype=torch.float32)
+    bar = tqdm(total=len(prompts), desc=desc, disable=quiet, leave=False)
+    for idx in _batches(prompts, batch_size):
+        lengths = torch.tensor([prompts[i].n_tokens for i in idx])
+        tokens = torch.full((len(idx), int(lengths.max())), pad, dtype=torch.long)
+        for row, i in enumerate(idx):
+            tokens[row, : lengths[row]] = prompts[i].input_ids
+        last = lengths - 1
+
+        def only_last(resid, hook, last=last):
+            return resid[torch.arange(resid.shape[0]), last.to(resid.device)][:, None]
+
+        logits = model.run_with_hooks(
+            tokens.to(model.cfg.device), fwd_hooks=[*hooks, ("unembed.hook_in", only_last)]
+        )
+        out[idx] = logits[:, -1].float().cpu()
+        bar.update(len(idx))
+    bar.close()
+    return out
+
+
+def _render_all(model, examples: Sequence[QAExample]) -> list[Prompt]:
+    if not examples:
+        raise DataError("the example list is empty: nothing to evaluate.")
+    return [render(ex, model.tokenizer, max_length=model.cfg.n_ctx) for ex in examples]
+
+
+def evaluate_next_token(
+    model,
+    examples: Sequence[QAExample],
+    *,
+    batch_size: int | None = None,
+    hooks: Sequence[tuple[str, Callable]] = (),
+    quiet: bool = False,
+    desc: str = "evaluate",
+) -> pd.DataFrame:
+    """Score every example from one forward pass; one row per example.
+
+    Columns: ``correct`` (gold first token is top-1 over the vocabulary),
+    ``candidate_correct`` (gold beats the in-prompt candidates), ``gold_logit``,
+    ``margin`` (gold logit minus the best other candidate), ``prediction`` (top-1 token),
+    ``n_documents``, ``gold_index``, ``position``, ``qid``.
+    """
+    tok = model.tokenizer
+    prompts = _render_all(model, examples)
+    logits = next_token_logits(model, prompts, batch_size=batch_size, hooks=hooks, quiet=quiet, desc=desc)
+    rows = []
+    for ex, lg in zip(examples, logits):
+        gold = first_token_id(tok, ex.answers[0])
+        in_prompt = [c for c in ex.candidates if any(c in d.text for d in ex.documents)]
+        others = sorted({first_token_id(tok, c) for c in in_prompt} - {gold})
+        best_other = lg[others].max().item() if others else float("-inf")
+        top = int(lg.argmax())
+        rows.append(
+            {
+                "qid": ex.qid,
+                "n_documents": ex.n_documents,
+                "gold_index": ex.gold_index,
+                "position": position_label(ex.gold_index, ex.n_documents),
+                "correct": top == gold,
+                "candidate_correct": lg[gold].item() > best_other,
+                "gold_logit": lg[gold].item(),
+                "margin": lg[gold].item() - best_other,
+                "prediction": tok.decode([top]),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+@torch.no_grad()
+def greedy_generate(
+    model, prompt: Prompt, *, max_new_tokens: int = 32, use_past_kv_cache: bool = True
+) -> str:
+    """Greedy continuation of a rendered prompt (stops at EOS), decoded without specials."""
+    out = model.generate(
+        prompt.input_ids[None].to(model.cfg.device),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        stop_at_eos=True,
+        use_past_kv_cache=use_past_kv_cache,
+        return_type="tokens",
+        verbose=False,
+    )
+    new = out[0, prompt.n_tokens :]
+    return model.tokenizer.decode(new, skip_special_tokens=True)
+
+
+def evaluate_generation(
+    model,
+    examples: Sequence[QAExample],
+    *,
+    max_new_tokens: int = 32,
+    quiet: bool = False,
+) -> pd.DataFrame:
+    """Greedy answers scored with ``best_subspan_em``; one row per example."""
+    rows = []
+    for ex, prompt in tqdm(
+        list(zip(examples, _render_all(model, examples))), desc="generate", disable=quiet, leave=False
+    ):
+        answer = greedy_generate(model, prompt, max_new_tokens=max_new_tokens)
+        rows.append(
+            {
+                "qid": ex.qid,
+                "n_documents": ex.n_documents,
+                "gold_index": ex.gold_index,
+                "position": position_label(ex.gold_index, ex.n_documents),
+                "prediction": answer,
+                "correct": bool(best_subspan_em((ex.answer_prefix or "") + answer, ex.answers)),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def accuracy_by(results: pd.DataFrame, column: str, metric: str = "correct") -> dict:
+    """Mean of ``metric`` grouped by ``column`` (e.g. 'n_documents' or 'position')."""
+    return {k: float(v) for k, v in results.groupby(column)[metric].mean().items()}
+
+
+# ------------------------------------------------------------------ distraction
+def distraction(
+    model,
+    examples: Sequence[QAExample],
+    *,
+    n_documents: Sequence[int] = (1, 5, 10, 20),
+    positions: Sequence[str] = ("first", "middle", "last"),
+    seed: int = 0,
+    batch_size: int | None = None,
+    quiet: bool = False,
+) -> pd.DataFrame:
+    """The distraction experiment: the same questions with 1, 5, 10, … documents.
+
+    For each ``n`` in ``n_documents`` every example keeps its gold document and its first
+    ``n - 1`` distractors, with the gold at a seeded random position (``setting="random"``).
+    For the largest ``n`` the gold is also placed first, in the middle and last
+    (``setting=<position>``). Returns one row per (example, setting, n) with the columns of
+    :func:`evaluate_next_token` plus ``setting``.
+    """
+    import random
+
+    rng = random.Random(seed)
+    runs: list[tuple[str, int, list[QAExample]]] = []
+    for n in n_documents:
+        runs.append(("random", n, [ex.with_n_documents(n, rng.randrange(n)) for ex in examples]))
+    n_max = max(n_documents)
+    for pos in positions:
+        index = {"first": 0, "middle": (n_max - 1) // 2, "last": n_max - 1}[pos]
+        runs.append((pos, n_max, [ex.with_n_documents(n_max, index) for ex in examples]))
+    frames = []
+    for setting, n, exs in tqdm(runs, desc="distraction", disable=quiet):
+        df = evaluate_next_token(
+            model, exs, batch_size=batch_size, quiet=quiet, desc=f"{n} docs, gold {setting}"
+        )
+        frames.append(df.assign(setting=setting))
+    return pd.concat(frames, ignore_index=True)
+
+
+def distraction_summary(results: pd.DataFrame) -> dict:
+    """The ``"distraction"`` section of ``summary.json`` from :func:`distraction` rows."""
+    rand = results[results.setting == "random"]
+    n_max = int(results.n_documents.max())
+    pos = results[(results.setting != "random") & (results.n_documents == n_max)]
+    return {
+        "n_prompts": int(rand.groupby("n_documents").size().min()),
+        "metric": "top-1 next-token accuracy of the gold answer's first token",
+        "accuracy": {str(k): v for k, v in accuracy_by(rand, "n_documents").items()},
+        "candidate_accuracy": {
+            str(k): v for k, v in accuracy_by(rand, "n_documents", "candidate_correct").items()
+        },
+        f"by_gold_position_{n_max}": accuracy_by(pos, "setting"),
+    }

@@ -1,0 +1,76 @@
+"""The distraction figure: accuracy vs number of documents, and by gold position."""
+
+from __future__ import annotations
+
+import pandas as pd
+
+__all__ = ["plot_distraction"]
+
+
+def _binomial_se(p: float, n: int) -> float:
+    return (p * (1 - p) / max(n, 1)) ** 0.5
+
+
+def plot_distraction(results: pd.DataFrame, *, title: str | None = None):
+    """Two panels from :func:`focuslens.eval.distraction` rows.
+
+    Left: accuracy (± 1 binomial s.e.) vs the number of documents, gold at random
+    positions. Right: accuracy with the largest number of documents by gold position.
+    """
+    from plotly.subplots import make_subplots
+    import plotly.graph_objects as go
+
+    rand = results[results.setting == "random"]
+    n_max = int(results.n_documents.max())
+    pos = results[(results.setting != "random") & (results.n_documents == n_max)]
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        column_widths=[0.6, 0.4],
+        subplot_titles=(
+            "Gold document at a random position",
+            f"{n_max} documents, by gold position",
+        ),
+    )
+    for metric, name, dash in (("correct", "top-1 accuracy", "solid"), ("candidate_correct", "candidate accuracy", "dot")):
+        g = rand.groupby("n_documents")[metric].agg(["mean", "size"]).reset_index()
+        fig.add_trace(
+            go.Scatter(
+                x=g.n_documents,
+                y=g["mean"],
+                mode="lines+markers",
+                name=name,
+                line=dict(dash=dash),
+                error_y=dict(type="data", array=[_binomial_se(m, n) for m, n in zip(g["mean"], g["size"])]),
+            ),
+            row=1,
+            col=1,
+        )
+    order = [p for p in ("first", "middle", "last") if p in set(pos.setting)]
+    g = pos.groupby("setting")["correct"].agg(["mean", "size"]).reindex(order)
+    fig.add_trace(
+        go.Bar(
+            x=order,
+            y=g["mean"],
+            name=f"top-1 accuracy ({n_max} docs)",
+            text=[f"{m:.2f}" for m in g["mean"]],
+            textposition="outside",
+            error_y=dict(type="data", array=[_binomial_se(m, n) for m, n in zip(g["mean"], g["size"])]),
+            marker_color="#7f7f7f",
+        ),
+        row=1,
+        col=2,
+    )
+    n = int(rand.groupby("n_documents").size().min())
+    fig.update_xaxes(title_text="number of documents (1 relevant + distractors)", type="log",
+                     tickvals=sorted(rand.n_documents.unique()), row=1, col=1)
+    fig.update_xaxes(title_text="position of the gold document", row=1, col=2)
+    fig.update_yaxes(title_text="accuracy (fraction of prompts)", range=[0, 1.08], row=1, col=1)
+    fig.update_yaxes(range=[0, 1.08], row=1, col=2)
+    fig.update_layout(
+        title=title or f"Distraction: accuracy falls as irrelevant documents are added (n = {n} prompts per point)",
+        template="plotly_white",
+        legend=dict(orientation="h", y=-0.2),
+        margin=dict(t=90),
+    )
+    return fig

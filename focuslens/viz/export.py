@@ -1,0 +1,54 @@
+"""Write plotly figures as offline HTML (always) and PNG/SVG (when a browser exists).
+
+HTML embeds plotly.js (``include_plotlyjs=True``), so files open without network.
+Static export uses kaleido ≥ 1, which drives a local Chromium (Debian's ``chromium``,
+installed by ``make``); when none is found we say so and keep the HTML.
+"""
+
+from __future__ import annotations
+
+import shutil
+import warnings
+from pathlib import Path
+
+__all__ = ["save_figure", "static_export_available"]
+
+
+def _browser() -> str | None:
+    import os
+
+    return os.environ.get("BROWSER_PATH") or next(
+        (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None
+    )
+
+
+def static_export_available() -> bool:
+    """True when kaleido ≥ 1 and a Chromium binary are both present."""
+    try:
+        import kaleido  # noqa: F401
+    except ImportError:
+        return False
+    return _browser() is not None
+
+
+def save_figure(fig, path: str | Path, *, formats=("html", "png"), width=900, height=600, scale=2) -> list[Path]:
+    """Save ``fig`` next to ``path`` (suffix ignored) in each format; returns written paths."""
+    stem = Path(path).with_suffix("")
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    if "html" in formats:
+        fig.write_html(stem.with_suffix(".html"), include_plotlyjs=True, full_html=True)
+        written.append(stem.with_suffix(".html"))
+    static = [f for f in formats if f in ("png", "svg", "pdf")]
+    if static and not static_export_available():
+        warnings.warn(
+            f"no PNG/SVG for {stem.name}: static export needs kaleido>=1 and a Chromium binary "
+            "(`apt-get install chromium` or set BROWSER_PATH). The HTML was written.",
+            stacklevel=2,
+        )
+        return written
+    for fmt in static:
+        out = stem.with_suffix(f".{fmt}")
+        fig.write_image(out, width=width, height=height, scale=scale if fmt == "png" else 1)
+        written.append(out)
+    return written
