@@ -27,9 +27,43 @@ def _parser() -> argparse.ArgumentParser:
     dis.add_argument("--out", default="figures")
     dis.add_argument("--quiet", action="store_true")
 
+    score = sub.add_parser("score", help="contextual scores of every head (+ head-location map)")
+    score.add_argument("--model", default="smollm2-135m-instruct")
+    score.add_argument("--n-prompts", type=int, default=100)
+    score.add_argument("--n-documents", type=int, default=20)
+    score.add_argument("--setting", choices=["documents", "gold_only"], default="documents")
+    score.add_argument("--answer-rows", choices=["prefix", "greedy", "gold_answer"], default="prefix")
+    score.add_argument("--seed", type=int, default=1)
+    score.add_argument("--top", type=int, default=20, help="how many heads to print")
+    score.add_argument("--out", default="figures")
+    score.add_argument("--quiet", action="store_true")
+
     info = sub.add_parser("info", help="load a model and print its shape")
     info.add_argument("--model", default="smollm2-135m-instruct")
     return p
+
+
+def _score(args) -> None:
+    from pathlib import Path
+
+    from focuslens.data import make_synthetic_qa
+    from focuslens.models import load_model
+    from focuslens.scoring import score_heads
+    from focuslens.viz import plot_head_map, save_figure
+
+    model = load_model(args.model)
+    examples = make_synthetic_qa(args.n_prompts, n_documents=args.n_documents, seed=args.seed)
+    scores = score_heads(
+        model, examples, setting=args.setting, answer_rows=args.answer_rows, quiet=args.quiet,
+        data=f"synthetic n_documents={args.n_documents} seed={args.seed}",
+    )
+    out = Path(args.out)
+    stem = f"scores_{args.setting}_{args.answer_rows}"
+    scores.save(out / f"{stem}.json")
+    scores.to_ranking_json(out / f"{stem}_relevant_heads.json")
+    print(scores.to_dataframe().query("metric == 'gold'").nlargest(args.top, "value").to_string(index=False))
+    print("wrote", *save_figure(plot_head_map(scores), out / stem, width=800, height=900),
+          out / f"{stem}.json", out / f"{stem}_relevant_heads.json")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                 out_dir=args.out,
                 quiet=args.quiet,
             )
+        elif args.command == "score":
+            _score(args)
         elif args.command == "info":
             from focuslens.models import load_model
 

@@ -81,7 +81,7 @@ def next_token_logits(
     prompts: Sequence[Prompt],
     *,
     batch_size: int | None = None,
-    hooks: Sequence[tuple[str, Callable]] = (),
+    hooks: Sequence[tuple[str, Callable]] | Callable[[list[int]], Sequence] = (),
     quiet: bool = False,
     desc: str = "forward",
 ) -> torch.Tensor:
@@ -89,7 +89,9 @@ def next_token_logits(
 
     Prompts are right-padded into length-sorted batches; causal attention means real
     tokens never see the padding, and only the last real position is unembedded.
-    ``hooks`` are extra ``(hook_name, fn)`` pairs active during the forward passes.
+    ``hooks`` are extra ``(hook_name, fn)`` pairs active during the forward passes, or a
+    callable that gets the prompt indices of each batch (in batch-row order) and returns
+    such pairs, for hooks that need per-prompt spans.
     ``batch_size`` defaults to 1 on CPU (batching buys nothing there) and 16 on GPU.
     """
     if batch_size is None:
@@ -107,8 +109,9 @@ def next_token_logits(
         def only_last(resid, hook, last=last):
             return resid[torch.arange(resid.shape[0]), last.to(resid.device)][:, None]
 
+        extra = hooks(idx) if callable(hooks) else hooks
         logits = model.run_with_hooks(
-            tokens.to(model.cfg.device), fwd_hooks=[*hooks, ("unembed.hook_in", only_last)]
+            tokens.to(model.cfg.device), fwd_hooks=[*extra, ("unembed.hook_in", only_last)]
         )
         out[idx] = logits[:, -1].float().cpu()
         bar.update(len(idx))

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["run_demo", "run_distraction", "update_summary"]
+__all__ = ["run_demo", "run_distraction", "run_contextual_heads", "update_summary"]
 
 
 def update_summary(path: str | Path, section: str, data: dict) -> dict:
@@ -65,6 +65,53 @@ def run_distraction(
     return summary
 
 
+def run_contextual_heads(
+    model,
+    *,
+    n_prompts: int = 100,
+    n_documents: int = 20,
+    seed: int = 1,
+    out_dir: str | Path = "figures",
+    quiet: bool = False,
+):
+    """Score every head on synthetic training prompts; print the top 20, draw the map."""
+    from focuslens.data import make_synthetic_qa
+    from focuslens.scoring import score_heads
+    from focuslens.viz import plot_head_map, save_figure
+
+    examples = make_synthetic_qa(n_prompts, n_documents=n_documents, seed=seed)
+    scores = score_heads(model, examples, quiet=quiet, data=f"synthetic n_documents={n_documents} seed={seed}")
+    out = Path(out_dir)
+    scores.save(out / "contextual_heads.json")
+    top = scores.top_k(20)
+    print(f"\nContextual heads: attention mass from the answer rows to the gold document "
+          f"({n_prompts} prompts, {n_documents} documents; 95% bootstrap CI)")
+    print(f"{'rank':>4} {'layer':>5} {'head':>4} {'score':>7} {'95% CI':>17} {'irrelevant max':>15} {'sink':>6}")
+    for rank, (layer, head) in enumerate(top, 1):
+        print(f"{rank:>4} {layer:>5} {head:>4} {float(scores['gold'][layer, head]):>7.3f} "
+              f"[{float(scores.ci_low['gold'][layer, head]):.3f}, {float(scores.ci_high['gold'][layer, head]):.3f}] "
+              f"{float(scores['irrelevant_max'][layer, head]):>15.3f} {float(scores['sink'][layer, head]):>6.3f}")
+    frac = {t: scores.fraction_above(t) for t in (0.1, 0.2)}
+    print(f"fraction of heads above 0.1: {frac[0.1]:.4f}, above 0.2: {frac[0.2]:.4f}")
+    written = save_figure(plot_head_map(scores), out / "contextual_heads", width=800, height=900)
+    print("wrote", ", ".join(str(p) for p in written))
+    update_summary(
+        out / "summary.json",
+        "contextual_heads",
+        {
+            "top": [[layer, head, round(float(scores["gold"][layer, head]), 4)] for layer, head in top],
+            "frac_above_0.1": frac[0.1],
+            "frac_above_0.2": frac[0.2],
+            "n_prompts": n_prompts,
+            "n_documents": n_documents,
+            "setting": scores.metadata["setting"],
+            "answer_rows": scores.metadata["answer_rows"],
+            "accuracy_of_scored_prompts": scores.metadata["accuracy"],
+        },
+    )
+    return scores
+
+
 def run_demo(
     model_spec: str = "smollm2-135m-instruct",
     *,
@@ -82,5 +129,6 @@ def run_demo(
     print(f"loaded {model_spec}: {model.cfg.n_layers} layers x {model.cfg.n_heads} heads "
           f"({model.cfg.n_key_value_heads or model.cfg.n_heads} KV heads) in {time.perf_counter() - t0:.1f}s")
     run_distraction(model, n_prompts=n_prompts, seed=seed, out_dir=out_dir, quiet=quiet)
+    run_contextual_heads(model, n_prompts=n_prompts, seed=seed + 1, out_dir=out_dir, quiet=quiet)
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s; summary in {Path(out_dir) / 'summary.json'}")
     return json.loads((Path(out_dir) / "summary.json").read_text())

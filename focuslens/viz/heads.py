@@ -1,0 +1,73 @@
+"""Head-location maps (layers × heads, paper Fig. 2 style) and rank-agreement scatter."""
+
+from __future__ import annotations
+
+__all__ = ["plot_head_map", "plot_rank_agreement"]
+
+
+def plot_head_map(scores, metric: str = "gold", *, title: str | None = None, top_k: int = 10):
+    """Heatmap of a :class:`~focuslens.scoring.HeadScores` metric; the top-k heads boxed.
+
+    Layers run bottom (0) to top, heads left to right; colour is the mean attention mass.
+    """
+    import plotly.graph_objects as go
+
+    values = scores[metric].float()
+    n_layers, n_heads = values.shape
+    fig = go.Figure(
+        go.Heatmap(
+            z=values.numpy(),
+            x=list(range(n_heads)),
+            y=list(range(n_layers)),
+            colorscale="Viridis",
+            colorbar=dict(title=dict(text="attention mass<br>on span", side="right")),
+            hovertemplate="layer %{y}, head %{x}<br>score %{z:.3f}<extra></extra>",
+        )
+    )
+    for rank, (layer, head) in enumerate(scores.top_k(top_k, metric)):
+        fig.add_shape(type="rect", x0=head - 0.5, x1=head + 0.5, y0=layer - 0.5, y1=layer + 0.5,
+                      line=dict(color="red", width=2))
+        fig.add_annotation(x=head, y=layer, text=str(rank + 1), showarrow=False,
+                           font=dict(color="white", size=11))
+    meta = scores.metadata
+    label = {"gold": "gold (relevant) document"}.get(metric, metric.replace("_", " "))
+    fig.update_layout(
+        title=title or f"Contextual heads of {meta.get('model', 'the model')}<br>"
+        f"<sup>colour: attention mass from the answer rows to the {label}, mean over "
+        f"{meta.get('n_examples', '?')} prompts<br>setting: {meta.get('setting', '')}, answer rows: "
+        f"{meta.get('answer_rows', '')}; red boxes: top {top_k}, numbered by rank</sup>",
+        margin=dict(t=130),
+        xaxis=dict(title="head", dtick=1),
+        yaxis=dict(title="layer", dtick=max(1, n_layers // 15)),
+        template="plotly_white",
+        width=520 + 25 * n_heads,
+        height=300 + 18 * n_layers,
+    )
+    return fig
+
+
+def plot_rank_agreement(x, y, *, x_label: str, y_label: str, title: str, highlight=()):
+    """Scatter of two per-head quantities ([layer, head] tensors), one point per head."""
+    import plotly.graph_objects as go
+    import torch
+
+    n_heads = x.shape[1]
+    mask = ~(torch.isnan(x) | torch.isnan(y))
+    idx = mask.flatten().nonzero().flatten()
+    xs, ys = x.flatten()[idx], y.flatten()[idx]
+    labels = [f"L{int(i) // n_heads}H{int(i) % n_heads}" for i in idx]
+    hl = {f"L{l}H{h}" for l, h in highlight}
+    fig = go.Figure(
+        go.Scatter(
+            x=xs.numpy(),
+            y=ys.numpy(),
+            mode="markers+text",
+            text=[lab if lab in hl else "" for lab in labels],
+            textposition="top center",
+            hovertext=labels,
+            marker=dict(color=["crimson" if lab in hl else "steelblue" for lab in labels], size=8, opacity=0.8),
+        )
+    )
+    fig.update_layout(title=title, xaxis_title=x_label, yaxis_title=y_label, template="plotly_white",
+                      width=800, height=600)
+    return fig
