@@ -33,6 +33,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench.py
+
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow"
 

@@ -38,6 +38,15 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--out", default="figures")
     score.add_argument("--quiet", action="store_true")
 
+    patch = sub.add_parser("patch", help="causal importance of heads: patching, ablation, agreement")
+    patch.add_argument("--model", default="smollm2-135m-instruct")
+    patch.add_argument("--scores", help="a HeadScores JSON from `focuslens score` (default: score now)")
+    patch.add_argument("--n-pairs", type=int, default=8)
+    patch.add_argument("--n-candidates", type=int, default=20, help="top contextual heads (+ as many random) patched exactly")
+    patch.add_argument("--seed", type=int, default=2)
+    patch.add_argument("--out", default="figures")
+    patch.add_argument("--quiet", action="store_true")
+
     info = sub.add_parser("info", help="load a model and print its shape")
     info.add_argument("--model", default="smollm2-135m-instruct")
     return p
@@ -89,6 +98,19 @@ def main(argv: list[str] | None = None) -> int:
             )
         elif args.command == "score":
             _score(args)
+        elif args.command == "patch":
+            from focuslens.models import load_model
+            from focuslens.pipeline import run_contextual_heads, run_patching
+            from focuslens.scoring import HeadScores
+
+            model = load_model(args.model)
+            scores = (
+                HeadScores.load(args.scores, model=model)
+                if args.scores
+                else run_contextual_heads(model, out_dir=args.out, quiet=args.quiet)
+            )
+            run_patching(model, scores, n_pairs=args.n_pairs, n_candidates=args.n_candidates,
+                         seed=args.seed, out_dir=args.out, quiet=args.quiet)
         elif args.command == "info":
             from focuslens.models import load_model
 

@@ -38,7 +38,9 @@ class PrefixCache:
         self.model = model
         self.offset = split
         device = model.cfg.device
-        _, self.cache = model(tokens[None, :split].to(device), return_type="logits_and_cache")
+        # the prefix's logits are never used: unembed one position, not all of them
+        with model.hooks(fwd_hooks=[("unembed.hook_in", lambda resid, hook: resid[:, -1:])]):
+            _, self.cache = model(tokens[None, :split].to(device), return_type="logits_and_cache")
         self.suffix = tokens[split:].to(device)
 
     def run(

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["run_demo", "run_distraction", "run_contextual_heads", "update_summary"]
+__all__ = ["run_demo", "run_distraction", "run_contextual_heads", "run_patching", "update_summary"]
 
 
 def update_summary(path: str | Path, section: str, data: dict) -> dict:
@@ -112,6 +112,106 @@ def run_contextual_heads(
     return scores
 
 
+def run_patching(
+    model,
+    scores,
+    *,
+    n_pairs: int = 8,
+    n_candidates: int = 20,
+    n_ablation: int = 16,
+    seed: int = 2,
+    out_dir: str | Path = "figures",
+    quiet: bool = False,
+) -> dict:
+    """Causal importance: attribution patching of every head, exact patching of the top
+    contextual heads plus as many random heads, group ablations, rank agreement."""
+    import random
+
+    from focuslens.data import make_synthetic_qa
+    from focuslens.patching import ablate_head_groups, all_heads, make_counterfactual_pairs, patch_heads, rank_agreement
+    from focuslens.viz import plot_rank_agreement, save_figure
+
+    out = Path(out_dir)
+    pairs = make_counterfactual_pairs(model, make_synthetic_qa(n_pairs, n_documents=20, seed=seed), seed=seed)
+    top = scores.top_k(n_candidates)
+    rest = [h for h in all_heads(model) if h not in set(top)]
+    candidates = top + random.Random(seed).sample(rest, n_candidates)
+    result = patch_heads(model, pairs, heads=candidates, quiet=quiet)
+    result.save(out / "patching.json")
+    contextual = scores["gold"]
+    agree = {
+        "contextual_vs_attribution": rank_agreement(contextual, result.scores["attribution"], k=20),
+        "contextual_vs_exact": rank_agreement(contextual, result.scores["exact"], k=10),
+        "attribution_vs_exact": rank_agreement(result.scores["attribution"], result.scores["exact"], k=10),
+    }
+    print(f"\nActivation patching ({n_pairs} counterfactual pairs, 20 documents; effect 0 = corrupted, 1 = clean)")
+    print(f"{'rank':>4} {'layer':>5} {'head':>4} {'attribution':>12} {'exact':>7} {'contextual':>11}")
+    for rank, (layer, head) in enumerate(result.top_k(15, "attribution"), 1):
+        exact = float(result.scores["exact"][layer, head])
+        print(f"{rank:>4} {layer:>5} {head:>4} {float(result.scores['attribution'][layer, head]):>12.3f} "
+              f"{'' if exact != exact else f'{exact:.3f}':>7} {float(contextual[layer, head]):>11.3f}")
+    for name, a in agree.items():
+        print(f"{name:>26}: Spearman {a['spearman']:+.3f}, top-{a['k']} overlap {a['top_k_overlap']:.2f} (n={a['n']})")
+
+    # group ablation where the model still answers some prompts (5 documents)
+    ablation_examples = make_synthetic_qa(n_ablation, n_documents=5, seed=seed + 1)
+    ks = tuple(k for k in (5, 10, 20) if 2 * k <= len(all_heads(model)))
+    groups = []
+    for name, ranking in (("contextual", scores.ranking()), ("attribution", result.ranking("attribution"))):
+        df = ablate_head_groups(model, ablation_examples, ranking, ks=ks, n_random=3, seed=seed, quiet=quiet)
+        groups.append(df.assign(ranking=name))
+    import pandas as pd
+
+    groups = pd.concat(groups, ignore_index=True)
+    groups.drop(columns="heads").to_csv(out / "ablation_groups.csv", index=False)
+    table = (
+        groups[groups.group != "none"]
+        .groupby(["ranking", "k", "group"])[["margin_drop", "accuracy"]].mean().unstack("group")
+    )
+    base = float(groups[groups.group == "none"].accuracy.iloc[0])
+    print(f"\nMean-ablating head groups at the answer rows ({n_ablation} prompts, 5 documents; "
+          f"accuracy without ablation {base:.3f}); random = mean of 3 draws")
+    print(table.round(3).to_string())
+
+    fig = plot_rank_agreement(
+        contextual, result.scores["attribution"],
+        x_label="contextual score (attention mass on the gold document)",
+        y_label="causal effect (attribution patching, 0 = corrupted, 1 = clean)",
+        title=f"Contextual score vs causal effect per head ({model.cfg.model_name})<br>"
+        f"<sup>Spearman {agree['contextual_vs_attribution']['spearman']:+.2f} over all heads; "
+        f"red: top 10 contextual heads</sup>",
+        highlight=scores.top_k(10),
+    )
+    print("wrote", ", ".join(str(p) for p in save_figure(fig, out / "patching_agreement")))
+    summary = {
+        "spearman": agree["contextual_vs_attribution"]["spearman"],
+        "top20_overlap": agree["contextual_vs_attribution"]["top_k_overlap"],
+        "causal_ranking": "attribution patching over all heads",
+        "n_pairs": n_pairs,
+        "agreement": agree,
+        "top_causal": [[l, h, round(float(result.scores["attribution"][l, h]), 4)] for l, h in result.top_k(20, "attribution")],
+        "group_ablation": {
+            "n_prompts": n_ablation,
+            "n_documents": 5,
+            "accuracy_without_ablation": base,
+            "by_ranking": {
+                r: {
+                    str(k): {
+                        "top_accuracy": float(g[(g.k == k) & (g.group == "top")].accuracy.mean()),
+                        "random_accuracy": float(g[(g.k == k) & (g.group == "random")].accuracy.mean()),
+                        "top_margin_drop": float(g[(g.k == k) & (g.group == "top")].margin_drop.mean()),
+                        "random_margin_drop": float(g[(g.k == k) & (g.group == "random")].margin_drop.mean()),
+                    }
+                    for k in ks
+                }
+                for r, g in groups.groupby("ranking")
+            },
+        },
+    }
+    update_summary(out / "summary.json", "patching", summary)
+    return summary
+
+
 def run_demo(
     model_spec: str = "smollm2-135m-instruct",
     *,
@@ -129,6 +229,7 @@ def run_demo(
     print(f"loaded {model_spec}: {model.cfg.n_layers} layers x {model.cfg.n_heads} heads "
           f"({model.cfg.n_key_value_heads or model.cfg.n_heads} KV heads) in {time.perf_counter() - t0:.1f}s")
     run_distraction(model, n_prompts=n_prompts, seed=seed, out_dir=out_dir, quiet=quiet)
-    run_contextual_heads(model, n_prompts=n_prompts, seed=seed + 1, out_dir=out_dir, quiet=quiet)
+    scores = run_contextual_heads(model, n_prompts=n_prompts, seed=seed + 1, out_dir=out_dir, quiet=quiet)
+    run_patching(model, scores, seed=seed + 2, out_dir=out_dir, quiet=quiet)
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s; summary in {Path(out_dir) / 'summary.json'}")
     return json.loads((Path(out_dir) / "summary.json").read_text())

@@ -23,17 +23,22 @@ _CHAT_TEMPLATE = (
 def tiny_tokenizer(extra_words: list[str] | None = None):
     """A word-level fast tokenizer (whitespace + punctuation split) with a chat template.
 
-    Its vocabulary covers every word of the synthetic task, plus ``extra_words``.
+    Its vocabulary covers every word of the synthetic task, plus ``extra_words``; every
+    punctuation mark and digit is its own token, so rendered prompts have no ``<unk>``.
     """
+    import string
+
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     from focuslens.data.synthetic import synthetic_vocabulary
 
-    words = synthetic_vocabulary() + list(extra_words or []) + list("0123456789")
+    words = synthetic_vocabulary() + list(extra_words or []) + list(string.digits + string.punctuation)
     vocab = {t: i for i, t in enumerate(dict.fromkeys(_SPECIAL + words))}
     wl = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    wl.pre_tokenizer = pre_tokenizers.Whitespace()
+    wl.pre_tokenizer = pre_tokenizers.Sequence(
+        [pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation(), pre_tokenizers.Digits(individual_digits=True)]
+    )
     tok = PreTrainedTokenizerFast(
         tokenizer_object=wl,
         bos_token="<bos>",

@@ -22,7 +22,6 @@ from focuslens.errors import DataError
 KV_FILE = (
     Path(__file__).resolve().parents[2] / "shared" / "data" / "lost-in-the-middle" / "kv-retrieval-75_keys.jsonl.gz"
 )
-SMOL_DIR = Path("/tmp/smol_cache")
 UUID4 = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
 
@@ -119,14 +118,10 @@ def test_real_kv_file():
     assert len({ex.gold_index for ex in examples}) > 50  # the file spreads the queried key
 
 
-@pytest.mark.skipif(not SMOL_DIR.exists(), reason="SmolLM2 tokenizer not cached at /tmp/smol_cache")
-def test_rendered_kv_gold_span_covers_the_record():
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(SMOL_DIR)
+def test_rendered_kv_gold_span_covers_the_record(smol_tokenizer):
     for where in ("first", "middle", "last"):
         ex = make_kv_examples(1, n_pairs=5, gold_position=where, seed=1)[0]
-        prompt = render(ex, tokenizer)
+        prompt = render(ex, smol_tokenizer)
         record = f'"{ex.gold.title}": "{ex.gold.text}"'
         covered = prompt.span_text(prompt.gold)
         # BPE merges the record's quotes with the JSON punctuation around it ('{"', ' "',

@@ -23,7 +23,6 @@ from focuslens.errors import DataError
 
 LITM_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "lost-in-the-middle"
 ORACLE = LITM_DIR / "nq-open-oracle.jsonl.gz"
-SMOL_DIR = Path("/tmp/smol_cache")
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -244,13 +243,9 @@ def test_real_hard_negatives_are_seeded_and_independent_of_limit(hard_negatives)
 
 # ---------------------------------------------------------------- spans
 @needs_oracle
-@pytest.mark.skipif(not SMOL_DIR.exists(), reason="SmolLM2 tokenizer not cached at /tmp/smol_cache")
-def test_rendered_gold_span_is_the_document_line(hard_negatives):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(SMOL_DIR)
+def test_rendered_gold_span_is_the_document_line(hard_negatives, smol_tokenizer):
     for ex in hard_negatives[5:10]:  # question 2, gold at 0, 4, 9, 14, 19
-        prompt = render(ex, tokenizer)
+        prompt = render(ex, smol_tokenizer)
         i = ex.gold_index
         assert prompt.span_text(prompt.gold) == f"Document [{i + 1}](Title: {ex.gold.title}) {ex.gold.text}"
         assert prompt.span_text(prompt.question) == f"Question: {ex.question}"

