@@ -96,7 +96,10 @@ def _peak(method: str, target_tokens: int, repeats: int = 3) -> dict:
     for _ in range(repeats):
         out = subprocess.run(
             [sys.executable, __file__, "--memory-child", method, "--tokens", str(target_tokens)],
-            capture_output=True, text=True, check=True, env=os.environ | {"TQDM_DISABLE": "1"},
+            capture_output=True, text=True, check=True,
+            # large blocks straight from mmap and back on free: RSS then tracks live tensors
+            # instead of glibc's heap high-water mark, which varies run to run
+            env=os.environ | {"TQDM_DISABLE": "1", "MALLOC_MMAP_THRESHOLD_": "65536"},
         )
         runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
     runs.sort(key=lambda r: r["peak_mib"])

@@ -13,6 +13,7 @@ from focuslens.data import Document, Prompt, QAExample, Span, make_synthetic_qa,
 from focuslens.errors import DataError, FocusLensError, ModelError
 from focuslens.eval import best_subspan_em, distraction, evaluate_generation, evaluate_next_token
 from focuslens.models import load_model
+from focuslens.scoring import HeadScores, score_heads
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,8 @@ __all__ = [
     "evaluate_generation",
     "best_subspan_em",
     "distraction",
+    "score_heads",
+    "HeadScores",
     "FocusLensError",
     "DataError",
     "ModelError",

@@ -99,6 +99,10 @@ def next_token_logits(
     pad = model.tokenizer.pad_token_id or 0
     out = torch.empty(len(prompts), model.cfg.d_vocab, dtype=torch.float32)
     bar = tqdm(total=len(prompts), desc=desc, disable=quiet, leave=False)
+    if batch_size == 1 and not hooks:
+        _shared_prefix_logits(model, prompts, out, bar)
+        bar.close()
+        return out
     for idx in _batches(prompts, batch_size):
         lengths = torch.tensor([prompts[i].n_tokens for i in idx])
         tokens = torch.full((len(idx), int(lengths.max())), pad, dtype=torch.long)
@@ -117,6 +121,36 @@ def next_token_logits(
         bar.update(len(idx))
     bar.close()
     return out
+
+
+def _shared_prefix_logits(model, prompts: Sequence[Prompt], out: torch.Tensor, bar, min_shared: int = 16) -> None:
+    """One prompt at a time in lexicographic token order, each reusing the KV cache of the
+    longest prefix it shares with the previous one (the system prompt and instruction
+    always; e.g. the documents before the gold one when the same example is evaluated with
+    the gold at several positions). Exact up to float rounding; used without extra hooks."""
+    order = sorted(range(len(prompts)), key=lambda i: prompts[i].input_ids.tolist())
+    prev, cache = None, None
+    last_only = [("unembed.hook_in", lambda resid, hook: resid[:, -1:])]
+    for i in order:
+        ids = prompts[i].input_ids
+        shared = 0
+        if prev is not None:
+            n = min(len(prev), len(ids) - 1)
+            diff = (prev[:n] != ids[:n]).nonzero()
+            shared = int(diff[0]) if len(diff) else n
+        if shared >= min_shared:
+            extra = cache.get_seq_length() - shared
+            if extra > 0:
+                cache.crop(-extra)  # negative: drop that many tokens (valid in every transformers 5.x)
+        else:
+            shared, cache = 0, None
+        logits, cache = model.run_with_hooks(
+            ids[None, shared:].to(model.cfg.device), past_key_values=cache,
+            return_type="logits_and_cache", fwd_hooks=last_only,
+        )
+        out[i] = logits[0, -1].float().cpu()
+        prev = ids
+        bar.update(1)
 
 
 def _render_all(model, examples: Sequence[QAExample]) -> list[Prompt]:
@@ -245,13 +279,12 @@ def distraction(
     for pos in positions:
         index = {"first": 0, "middle": (n_max - 1) // 2, "last": n_max - 1}[pos]
         runs.append((pos, n_max, [ex.with_n_documents(n_max, index) for ex in examples]))
-    frames = []
-    for setting, n, exs in tqdm(runs, desc="distraction", disable=quiet):
-        df = evaluate_next_token(
-            model, exs, batch_size=batch_size, quiet=quiet, desc=f"{n} docs, gold {setting}"
-        )
-        frames.append(df.assign(setting=setting))
-    return pd.concat(frames, ignore_index=True)
+    # one call for every setting: variants of one example share their leading documents,
+    # so on CPU each prompt re-uses the KV cache of the prefix it shares with another
+    everything = [ex for _, _, exs in runs for ex in exs]
+    df = evaluate_next_token(model, everything, batch_size=batch_size, quiet=quiet, desc="distraction")
+    df["setting"] = [setting for setting, _, exs in runs for _ in exs]
+    return df
 
 
 def distraction_summary(results: pd.DataFrame) -> dict:

@@ -248,3 +248,21 @@ def test_smollm2_is_distracted(smollm2):
     assert len(rows) == 24
     assert accuracy[1] >= 0.8, accuracy
     assert accuracy[20] <= 0.5, accuracy
+
+
+@pytest.mark.parametrize("arch,kv", [("llama", 2), ("qwen2", 1), ("mistral", 4)])
+def test_shared_prefix_path_equals_full_forwards(arch, kv):
+    """On CPU, next_token_logits reuses the KV cache of prefixes shared between prompts
+    (variants of one example with the gold elsewhere); it must equal plain forwards."""
+    from focuslens.data import make_synthetic_qa, render
+    from focuslens.eval import next_token_logits
+    from focuslens.testing import tiny_model
+
+    model = tiny_model(arch, n_kv_heads=kv, seed=5)
+    examples = make_synthetic_qa(3, n_documents=8, seed=3)
+    prompts = [render(e.with_n_documents(8, pos), model.tokenizer) for e in examples for pos in (0, 3, 7)]
+    prompts += [render(e.gold_only(), model.tokenizer) for e in examples]
+    shared = next_token_logits(model, prompts, batch_size=1, quiet=True)
+    with torch.no_grad():
+        full = torch.stack([model(p.input_ids[None])[0, -1] for p in prompts])
+    torch.testing.assert_close(shared, full, atol=1e-5, rtol=1e-5)
