@@ -61,13 +61,17 @@ def plot_rank_agreement(x, y, *, x_label: str, y_label: str, title: str, highlig
         go.Scatter(
             x=xs.numpy(),
             y=ys.numpy(),
-            mode="markers+text",
-            text=[lab if lab in hl else "" for lab in labels],
-            textposition="top center",
+            mode="markers",
             hovertext=labels,
             marker=dict(color=["crimson" if lab in hl else "steelblue" for lab in labels], size=8, opacity=0.8),
         )
     )
+    # label highlighted heads with arrows whose lengths alternate in x order, so that
+    # neighbouring (or coinciding) points get labels at different heights
+    marked = sorted((float(xv), float(yv), lab) for xv, yv, lab in zip(xs, ys, labels) if lab in hl)
+    for i, (xv, yv, lab) in enumerate(marked):
+        fig.add_annotation(x=xv, y=yv, text=lab, showarrow=True, arrowhead=0, arrowcolor="crimson",
+                           ax=0, ay=(-25, 25, -50, 50)[i % 4], font=dict(size=11, color="crimson"))
     fig.update_layout(title=title, xaxis_title=x_label, yaxis_title=y_label, template="plotly_white",
                       width=800, height=600)
     return fig
