@@ -73,7 +73,8 @@ def _dequantized_dir(name: str) -> Path:
     tmp = out.with_name(out.name + ".tmp")
     hf.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    tmp.replace(out) if not out.exists() else None
+    if not out.exists():  # another process may have finished first; its copy is as good
+        tmp.replace(out)
     return out
 
 

@@ -57,7 +57,8 @@ def run_distraction(
     summary = distraction_summary(rows) | {"model": model_id(model), "task": "synthetic", "seed": seed}
     _print_distraction(summary)
     out = Path(out_dir)
-    rows.to_csv(out / "distraction.csv", index=False) if out.mkdir(parents=True, exist_ok=True) is None else None
+    out.mkdir(parents=True, exist_ok=True)
+    rows.to_csv(out / "distraction.csv", index=False)
     fig = plot_distraction(rows, title=f"Distraction on {model_id(model)}: synthetic multi-document QA")
     written = save_figure(fig, out / "distraction")
     print("wrote", ", ".join(str(p) for p in written))
