@@ -31,6 +31,7 @@ __all__ = [
     "normalize_answer",
     "best_subspan_em",
     "first_token_id",
+    "candidate_token_ids",
     "next_token_logits",
     "evaluate_next_token",
     "evaluate_generation",
@@ -55,6 +56,14 @@ def first_token_id(tokenizer, answer: str, *, leading_space: bool = True) -> int
     if not ids:
         raise DataError(f"answer {answer!r} tokenizes to nothing.")
     return ids[0]
+
+
+def candidate_token_ids(tokenizer, example: QAExample) -> tuple[int, list[int]]:
+    """The gold answer's first token, and the first tokens of the other candidates that
+    appear in the prompt's documents (the competitors of candidate accuracy)."""
+    gold = first_token_id(tokenizer, example.answers[0])
+    in_prompt = [c for c in example.candidates if any(c in d.text for d in example.documents)]
+    return gold, sorted({first_token_id(tokenizer, c) for c in in_prompt} - {gold})
 
 
 def position_label(gold_index: int | None, n_documents: int) -> str:
@@ -180,9 +189,7 @@ def evaluate_next_token(
     logits = next_token_logits(model, prompts, batch_size=batch_size, hooks=hooks, quiet=quiet, desc=desc)
     rows = []
     for ex, lg in zip(examples, logits):
-        gold = first_token_id(tok, ex.answers[0])
-        in_prompt = [c for c in ex.candidates if any(c in d.text for d in ex.documents)]
-        others = sorted({first_token_id(tok, c) for c in in_prompt} - {gold})
+        gold, others = candidate_token_ids(tok, ex)
         best_other = lg[others].max().item() if others else float("-inf")
         top = int(lg.argmax())
         rows.append(

@@ -58,7 +58,7 @@ from focuslens.data.examples import Document, QAExample
 from focuslens.data.render import Prompt, Span, render
 from focuslens.data.synthetic import CITIES
 from focuslens.errors import DataError, ModelError
-from focuslens.eval import first_token_id
+from focuslens.eval import candidate_token_ids, first_token_id
 from focuslens.kvcache import PrefixCache
 
 __all__ = [
@@ -423,14 +423,6 @@ class _ExampleRun:
     z: Tensor  # [L, row, H, d] at the answer rows, clean run
 
 
-def _candidate_ids(tok, ex: QAExample) -> tuple[int, list[int]]:
-    """The gold answer's first token and those of the other in-prompt candidates
-    (the same definition as :func:`focuslens.eval.evaluate_next_token`)."""
-    gold = first_token_id(tok, ex.answers[0])
-    in_prompt = [c for c in ex.candidates if any(c in d.text for d in ex.documents)]
-    return gold, sorted({first_token_id(tok, c) for c in in_prompt} - {gold})
-
-
 def _prepare_example(model, prompt: Prompt) -> _ExampleRun:
     pc = PrefixCache(model, prompt.input_ids, split=prompt.answer.start)
     rows = _answer_rows(prompt, pc.offset)
@@ -440,7 +432,7 @@ def _prepare_example(model, prompt: Prompt) -> _ExampleRun:
         store[layer] = z[0, rows].detach().clone()
 
     logits = pc.run([(_z_name(layer), partial(keep, layer=layer)) for layer in range(model.cfg.n_layers)])
-    gold, others = _candidate_ids(model.tokenizer, prompt.example)
+    gold, others = candidate_token_ids(model.tokenizer, prompt.example)
     z = torch.stack([store[layer] for layer in range(model.cfg.n_layers)])
     return _ExampleRun(prompt, pc, rows, gold, others, logits[0].float(), z)
 
