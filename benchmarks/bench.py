@@ -3,6 +3,15 @@
 Every ratio compares methods on the same prompts in the same run, so machine noise
 affects both sides. Results are printed and written to figures/bench.json.
 
+Directions (``--only directions``):
+* training time: focuslens' cached training of every head at once vs a faithful re-run of
+  the paper's loop (``train_attn_only.py``: per layer, a standalone attention module on the
+  cached post-norm hidden states, q/k/v/o projections, RoPE, full causal softmax over the
+  whole sequence, AdamW, batch 1), same prompts, same epochs. The paper loop runs on a few
+  layers and is scaled to all layers (layers are independent and cost the same);
+* steering overhead: a forward pass with ``focus(...)`` hooks (top-20 heads) vs the same
+  forward without hooks, interleaved prompt by prompt.
+
 Scoring:
 * time: ``score_heads`` (reduction inside ``hook_pattern`` hooks) vs a plain forward
   over the same prompts (same code path without the hooks), and vs the naive way
@@ -154,18 +163,122 @@ def bench_scoring(n_prompts: int, target_tokens: int) -> dict:
     return result
 
 
+# ------------------------------------------------------------------ directions
+def _paper_layer_loop(model, layer: int, hidden: list, prompts, *, epochs: int, lr: float, seed: int) -> float:
+    """The official per-layer loop, re-run faithfully: seconds for ``epochs`` over ``prompts``."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+
+    attn = model.blocks[layer].attn.original_component
+    lin = {n: getattr(attn, n).original_component for n in ("q_proj", "k_proj", "v_proj", "o_proj")}
+    H, d = model.cfg.n_heads, model.cfg.d_head
+    kv = model.cfg.n_key_value_heads or H
+    g = torch.Generator().manual_seed(seed)
+    dq = torch.nn.Parameter(torch.randn(H, d, generator=g) * 0.01)
+    dk = torch.nn.Parameter(torch.randn(H, d, generator=g) * 0.01)
+    opt = torch.optim.AdamW([dq, dk], lr=lr)
+    rotary = model.original_model.model.rotary_emb
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        for i in torch.randperm(len(prompts), generator=g).tolist():
+            x, p = hidden[i], prompts[i]
+            T = x.shape[1]
+            pos = torch.arange(T)[None]
+            cos, sin = rotary(x, pos)
+            q = lin["q_proj"](x).view(1, T, H, d).transpose(1, 2)
+            k = lin["k_proj"](x).view(1, T, kv, d).transpose(1, 2)
+            v = lin["v_proj"](x).view(1, T, kv, d).transpose(1, 2)
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            k, v = repeat_kv(k, H // kv), repeat_kv(v, H // kv)
+            q, k = q + dq[None, :, None], k + dk[None, :, None]
+            scores = q @ k.transpose(-1, -2) * attn.scaling
+            scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
+            w = scores.softmax(-1, dtype=torch.float32)
+            out = lin["o_proj"]((w @ v).transpose(1, 2).reshape(1, T, H * d))  # the module's output, as the paper computes it
+            loss = -w[0, :, p.answer.to_slice(), p.gold.to_slice()].sum(-1).mean() + 0 * out.sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return time.perf_counter() - t0
+
+
+def bench_directions(n_prompts: int, epochs: int, paper_layers: tuple[int, ...]) -> dict:
+    from focuslens.data import make_synthetic_qa
+    from focuslens.directions import _train_on_inputs, collect_attention_inputs, focus_hooks, FocusDirections
+    from focuslens.models import load_model
+    from focuslens.scoring import prepare_prompts
+
+    model = load_model("smollm2-135m-instruct")
+    prompts = prepare_prompts(model, make_synthetic_qa(n_prompts, n_documents=20, seed=40), quiet=True)
+    inputs = collect_attention_inputs(model, prompts, quiet=True)
+    # the paper's cache: post-norm hidden states (the input of k_proj) of the layers it trains
+    hidden = {layer: [] for layer in paper_layers}
+    with torch.no_grad():
+        for p in prompts:
+            hooks = [(f"blocks.{layer}.ln1.hook_normalized", lambda x, hook, layer=layer: hidden[layer].append(x.clone()))
+                     for layer in paper_layers]
+            model.run_with_hooks(p.input_ids[None], fwd_hooks=hooks, stop_at_layer=max(paper_layers) + 1)
+    settings = dict(epochs=epochs, lr=1e-3, weight_decay=0.01, batch_size=1, init_std=0.01, patience=epochs,
+                    seed=0, quiet=True)
+    t0 = time.perf_counter()
+    _train_on_inputs(inputs, None, **settings)
+    ours = time.perf_counter() - t0
+    paper = {layer: _paper_layer_loop(model, layer, hidden[layer], prompts, epochs=epochs, lr=1e-3, seed=0)
+             for layer in paper_layers}
+    per_layer = sum(paper.values()) / len(paper)
+    paper_all = per_layer * model.cfg.n_layers
+
+    # steering overhead in a forward pass: same prompts, interleaved, with and without hooks
+    dirs = FocusDirections(torch.randn(model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_head), torch.zeros(
+        model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_head), [], {"model": model.cfg.model_name})
+    heads = [(layer, head) for layer in range(10, 30) for head in (0,)]
+    hooks = focus_hooks(model, dirs, 0.5, heads)
+    t = {"plain": 0.0, "focus": 0.0}
+    with torch.no_grad():
+        model(prompts[0].input_ids[None])  # warm-up
+        for p in prompts[: min(len(prompts), 60)]:
+            for name, fwd in (("plain", []), ("focus", hooks)):
+                s = time.perf_counter()
+                model.run_with_hooks(p.input_ids[None], fwd_hooks=fwd)
+                t[name] += time.perf_counter() - s
+    result = {
+        "n_prompts": n_prompts,
+        "epochs": epochs,
+        "cache_seconds": inputs.seconds,
+        "train_seconds": ours,
+        "paper_loop_layers": list(paper_layers),
+        "paper_loop_seconds_per_layer": per_layer,
+        "paper_loop_seconds_all_layers": paper_all,
+        "speedup_vs_paper_loop": paper_all / ours,
+        "steering_forward_seconds": t,
+        "steering_overhead": t["focus"] / t["plain"] - 1,
+    }
+    print(f"\ndirection training ({n_prompts} prompts, {epochs} epochs, batch 1; caching pass {inputs.seconds:.0f}s):")
+    print(f"  focuslens, all {model.cfg.n_layers} layers at once: {ours:.1f}s")
+    print(f"  paper loop: {per_layer:.1f}s per layer (timed on layers {list(paper_layers)}) -> "
+          f"{paper_all:.0f}s for {model.cfg.n_layers} layers  => speedup {result['speedup_vs_paper_loop']:.1f}x (goal >= 20x)")
+    print(f"  steering overhead in a forward pass (focus on 20 heads): {100 * result['steering_overhead']:+.1f}% "
+          f"(goal <= 5%)")
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--n-prompts", type=int, default=100)
     ap.add_argument("--tokens", type=int, default=2000)
     ap.add_argument("--out", default=str(ROOT / "figures" / "bench.json"))
     ap.add_argument("--memory-child")
+    ap.add_argument("--only", choices=["scoring", "directions"], help="run one benchmark (default: all)")
+    ap.add_argument("--direction-prompts", type=int, default=200)
+    ap.add_argument("--direction-epochs", type=int, default=2)
     args = ap.parse_args()
     if args.memory_child:
         return _memory_child(args.memory_child, args.tokens)
     out = Path(args.out)
     bench = json.loads(out.read_text()) if out.exists() else {}
-    bench["scoring"] = bench_scoring(args.n_prompts, args.tokens)
+    if args.only in (None, "scoring"):
+        bench["scoring"] = bench_scoring(args.n_prompts, args.tokens)
+    if args.only in (None, "directions"):
+        bench["directions"] = bench_directions(args.direction_prompts, args.direction_epochs, (8, 17, 26))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(bench, indent=2) + "\n")
     print(f"wrote {out}")

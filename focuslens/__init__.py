@@ -7,13 +7,19 @@ Relevant Contexts* (Zhu et al., 2025) on TransformerLens' ``TransformerBridge``.
 >>> model = fl.load_model("smollm2-135m-instruct")            # doctest: +SKIP
 >>> examples = fl.make_synthetic_qa(100, n_documents=20)      # doctest: +SKIP
 >>> fl.evaluate_next_token(model, examples).correct.mean()    # doctest: +SKIP
+>>> ranking = fl.score_heads(model, examples[:80]).ranking()   # doctest: +SKIP
+>>> dirs = fl.train_directions(model, examples[:80], examples[80:], ranking=ranking)  # doctest: +SKIP
+>>> with fl.focus(model, dirs, alpha=0.5, heads=20):          # doctest: +SKIP
+...     fl.evaluate_next_token(model, examples).correct.mean()
 """
 
 from focuslens.data import Document, Prompt, QAExample, Span, make_synthetic_qa, render, split_by_question
+from focuslens.directions import FocusDirections, focus, import_release, train_directions
 from focuslens.errors import DataError, FocusLensError, ModelError
 from focuslens.eval import best_subspan_em, distraction, evaluate_generation, evaluate_next_token
 from focuslens.models import load_model
 from focuslens.scoring import HeadScores, score_heads
+from focuslens.steering import split_softmax
 
 __version__ = "0.1.0"
 
@@ -32,6 +38,11 @@ __all__ = [
     "distraction",
     "score_heads",
     "HeadScores",
+    "split_softmax",
+    "FocusDirections",
+    "train_directions",
+    "focus",
+    "import_release",
     "FocusLensError",
     "DataError",
     "ModelError",

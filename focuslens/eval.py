@@ -19,22 +19,27 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from focuslens.data.examples import QAExample, normalize_answer
 from focuslens.data.render import Prompt, render
 from focuslens.errors import DataError
+from focuslens.kvcache import PrefixCache
 
 __all__ = [
     "normalize_answer",
     "best_subspan_em",
+    "spearman",
     "first_token_id",
     "candidate_token_ids",
     "next_token_logits",
     "evaluate_next_token",
     "evaluate_generation",
+    "evaluate_variants",
     "greedy_generate",
     "position_label",
     "accuracy_by",
@@ -48,6 +53,24 @@ def best_subspan_em(prediction: str, answers: Iterable[str]) -> float:
     """1.0 if any normalised answer is a substring of the normalised prediction."""
     pred = normalize_answer(prediction)
     return float(any(normalize_answer(a) in pred for a in answers))
+
+
+def spearman(x, y) -> float:
+    """Spearman rank correlation over the pairs where both values are finite (ties get
+    their average rank); NaN for fewer than two pairs or a constant input.
+
+    >>> spearman([1, 2, 3, 4], [10, 20, 30, 35]), spearman([1, 2, 3], [3, 2, 1])
+    (1.0, -1.0)
+    """
+    x, y = (pd.Series(v.detach().cpu().double().flatten().numpy() if isinstance(v, torch.Tensor)
+                      else np.asarray(v, dtype=float).ravel()) for v in (x, y))
+    if len(x) != len(y):
+        raise DataError(f"spearman: x has {len(x)} values, y has {len(y)}.")
+    keep = x.notna() & y.notna() & (x.abs() != float("inf")) & (y.abs() != float("inf"))
+    rx, ry = x[keep].rank(), y[keep].rank()
+    if len(rx) < 2 or rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(round(rx.corr(ry), 12))
 
 
 def first_token_id(tokenizer, answer: str, *, leading_space: bool = True) -> int:
@@ -249,6 +272,93 @@ def evaluate_generation(
                 "correct": bool(best_subspan_em((ex.answer_prefix or "") + answer, ex.answers)),
             }
         )
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------ interventions
+def _prompt(model, item: QAExample | Prompt) -> Prompt:
+    return item if isinstance(item, Prompt) else render(item, model.tokenizer, max_length=model.cfg.n_ctx)
+
+
+def _probe_hooks(model, prompt: Prompt, offset: int, probe_heads: Tensor, store: dict) -> list:
+    """``hook_pattern`` reductions: per variant, the mean attention mass of its probe heads
+    at the answer rows on the gold document and on the sink (summed into ``store``)."""
+    rows = slice(prompt.answer.start - offset, prompt.answer.end - offset)
+    gold, sink = prompt.gold, prompt.sink
+    hooks = []
+    for layer in probe_heads.any(0).any(-1).nonzero().flatten().tolist():
+        heads = probe_heads[:, layer].float()  # [variant, head]
+
+        def reduce(pattern, hook, heads=heads):
+            p = pattern[:, :, rows].float()
+            for name, span in (("gold_mass", gold), ("sink_mass", sink)):
+                if span is not None:
+                    mass = p[..., span.start : span.end].sum(-1).mean(-1)  # [variant, head]
+                    store[name] = store.get(name, 0) + (mass * heads.to(mass.device)).sum(-1).cpu()
+
+        hooks.append((f"blocks.{layer}.attn.hook_pattern", reduce))
+    return hooks
+
+
+def evaluate_variants(
+    model,
+    examples: Sequence[QAExample | Prompt],
+    n_variants: int,
+    hooks_for: Callable[[Prompt, PrefixCache], Sequence[tuple[str, Callable]]],
+    *,
+    probe_heads: Tensor | None = None,
+    quiet: bool = False,
+    desc: str = "variants",
+) -> pd.DataFrame:
+    """Score ``n_variants`` interventions at the answer rows of every example, with one
+    prefill per example (a :class:`~focuslens.kvcache.PrefixCache`).
+
+    Args:
+        hooks_for: ``(prompt, prefix_cache) -> hook specs`` for the packed run of the
+            answer rows; hooks see ``n_variants`` batch rows, one per variant (e.g. the
+            hooks of :func:`focuslens.steering.split_softmax_hooks` with a
+            ``[variant, layer, head]`` mask).
+        probe_heads: optional ``[variant, layer, head]`` mask; adds ``gold_mass`` and
+            ``sink_mass``: the mean attention mass of those heads from the answer rows onto
+            the gold document and the sink, as steered.
+
+    Returns one row per (example, variant): ``example`` (its index in ``examples``),
+    ``variant``, the columns of :func:`evaluate_next_token`, and the probe masses.
+    """
+    if not examples:
+        raise DataError("the example list is empty: nothing to evaluate.")
+    if probe_heads is not None and probe_heads.shape[0] != n_variants:
+        raise DataError(f"probe_heads has {probe_heads.shape[0]} variants, not n_variants={n_variants}.")
+    tok = model.tokenizer
+    rows = []
+    for i, item in enumerate(tqdm(examples, desc=desc, disable=quiet, leave=False)):
+        prompt = _prompt(model, item)
+        ex = prompt.example
+        pc = PrefixCache(model, prompt.input_ids, split=prompt.answer.start)
+        store: dict[str, Tensor] = {}
+        hooks = list(hooks_for(prompt, pc))
+        if probe_heads is not None:
+            hooks += _probe_hooks(model, prompt, pc.offset, probe_heads, store)
+        with torch.no_grad():
+            logits = pc.run(hooks, batch=n_variants).float().cpu()
+        gold, others = candidate_token_ids(tok, ex)
+        best_other = logits[:, others].max(-1).values if others else torch.full((n_variants,), float("-inf"))
+        n_probe = probe_heads.sum((1, 2)).clamp_min(1) if probe_heads is not None else None
+        for v in range(n_variants):
+            row = {
+                "example": i,
+                "qid": ex.qid,
+                "n_documents": ex.n_documents,
+                "gold_index": ex.gold_index,
+                "position": position_label(ex.gold_index, ex.n_documents),
+                "variant": v,
+                "correct": bool(logits[v].argmax() == gold),
+                "candidate_correct": bool(logits[v, gold] > best_other[v]),
+                "gold_logit": float(logits[v, gold]),
+                "margin": float(logits[v, gold] - best_other[v]),
+            }
+            row.update({name: float(total[v] / n_probe[v]) for name, total in store.items()})
+            rows.append(row)
     return pd.DataFrame(rows)
 
 

@@ -9,6 +9,15 @@ optionally as a batch of variants (one per head, per α, …) sharing the same p
 Hooks active in :meth:`run` see only the suffix positions as queries (``hook_z``:
 ``[batch, suffix, head, d_head]``) but every position as keys (``hook_pattern``:
 ``[batch, head, suffix, prefix + suffix]``); ``offset`` converts between the two.
+
+**Packed variants.** A batch of ``n`` variants would copy the prefix's keys and values
+``n`` times (and expand them again for grouped-query attention): on a CPU that memory
+traffic, not arithmetic, is the cost. Instead the ``n`` copies of the suffix are laid end
+to end in *one* sequence, every copy gets the same position ids, and a block-diagonal
+attention mask lets each copy see the prefix and itself only. Hooks still see the usual
+batch layout: activations are reshaped to ``[n, suffix, …]`` (attention patterns to
+``[n, head, suffix, prefix + suffix]``) before a hook runs and written back after it, so a
+hook cannot tell the two paths apart (``tests/test_kvcache.py`` checks they agree).
 """
 
 from __future__ import annotations
@@ -21,6 +30,8 @@ import torch
 from focuslens.errors import FocusLensError
 
 __all__ = ["PrefixCache"]
+
+_ATTENTION_HOOKS = ("hook_attn_scores", "hook_pattern")  # [batch, head, query, key]
 
 
 class PrefixCache:
@@ -50,14 +61,70 @@ class PrefixCache:
         batch: int = 1,
         last_only: bool = True,
         grad: bool = False,
+        packed: bool | None = None,
     ) -> torch.Tensor:
         """Logits of the suffix ``[batch, suffix_len, d_vocab]`` (or ``[batch, d_vocab]``
-        at the last position when ``last_only``), with ``hooks`` active."""
+        at the last position when ``last_only``), with ``hooks`` active.
+
+        ``packed`` (default: whenever ``batch > 1`` and the model has no sliding window)
+        runs the variants as one packed sequence (module docstring); ``False`` forces a
+        real batch, which gives the same numbers up to float rounding.
+        """
+        if packed is None:
+            packed = batch > 1 and self._can_pack(batch)
         cache = copy.deepcopy(self.cache)
-        if batch > 1:
-            cache.batch_repeat_interleave(batch)
         with torch.set_grad_enabled(grad):
+            if packed:
+                return self._run_packed(hooks, batch, last_only, cache)
+            if batch > 1:
+                cache.batch_repeat_interleave(batch)
             logits = self.model.run_with_hooks(
                 self.suffix[None].expand(batch, -1), past_key_values=cache, fwd_hooks=list(hooks)
             )
         return logits[:, -1] if last_only else logits
+
+    # ---------------------------------------------------------------- packing
+    def _can_pack(self, batch: int) -> bool:
+        window = getattr(getattr(self.model, "original_model", None), "config", None)
+        window = getattr(window, "sliding_window", None)
+        return window is None or window >= self.offset + batch * len(self.suffix)
+
+    def _run_packed(self, hooks, n: int, last_only: bool, cache) -> torch.Tensor:
+        model, s, T = self.model, len(self.suffix), self.offset
+        device, dtype = self.suffix.device, model.cfg.dtype
+        block = torch.arange(n, device=device).repeat_interleave(s)
+        step = torch.arange(s, device=device).repeat(n)
+        sees = (block[:, None] == block[None, :]) & (step[:, None] >= step[None, :])
+        sees = torch.cat([torch.ones(n * s, T, dtype=torch.bool, device=device), sees], dim=1)
+        mask = torch.zeros(sees.shape, dtype=dtype, device=device).masked_fill(~sees, torch.finfo(dtype).min)
+        rows = (torch.arange(n, device=device) * s + s - 1) if last_only else slice(None)
+        wrapped = [(name, self._unpacking(name, fn, n, s, T)) for name, fn in hooks]
+        wrapped.append(("unembed.hook_in", lambda resid, hook: resid[:, rows]))
+        logits = model.run_with_hooks(
+            self.suffix.repeat(n)[None], past_key_values=cache, position_ids=(T + step)[None],
+            attention_mask=mask[None, None], fwd_hooks=wrapped,
+        )
+        return logits[0] if last_only else logits[0].reshape(n, s, -1)
+
+    @staticmethod
+    def _unpacking(name: str, fn: Callable, n: int, s: int, T: int) -> Callable:
+        """Wrap a hook so it sees (and returns) the batch layout of ``n`` variants."""
+        attention = name.rsplit(".", 1)[-1] in _ATTENTION_HOOKS
+
+        def hook(x, hook):
+            if attention:  # [1, H, n*s, T + n*s] -> [n, H, s, T + s]
+                H = x.shape[1]
+                prefix = x[0, :, :, :T].reshape(H, n, s, T).transpose(0, 1)
+                own = torch.diagonal(x[0, :, :, T:].view(H, n, s, n, s), dim1=1, dim2=3).permute(3, 0, 1, 2)
+                out = fn(torch.cat([prefix, own], dim=-1), hook=hook)
+                if out is None:
+                    return None
+                x = x.clone()
+                x[0, :, :, :T] = out[..., :T].transpose(0, 1).reshape(H, n * s, T)
+                torch.diagonal(x[0, :, :, T:].view(H, n, s, n, s), dim1=1, dim2=3).copy_(out[..., T:].permute(1, 2, 3, 0))
+                return x
+            # [1, n*s, ...] -> [n, s, ...]
+            out = fn(x.reshape(n, s, *x.shape[2:]), hook=hook)
+            return None if out is None else out.reshape(x.shape)
+
+        return hook

@@ -58,7 +58,7 @@ from focuslens.data.examples import Document, QAExample
 from focuslens.data.render import Prompt, Span, render
 from focuslens.data.synthetic import CITIES
 from focuslens.errors import DataError, ModelError
-from focuslens.eval import candidate_token_ids, first_token_id
+from focuslens.eval import candidate_token_ids, first_token_id, spearman
 from focuslens.kvcache import PrefixCache
 
 __all__ = [
@@ -703,14 +703,6 @@ class PatchingResult:
 
 
 # ------------------------------------------------------------------ agreement
-def _average_ranks(x: np.ndarray) -> np.ndarray:
-    order = np.argsort(x, kind="stable")
-    ranks = np.empty(len(x))
-    ranks[order] = np.arange(len(x))
-    _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
-    return (np.bincount(inverse, weights=ranks) / counts)[inverse]  # ties share their mean rank
-
-
 def rank_agreement(
     scores_a: Float[Tensor, "layer head"],
     scores_b: Float[Tensor, "layer head"],
@@ -731,9 +723,8 @@ def rank_agreement(
     n = int(keep.sum())
     if n < 2:
         return {"spearman": float("nan"), "top_k_overlap": float("nan"), "n": n, "k": k}
-    ra, rb = _average_ranks(a), _average_ranks(b)
-    spearman = float(np.corrcoef(ra, rb)[0, 1]) if ra.std() > 0 and rb.std() > 0 else float("nan")
+    rho = spearman(a, b)
     k_eff = min(k, n)
     top_a = set(np.argsort(-a, kind="stable")[:k_eff].tolist())
     top_b = set(np.argsort(-b, kind="stable")[:k_eff].tolist())
-    return {"spearman": spearman, "top_k_overlap": len(top_a & top_b) / k_eff, "n": n, "k": k_eff}
+    return {"spearman": rho, "top_k_overlap": len(top_a & top_b) / k_eff, "n": n, "k": k_eff}

@@ -1,0 +1,256 @@
+"""Attention steering on chosen heads: split-softmax, as hook specs and a context manager.
+
+**Split-softmax** (Li et al. 2024; Zhu et al. §3.5) raises a head's attention to a span S
+without changing anything else about the row. For a query row with attention ``a_j`` and
+mass ``π = Σ_{j∈S} a_j`` on the span::
+
+    a'_j = a_j · π^τ / π              for j in S
+    a'_j = a_j · (1 − π^τ) / (1 − π)  otherwise
+
+so the span's mass becomes exactly ``π^τ``, the row still sums to 1, and the relative
+weights inside and outside the span are kept. ``τ = 1`` is the identity; smaller ``τ`` is a
+stronger boost (π = 0.05: τ = 0.5 → 0.22, τ = 0.1 → 0.74). It needs the span's label (which
+document is relevant), so it is an analysis tool: the causal test that contextual heads
+matter. Focus directions (:mod:`focuslens.directions`) do the same without the label.
+
+The hooks edit ``blocks.{l}.attn.hook_pattern`` (post-softmax, ``[batch, head, query,
+key]``), which the bridge's attention uses for its output. Query rows are located by
+absolute position (``key_len − query_len + i``), so the same hooks are right in a full
+forward pass, in KV-cached generation (one query row per step) and in a
+:class:`~focuslens.kvcache.PrefixCache` run.
+
+Every knob can differ per batch row (*variant*): a ``[variant, layer, head]`` head mask and
+a ``[variant]`` vector of τ, so one batched run evaluates a whole sweep.
+
+>>> with split_softmax(model, heads=[(15, 6), (23, 2)], span=prompt.gold, tau=0.1):  # doctest: +SKIP
+...     logits = model(prompt.input_ids[None])
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from contextlib import contextmanager
+
+import pandas as pd
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from focuslens.data.render import Span
+from focuslens.errors import DataError, ModelError
+
+__all__ = [
+    "Head",
+    "HookSpec",
+    "head_mask",
+    "head_masks",
+    "split_softmax_pattern",
+    "split_softmax_hooks",
+    "split_softmax",
+    "split_softmax_sweep",
+]
+
+Head = tuple[int, int]
+HookSpec = tuple[str, object]  # (hook name, fn(activation, hook) -> activation | None)
+
+
+# ------------------------------------------------------------------ head selections
+def head_mask(model, heads: Iterable[Head] | Tensor | None) -> Bool[Tensor, "layer head"]:
+    """A ``[n_layers, n_heads]`` boolean mask from ``(layer, head)`` pairs (None: all heads);
+    a mask passes through after a shape check. Raises ``ModelError`` for heads outside
+    the model."""
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    if heads is None:
+        return torch.ones(n_layers, n_heads, dtype=torch.bool)
+    if isinstance(heads, Tensor):
+        if heads.shape[-2:] != (n_layers, n_heads):
+            raise ModelError(f"head mask of shape {tuple(heads.shape)} does not match {n_layers} layers × {n_heads} heads.")
+        return heads.bool()
+    mask = torch.zeros(n_layers, n_heads, dtype=torch.bool)
+    for layer, head in heads:
+        if not (0 <= layer < n_layers and 0 <= head < n_heads):
+            raise ModelError(f"head ({layer}, {head}) is outside the model's {n_layers} layers × {n_heads} heads.")
+        mask[layer, head] = True
+    return mask
+
+
+def head_masks(model, groups: Sequence[Iterable[Head]]) -> Bool[Tensor, "variant layer head"]:
+    """One head mask per variant (an empty group steers nothing), for batched sweeps."""
+    return torch.stack([head_mask(model, list(g)) for g in groups])
+
+
+def _variant_masks(model, heads) -> Bool[Tensor, "variant layer head"]:
+    """``heads`` as a ``[variant, layer, head]`` mask: a ``[variant, L, H]`` mask passes
+    through; one selection (pairs, an ``[L, H]`` mask or None) is a single variant."""
+    mask = head_mask(model, heads if isinstance(heads, Tensor) or heads is None else list(heads))
+    return mask if mask.ndim == 3 else mask[None]
+
+
+def _per_variant(value, n: int, name: str) -> Float[Tensor, "variant"]:
+    v = torch.as_tensor(value, dtype=torch.float32).flatten()
+    if v.numel() == 1:
+        v = v.expand(n)
+    if v.numel() != n:
+        raise DataError(f"{name} has {v.numel()} values for {n} variants (head selections).")
+    return v
+
+
+def _rows_mask(rows, q_len: int, k_len: int, device) -> Bool[Tensor, "query"]:
+    """Which query rows to edit, from absolute positions ``k_len − q_len + i``."""
+    if rows is None:
+        return torch.ones(q_len, dtype=torch.bool, device=device)
+    pos = torch.arange(k_len - q_len, k_len, device=device)
+    if isinstance(rows, Span):
+        return (pos >= rows.start) & (pos < rows.end)
+    if isinstance(rows, int):
+        return pos >= rows
+    raise DataError(f"rows={rows!r}: use None (every row), a start position, or a Span.")
+
+
+def _span_mask(span, n_keys: int) -> Bool[Tensor, "... key"]:
+    if isinstance(span, Span):
+        if len(span) == 0:
+            raise DataError(f"span {span} is empty: nothing to boost.")
+        mask = torch.zeros(n_keys, dtype=torch.bool)
+        mask[span.start : span.end] = True
+        return mask
+    mask = torch.as_tensor(span).bool()
+    if mask.shape[-1] < n_keys:  # a mask over the prompt; later (generated) keys are outside
+        mask = torch.cat([mask, mask.new_zeros(*mask.shape[:-1], n_keys - mask.shape[-1])], dim=-1)
+    return mask[..., :n_keys]
+
+
+# ------------------------------------------------------------------ the operation
+def split_softmax_pattern(
+    pattern: Float[Tensor, "batch head query key"],
+    span: Bool[Tensor, "*batch key"],
+    tau: float | Float[Tensor, "*batch head query"],
+) -> Float[Tensor, "batch head query key"]:
+    """Split-softmax of attention rows: the mass on ``span`` becomes ``π^τ`` (module docstring).
+
+    ``tau`` broadcasts over ``[batch, head, query]`` (use 1 to leave a row untouched). Rows
+    with no mass on the span (π = 0) or all of it (π = 1) are left unchanged. Computed in
+    float32, returned in the pattern's dtype.
+    """
+    p = pattern.float()
+    span = span.to(p.device)
+    if span.ndim == 1:
+        span = span[None]
+    inside = span[:, None, None, :].to(p.dtype)  # [batch, 1, 1, key]
+    pi = (p * inside).sum(-1)  # [batch, head, query]
+    tau = torch.as_tensor(tau, dtype=p.dtype, device=p.device)
+    target = pi.clamp_min(0) ** tau
+    ok = (pi > 0) & (pi < 1)
+    scale_in = torch.where(ok, target / pi.clamp_min(1e-30), torch.ones_like(pi))
+    scale_out = torch.where(ok, (1 - target) / (1 - pi).clamp_min(1e-30), torch.ones_like(pi))
+    scale = scale_out[..., None] + (scale_in - scale_out)[..., None] * inside
+    return (p * scale).to(pattern.dtype)
+
+
+def split_softmax_hooks(
+    model,
+    heads,
+    span: Span | Bool[Tensor, "*batch key"],
+    tau: float | Sequence[float] | Tensor,
+    *,
+    rows: Span | int | None = None,
+) -> list[HookSpec]:
+    """Hook specs that apply split-softmax on the chosen heads.
+
+    Args:
+        model: a ``TransformerBridge``.
+        heads: ``(layer, head)`` pairs or a ``[layer, head]`` mask; or a ``[variant, layer,
+            head]`` mask (:func:`head_masks`), one selection per batch row (a single
+            selection broadcasts to every row).
+        span: the boosted key positions: a :class:`Span`, or a boolean mask ``[key]`` or
+            ``[batch, key]`` over the prompt (keys past its end are outside the span).
+        tau: the exponent, one value or one per variant.
+        rows: which query rows to edit: every row (None), rows at absolute positions from a
+            start on (an int), or a :class:`Span` of positions (e.g. ``prompt.answer``).
+    """
+    masks = _variant_masks(model, heads)
+    taus = _per_variant(tau, masks.shape[0], "tau")
+    if (taus <= 0).any():
+        raise DataError(f"tau={taus.tolist()} must be > 0 (1 is the identity, smaller boosts more).")
+    hooks = []
+    for layer in masks.any(0).any(-1).nonzero().flatten().tolist():
+        # per variant and head: tau where the head is chosen, 1 (identity) elsewhere
+        layer_tau = torch.where(masks[:, layer], taus[:, None], torch.ones(()))  # [variant, head]
+
+        def hook(pattern, hook, layer_tau=layer_tau):
+            b, _, q, k = pattern.shape
+            t = layer_tau.to(pattern.device)
+            if t.shape[0] not in (1, b):
+                raise DataError(f"{t.shape[0]} head selections for a batch of {b}: give one, or one per row.")
+            edit = _rows_mask(rows, q, k, pattern.device)
+            t = torch.where(edit[None, None, :], t[:, :, None], torch.ones(()))  # [variant, head, query]
+            return split_softmax_pattern(pattern, _span_mask(span, k), t)
+
+        hooks.append((f"blocks.{layer}.attn.hook_pattern", hook))
+    return hooks
+
+
+@contextmanager
+def split_softmax(
+    model,
+    heads,
+    span: Span | Bool[Tensor, "*batch key"],
+    tau: float | Sequence[float] | Tensor,
+    *,
+    rows: Span | int | None = None,
+):
+    """Context manager: split-softmax on ``heads`` while the block runs (forward passes and
+    ``model.generate``); the hooks are removed on exit, also on error. Arguments as in
+    :func:`split_softmax_hooks`."""
+    with model.hooks(fwd_hooks=split_softmax_hooks(model, heads, span, tau, rows=rows)):
+        yield model
+
+
+# ------------------------------------------------------------------ the sweep (paper Fig. 3)
+def split_softmax_sweep(
+    model,
+    examples: Sequence,
+    ranking: Sequence[Head],
+    *,
+    ks: Sequence[int] = (1, 5, 10, 20, 50),
+    taus: Sequence[float] = (0.8, 0.5, 0.3, 0.1),
+    n_random: int = 3,
+    seed: int = 0,
+    quiet: bool = False,
+):
+    """Accuracy with split-softmax on the top-k heads of ``ranking`` and on ``n_random``
+    random sets of k heads (drawn, seeded, outside the top k), for every k and τ, boosting
+    each prompt's gold document at its answer rows.
+
+    One prefill per example serves every variant (:func:`focuslens.eval.evaluate_variants`).
+    Returns one row per (example, variant) with ``group`` (``"none"``, ``"contextual"``,
+    ``"random"``), ``k``, ``tau``, ``draw``, the accuracy columns and ``gold_mass`` (the
+    steered heads' mass on the gold document, as steered). τ = 1 is the identity, so the
+    ``"none"`` variant is the baseline for every k.
+    """
+    import random
+
+    from focuslens.eval import evaluate_variants
+
+    ranking = [(int(layer), int(head)) for layer, head in ranking]
+    everyone = [(layer, head) for layer in range(model.cfg.n_layers) for head in range(model.cfg.n_heads)]
+    rng = random.Random(seed)
+    variants = [("none", 0, 1.0, 0, [])]
+    for k in ks:
+        if not 0 < k <= len(ranking):
+            raise DataError(f"k={k} must be in 1..{len(ranking)} (the length of the ranking).")
+        top = ranking[:k]
+        pool = [h for h in everyone if h not in set(top)]
+        draws = [rng.sample(pool, min(k, len(pool))) for _ in range(n_random)]
+        for tau in taus:
+            variants.append(("contextual", k, float(tau), 0, top))
+            variants += [("random", k, float(tau), d, heads) for d, heads in enumerate(draws)]
+    masks = head_masks(model, [v[4] for v in variants])
+    tau = torch.tensor([v[2] for v in variants])
+    df = evaluate_variants(
+        model, examples, len(variants),
+        lambda prompt, pc: split_softmax_hooks(model, masks, prompt.gold, tau),
+        probe_heads=masks, quiet=quiet, desc="split-softmax sweep",
+    )
+    meta = pd.DataFrame([{"group": g, "k": k, "tau": t, "draw": d} for g, k, t, d, _ in variants])
+    return df.join(meta, on="variant")

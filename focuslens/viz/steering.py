@@ -1,0 +1,98 @@
+"""Sweep figures: split-softmax (paper Fig. 3) and focus directions (paper Fig. 4)."""
+
+from __future__ import annotations
+
+from focuslens.viz.export import Figure
+
+import pandas as pd
+
+__all__ = ["plot_split_softmax_sweep", "plot_focus_sweep"]
+
+_REFERENCE_STYLE = {
+    "gold_only": ("gold document only", "#2ca02c"),
+    "baseline": ("unsteered", "#7f7f7f"),
+    "no_gold": ("gold document removed", "#d62728"),
+}
+
+
+def _reference_lines(fig, references: dict[str, float] | None, **where) -> None:
+    for name, value in (references or {}).items():
+        label, colour = _REFERENCE_STYLE.get(name, (name, "#7f7f7f"))
+        fig.add_hline(y=value, line=dict(color=colour, dash="dot", width=1.5), annotation_text=f"{label} ({value:.2f})",
+                      annotation_position="top left", annotation_font=dict(size=11, color=colour), **where)
+
+
+def plot_split_softmax_sweep(sweep: pd.DataFrame, *, references: dict[str, float] | None = None,
+                             title: str | None = None):
+    """Accuracy vs the number of boosted heads, one line per τ: the top-k contextual heads
+    (solid) against random heads (dashed, mean ± s.d. over draws), from
+    :func:`focuslens.steering.split_softmax_sweep` rows. ``references``: horizontal lines,
+    e.g. ``{"gold_only": …, "baseline": …, "no_gold": …}``."""
+    import plotly.graph_objects as go
+    import plotly.colors as pc
+
+    steered = sweep[sweep.group != "none"]
+    taus = sorted(steered.tau.unique(), reverse=True)
+    colours = pc.sample_colorscale("Viridis", [0.85 * i / max(1, len(taus) - 1) for i in range(len(taus))])
+    fig = go.Figure()
+    for tau, colour in zip(taus, colours):
+        ctx = steered[(steered.group == "contextual") & (steered.tau == tau)].groupby("k").correct.mean()
+        fig.add_trace(go.Scatter(x=ctx.index, y=ctx.values, mode="lines+markers", name=f"contextual, τ={tau:g}",
+                                 line=dict(color=colour, width=2.5), legendgroup=f"{tau}"))
+        per_draw = steered[(steered.group == "random") & (steered.tau == tau)].groupby(["k", "draw"]).correct.mean()
+        rnd = per_draw.groupby("k").agg(["mean", "std"]).fillna(0)
+        if len(rnd):
+            fig.add_trace(go.Scatter(x=rnd.index, y=rnd["mean"], mode="lines+markers", name=f"random, τ={tau:g}",
+                                     line=dict(color=colour, dash="dash", width=1.5), marker=dict(symbol="x"),
+                                     error_y=dict(type="data", array=rnd["std"], thickness=1), legendgroup=f"{tau}"))
+    _reference_lines(fig, references)
+    n = sweep.example.nunique()
+    n_draws = steered[steered.group == "random"].draw.nunique()
+    fig.update_layout(
+        title=title or "Split-softmax on contextual vs random heads<br>"
+        f"<sup>accuracy on {n} held-out prompts; random: mean ± s.d. over {n_draws} draws of k heads; "
+        "smaller τ = stronger boost of the gold document</sup>",
+        xaxis=dict(title="number of heads steered (k)", type="log", tickvals=sorted(steered.k.unique())),
+        yaxis=dict(title="top-1 accuracy (fraction of prompts)", range=[-0.02, 1.05]),
+        template="plotly_white", legend=dict(font=dict(size=11)), margin=dict(t=100), width=900, height=560,
+    )
+    return Figure(fig)
+
+
+def plot_focus_sweep(sweep: pd.DataFrame, *, references: dict[str, float] | None = None,
+                     title: str | None = None, chosen: dict | None = None):
+    """Two panels from :func:`focuslens.directions.focus_sweep` rows: accuracy vs α and
+    the steered heads' attention mass on the gold document vs α, one line per k.
+    ``chosen`` (``{"k": …, "alpha": …}``) is circled."""
+    import plotly.colors as pc
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    ks = sorted(sweep.k.unique())
+    colours = pc.sample_colorscale("Plasma", [0.85 * i / max(1, len(ks) - 1) for i in range(len(ks))])
+    fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1, subplot_titles=(
+        "accuracy", "attention mass on the gold document (steered heads)"))
+    n_all = max(ks)
+    for k, colour in zip(ks, colours):
+        g = sweep[sweep.k == k].groupby("alpha")[["correct", "gold_mass"]].mean()
+        name = f"k = {k}" + (" (all heads)" if k == n_all and len(ks) > 1 else "")
+        fig.add_trace(go.Scatter(x=g.index, y=g.correct, mode="lines+markers", name=name,
+                                 line=dict(color=colour), legendgroup=name), row=1, col=1)
+        fig.add_trace(go.Scatter(x=g.index, y=g.gold_mass, mode="lines+markers", name=name, showlegend=False,
+                                 line=dict(color=colour), legendgroup=name), row=1, col=2)
+    if chosen:
+        acc = sweep[(sweep.k == chosen["k"]) & (sweep.alpha == chosen["alpha"])].correct.mean()
+        fig.add_trace(go.Scatter(x=[chosen["alpha"]], y=[acc], mode="markers", name="chosen on validation",
+                                 marker=dict(size=16, symbol="circle-open", color="black", line=dict(width=2))),
+                      row=1, col=1)
+    _reference_lines(fig, references, row=1, col=1)
+    n = sweep.example.nunique()
+    fig.update_xaxes(title_text="α (steering strength; α < 0 reverses the direction)")
+    fig.update_yaxes(title_text="top-1 accuracy (fraction of prompts)", range=[-0.02, 1.05], row=1, col=1)
+    fig.update_yaxes(title_text="mean attention mass from the answer rows", row=1, col=2)
+    fig.update_layout(
+        title=title or f"Focus directions on the top-k contextual heads<br><sup>{n} prompts; α·d_q added to the "
+        "queries at the answer rows, no label of the relevant document</sup>",
+        template="plotly_white", margin=dict(t=110), width=1100, height=520,
+    )
+    return Figure(fig)
