@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast bench clean chromium
+.PHONY: setup demo figures test test-fast bench clean chromium
 
 setup: $(STAMP)
 
@@ -27,8 +27,13 @@ chromium:
 	      || echo "warning: could not install chromium; figures will be HTML only"; \
 	    else echo "note: no chromium found; figures will be HTML only (install chromium for PNG)"; fi; }
 
+RELEASE := $(wildcard ../shared/data/focus-direction-release)
+
 demo: $(STAMP)
-	$(BIN)/focuslens demo --out figures
+	$(BIN)/focuslens demo --out figures $(if $(RELEASE),--release $(RELEASE))
+
+figures: $(STAMP)
+	$(BIN)/focuslens figures --out figures $(if $(RELEASE),--release $(RELEASE))
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -17,6 +17,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--n-prompts", type=int, default=100)
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--out", default="figures", help="directory for figures and summary.json")
+    demo.add_argument("--release", help="the paper's release directory (head_{q,k}_directions_*.pth), "
+                      "to compare its direction norms")
     demo.add_argument("--quiet", action="store_true", help="no progress bars")
 
     dis = sub.add_parser("distraction", help="accuracy vs number of documents")
@@ -47,6 +49,47 @@ def _parser() -> argparse.ArgumentParser:
     patch.add_argument("--out", default="figures")
     patch.add_argument("--quiet", action="store_true")
 
+    train = sub.add_parser("train-directions", help="learn focus directions for every head (model frozen)")
+    train.add_argument("--model", default="smollm2-135m-instruct")
+    train.add_argument("--scores", help="a HeadScores JSON whose ranking is stored with the directions "
+                       "(default: score 100 prompts now)")
+    train.add_argument("--n-train", type=int, default=200)
+    train.add_argument("--n-validation", type=int, default=100)
+    train.add_argument("--n-documents", type=int, default=20)
+    train.add_argument("--answer-rows", choices=["prefix", "greedy", "gold_answer"], default="prefix")
+    train.add_argument("--epochs", type=int, default=10)
+    train.add_argument("--lr", type=float, default=1e-3)
+    train.add_argument("--batch-size", type=int, default=1)
+    train.add_argument("--patience", type=int, default=2)
+    train.add_argument("--seed", type=int, default=4)
+    train.add_argument("--out", default="figures/focus_directions", help="directory for the artifact")
+    train.add_argument("--quiet", action="store_true")
+
+    steer = sub.add_parser("steer", help="steering sweeps: split-softmax (Fig. 3) and focus directions (Fig. 4)")
+    steer.add_argument("method", choices=["split-softmax", "focus"])
+    steer.add_argument("--model", default="smollm2-135m-instruct")
+    steer.add_argument("--scores", help="HeadScores JSON for the head ranking (default: score 100 prompts now)")
+    steer.add_argument("--directions", help="focus: a directory from `focuslens train-directions` "
+                       "(default: train now)")
+    steer.add_argument("--n-test", type=int, default=200)
+    steer.add_argument("--n-validation", type=int, default=100)
+    steer.add_argument("--n-documents", type=int, default=20)
+    steer.add_argument("--ks", type=int, nargs="+", help="numbers of heads (focus: 0 means all heads)")
+    steer.add_argument("--taus", type=float, nargs="+", default=[0.8, 0.5, 0.3, 0.1])
+    steer.add_argument("--alphas", type=float, nargs="+", default=[-0.5, 0.1, 0.25, 0.4, 0.5, 0.75, 1.0, 2.0])
+    steer.add_argument("--n-random", type=int, default=3)
+    steer.add_argument("--release", help="the paper's release directory, to report its direction norms")
+    steer.add_argument("--seed", type=int, default=4)
+    steer.add_argument("--out", default="figures")
+    steer.add_argument("--quiet", action="store_true")
+
+    figs = sub.add_parser("figures", help="redraw every figure in --out from the saved results "
+                          "(runs the demo first if they are missing)")
+    figs.add_argument("--model", default="smollm2-135m-instruct")
+    figs.add_argument("--out", default="figures")
+    figs.add_argument("--release", help="the paper's release directory, for the cross-family figures")
+    figs.add_argument("--quiet", action="store_true")
+
     info = sub.add_parser("info", help="load a model and print its shape")
     info.add_argument("--model", default="smollm2-135m-instruct")
     return p
@@ -75,6 +118,77 @@ def _score(args) -> None:
           out / f"{stem}.json", out / f"{stem}_relevant_heads.json")
 
 
+def _ranking_scores(model, args, out_dir):
+    """The contextual-head ranking: from ``--scores``, or scored now (written to ``out_dir``)."""
+    from focuslens.pipeline import run_contextual_heads
+    from focuslens.scoring import HeadScores
+
+    if args.scores:
+        return HeadScores.load(args.scores, model=model)
+    return run_contextual_heads(model, out_dir=out_dir, quiet=args.quiet)
+
+
+def _train_directions(args) -> None:
+    from pathlib import Path
+
+    from focuslens.directions import train_directions
+    from focuslens.models import load_model
+    from focuslens.pipeline import steering_splits
+
+    model = load_model(args.model)
+    scores = _ranking_scores(model, args, Path(args.out).parent)
+    splits = steering_splits(n_train=args.n_train, n_validation=args.n_validation, n_test=0,
+                             n_documents=args.n_documents, seed=args.seed)
+    dirs = train_directions(
+        model, splits["train"], splits["validation"], answer_rows=args.answer_rows, epochs=args.epochs, lr=args.lr,
+        batch_size=args.batch_size, patience=args.patience, seed=args.seed, ranking=scores.ranking(),
+        data=f"synthetic n_documents={args.n_documents} seed={args.seed}", quiet=args.quiet,
+    )
+    print(f"trained {dirs.shape} in {dirs.metadata['train_seconds']:.1f}s after caching for "
+          f"{dirs.metadata['cache_seconds']:.0f}s; norms {dirs.norm_summary()}")
+    print("wrote", dirs.save(args.out))
+
+
+def _steer(args) -> None:
+    from pathlib import Path
+
+    from focuslens.directions import FocusDirections
+    from focuslens.models import load_model
+    from focuslens.pipeline import reference_accuracies, run_focus_directions, run_split_softmax, steering_splits
+
+    model = load_model(args.model)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    scores = _ranking_scores(model, args, args.out)
+    splits = steering_splits(n_validation=args.n_validation, n_test=args.n_test, n_documents=args.n_documents,
+                             seed=args.seed)
+    refs = reference_accuracies(model, splits["test"], quiet=args.quiet)
+    if args.method == "split-softmax":
+        ks = tuple(args.ks or (1, 5, 10, 20, 50))
+        run_split_softmax(model, scores, splits["test"], ks=ks, taus=tuple(args.taus), n_random=args.n_random,
+                          references=refs, out_dir=args.out, quiet=args.quiet)
+        return
+    ks = tuple((k or None) for k in (args.ks or (1, 5, 10, 20, 50, 0)))
+    directions = FocusDirections.load(args.directions, model=model) if args.directions else None
+    run_focus_directions(model, scores, splits, ks=ks, alphas=tuple(args.alphas), references=refs,
+                         directions=directions, release_dir=args.release, out_dir=args.out, quiet=args.quiet)
+
+
+def _figures(args) -> None:
+    import json
+    from pathlib import Path
+
+    from focuslens.figures import draw_all
+    from focuslens.models import load_model
+    from focuslens.pipeline import run_demo
+
+    summary = Path(args.out) / "summary.json"
+    sections = json.loads(summary.read_text()) if summary.exists() else {}
+    if not {"distraction", "contextual_heads", "patching", "split_softmax", "focus_directions"} <= set(sections):
+        print(f"results missing in {args.out}: running the demo first")
+        run_demo(args.model, out_dir=args.out, release_dir=args.release, quiet=args.quiet)
+    draw_all(args.out, model=load_model(args.model), release_dir=args.release)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     from focuslens.errors import FocusLensError
@@ -83,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "demo":
             from focuslens.pipeline import run_demo
 
-            run_demo(args.model, n_prompts=args.n_prompts, seed=args.seed, out_dir=args.out, quiet=args.quiet)
+            run_demo(args.model, n_prompts=args.n_prompts, seed=args.seed, out_dir=args.out,
+                     release_dir=args.release, quiet=args.quiet)
         elif args.command == "distraction":
             from focuslens.models import load_model
             from focuslens.pipeline import run_distraction
@@ -111,6 +226,12 @@ def main(argv: list[str] | None = None) -> int:
             )
             run_patching(model, scores, n_pairs=args.n_pairs, n_candidates=args.n_candidates,
                          seed=args.seed, out_dir=args.out, quiet=args.quiet)
+        elif args.command == "train-directions":
+            _train_directions(args)
+        elif args.command == "steer":
+            _steer(args)
+        elif args.command == "figures":
+            _figures(args)
         elif args.command == "info":
             from focuslens.models import load_model
 

@@ -10,9 +10,21 @@ import json
 import time
 from pathlib import Path
 
+import pandas as pd
 import torch
 
-__all__ = ["run_demo", "run_distraction", "run_contextual_heads", "run_patching", "update_summary"]
+__all__ = [
+    "run_demo",
+    "run_distraction",
+    "run_contextual_heads",
+    "run_patching",
+    "steering_splits",
+    "gold_positions",
+    "reference_accuracies",
+    "run_split_softmax",
+    "run_focus_directions",
+    "update_summary",
+]
 
 
 def update_summary(path: str | Path, section: str, data: dict) -> dict:
@@ -49,8 +61,8 @@ def run_distraction(
     """Distraction on the synthetic task: table, figure and ``summary.json`` section."""
     from focuslens.data import make_synthetic_qa
     from focuslens.eval import distraction, distraction_summary
+    from focuslens.figures import draw_distraction
     from focuslens.models import model_id
-    from focuslens.viz import plot_distraction, save_figure
 
     examples = make_synthetic_qa(n_prompts, n_documents=max(n_documents), seed=seed)
     rows = distraction(model, examples, n_documents=n_documents, seed=seed, quiet=quiet)
@@ -59,10 +71,8 @@ def run_distraction(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     rows.to_csv(out / "distraction.csv", index=False)
-    fig = plot_distraction(rows, title=f"Distraction on {model_id(model)}: synthetic multi-document QA")
-    written = save_figure(fig, out / "distraction")
-    print("wrote", ", ".join(str(p) for p in written))
     update_summary(out / "summary.json", "distraction", summary)
+    draw_distraction(out)
     return summary
 
 
@@ -77,8 +87,8 @@ def run_contextual_heads(
 ):
     """Score every head on synthetic training prompts; print the top 20, draw the map."""
     from focuslens.data import make_synthetic_qa
+    from focuslens.figures import draw_contextual_heads
     from focuslens.scoring import score_heads
-    from focuslens.viz import plot_head_map, save_figure
 
     examples = make_synthetic_qa(n_prompts, n_documents=n_documents, seed=seed)
     scores = score_heads(model, examples, quiet=quiet, data=f"synthetic n_documents={n_documents} seed={seed}")
@@ -94,8 +104,7 @@ def run_contextual_heads(
               f"{float(scores['irrelevant_max'][layer, head]):>15.3f} {float(scores['sink'][layer, head]):>6.3f}")
     frac = {t: scores.fraction_above(t) for t in (0.1, 0.2)}
     print(f"fraction of heads above 0.1: {frac[0.1]:.4f}, above 0.2: {frac[0.2]:.4f}")
-    written = save_figure(plot_head_map(scores), out / "contextual_heads", width=800, height=900)
-    print("wrote", ", ".join(str(p) for p in written))
+    draw_contextual_heads(out)
     update_summary(
         out / "summary.json",
         "contextual_heads",
@@ -130,7 +139,7 @@ def run_patching(
 
     from focuslens.data import make_synthetic_qa
     from focuslens.patching import ablate_head_groups, all_heads, make_counterfactual_pairs, patch_heads, rank_agreement
-    from focuslens.viz import plot_rank_agreement, save_figure
+    from focuslens.figures import draw_patching
 
     out = Path(out_dir)
     pairs = make_counterfactual_pairs(model, make_synthetic_qa(n_pairs, n_documents=20, seed=seed), seed=seed)
@@ -174,16 +183,6 @@ def run_patching(
           f"accuracy without ablation {base:.3f}); random = mean of 3 draws")
     print(table.round(3).to_string())
 
-    fig = plot_rank_agreement(
-        contextual, result.scores["attribution"],
-        x_label="contextual score (attention mass on the gold document)",
-        y_label="causal effect (attribution patching, 0 = corrupted, 1 = clean)",
-        title=f"Contextual score vs causal effect per head ({model.cfg.model_name})<br>"
-        f"<sup>Spearman {agree['contextual_vs_attribution']['spearman']:+.2f} over all heads; "
-        f"red: top 10 contextual heads</sup>",
-        highlight=scores.top_k(10),
-    )
-    print("wrote", ", ".join(str(p) for p in save_figure(fig, out / "patching_agreement")))
     summary = {
         "spearman": agree["contextual_vs_attribution"]["spearman"],
         "top20_overlap": agree["contextual_vs_attribution"]["top_k_overlap"],
@@ -210,7 +209,252 @@ def run_patching(
         },
     }
     update_summary(out / "summary.json", "patching", summary)
+    draw_patching(out)
     return summary
+
+
+# ------------------------------------------------------------------ steering (issue: Figs. 3 and 4)
+def gold_positions(n_documents: int, n: int = 5) -> tuple[int, ...]:
+    """``n`` evenly spaced gold positions, first and last included (20 documents: the
+    paper's 0, 4, 9, 14, 19)."""
+    return tuple(sorted({round(i * (n_documents - 1) / (n - 1)) for i in range(n)}))
+
+
+def steering_splits(
+    *, n_train: int = 200, n_validation: int = 100, n_test: int = 200, n_documents: int = 20, seed: int = 4
+) -> dict:
+    """Synthetic train / validation / test examples for steering, disjoint by seed from the
+    other stages. Test questions appear with the gold at each of :func:`gold_positions`
+    (``n_test`` prompts in all), for per-position results; the others at random positions."""
+    from focuslens.data import make_synthetic_qa
+
+    positions = gold_positions(n_documents)
+    n_questions = n_test // len(positions)
+    questions = make_synthetic_qa(n_questions, n_documents=n_documents, seed=seed + 2) if n_questions else []
+    return {
+        "train": make_synthetic_qa(n_train, n_documents=n_documents, seed=seed),
+        "validation": make_synthetic_qa(n_validation, n_documents=n_documents, seed=seed + 1),
+        "test": [ex.with_gold_at(p) for ex in questions for p in positions],
+        "positions": positions,
+    }
+
+
+def _unique(examples):
+    """Examples with distinct rendered content (gold-only / no-gold variants of one
+    question at several gold positions are the same prompt)."""
+    seen, out = set(), []
+    for ex in examples:
+        key = (ex.documents, ex.question)
+        if key not in seen:
+            seen.add(key)
+            out.append(ex)
+    return out
+
+
+def reference_accuracies(model, examples, *, quiet: bool = False) -> dict:
+    """Top-1 accuracy with the gold document alone and with it removed."""
+    from focuslens.eval import evaluate_next_token
+
+    gold_only = evaluate_next_token(model, _unique([ex.gold_only() for ex in examples]), quiet=quiet, desc="gold only")
+    no_gold = evaluate_next_token(model, _unique([ex.without_gold() for ex in examples]), quiet=quiet, desc="no gold")
+    return {"gold_only": float(gold_only.correct.mean()), "no_gold": float(no_gold.correct.mean()),
+            "n_gold_only": len(gold_only), "n_no_gold": len(no_gold)}
+
+
+def run_split_softmax(
+    model,
+    scores,
+    test,
+    *,
+    ks=(1, 5, 10, 20, 50),
+    taus=(0.8, 0.5, 0.3, 0.1),
+    n_random: int = 3,
+    seed: int = 3,
+    references: dict | None = None,
+    out_dir: str | Path = "figures",
+    quiet: bool = False,
+) -> dict:
+    """Split-softmax sweep (paper Fig. 3) on held-out prompts: top-k contextual heads vs
+    random heads, every τ; gold-only and no-gold reference lines."""
+    from focuslens.figures import draw_split_softmax
+    from focuslens.steering import split_softmax_sweep
+
+    out = Path(out_dir)
+    ks = tuple(k for k in ks if k <= model.cfg.n_layers * model.cfg.n_heads)
+    sweep = split_softmax_sweep(model, test, scores.ranking(), ks=ks, taus=taus, n_random=n_random, seed=seed,
+                                quiet=quiet)
+    sweep.to_csv(out / "split_softmax_sweep.csv", index=False)
+    refs = references or reference_accuracies(model, test, quiet=quiet)
+    baseline = float(sweep[sweep.group == "none"].correct.mean())
+    acc = sweep[sweep.group != "none"].groupby(["group", "k", "tau"]).correct.mean()
+    per_draw = sweep[sweep.group == "random"].groupby(["k", "tau", "draw"]).correct.mean()
+    mass = sweep[sweep.group == "contextual"].groupby(["k", "tau"]).gold_mass.mean()
+
+    def table(group):
+        return {str(k): {"1.0": baseline, **{str(t): float(acc[group, k, t]) for t in taus}} for k in ks}
+
+    summary = {
+        "n_test": int(sweep.example.nunique()),
+        "baseline": baseline,
+        "gold_only": refs["gold_only"],
+        "no_gold": refs["no_gold"],
+        "contextual": table("contextual"),
+        "random": table("random"),
+        "random_sd": {str(k): {str(t): float(per_draw[k, t].std()) for t in taus} for k in ks},
+        "n_random_draws": n_random,
+        "contextual_gold_mass": {str(k): {str(t): float(mass[k, t]) for t in taus} for k in ks},
+        "ranking": "contextual scores (gold mass, answer rows), stage 2",
+    }
+    if 20 in ks:
+        best_tau = max(taus, key=lambda t: acc["contextual", 20, t])
+        summary["top20"] = {"best_tau": best_tau, "contextual": float(acc["contextual", 20, best_tau]),
+                            "random": float(acc["random", 20, best_tau]),
+                            "margin_over_random": float(acc["contextual", 20, best_tau] - acc["random", 20, best_tau]),
+                            "reaches_gold_only": bool(acc["contextual", 20, best_tau] >= refs["gold_only"])}
+    print(f"\nSplit-softmax on {summary['n_test']} held-out prompts (accuracy; baseline {baseline:.3f}, "
+          f"gold only {refs['gold_only']:.3f}, no gold {refs['no_gold']:.3f})")
+    print(f"{'k':>4} " + " ".join(f"{'ctx t=' + format(t, 'g'):>10} {'rnd t=' + format(t, 'g'):>10}" for t in taus))
+    for k in ks:
+        print(f"{k:>4} " + " ".join(f"{acc['contextual', k, t]:>10.3f} {acc['random', k, t]:>10.3f}" for t in taus))
+    update_summary(out / "summary.json", "split_softmax", summary)
+    draw_split_softmax(out)
+    return summary
+
+
+def run_focus_directions(
+    model,
+    scores,
+    splits: dict,
+    *,
+    ks=(1, 5, 10, 20, 50, None),
+    alphas=(-0.5, 0.1, 0.25, 0.4, 0.5, 0.75, 1.0, 2.0),
+    refine=(0.6, 0.8, 1.25, 1.5),
+    references: dict | None = None,
+    directions=None,
+    release_dir: str | Path | None = None,
+    section: str = "focus_directions",
+    out_dir: str | Path = "figures",
+    quiet: bool = False,
+) -> dict:
+    """Train focus directions (or take ``directions``), choose (k, α) on validation, test
+    them (paper Fig. 4), compare a per-prompt magnitude control, report direction norms.
+    Results go to ``summary.json[section]`` and ``{section}.png/.html``."""
+    from focuslens.directions import MagnitudeControl, best_setting, focus_sweep, import_release, train_directions
+    from focuslens.figures import draw_focus_directions
+
+    out = Path(out_dir)
+    if directions is None:
+        dirs = train_directions(model, splits["train"], splits["validation"], ranking=scores.ranking(), quiet=quiet,
+                                data=f"synthetic, {len(splits['train'])} train / {len(splits['validation'])} validation")
+        dirs.save(out / section)
+    else:
+        dirs = directions
+        dirs.ranking = dirs.ranking or scores.ranking()
+    meta = dirs.metadata
+    if "train_seconds" in meta:
+        print(f"\nFocus directions: cached q/k of {meta['data']['n_train'] + meta['data']['n_validation']} prompts in "
+              f"{meta['cache_seconds']:.0f}s, trained all {dirs.shape[0] * dirs.shape[1]} heads in "
+              f"{meta['train_seconds']:.1f}s ({meta['epochs_run']} epochs); validation gold mass (mean over heads) "
+              f"{torch.tensor(meta['val_gold_mass_before']).mean():.4f} -> {torch.tensor(meta['val_gold_mass_after']).mean():.4f}")
+
+    # the method steers with alpha > 0 (alpha < 0 is the control): choose among those
+    val = focus_sweep(model, dirs, splits["validation"], ks=ks, alphas=alphas, quiet=quiet)
+    first = best_setting(val[val.alpha > 0])
+    extra = sorted({round(first["alpha"] * r, 4) for r in refine} - set(alphas) - {0.0})
+    if extra:
+        val = pd.concat([val, focus_sweep(model, dirs, splits["validation"], ks=ks, alphas=extra, quiet=quiet)
+                         .pipe(lambda d: d[d.alpha != 0])], ignore_index=True)
+    best = best_setting(val[val.alpha > 0])
+    grid = sorted({*alphas, *extra})
+    test = focus_sweep(model, dirs, splits["test"], ks=ks, alphas=grid, quiet=quiet)
+    val.to_csv(out / f"{section}_validation.csv", index=False)
+    test.to_csv(out / f"{section}_test.csv", index=False)
+    n_docs = splits["test"][0].n_documents
+    k_best, a_best = best["k"], best["alpha"]
+    at = lambda df, k, a: df[(df.k == k) & (df.alpha == a)]  # noqa: E731
+    baseline = float(at(test, k_best, 0.0).correct.mean())
+    chosen = at(test, k_best, a_best)
+    neg = min(a for a in grid if a < 0) if any(a < 0 for a in grid) else None
+    control = MagnitudeControl.fit(val, k=k_best, alpha=a_best)
+    controlled = control.apply_to_sweep(test)
+    by_pos = lambda df: {str(p): float(v) for p, v in df.groupby("gold_index").correct.mean().items()}  # noqa: E731
+    norms = {"trained": dirs.norm_summary(top_k=20)}
+    if release_dir and Path(release_dir).is_dir():
+        for model_dir in sorted(p for p in Path(release_dir).iterdir() if p.is_dir()):
+            norms[model_dir.name] = import_release(model_dir).norm_summary(top_k=20)
+    summary = {
+        "n_documents": n_docs,
+        "n_test": int(test.example.nunique()),
+        "n_validation": int(val.example.nunique()),
+        "baseline_test": baseline,
+        "best": {"k": int(k_best), "alpha": float(a_best), "val_acc": float(best["accuracy"]),
+                 "val_baseline": float(at(val, k_best, 0.0).correct.mean()), "test_acc": float(chosen.correct.mean())},
+        "improvement_points": 100 * (float(chosen.correct.mean()) - baseline),
+        "negative_alpha": neg,
+        "negative_alpha_test_acc": float(at(test, k_best, neg).correct.mean()) if neg is not None else None,
+        "magnitude_control_test_acc": float(controlled.correct.mean()),
+        "magnitude_control": {"target_moved_sink_mass": control.target, "grid": list(control.grid),
+                              "mean_alpha_chosen": float(controlled.alpha.mean()),
+                              "alpha_quartiles": [float(q) for q in controlled.alpha.quantile([0.25, 0.5, 0.75])]},
+        "gold_mass_test": {"before": float(at(test, k_best, 0.0).gold_mass.mean()),
+                           "after": float(chosen.gold_mass.mean())},
+        "sink_mass_test": {"before": float(at(test, k_best, 0.0).sink_mass.mean()),
+                           "after": float(chosen.sink_mass.mean())},
+        "by_gold_position_test": {"baseline": by_pos(at(test, k_best, 0.0)), "best": by_pos(chosen),
+                                  "magnitude_control": by_pos(controlled)},
+        "test_accuracy_grid": {str(k): {str(a): float(v) for a, v in g.items()}
+                               for k, g in test.groupby(["k", "alpha"]).correct.mean().unstack().iterrows()},
+        "norms": norms,
+        "directions": {"source": meta.get("source"), "train_seconds": meta.get("train_seconds"),
+                       "cache_seconds": meta.get("cache_seconds"), "epochs_run": meta.get("epochs_run"),
+                       **meta.get("settings", {})},
+    }
+    acc = test.groupby(["k", "alpha"]).correct.mean().unstack()
+    print(f"\nFocus directions, test accuracy ({summary['n_test']} prompts, {n_docs} documents) "
+          "by k (rows) and alpha (columns):")
+    print(acc.round(3).to_string())
+    print(f"chosen on validation: k={k_best}, alpha={a_best:g} (val {best['accuracy']:.3f}); test {chosen.correct.mean():.3f} "
+          f"vs unsteered {baseline:.3f}; alpha={neg}: {summary['negative_alpha_test_acc']}; "
+          f"magnitude control: {summary['magnitude_control_test_acc']}")
+    print("norms:", json.dumps(norms))
+    update_summary(out / "summary.json", section, summary)
+    draw_focus_directions(out, section)
+    return summary
+
+
+def _print_final_table(path: Path) -> None:
+    """One table with the headline number of every stage."""
+    s = json.loads(path.read_text())
+    rows = []
+    if "distraction" in s:
+        acc = s["distraction"]["accuracy"]
+        rows += [(f"accuracy, {n} document(s)", acc[n]) for n in acc]
+    if "contextual_heads" in s:
+        top = s["contextual_heads"]["top"][0]
+        rows.append((f"top contextual head L{top[0]}H{top[1]} (gold mass)", top[2]))
+    if "patching" in s:
+        rows.append(("contextual vs causal ranking (Spearman)", s["patching"]["spearman"]))
+    if "split_softmax" in s:
+        ss = s["split_softmax"]
+        rows += [("split-softmax: unsteered", ss["baseline"]), ("split-softmax: gold document only", ss["gold_only"]),
+                 ("split-softmax: gold document removed", ss["no_gold"])]
+        if "top20" in ss:
+            t = ss["top20"]
+            rows += [(f"split-softmax: top-20 contextual heads, tau={t['best_tau']:g}", t["contextual"]),
+                     (f"split-softmax: 20 random heads, tau={t['best_tau']:g}", t["random"])]
+    for key in ("focus_directions", "focus_directions_5_documents"):
+        if key in s:
+            fd = s[key]
+            name = f"focus directions ({fd['n_documents']} documents)"
+            rows += [(f"{name}: unsteered", fd["baseline_test"]),
+                     (f"{name}: k={fd['best']['k']}, alpha={fd['best']['alpha']:g} (chosen on validation)",
+                      fd["best"]["test_acc"]),
+                     (f"{name}: alpha={fd['negative_alpha']}", fd["negative_alpha_test_acc"]),
+                     (f"{name}: magnitude control", fd["magnitude_control_test_acc"])]
+    width = max(len(r[0]) for r in rows) if rows else 10
+    print("\nSummary (held-out top-1 accuracy unless stated)")
+    for name, value in rows:
+        print(f"  {name:<{width}}  {'n/a' if value is None else f'{value:.3f}'}")
 
 
 def run_demo(
@@ -219,9 +463,11 @@ def run_demo(
     n_prompts: int = 100,
     seed: int = 0,
     out_dir: str | Path = "figures",
+    release_dir: str | Path | None = None,
     quiet: bool = False,
 ) -> dict:
-    """Load the model and run every stage of the pipeline; returns the summary."""
+    """Load the model and run every stage of the pipeline; returns the summary.
+    ``release_dir``: the paper's released directions, to report their norms."""
     from focuslens.models import load_model
 
     torch.manual_seed(seed)
@@ -232,5 +478,20 @@ def run_demo(
     run_distraction(model, n_prompts=n_prompts, seed=seed, out_dir=out_dir, quiet=quiet)
     scores = run_contextual_heads(model, n_prompts=n_prompts, seed=seed + 1, out_dir=out_dir, quiet=quiet)
     run_patching(model, scores, seed=seed + 2, out_dir=out_dir, quiet=quiet)
+    splits = steering_splits(seed=seed + 4)
+    refs = reference_accuracies(model, splits["test"], quiet=quiet)
+    run_split_softmax(model, scores, splits["test"], references=refs, out_dir=out_dir, quiet=quiet)
+    run_focus_directions(model, scores, splits, references=refs, release_dir=release_dir, out_dir=out_dir, quiet=quiet)
+    # where the model still selects the right document (5 documents), the same method
+    few = steering_splits(n_documents=5, seed=seed + 8)
+    run_focus_directions(model, scores, few, references=reference_accuracies(model, few["test"], quiet=quiet),
+                         section="focus_directions_5_documents", out_dir=out_dir, quiet=quiet)
+    from focuslens.figures import draw_cross_family, draw_prompt_views, draw_topk_overlap, write_readme
+
+    draw_prompt_views(out_dir, model)
+    draw_cross_family(out_dir, release_dir)
+    draw_topk_overlap(out_dir, model, quiet=quiet)
+    write_readme(out_dir)
+    _print_final_table(Path(out_dir) / "summary.json")
     print(f"\ndemo finished in {time.perf_counter() - t0:.0f}s; summary in {Path(out_dir) / 'summary.json'}")
     return json.loads((Path(out_dir) / "summary.json").read_text())

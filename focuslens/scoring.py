@@ -353,3 +353,104 @@ def score_heads(
         "accuracy": accuracy,
     }
     return HeadScores(mean=mean, ci_low=ci_low, ci_high=ci_high, metadata=metadata)
+
+
+# ------------------------------------------------------------------ one prompt, any spans
+@torch.no_grad()
+def prompt_span_masses(
+    model,
+    prompt: Prompt,
+    heads: int | Sequence[tuple[int, int]] | None = None,
+    *,
+    spans: dict[str, tuple[int, int]] | None = None,
+) -> pd.DataFrame:
+    """Attention mass from one prompt's answer rows onto each span, for each chosen head.
+
+    For head (ℓ, h) and span S the value is ``(1/|R|) Σ_{i∈R} Σ_{j∈S} A^{ℓ,h}_{ij}`` with
+    R = ``prompt.answer``. It is reduced inside the ``hook_pattern`` hooks (no pattern is
+    kept) and the forward pass stops after the last chosen layer.
+
+    Args:
+        model: a ``TransformerBridge``.
+        prompt: a rendered prompt.
+        heads: None (every head), a layer index (every head of that layer), or
+            ``(layer, head)`` pairs (kept in order, duplicates dropped).
+        spans: span name -> key range, as a ``Span`` or ``(start, end)``. Default: ``sink``,
+            ``instruction``, ``doc_0`` … ``doc_{n-1}``, ``question``. One-token spans give
+            per-token masses.
+
+    Returns:
+        One row per head (index ``layer``, ``head``), one column per span. Disjoint spans
+        sum to at most 1 per row. ``attrs`` records the model and the answer rows.
+
+    >>> masses = prompt_span_masses(model, prompt, heads=[(14, 3), (15, 0)])   # doctest: +SKIP
+    >>> masses.loc[(14, 3), f"doc_{prompt.gold_index}"]                        # doctest: +SKIP
+    """
+    from focuslens.models import model_id
+
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    if heads is None:
+        chosen = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
+    elif isinstance(heads, int):
+        if not 0 <= heads < n_layers:
+            raise ModelError(
+                f"heads={heads}: a layer index must be in 0..{n_layers - 1} "
+                f"(the model has {n_layers} layers)."
+            )
+        chosen = [(heads, head) for head in range(n_heads)]
+    else:
+        chosen = list(dict.fromkeys((int(layer), int(head)) for layer, head in heads))
+        if not chosen:
+            raise ModelError("heads is empty: pass None (all heads), a layer index or (layer, head) pairs.")
+        for layer, head in chosen:
+            if not (0 <= layer < n_layers and 0 <= head < n_heads):
+                raise ModelError(
+                    f"heads: ({layer}, {head}) is outside the model's {n_layers} layers × {n_heads} heads."
+                )
+
+    n_keys, rows = prompt.n_tokens, prompt.answer
+    if len(rows) == 0 or rows.start < 0 or rows.end > n_keys:
+        raise DataError(
+            f"prompt.answer {rows.start}..{rows.end} is empty or outside the prompt of {n_keys} tokens."
+        )
+    if spans is None:
+        spans = {name: s for name, s in prompt.spans().items() if name not in ("gold", "answer")}
+        spans = {"sink": spans.pop("sink"), "instruction": spans.pop("instruction"), **spans}
+    ranges = {
+        name: (s.start, s.end) if hasattr(s, "start") else (int(s[0]), int(s[1])) for name, s in spans.items()
+    }
+    indicator = torch.zeros(n_keys, len(ranges))
+    for col, (name, (start, end)) in enumerate(ranges.items()):
+        if not 0 <= start < end <= n_keys:
+            raise DataError(
+                f"spans[{name!r}] = {start}..{end} is empty or outside the prompt of {n_keys} tokens."
+            )
+        indicator[start:end, col] = 1
+
+    by_layer: dict[int, list[int]] = {}
+    for layer, head in chosen:
+        by_layer.setdefault(layer, []).append(head)
+    found: dict[tuple[int, int], Tensor] = {}
+
+    def reduce(pattern, hook, layer):
+        hs = by_layer[layer]
+        answer_rows = pattern[0, hs, rows.start : rows.end, :].float()  # [head, row, key]
+        masses = (answer_rows @ indicator.to(answer_rows.device)).mean(1).cpu()
+        found.update({(layer, h): m for h, m in zip(hs, masses)})
+
+    hooks = [
+        (f"blocks.{layer}.attn.hook_pattern", lambda x, hook, layer=layer: reduce(x, hook, layer))
+        for layer in by_layer
+    ]
+    ids = prompt.input_ids[None].to(model.cfg.device)
+    model.run_with_hooks(ids, fwd_hooks=hooks, stop_at_layer=max(by_layer) + 1)  # later layers are not needed
+    table = pd.DataFrame(
+        torch.stack([found[h] for h in chosen]).numpy(),
+        index=pd.MultiIndex.from_tuples(chosen, names=["layer", "head"]),
+        columns=list(ranges),
+    )
+    table.attrs.update(model=model_id(model), answer_rows=(rows.start, rows.end))
+    return table
+
+
+__all__ += ["prompt_span_masses"]

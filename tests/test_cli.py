@@ -49,3 +49,37 @@ def test_distraction_writes_summary_and_offline_html(tmp_path, tiny_llama_dir, c
     assert len(csv) == 1 + 3 * 2 + 3 * 3  # header, 2 random settings, 3 positions
     out = capsys.readouterr().out
     assert "Distraction table (3 prompts per row" in out
+
+
+@pytest.mark.filterwarnings("ignore:no PNG")
+def test_train_directions_then_steer_with_them(tmp_path, tiny_llama_dir, capsys):
+    model = ["--model", str(tiny_llama_dir), "--quiet"]
+    art = tmp_path / "dirs"
+    argv = ["train-directions", *model, "--n-train", "4", "--n-validation", "2", "--n-documents", "5",
+            "--epochs", "2", "--out", str(art)]
+    assert main(argv) == 0
+    assert (art / "focus_directions.safetensors").exists() and (tmp_path / "contextual_heads.json").exists()
+    meta = json.loads((art / "focus_directions.json").read_text())
+    assert meta["shape"] == [2, 4, 16] and len(meta["ranking"]) == 8
+    assert meta["metadata"]["settings"]["epochs"] == 2 and meta["metadata"]["data"]["n_train"] == 4
+
+    out = tmp_path / "steer"
+    argv = ["steer", "focus", *model, "--directions", str(art), "--scores", str(tmp_path / "contextual_heads.json"),
+            "--n-test", "5", "--n-validation", "3", "--n-documents", "5", "--ks", "1", "0",
+            "--alphas", "-0.5", "1", "--out", str(out)]
+    assert main(argv) == 0
+    fd = json.loads((out / "summary.json").read_text())["focus_directions"]
+    assert fd["n_test"] == 5 and fd["best"]["k"] in (1, 8) and fd["best"]["alpha"] in (-0.5, 0.0, 1.0, 0.6, 0.8, 1.25, 1.5)
+    assert set(fd["test_accuracy_grid"]) == {"1", "8"}
+    assert set(fd["by_gold_position_test"]["baseline"]) == {"0", "1", "2", "3", "4"}
+    assert (out / "focus_directions.html").exists()
+
+    argv = ["steer", "split-softmax", *model, "--scores", str(tmp_path / "contextual_heads.json"), "--n-test", "5",
+            "--n-documents", "5", "--ks", "1", "2", "--taus", "0.5", "0.1", "--n-random", "2", "--out", str(out)]
+    assert main(argv) == 0
+    ss = json.loads((out / "summary.json").read_text())["split_softmax"]
+    assert set(ss["contextual"]) == {"1", "2"} and set(ss["contextual"]["1"]) == {"1.0", "0.5", "0.1"}
+    assert ss["contextual"]["1"]["1.0"] == ss["baseline"] == ss["random"]["2"]["1.0"]
+    assert 0 <= ss["gold_only"] <= 1 and ss["n_test"] == 5
+    assert "focus_directions" in json.loads((out / "summary.json").read_text())  # sections are merged
+    assert "Split-softmax on 5 held-out prompts" in capsys.readouterr().out

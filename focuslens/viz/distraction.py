@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from focuslens.viz.export import Figure
+
 import pandas as pd
 
 __all__ = ["plot_distraction"]
@@ -73,4 +75,4 @@ def plot_distraction(results: pd.DataFrame, *, title: str | None = None):
         legend=dict(orientation="h", y=-0.2),
         margin=dict(t=90),
     )
-    return fig
+    return Figure(fig)

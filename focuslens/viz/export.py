@@ -11,7 +11,24 @@ import shutil
 import warnings
 from pathlib import Path
 
-__all__ = ["save_figure", "static_export_available"]
+import plotly.graph_objects as go
+
+__all__ = ["Figure", "save_figure", "static_export_available"]
+
+
+class Figure(go.Figure):
+    """A plotly figure (shows itself in Jupyter) that can :meth:`save` itself.
+
+    Every focuslens plot returns one: ``fig.save("figures/heads")`` writes
+    ``heads.html`` (interactive, offline: plotly.js inlined) and ``heads.png``.
+    """
+
+    def save(self, path: str | Path, *, formats=("html", "png"), width: int | None = None,
+             height: int | None = None, scale: int = 2) -> list[Path]:
+        """Write the figure next to ``path`` (suffix ignored) in each format (html, png,
+        svg, pdf); size defaults to the layout's. Returns the written paths."""
+        return save_figure(self, path, formats=formats, width=width or self.layout.width or 900,
+                           height=height or self.layout.height or 600, scale=scale)
 
 
 def _browser() -> str | None:

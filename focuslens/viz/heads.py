@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from focuslens.viz.export import Figure
+
 __all__ = ["plot_head_map", "plot_rank_agreement"]
 
 
@@ -43,7 +45,7 @@ def plot_head_map(scores, metric: str = "gold", *, title: str | None = None, top
         width=520 + 25 * n_heads,
         height=300 + 18 * n_layers,
     )
-    return fig
+    return Figure(fig)
 
 
 def plot_rank_agreement(x, y, *, x_label: str, y_label: str, title: str, highlight=()):
@@ -74,4 +76,4 @@ def plot_rank_agreement(x, y, *, x_label: str, y_label: str, title: str, highlig
                            ax=0, ay=(-25, 25, -50, 50)[i % 4], font=dict(size=11, color="crimson"))
     fig.update_layout(title=title, xaxis_title=x_label, yaxis_title=y_label, template="plotly_white",
                       width=800, height=600)
-    return fig
+    return Figure(fig)

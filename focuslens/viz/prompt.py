@@ -1,0 +1,517 @@
+"""Figures of one prompt: where the answer rows look, and what a focus direction favours.
+
+* :func:`plot_document_attention` — heads × prompt parts (sink, instruction, each
+  document, question): attention mass from the answer rows, gold document boxed.
+* :func:`token_view` — the same mass token by token over a window of the prompt, as an
+  interactive circuitsvis view (its JavaScript inlined, so it works offline).
+* :func:`plot_key_bias` — the logit bias ``α·d_q·k_j/√d`` a focus direction adds to every
+  key, over the documents, with the mean per document.
+
+Token strings are HTML-escaped before they reach circuitsvis (it injects them as HTML, so
+``<bos>`` would otherwise vanish), and plotly axes use unique labels or positions (a
+categorical axis merges equal labels).
+"""
+
+from __future__ import annotations
+
+import html
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from focuslens.data.render import Prompt, Span
+from focuslens.errors import DataError
+from focuslens.scoring import prompt_span_masses
+from focuslens.viz.export import Figure
+
+if TYPE_CHECKING:
+    from focuslens.directions import FocusDirections
+
+Heads = int | Sequence[tuple[int, int]] | None
+
+__all__ = ["AttentionHTML", "plot_document_attention", "plot_key_bias", "token_view"]
+
+_GOLD_OUTLINE = "#d62728"
+_GOLD_FILL = "#f2b701"
+
+
+# ------------------------------------------------------------------ labels and spans
+def _head_label(layer: int, head: int) -> str:
+    return f"L{layer}H{head}"
+
+
+def _doc_label(prompt: Prompt, i: int, *, short: bool = False) -> str:
+    """``Doc i`` (1-based, as the prompt numbers them); the gold one is starred."""
+    name = str(i + 1) if short else f"Doc {i + 1}"
+    if i != prompt.gold_index:
+        return name
+    return f"★{i + 1}" if short else f"{name} ★ gold"
+
+
+def _part_labels(prompt: Prompt) -> list[str]:
+    """Column labels in :func:`prompt_span_masses` order: sink, instruction, docs, question."""
+    return ["sink", "instruction", *(_doc_label(prompt, i) for i in range(len(prompt.documents))), "question"]
+
+
+def _model_name(model) -> str:
+    from focuslens.models import model_id
+
+    return html.escape(model_id(model))
+
+
+def _short(text: str, n: int = 60) -> str:
+    """``text`` on one line, at most ``n`` characters, HTML-escaped (for titles)."""
+    text = " ".join(text.split())
+    return html.escape(text if len(text) <= n else text[: n - 1] + "…")
+
+
+def _window(prompt: Prompt, window: Span | tuple[int, int] | None) -> Span:
+    """The token window to show: ``window`` checked, or the gold document with one
+    neighbouring document on each side."""
+    if window is None:
+        if prompt.gold_index is None:
+            raise DataError(
+                "window=None needs a gold document, but prompt.gold_index is None: pass window=(start, end)."
+            )
+        docs, g = prompt.documents, prompt.gold_index
+        return Span(docs[max(g - 1, 0)].start, docs[min(g + 1, len(docs) - 1)].end)
+    try:
+        start, end = (
+            (window.start, window.end) if isinstance(window, Span) else (int(window[0]), int(window[1]))
+        )
+    except (TypeError, ValueError, IndexError):
+        raise DataError(
+            f"window={window!r}: pass a Span or a (start, end) pair of token positions."
+        ) from None
+    if not 0 <= start < end <= prompt.n_tokens:
+        raise DataError(
+            f"window={start}..{end} is empty or outside the prompt of {prompt.n_tokens} tokens; "
+            f"choose 0 <= start < end <= {prompt.n_tokens}."
+        )
+    return Span(start, end)
+
+
+def _token_texts(tokenizer, prompt: Prompt, span: Span) -> list[str]:
+    """The prompt's text cut at token starts, so each token carries the whitespace that
+    follows it (newlines then break the line after the right token). Tokens without
+    characters (an added ``<bos>``) fall back to the tokenizer's token string."""
+    starts = [a if b > a else None for a, b in prompt.char_offsets]
+    texts = []
+    for i in span:
+        nxt = next((s for s in starts[i + 1 :] if s is not None), len(prompt.text))
+        piece = prompt.text[starts[i] : nxt] if starts[i] is not None else ""
+        texts.append(piece or tokenizer.convert_ids_to_tokens(int(prompt.input_ids[i])))
+    return texts
+
+
+def _span_names(prompt: Prompt, span: Span) -> str:
+    """The parts of the prompt a token window touches, e.g. ``"instruction, Doc 1–2"``."""
+
+    def touches(s: Span) -> bool:
+        return s.start < span.end and s.end > span.start
+
+    docs = [i + 1 for i, d in enumerate(prompt.documents) if touches(d)]
+    names = [name for name in ("sink", "instruction") if touches(getattr(prompt, name))]
+    if docs:
+        names.append(f"Doc {docs[0]}" if len(docs) == 1 else f"Doc {docs[0]}–{docs[-1]}")
+    names += [name for name in ("question", "answer") if touches(getattr(prompt, name))]
+    return ", ".join(names) or "template tokens"
+
+
+# ------------------------------------------------------------------ 1. document map
+def plot_document_attention(
+    model, prompt: Prompt, heads: Heads = None, *, title: str | None = None
+) -> Figure:
+    """Heatmap of where each head's answer rows look: one row per head (``L{l}H{h}``), one
+    column per part of the prompt (sink, instruction, ``Doc 1`` … ``Doc N``, question).
+
+    Colour is the attention mass from the answer rows onto the part (mean over the answer
+    rows, sum over the part's tokens; see :func:`~focuslens.scoring.prompt_span_masses`).
+    The gold document's column is starred and boxed in red. ``heads``: None (all), a layer
+    index, or ``(layer, head)`` pairs.
+    """
+    import plotly.graph_objects as go
+
+    masses = prompt_span_masses(model, prompt, heads)
+    z = masses.to_numpy()
+    columns = _part_labels(prompt)
+    rows = [_head_label(layer, head) for layer, head in masses.index]
+    n_rows, n_cols, n_docs = len(rows), len(columns), len(prompt.documents)
+    show_values = n_rows * n_cols <= 400
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=columns,
+            y=rows,
+            zmin=0,
+            zmax=max(float(z.max()), 1e-6),
+            colorscale="Viridis",
+            xgap=1,
+            ygap=1,
+            colorbar=dict(title=dict(text="attention mass<br>from the<br>answer rows", side="right")),
+            texttemplate="%{z:.2f}" if show_values else None,
+            textfont=dict(size=9 if n_cols > 12 else 11),
+            hovertemplate="%{y} → %{x}<br>mass %{z:.3f}<extra></extra>",
+        )
+    )
+    # group separators: sink | instruction | documents | question
+    for x in (1.5, n_docs + 1.5):
+        fig.add_shape(
+            type="line", x0=x, x1=x, y0=0, y1=1, xref="x", yref="y domain", line=dict(color="white", width=4)
+        )
+    if prompt.gold_index is not None:
+        g = 2 + prompt.gold_index
+        fig.add_shape(
+            type="rect",
+            x0=g - 0.5,
+            x1=g + 0.5,
+            y0=0,
+            y1=1,
+            xref="x",
+            yref="y domain",
+            line=dict(color=_GOLD_OUTLINE, width=3),
+        )
+    answer = prompt.span_text(prompt.answer)
+    gold = (
+        "no gold document"
+        if prompt.gold_index is None
+        else f"red box: the gold document (Doc {prompt.gold_index + 1})"
+    )
+    fig.update_layout(
+        title=dict(
+            text=title
+            or "Where the answer rows look: attention mass on each part of the prompt"
+            f"<br><sup>colour: attention mass from the answer rows (“{_short(answer, 40)}”, mean over "
+            f"{len(prompt.answer)} rows) on each part, summed over its tokens"
+            f"<br>{gold}; {n_docs} documents; {n_rows} heads of {_model_name(model)}</sup>",
+            x=0.01,
+            xanchor="left",
+        ),
+        xaxis=dict(
+            title="part of the prompt (key span)",
+            type="category",
+            tickvals=columns,
+            ticktext=[f"<b style='color:{_GOLD_OUTLINE}'>{c}</b>" if "gold" in c else c for c in columns],
+            tickangle=-45 if n_cols > 10 else 0,
+            tickfont=dict(size=11 if n_cols <= 30 else 9),
+        ),
+        yaxis=dict(
+            title="head (layer, head)",
+            type="category",
+            autorange="reversed",
+            tickfont=dict(size=11 if n_rows <= 40 else 8),
+        ),
+        template="plotly_white",
+        margin=dict(t=130, l=90, r=40, b=110),
+        width=max(820, 200 + 46 * n_cols),
+        height=max(460, 260 + (22 if n_rows <= 40 else 14) * n_rows),
+    )
+    return Figure(fig)
+
+
+# ------------------------------------------------------------------ 2. token view
+@dataclass
+class AttentionHTML:
+    """A self-contained circuitsvis view (its JavaScript bundle inlined, no network).
+
+    Shows itself in Jupyter; :meth:`save` writes a standalone page.
+
+    Attributes:
+        fragment: the HTML fragment (heading, caption, circuitsvis element).
+        title: the page title.
+        tokens: the window's token texts as shown (not escaped).
+        values: ``[n_tokens, n_heads]`` attention mass per token and head.
+        labels: one label per head (``L{l}H{h}``).
+        window: the prompt's token positions shown.
+    """
+
+    fragment: str = field(repr=False)
+    title: str
+    tokens: list[str] = field(repr=False)
+    values: Float[Tensor, "token head"] = field(repr=False)
+    labels: list[str]
+    window: Span
+
+    def _repr_html_(self) -> str:
+        return self.fragment
+
+    def save(self, path: str | Path) -> Path:
+        """Write a full HTML page (suffix ``.html``) that opens offline; returns its path."""
+        path = Path(path).with_suffix(".html")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(
+            "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+            f"<title>{html.escape(self.title)}</title></head><body>{self.fragment}</body></html>",
+            encoding="utf-8",
+        )
+        return path
+
+
+def token_view(
+    model, prompt: Prompt, heads: Heads, *, window: Span | tuple[int, int] | None = None
+) -> AttentionHTML:
+    """Attention from the answer rows, token by token, for each chosen head (circuitsvis).
+
+    Each token of ``window`` is coloured by the attention mass the answer rows put on it
+    (mean over rows); buttons switch head and hovering a token lists every head's value.
+    ``window`` defaults to the gold document with one neighbouring document on each side.
+    ``heads``: None (all), a layer index, or ``(layer, head)`` pairs.
+    """
+    from circuitsvis.tokens import colored_tokens_multi
+
+    span = _window(prompt, window)
+    per_token = prompt_span_masses(model, prompt, heads, spans={str(i): (i, i + 1) for i in span})
+    values = torch.from_numpy(per_token.to_numpy().T.copy())  # [token, head]
+    labels = [_head_label(layer, head) for layer, head in per_token.index]
+    tokens = _token_texts(model.tokenizer, prompt, span)
+    rendered = colored_tokens_multi([html.escape(t) for t in tokens], values, labels)
+    title = f"Attention from the answer rows, token by token ({_span_names(prompt, span)})"
+    gold = "none" if prompt.gold_index is None else f"Doc {prompt.gold_index + 1}"
+    caption = (
+        f"Tokens {span.start}–{span.end - 1} of {prompt.n_tokens} "
+        f"({_span_names(prompt, span)}; gold: {gold}). "
+        f"Colour: attention mass from the answer rows “{_short(prompt.span_text(prompt.answer))}” "
+        f"(mean over {len(prompt.answer)} rows) on each token, for the head picked with the buttons; "
+        f"hover a token for every head's value. Model: {_model_name(model)}."
+    )
+    fragment = (
+        "<div style='font-family: sans-serif; max-width: 60em'>"
+        f"<h3 style='margin-bottom: 0.3em'>{html.escape(title)}</h3>"
+        f"<p style='margin-top: 0; color: #444'>{caption}</p></div>{rendered.local_src}"
+    )
+    return AttentionHTML(
+        fragment=fragment, title=title, tokens=tokens, values=values, labels=labels, window=span
+    )
+
+
+# ------------------------------------------------------------------ 3. key bias
+def _focus_heads(
+    model, directions: FocusDirections, heads: int | Sequence[tuple[int, int]]
+) -> list[tuple[int, int]]:
+    """``heads`` as (layer, head) pairs: an int k is the top k of the ranking (at most its
+    length); raises ``ModelError`` for heads outside the model."""
+    from focuslens.steering import head_mask
+
+    directions.check_model(model)
+    if isinstance(heads, int):
+        chosen = directions.top_k(min(heads, len(directions.ranking)) if directions.ranking else heads)
+    else:
+        chosen = list(dict.fromkeys((int(layer), int(head)) for layer, head in heads))
+    head_mask(model, chosen)
+    if not chosen:
+        raise DataError("heads is empty: pass k (top k of the ranking) or (layer, head) pairs.")
+    return chosen
+
+
+def plot_key_bias(
+    model,
+    directions: FocusDirections,
+    prompt: Prompt,
+    *,
+    alpha: float = 1.0,
+    heads: int | Sequence[tuple[int, int]] = 10,
+    title: str | None = None,
+) -> Figure:
+    """What a focus direction favours: the logit bias ``b_j = α·d_q·k_j/√d`` each head adds
+    to key j (:meth:`~focuslens.directions.FocusDirections.key_bias`).
+
+    Top: heads × token positions from the first document to the end of the question
+    (diverging colours, 0 = white), documents separated by lines and labelled above, the
+    gold document boxed. Bottom: the bias averaged over each document's tokens (and the
+    sink's and question's), mean over the heads ± s.d. across heads, gold bar highlighted.
+    ``heads``: k (the top k of ``directions.ranking``, at most all of it) or ``(layer, head)``
+    pairs.
+    """
+    from plotly.subplots import make_subplots
+
+    chosen = _focus_heads(model, directions, heads)
+    bias = directions.key_bias(model, prompt, alpha, chosen)  # [head, key]
+    first, last = prompt.documents[0].start, prompt.question.end
+    n_rows, n_cols = len(chosen), last - first
+
+    width = int(min(max(900, 260 + 2.2 * n_cols), 2200))
+    heat_h, bar_h, gap = max(150, 24 * n_rows), 260, 140  # pixels; the gap holds an axis title and a subtitle
+    plot_h = heat_h + bar_h + gap
+    fig = make_subplots(
+        rows=2,
+        cols=1,
+        row_heights=[heat_h, bar_h],
+        vertical_spacing=gap / plot_h,
+        subplot_titles=("", f"Mean bias per part (over its tokens; mean ± s.d. over the {n_rows} heads)"),
+    )
+    tokens = _token_texts(model.tokenizer, prompt, Span(first, last))
+    _add_bias_heatmap(fig, bias[:, first:last], chosen, first, tokens)
+    _mark_documents(fig, prompt, width, n_cols)
+    _add_part_bars(fig, prompt, bias)
+
+    k_text = f"top {n_rows} heads of the ranking" if isinstance(heads, int) else f"{n_rows} chosen heads"
+    gold = (
+        ""
+        if prompt.gold_index is None
+        else f"; black box and ★: the gold document (Doc {prompt.gold_index + 1})"
+    )
+    fig.update_layout(
+        title=dict(
+            text=title
+            or f"Logit bias a focus direction adds to each key (α·d_q·k_j/√d), α = {alpha:g}"
+            "<br><sup>colour: bias added to the head's attention logit for key j "
+            "(red: attended more, blue: less; "
+            f"the weight scales by e<sup>b</sup>)<br>{k_text} of {_model_name(model)}{gold}"
+            "<br>band above the heatmap: the documents, numbered as in the prompt, then the question</sup>",
+            x=0.01,
+            xanchor="left",
+        ),
+        template="plotly_white",
+        margin=dict(t=190, l=90, r=40, b=130),
+        width=width,
+        height=190 + plot_h + 130,
+    )
+    return Figure(fig)
+
+
+def _add_bias_heatmap(
+    fig, shown: Tensor, heads: list[tuple[int, int]], first: int, tokens: list[str]
+) -> None:
+    """Row 1: heads × key positions ``first …``, diverging colours centred at 0."""
+    import plotly.graph_objects as go
+
+    heat_bottom, heat_top = fig.layout.yaxis.domain
+    limit = max(float(shown.abs().max()), 1e-6)
+    hover_tokens = [html.escape(t.replace("\n", "↵")) for t in tokens]
+    fig.add_trace(
+        go.Heatmap(
+            z=shown.numpy(),
+            x=list(range(first, first + shown.shape[1])),
+            y=[_head_label(layer, head) for layer, head in heads],
+            customdata=[hover_tokens] * len(heads),
+            colorscale="RdBu_r",
+            zmid=0,
+            zmin=-limit,
+            zmax=limit,
+            colorbar=dict(
+                title=dict(text="logit bias b_j<br>(added to the<br>attention logit)", side="right"),
+                len=heat_top - heat_bottom,
+                y=heat_top,
+                yanchor="top",
+            ),
+            hovertemplate="%{y}, key %{x} “%{customdata}”<br>bias %{z:+.3f}<extra></extra>",
+        ),
+        row=1,
+        col=1,
+    )
+    fig.update_xaxes(title_text="key position (token index in the prompt)", showgrid=False, row=1, col=1)
+    fig.update_yaxes(
+        title_text="head",
+        type="category",
+        autorange="reversed",
+        tickfont=dict(size=11 if len(heads) <= 40 else 8),
+        row=1,
+        col=1,
+    )
+
+
+def _add_part_bars(fig, prompt: Prompt, bias: Tensor) -> None:
+    """Row 2: mean bias over each part's tokens (sink, every document, question), mean ±
+    s.d. over the heads; the gold document's bar in gold with a red outline."""
+    import plotly.graph_objects as go
+
+    n_docs = len(prompt.documents)
+    parts = {
+        "sink": prompt.sink,
+        **{_doc_label(prompt, i): d for i, d in enumerate(prompt.documents)},
+        "question": prompt.question,
+    }
+    per_part = torch.stack([bias[:, s.start : s.end].mean(1) for s in parts.values()], dim=1)  # [head, part]
+    colours = [
+        "#7f7f7f",
+        *(_GOLD_FILL if i == prompt.gold_index else "#6baed6" for i in range(n_docs)),
+        "#bdbdbd",
+    ]
+    outline = [_GOLD_OUTLINE if c == _GOLD_FILL else "rgba(0,0,0,0)" for c in colours]
+    fig.add_trace(
+        go.Bar(
+            x=list(parts),
+            y=per_part.mean(0).numpy(),
+            error_y=dict(
+                type="data", array=per_part.std(0, unbiased=False).numpy(), thickness=1, color="#444"
+            ),
+            marker=dict(color=colours, line=dict(color=outline, width=2)),
+            hovertemplate="%{x}<br>mean bias %{y:+.3f}<extra></extra>",
+            showlegend=False,
+        ),
+        row=2,
+        col=1,
+    )
+    fig.update_xaxes(
+        type="category",
+        tickangle=-45 if n_docs > 8 else 0,
+        tickvals=list(parts),
+        ticktext=[f"<b style='color:{_GOLD_OUTLINE}'>{c}</b>" if "gold" in c else c for c in parts],
+        tickfont=dict(size=11 if n_docs <= 30 else 9),
+        row=2,
+        col=1,
+    )
+    fig.update_yaxes(title_text="mean logit bias", zeroline=True, zerolinecolor="#444", row=2, col=1)
+
+
+def _mark_documents(fig, prompt: Prompt, width: int, n_cols: int) -> None:
+    """Document boundaries on the key-bias heatmap (row 1): a labelled band of alternating
+    shades above it, thin lines through it, and a box around the gold document."""
+    docs = prompt.documents
+    px_per_token = (width - 260) / max(n_cols, 1)
+    short = min(len(d) for d in docs) * px_per_token < 48
+    bands = [(d, _doc_label(prompt, i, short=short), i == prompt.gold_index) for i, d in enumerate(docs)]
+    bands.append((prompt.question, "Q" if len(prompt.question) * px_per_token < 60 else "question", False))
+    for n, (span, label, is_gold) in enumerate(bands):
+        fill = _GOLD_FILL if is_gold else ("#d9d9d9" if n % 2 else "#f0f0f0")
+        # a band of fixed height (pixels) just above the heatmap, whatever its size
+        fig.add_shape(
+            type="rect",
+            x0=span.start - 0.5,
+            x1=span.end - 0.5,
+            xref="x",
+            yref="y domain",
+            ysizemode="pixel",
+            yanchor=1,
+            y0=2,
+            y1=22,
+            fillcolor=fill,
+            line=dict(width=0),
+        )
+        fig.add_annotation(
+            x=(span.start + span.end - 1) / 2,
+            y=1,
+            xref="x",
+            yref="y domain",
+            yanchor="bottom",
+            yshift=4,
+            text=label,
+            showarrow=False,
+            font=dict(size=10 if short else 11, color="black"),
+        )
+        fig.add_shape(
+            type="line",
+            x0=span.start - 0.5,
+            x1=span.start - 0.5,
+            y0=0,
+            y1=1,
+            xref="x",
+            yref="y domain",
+            line=dict(color="rgba(0,0,0,0.45)", width=1),
+        )
+    if prompt.gold is not None:
+        fig.add_shape(
+            type="rect",
+            x0=prompt.gold.start - 0.5,
+            x1=prompt.gold.end - 0.5,
+            y0=0,
+            y1=1,
+            xref="x",
+            yref="y domain",
+            line=dict(color="black", width=2.5),
+        )

@@ -1,0 +1,230 @@
+"""Prompt-level figures: document × head map, circuitsvis token view, key-bias view.
+
+Numbers are checked against a slow reference (full attention patterns from
+``run_with_cache``); saved HTML is checked to load nothing from the network.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+from conftest import get_tiny
+
+import focuslens
+from focuslens import DataError, ModelError, Span, make_synthetic_qa, render
+from focuslens.directions import FocusDirections
+from focuslens.scoring import prompt_span_masses
+from focuslens.viz import AttentionHTML, plot_document_attention, plot_key_bias, token_view
+
+N_DOCS = 6
+# a resource fetched from elsewhere: <script src=//…>, <link href=http…>, CSS @import
+REMOTE_SRC = re.compile(r"""src=["']?(https?:)?//""")
+REMOTE_HREF = re.compile(r"""href=["']?(https?:)?//""")
+REMOTE_LINK = re.compile(r"""<link[^>]*href=["']?(https?:)?//""", re.IGNORECASE)
+CSS_IMPORT = re.compile(r"@import url\(")
+SCRIPT_BODY = re.compile(r"<script[^>]*>.*?</script>", re.DOTALL | re.IGNORECASE)
+
+
+def assert_offline(text: str) -> None:
+    """No remote script, stylesheet, font or import. Inlined JS bundles (plotly.js) carry
+    plain hyperlinks (``<a href=https://plotly.com>``) in strings, which load nothing, so
+    the ``href=`` check runs on the page's markup outside the script bodies."""
+    assert not REMOTE_SRC.search(text)
+    assert not REMOTE_LINK.search(text)
+    assert not CSS_IMPORT.search(text)
+    assert not REMOTE_HREF.search(SCRIPT_BODY.sub("", text))
+
+
+def prompt_for(model):
+    return render(make_synthetic_qa(1, n_documents=N_DOCS, seed=0)[0], model.tokenizer)
+
+
+def reference_rows(model, prompt) -> torch.Tensor:
+    """[layer, head, key]: the answer rows' attention, mean over rows, from full patterns."""
+    _, cache = model.run_with_cache(prompt.input_ids[None], names_filter=lambda n: n.endswith("hook_pattern"))
+    rows = prompt.answer.to_slice()
+    return torch.stack(
+        [
+            cache[f"blocks.{layer}.attn.hook_pattern"][0, :, rows, :].float().mean(1)
+            for layer in range(model.cfg.n_layers)
+        ]
+    )
+
+
+def directions_for(model, seed: int = 0) -> FocusDirections:
+    c = model.cfg
+    g = torch.Generator().manual_seed(seed)
+    ranking = [(layer, head) for layer in reversed(range(c.n_layers)) for head in range(c.n_heads)]
+    return FocusDirections(
+        torch.randn(c.n_layers, c.n_heads, c.d_head, generator=g),
+        torch.zeros(c.n_layers, c.n_heads, c.d_head),
+        ranking,
+        {"model": focuslens.models.model_id(model)},
+    )
+
+
+# ------------------------------------------------------------------ prompt_span_masses
+@pytest.mark.parametrize("arch,kv", [("llama", 2), ("qwen2", 1)])
+def test_span_masses_match_full_patterns(arch, kv):
+    model = get_tiny(arch, kv)
+    prompt = prompt_for(model)
+    masses = prompt_span_masses(model, prompt)
+    ref = reference_rows(model, prompt)  # [layer, head, key]
+    spans = {
+        "sink": prompt.sink,
+        "instruction": prompt.instruction,
+        **{f"doc_{i}": d for i, d in enumerate(prompt.documents)},
+        "question": prompt.question,
+    }
+    assert list(masses.columns) == list(spans)
+    assert len(masses) == model.cfg.n_layers * model.cfg.n_heads
+    expected = torch.stack([ref[..., s.to_slice()].sum(-1) for s in spans.values()], dim=-1).flatten(0, 1)
+    torch.testing.assert_close(torch.tensor(masses.to_numpy()), expected, atol=1e-5, rtol=0)
+    # the parts are disjoint: together at most all of each row's mass
+    assert (masses.sum(axis=1) <= 1 + 1e-5).all()
+    assert (masses.to_numpy() >= 0).all()
+
+
+def test_span_masses_head_selection_keeps_order():
+    model = get_tiny("llama", 2)
+    prompt = prompt_for(model)
+    full = prompt_span_masses(model, prompt)
+    picked = prompt_span_masses(model, prompt, [(1, 3), (0, 2), (1, 3)])
+    assert list(picked.index) == [(1, 3), (0, 2)]
+    torch.testing.assert_close(
+        torch.tensor(picked.to_numpy()), torch.tensor(full.loc[[(1, 3), (0, 2)]].to_numpy())
+    )
+    assert list(prompt_span_masses(model, prompt, 1).index) == [(1, h) for h in range(model.cfg.n_heads)]
+
+
+@pytest.mark.parametrize(
+    "heads,field", [([(2, 0)], "heads"), ([(0, 4)], "heads"), (5, "heads=5"), ([], "heads")]
+)
+def test_bad_heads_raise_model_error(heads, field):
+    model = get_tiny("llama", 2)
+    with pytest.raises(ModelError, match=re.escape(field)):
+        prompt_span_masses(model, prompt_for(model), heads)
+
+
+# ------------------------------------------------------------------ document map
+def test_document_map_figure(tmp_path):
+    model = get_tiny("llama", 2)
+    prompt = prompt_for(model)
+    fig = plot_document_attention(model, prompt, [(0, 1), (1, 2), (1, 0)])
+    heat = fig.data[0]
+    columns = list(heat.x)
+    assert len(columns) == N_DOCS + 3
+    assert columns[0] == "sink" and columns[1] == "instruction" and columns[-1] == "question"
+    gold = columns[2 + prompt.gold_index]
+    assert "gold" in gold and f"Doc {prompt.gold_index + 1}" in gold
+    assert sum("gold" in c for c in columns) == 1
+    assert list(heat.y) == ["L0H1", "L1H2", "L1H0"]
+    # the gold column is outlined
+    g = 2 + prompt.gold_index
+    assert any(s.type == "rect" and s.x0 == g - 0.5 and s.x1 == g + 0.5 for s in fig.layout.shapes)
+    expected = prompt_span_masses(model, prompt, [(0, 1), (1, 2), (1, 0)]).to_numpy()
+    torch.testing.assert_close(torch.tensor(heat.z), torch.tensor(expected))
+    assert "answer rows" in fig.layout.title.text
+
+    (path,) = fig.save(tmp_path / "x", formats=("html",))
+    text = path.read_text()
+    assert path.suffix == ".html" and "plotly" in text and len(text) > 1_000_000  # plotly.js inlined
+    assert_offline(text)
+
+
+def test_document_map_scales_with_counts():
+    model = get_tiny("llama", 2)
+    prompt = render(make_synthetic_qa(1, n_documents=24, seed=1)[0], model.tokenizer)
+    fig = plot_document_attention(model, prompt)
+    assert len(fig.data[0].x) == 27
+    assert fig.layout.width >= 27 * 40  # ≥ 40 px per column
+    assert fig.layout.xaxis.tickangle == -45
+
+
+# ------------------------------------------------------------------ token view
+def test_token_view_values_and_offline_html(tmp_path):
+    model = get_tiny("llama", 2)
+    prompt = prompt_for(model)
+    heads = [(1, 0), (0, 3)]
+    view = token_view(model, prompt, heads, window=(0, 12))
+    assert isinstance(view, AttentionHTML)
+    assert view.window == Span(0, 12)
+    assert view.labels == ["L1H0", "L0H3"]
+    assert view.tokens[0] == "<bos>" and view.values.shape == (12, 2)
+    ref = reference_rows(model, prompt)
+    expected = torch.stack([ref[layer, head, :12] for layer, head in heads], dim=1)
+    torch.testing.assert_close(view.values, expected, atol=1e-5, rtol=0)
+
+    path = view.save(tmp_path / "tokens")
+    text = path.read_text(encoding="utf-8")
+    assert path.name == "tokens.html"
+    assert text.startswith("<!DOCTYPE html>") and "<meta charset='utf-8'>" in text and "<title>" in text
+    assert len(text) > 500_000 and "CircuitsVis" in text  # the bundle is inlined
+    assert "unpkg.com" not in text
+    assert "&lt;bos&gt;" in text and '"<bos>"' not in text
+    assert_offline(text)
+    assert view._repr_html_() in text
+
+
+def test_token_view_default_window_sums_to_document_mass():
+    model = get_tiny("qwen2", 2)
+    prompt = prompt_for(model)
+    g, docs = prompt.gold_index, prompt.documents
+    view = token_view(model, prompt, 1)
+    assert view.window == Span(docs[g - 1].start, docs[g + 1].end)
+    masses = prompt_span_masses(model, prompt, 1)
+    # the window's tokens summed over each document give the document masses
+    for i in (g - 1, g, g + 1):
+        d = docs[i]
+        per_doc = view.values[d.start - view.window.start : d.end - view.window.start].sum(0)
+        torch.testing.assert_close(
+            per_doc, torch.tensor(masses[f"doc_{i}"].to_numpy()), atol=1e-5, rtol=0
+        )
+    # the token texts rebuild the prompt's characters
+    assert "".join(view.tokens).startswith(prompt.span_text(docs[g - 1]))
+
+
+@pytest.mark.parametrize("window", [(0, 10_000), (-1, 5), (8, 8), "gold"])
+def test_token_view_bad_window(window):
+    model = get_tiny("llama", 2)
+    with pytest.raises(DataError, match="window"):
+        token_view(model, prompt_for(model), [(0, 0)], window=window)
+
+
+# ------------------------------------------------------------------ key bias
+def test_key_bias_figure():
+    model = get_tiny("llama", 2)
+    prompt = prompt_for(model)
+    dirs = directions_for(model)
+    fig = plot_key_bias(model, dirs, prompt, alpha=0.5, heads=3)
+    heat, bars = fig.data
+    first, last = prompt.documents[0].start, prompt.question.end
+    assert len(heat.x) == last - first and heat.x[0] == first
+    assert list(heat.y) == ["L1H0", "L1H1", "L1H2"]
+    bias = dirs.key_bias(model, prompt, 0.5, dirs.top_k(3))
+    torch.testing.assert_close(torch.tensor(heat.z, dtype=torch.float32), bias[:, first:last])
+    assert heat.zmid == 0
+    # one bar per document, plus the sink and the question; the gold bar stands out
+    assert len(bars.x) == N_DOCS + 2 and bars.x[0] == "sink" and bars.x[-1] == "question"
+    gold = 1 + prompt.gold_index
+    assert "gold" in bars.x[gold]
+    assert len({bars.marker.color[i] for i in range(1, N_DOCS + 1)}) == 2
+    assert bars.marker.color.count(bars.marker.color[gold]) == 1
+    means = [bias[:, s.to_slice()].mean() for s in (prompt.sink, *prompt.documents, prompt.question)]
+    torch.testing.assert_close(torch.tensor(bars.y, dtype=torch.float32), torch.stack(means))
+    labels = [a.text for a in fig.layout.annotations]
+    assert all(any(f"{i + 1}" in t for t in labels) for i in range(N_DOCS))
+    assert "α·d_q·k_j/√d" in fig.layout.title.text
+
+
+def test_key_bias_explicit_heads_and_errors():
+    model = get_tiny("llama", 2)
+    prompt = prompt_for(model)
+    dirs = directions_for(model)
+    fig = plot_key_bias(model, dirs, prompt, heads=[(0, 2), (1, 1)])
+    assert list(fig.data[0].y) == ["L0H2", "L1H1"]
+    assert len(plot_key_bias(model, dirs, prompt, heads=100).data[0].y) == 8  # k is capped by the ranking
+    with pytest.raises(ModelError, match="head"):
+        plot_key_bias(model, dirs, prompt, heads=[(0, 9)])
