@@ -164,8 +164,10 @@ def bench_scoring(n_prompts: int, target_tokens: int) -> dict:
 
 
 # ------------------------------------------------------------------ directions
-def _paper_layer_loop(model, layer: int, hidden: list, prompts, *, epochs: int, lr: float, seed: int) -> float:
-    """The official per-layer loop, re-run faithfully: seconds for ``epochs`` over ``prompts``."""
+def _paper_layer_loop(model, layer: int, hidden: list, prompts, *, epochs: int, lr: float, seed: int,
+                      check_only: bool = False):
+    """The official per-layer loop, re-run faithfully: seconds for ``epochs`` over ``prompts``.
+    ``check_only``: the gold mass of every head on ``prompts[0]`` at initialisation."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
     attn = model.blocks[layer].attn.original_component
@@ -177,24 +179,31 @@ def _paper_layer_loop(model, layer: int, hidden: list, prompts, *, epochs: int, 
     dk = torch.nn.Parameter(torch.randn(H, d, generator=g) * 0.01)
     opt = torch.optim.AdamW([dq, dk], lr=lr)
     rotary = model.original_model.model.rotary_emb
+
+    def gold_mass(i):  # the standalone attention module of the layer, full sequence
+        x, p = hidden[i], prompts[i]
+        T = x.shape[1]
+        cos, sin = rotary(x, torch.arange(T)[None])
+        q = lin["q_proj"](x).view(1, T, H, d).transpose(1, 2)
+        k = lin["k_proj"](x).view(1, T, kv, d).transpose(1, 2)
+        v = lin["v_proj"](x).view(1, T, kv, d).transpose(1, 2)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        k, v = repeat_kv(k, H // kv), repeat_kv(v, H // kv)
+        q, k = q + dq[None, :, None], k + dk[None, :, None]
+        scores = (q @ k.transpose(-1, -2) * attn.scaling).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1),
+                                                                       float("-inf"))
+        w = scores.softmax(-1, dtype=torch.float32)
+        out = lin["o_proj"]((w @ v).transpose(1, 2).reshape(1, T, H * d))  # the module's output, as computed there
+        return w[0, :, p.answer.to_slice(), p.gold.to_slice()].sum(-1).mean(-1), out  # [head]
+
+    if check_only:
+        with torch.no_grad():
+            return gold_mass(0)[0]
     t0 = time.perf_counter()
     for _ in range(epochs):
         for i in torch.randperm(len(prompts), generator=g).tolist():
-            x, p = hidden[i], prompts[i]
-            T = x.shape[1]
-            pos = torch.arange(T)[None]
-            cos, sin = rotary(x, pos)
-            q = lin["q_proj"](x).view(1, T, H, d).transpose(1, 2)
-            k = lin["k_proj"](x).view(1, T, kv, d).transpose(1, 2)
-            v = lin["v_proj"](x).view(1, T, kv, d).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
-            k, v = repeat_kv(k, H // kv), repeat_kv(v, H // kv)
-            q, k = q + dq[None, :, None], k + dk[None, :, None]
-            scores = q @ k.transpose(-1, -2) * attn.scaling
-            scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))
-            w = scores.softmax(-1, dtype=torch.float32)
-            out = lin["o_proj"]((w @ v).transpose(1, 2).reshape(1, T, H * d))  # the module's output, as the paper computes it
-            loss = -w[0, :, p.answer.to_slice(), p.gold.to_slice()].sum(-1).mean() + 0 * out.sum()
+            mass, out = gold_mass(i)
+            loss = -mass.mean() + 0 * out.sum()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -210,15 +219,26 @@ def bench_directions(n_prompts: int, epochs: int, paper_layers: tuple[int, ...])
     model = load_model("smollm2-135m-instruct")
     prompts = prepare_prompts(model, make_synthetic_qa(n_prompts, n_documents=20, seed=40), quiet=True)
     inputs = collect_attention_inputs(model, prompts, quiet=True)
-    # the paper's cache: post-norm hidden states (the input of k_proj) of the layers it trains
+    # the paper's cache: the attention input (post-norm hidden state, the input of k_proj) of the layers it trains
     hidden = {layer: [] for layer in paper_layers}
     with torch.no_grad():
         for p in prompts:
-            hooks = [(f"blocks.{layer}.ln1.hook_normalized", lambda x, hook, layer=layer: hidden[layer].append(x.clone()))
+            hooks = [(f"blocks.{layer}.attn.hook_in", lambda x, hook, layer=layer: hidden[layer].append(x.clone()))
                      for layer in paper_layers]
             model.run_with_hooks(p.input_ids[None], fwd_hooks=hooks, stop_at_layer=max(paper_layers) + 1)
     settings = dict(epochs=epochs, lr=1e-3, weight_decay=0.01, batch_size=1, init_std=0.01, patience=epochs,
                     seed=0, quiet=True)
+    # both loops optimise the same objective: at the same initial directions, same gold mass
+    from focuslens.directions import span_attention
+
+    L, H, d = model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_head
+    layer0 = paper_layers[0]
+    init = torch.zeros(L, H, d)
+    init[layer0] = torch.randn(H, d, generator=torch.Generator().manual_seed(0)) * 0.01  # the loop's d_q at init
+    theirs = _paper_layer_loop(model, layer0, hidden[layer0], prompts, epochs=1, lr=0.0, seed=0, check_only=True)
+    ours_mass = span_attention(inputs.select(0), init, None)["gold"][0, layer0]
+    agreement = float((theirs - ours_mass).abs().max())
+    assert agreement < 1e-4, f"the two objectives disagree by {agreement}"
     t0 = time.perf_counter()
     _train_on_inputs(inputs, None, **settings)
     ours = time.perf_counter() - t0
@@ -245,6 +265,7 @@ def bench_directions(n_prompts: int, epochs: int, paper_layers: tuple[int, ...])
         "epochs": epochs,
         "cache_seconds": inputs.seconds,
         "train_seconds": ours,
+        "objective_agreement_max_abs": agreement,
         "paper_loop_layers": list(paper_layers),
         "paper_loop_seconds_per_layer": per_layer,
         "paper_loop_seconds_all_layers": paper_all,

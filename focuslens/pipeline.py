@@ -387,6 +387,7 @@ def run_focus_directions(
         "n_test": int(test.example.nunique()),
         "n_validation": int(val.example.nunique()),
         "baseline_test": baseline,
+        **({f"{k}_test": references[k] for k in ("gold_only", "no_gold")} if references else {}),
         "best": {"k": int(k_best), "alpha": float(a_best), "val_acc": float(best["accuracy"]),
                  "val_baseline": float(at(val, k_best, 0.0).correct.mean()), "test_acc": float(chosen.correct.mean())},
         "improvement_points": 100 * (float(chosen.correct.mean()) - baseline),

@@ -50,19 +50,20 @@ def plot_distraction(results: pd.DataFrame, *, title: str | None = None):
         )
     order = [p for p in ("first", "middle", "last") if p in set(pos.setting)]
     g = pos.groupby("setting")["correct"].agg(["mean", "size"]).reindex(order)
+    se = [_binomial_se(m, n) for m, n in zip(g["mean"], g["size"])]
     fig.add_trace(
         go.Bar(
             x=order,
             y=g["mean"],
             name=f"top-1 accuracy ({n_max} docs)",
-            text=[f"{m:.2f}" for m in g["mean"]],
-            textposition="outside",
-            error_y=dict(type="data", array=[_binomial_se(m, n) for m, n in zip(g["mean"], g["size"])]),
+            error_y=dict(type="data", array=se),
             marker_color="#7f7f7f",
         ),
         row=1,
         col=2,
     )
+    for x, m, e in zip(order, g["mean"], se):  # value labels above the error bars, not on them
+        fig.add_annotation(x=x, y=m + e, text=f"{m:.2f}", showarrow=False, yshift=12, row=1, col=2)
     n = int(rand.groupby("n_documents").size().min())
     fig.update_xaxes(title_text="number of documents (1 relevant + distractors)", type="log",
                      tickvals=sorted(rand.n_documents.unique()), row=1, col=1)
