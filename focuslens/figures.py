@@ -156,7 +156,7 @@ def draw_focus_directions(out: str | Path, section: str = "focus_directions") ->
 
 
 # ------------------------------------------------------------------ one prompt
-def example_prompt_example():
+def example_prompt():
     """The held-out prompt the per-prompt views show: the demo's first test question
     (:func:`focuslens.pipeline.steering_splits`, seed 4) with the gold in the middle."""
     from focuslens.data import make_synthetic_qa
@@ -165,7 +165,7 @@ def example_prompt_example():
 
 
 def draw_prompt_views(out: str | Path, model) -> list[Path]:
-    """Document × head map, token view and key-bias view of :func:`example_prompt_example`."""
+    """Document × head map, token view and key-bias view of :func:`example_prompt`."""
     from focuslens.data import render
     from focuslens.directions import FocusDirections
     from focuslens.scoring import HeadScores
@@ -173,7 +173,7 @@ def draw_prompt_views(out: str | Path, model) -> list[Path]:
 
     out = Path(out)
     scores = HeadScores.load(_need(out / "contextual_heads.json"), model=model)
-    prompt = render(example_prompt_example(), model.tokenizer)
+    prompt = render(example_prompt(), model.tokenizer)
     written = _save(plot_document_attention(model, prompt, scores.top_k(20)), out, "document_attention")
     view = token_view(model, prompt, scores.top_k(5))
     written.append(view.save(out / "token_view.html"))
