@@ -40,7 +40,7 @@ from focuslens.data.examples import QAExample
 from focuslens.data.render import Prompt, render
 from focuslens.errors import DataError, ModelError
 
-__all__ = ["HeadScores", "score_heads", "prepare_prompts", "span_masses", "METRICS"]
+__all__ = ["HeadScores", "score_heads", "prepare_prompts", "span_masses", "prompt_span_masses", "METRICS"]
 
 #: The metrics of a :class:`HeadScores`, in order.
 METRICS = ("gold", "irrelevant_sum", "irrelevant_max", "sink", "question", "instruction")
@@ -164,19 +164,27 @@ class HeadScores:
     def from_ranking_json(
         cls, path: str | Path, *, n_layers: int | None = None, n_heads: int | None = None, model: str | None = None
     ) -> HeadScores:
-        """Load a ranking (``relevant_heads.json``) as scores: the best head gets
-        ``n - 1``, the worst ``0`` (metric ``"rank_score"``), so ``top_k`` reproduces it."""
+        """Load a ranking file (the paper's ``relevant_heads.json``) with :meth:`from_ranking`."""
         ranking = json.loads(Path(path).read_text())
         if not ranking or not all(isinstance(h, list) and len(h) == 2 for h in ranking):
             raise DataError(f"{path}: expected a JSON list of [layer, head] pairs.")
+        return cls.from_ranking(ranking, n_layers=n_layers, n_heads=n_heads, model=model, source=str(path))
+
+    @classmethod
+    def from_ranking(
+        cls, ranking, *, n_layers: int | None = None, n_heads: int | None = None, model: str | None = None,
+        source: str = "ranking",
+    ) -> HeadScores:
+        """A ranking of heads as scores: the best head gets ``n - 1``, the worst ``0``
+        (metric ``"rank_score"``; unranked heads NaN), so ``top_k`` reproduces it."""
         n_layers = n_layers or 1 + max(h[0] for h in ranking)
         n_heads = n_heads or 1 + max(h[1] for h in ranking)
         values = torch.full((n_layers, n_heads), float("nan"))
         for rank, (layer, head) in enumerate(ranking):
             if not (0 <= layer < n_layers and 0 <= head < n_heads):
-                raise DataError(f"{path}: head [{layer}, {head}] is outside {n_layers} layers × {n_heads} heads.")
+                raise DataError(f"{source}: head [{layer}, {head}] is outside {n_layers} layers × {n_heads} heads.")
             values[layer, head] = len(ranking) - 1 - rank
-        meta = {"model": model, "source": str(path), "kind": "ranking", "n_ranked": len(ranking)}
+        meta = {"model": model, "source": source, "kind": "ranking", "n_ranked": len(ranking)}
         return cls(mean={"rank_score": values}, metadata=meta)
 
     def _repr_html_(self) -> str:
@@ -387,6 +395,7 @@ def prompt_span_masses(
     >>> masses.loc[(14, 3), f"doc_{prompt.gold_index}"]                        # doctest: +SKIP
     """
     from focuslens.models import model_id
+    from focuslens.steering import head_mask
 
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     if heads is None:
@@ -402,11 +411,7 @@ def prompt_span_masses(
         chosen = list(dict.fromkeys((int(layer), int(head)) for layer, head in heads))
         if not chosen:
             raise ModelError("heads is empty: pass None (all heads), a layer index or (layer, head) pairs.")
-        for layer, head in chosen:
-            if not (0 <= layer < n_layers and 0 <= head < n_heads):
-                raise ModelError(
-                    f"heads: ({layer}, {head}) is outside the model's {n_layers} layers × {n_heads} heads."
-                )
+        head_mask(model, chosen)  # raises ModelError for heads outside the model
 
     n_keys, rows = prompt.n_tokens, prompt.answer
     if len(rows) == 0 or rows.start < 0 or rows.end > n_keys:
@@ -452,5 +457,3 @@ def prompt_span_masses(
     table.attrs.update(model=model_id(model), answer_rows=(rows.start, rows.end))
     return table
 
-
-__all__ += ["prompt_span_masses"]

@@ -116,11 +116,10 @@ def _check_ranking(
 
 def _rank_values(ranking: list[Head], n_layers: int, n_heads: int) -> Tensor:
     """Rank score in [0, 1]: 1 for the best head, 0 for the last ranked, NaN unranked."""
-    values = torch.full((n_layers, n_heads), float("nan"))
-    n = len(ranking)
-    for rank, (layer, head) in enumerate(ranking):
-        values[layer, head] = 1.0 - rank / (n - 1) if n > 1 else 1.0
-    return values
+    from focuslens.scoring import HeadScores
+
+    values = HeadScores.from_ranking(ranking, n_layers=n_layers, n_heads=n_heads)["rank_score"]
+    return values / (len(ranking) - 1) if len(ranking) > 1 else values + 1  # one ranked head: 1
 
 
 def _head_map(name: str, source, field: str, metric: str | None = None) -> _HeadMap:
