@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup demo figures test test-fast bench clean chromium
+.PHONY: setup demo figures test test-fast bench clean chromium focus-conditions
 
 setup: $(STAMP)
 
@@ -46,3 +46,7 @@ test-fast: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
+
+# The focus-conditions grid behind the README's focus-direction results (~50 min on 2 cores).
+focus-conditions: $(STAMP)
+	$(BIN)/focuslens experiment focus --out figures

@@ -78,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     steer.add_argument("--taus", type=float, nargs="+", default=[0.8, 0.5, 0.3, 0.1])
     steer.add_argument("--alphas", type=float, nargs="+", default=[-0.5, 0.1, 0.25, 0.4, 0.5, 0.75, 1.0, 2.0])
     steer.add_argument("--n-random", type=int, default=3)
+    steer.add_argument("--rows", choices=["answer", "all"], default="answer",
+                       help="steer the answer rows only (one prefill per prompt) or every position (the paper's "
+                       "intervention, one full forward per setting); default: answer")
     steer.add_argument("--release", help="the paper's release directory, to report its direction norms")
     steer.add_argument("--seed", type=int, default=4)
     steer.add_argument("--out", default="figures")
@@ -89,6 +92,33 @@ def _parser() -> argparse.ArgumentParser:
     figs.add_argument("--out", default="figures")
     figs.add_argument("--release", help="the paper's release directory, for the cross-family figures")
     figs.add_argument("--quiet", action="store_true")
+
+    exp = sub.add_parser("experiment", help="experiment grids; `experiment focus`: where focus directions help",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                         epilog="example: focuslens experiment focus --out runs/focus --n-test 200")
+    exp.add_argument("name", choices=["focus"], help="focus: task x layout x head ranking x rows")
+    exp.add_argument("--model", default="smollm2-135m-instruct", help="model spec for load_model")
+    exp.add_argument("--tasks", nargs="+", default=["synthetic", "synthetic_answer_free"], help="tasks")
+    exp.add_argument("--layouts", nargs="+", default=["qa", "qa_query_aware"], help="prompt layouts")
+    exp.add_argument("--rankings", nargs="+", default=["contextual", "chance_corrected", "gold_only", "attribution"],
+                     help="head rankings (the first also runs rows=all and the mechanism)")
+    exp.add_argument("--all-rows", nargs="*", default=["synthetic/qa_query_aware"],
+                     help="task/layout pairs that also run rows=all (every position re-run per variant)")
+    exp.add_argument("--n-train", type=int, default=80, help="training prompts (directions and rankings)")
+    exp.add_argument("--n-validation", type=int, default=40, help="validation prompts (choose k, alpha)")
+    exp.add_argument("--n-test", type=int, default=200, help="held-out test prompts (a multiple of 5)")
+    exp.add_argument("--n-documents", type=int, default=20, help="documents per prompt")
+    exp.add_argument("--epochs", type=int, default=40, help="direction training epochs")
+    exp.add_argument("--lr", type=float, default=1e-2, help="direction training learning rate")
+    exp.add_argument("--ks", type=int, nargs="+", default=[5, 10, 20, 50], help="numbers of heads (answer rows)")
+    exp.add_argument("--alphas", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0], help="alphas (answer rows)")
+    exp.add_argument("--nq", help="task nq: the Lost-in-the-Middle NQ oracle file (nq-open-oracle.jsonl.gz)")
+    exp.add_argument("--nq-documents", type=int, default=10, help="task nq: documents per prompt")
+    exp.add_argument("--nq-questions", type=int, nargs=3, default=[40, 20, 20],
+                     help="task nq: train / validation / test questions (test: 5 gold positions each)")
+    exp.add_argument("--seed", type=int, default=7, help="data and training seed")
+    exp.add_argument("--out", default="runs/focus_conditions", help="output directory")
+    exp.add_argument("--quiet", action="store_true", help="no progress bars")
 
     info = sub.add_parser("info", help="load a model and print its shape")
     info.add_argument("--model", default="smollm2-135m-instruct")
@@ -165,12 +195,13 @@ def _steer(args) -> None:
     if args.method == "split-softmax":
         ks = tuple(args.ks or (1, 5, 10, 20, 50))
         run_split_softmax(model, scores, splits["test"], ks=ks, taus=tuple(args.taus), n_random=args.n_random,
-                          references=refs, out_dir=args.out, quiet=args.quiet)
+                          references=refs, rows=args.rows, out_dir=args.out, quiet=args.quiet)
         return
     ks = tuple((k or None) for k in (args.ks or (1, 5, 10, 20, 50, 0)))
     directions = FocusDirections.load(args.directions, model=model) if args.directions else None
     run_focus_directions(model, scores, splits, ks=ks, alphas=tuple(args.alphas), references=refs,
-                         directions=directions, release_dir=args.release, out_dir=args.out, quiet=args.quiet)
+                         directions=directions, release_dir=args.release, rows=args.rows, out_dir=args.out,
+                         quiet=args.quiet)
 
 
 def _figures(args) -> None:
@@ -187,6 +218,24 @@ def _figures(args) -> None:
         print(f"results missing in {args.out}: running the demo first")
         run_demo(args.model, out_dir=args.out, release_dir=args.release, quiet=args.quiet)
     draw_all(args.out, model=load_model(args.model), release_dir=args.release)
+
+
+def _experiment(args) -> None:
+    import time
+
+    from focuslens.experiments import ConditionSettings, run_focus_conditions
+    from focuslens.models import load_model
+
+    pairs = tuple(tuple(p.split("/", 1)) for p in args.all_rows)
+    settings = ConditionSettings(
+        n_train=args.n_train, n_validation=args.n_validation, n_test=args.n_test, n_documents=args.n_documents,
+        epochs=args.epochs, lr=args.lr, ks=tuple(args.ks), alphas=tuple(args.alphas), seed=args.seed,
+        rankings=tuple(args.rankings), layouts=tuple(args.layouts), tasks=tuple(args.tasks), all_rows=pairs,
+        nq_path=args.nq, nq_documents=args.nq_documents, nq_questions=tuple(args.nq_questions))
+    t0 = time.perf_counter()
+    out = run_focus_conditions(load_model(args.model), settings, out_dir=args.out, quiet=args.quiet)
+    print(f"focus conditions: {len(out['cells'])} cells in {time.perf_counter() - t0:.0f}s; "
+          f"{args.out}/focus_conditions.{{csv,png,html}} and summary.json")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -213,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         elif args.command == "score":
             _score(args)
+        elif args.command == "experiment":
+            _experiment(args)
         elif args.command == "patch":
             from focuslens.models import load_model
             from focuslens.pipeline import run_contextual_heads, run_patching

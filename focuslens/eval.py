@@ -280,9 +280,10 @@ def _prompt(model, item: QAExample | Prompt) -> Prompt:
     return item if isinstance(item, Prompt) else render(item, model.tokenizer, max_length=model.cfg.n_ctx)
 
 
-def _probe_hooks(model, prompt: Prompt, offset: int, probe_heads: Tensor, store: dict) -> list:
+def _probe_hooks(prompt: Prompt, offset: int, probe_heads: Tensor, store: dict) -> list:
     """``hook_pattern`` reductions: per variant, the mean attention mass of its probe heads
-    at the answer rows on the gold document and on the sink (summed into ``store``)."""
+    at the answer rows on the gold document and on the sink (summed over layers into
+    ``store``). ``offset``: the absolute position of the first query row the hooks see."""
     rows = slice(prompt.answer.start - offset, prompt.answer.end - offset)
     gold, sink = prompt.gold, prompt.sink
     hooks = []
@@ -300,27 +301,68 @@ def _probe_hooks(model, prompt: Prompt, offset: int, probe_heads: Tensor, store:
     return hooks
 
 
+def _variant_chunk(model) -> int:
+    """Variants per batch when every position is re-run: a CPU gains little from batching
+    (4 rows ≈ 0.9 × 4 single runs for a 400-token SmolLM2 prompt), a GPU a lot."""
+    return 4 if str(model.cfg.device).startswith("cpu") else 32
+
+
+def _run_variants(model, prompt: Prompt, n_variants: int, hooks_for, rows: str, probe_heads, store) -> Tensor:
+    """Last-position logits ``[variant, vocab]`` of every variant on one prompt."""
+    if rows == "answer":  # the prompt before the answer rows is unsteered: prefill it once
+        pc = PrefixCache(model, prompt.input_ids, split=prompt.answer.start)
+        hooks = list(hooks_for(prompt, slice(0, n_variants)))
+        if probe_heads is not None:
+            hooks += _probe_hooks(prompt, pc.offset, probe_heads, store)
+        return pc.run(hooks, batch=n_variants).float().cpu()
+    if rows != "all":
+        raise DataError(f"rows={rows!r}: a sweep runs rows='all' or rows='answer'.")
+    out, step = [], _variant_chunk(model)
+    last = [("unembed.hook_in", lambda resid, hook: resid[:, -1:])]
+    for v0 in range(0, n_variants, step):
+        v = slice(v0, min(v0 + step, n_variants))
+        n = v.stop - v.start
+        part: dict[str, Tensor] = {}
+        hooks = list(hooks_for(prompt, v))
+        if probe_heads is not None:
+            hooks += _probe_hooks(prompt, 0, probe_heads[v], part)
+        tokens = prompt.input_ids[None].expand(n, -1).to(model.cfg.device)
+        out.append(model.run_with_hooks(tokens, fwd_hooks=[*hooks, *last])[:, -1].float().cpu())
+        for name, value in part.items():
+            store.setdefault(name, []).append(value)
+    for name in list(store):
+        store[name] = torch.cat(store[name])
+    return torch.cat(out)
+
+
 def evaluate_variants(
     model,
     examples: Sequence[QAExample | Prompt],
     n_variants: int,
-    hooks_for: Callable[[Prompt, PrefixCache], Sequence[tuple[str, Callable]]],
+    hooks_for: Callable[[Prompt, slice], Sequence[tuple[str, Callable]]],
     *,
+    rows: str = "answer",
     probe_heads: Tensor | None = None,
+    return_logits: bool = False,
     quiet: bool = False,
     desc: str = "variants",
-) -> pd.DataFrame:
-    """Score ``n_variants`` interventions at the answer rows of every example, with one
-    prefill per example (a :class:`~focuslens.kvcache.PrefixCache`).
+):
+    """Score ``n_variants`` interventions on every example, one batch row per variant.
 
     Args:
-        hooks_for: ``(prompt, prefix_cache) -> hook specs`` for the packed run of the
-            answer rows; hooks see ``n_variants`` batch rows, one per variant (e.g. the
-            hooks of :func:`focuslens.steering.split_softmax_hooks` with a
-            ``[variant, layer, head]`` mask).
+        hooks_for: ``(prompt, variants) -> hook specs`` for the variants ``variants`` (a
+            slice of ``range(n_variants)``), one batch row each, e.g. the hooks of
+            :func:`focuslens.steering.split_softmax_hooks` with ``masks[variants]``. The
+            hooks must steer at ``rows`` (build them with the same ``rows=`` and
+            ``prompt=``): the result then equals running them as a context manager.
+        rows: ``"answer"``: the interventions act at the answer rows only, so one prefill
+            of the prompt before them (a :class:`~focuslens.kvcache.PrefixCache`) serves
+            every variant, run packed. ``"all"``: they act at every position, so every
+            variant re-runs the whole prompt (batched a few variants at a time).
         probe_heads: optional ``[variant, layer, head]`` mask; adds ``gold_mass`` and
             ``sink_mass``: the mean attention mass of those heads from the answer rows onto
             the gold document and the sink, as steered.
+        return_logits: also return the last-position logits ``[example, variant, vocab]``.
 
     Returns one row per (example, variant): ``example`` (its index in ``examples``),
     ``variant``, the columns of :func:`evaluate_next_token`, and the probe masses.
@@ -330,17 +372,15 @@ def evaluate_variants(
     if probe_heads is not None and probe_heads.shape[0] != n_variants:
         raise DataError(f"probe_heads has {probe_heads.shape[0]} variants, not n_variants={n_variants}.")
     tok = model.tokenizer
-    rows = []
+    rows_out, all_logits = [], []
     for i, item in enumerate(tqdm(examples, desc=desc, disable=quiet, leave=False)):
         prompt = _prompt(model, item)
         ex = prompt.example
-        pc = PrefixCache(model, prompt.input_ids, split=prompt.answer.start)
-        store: dict[str, Tensor] = {}
-        hooks = list(hooks_for(prompt, pc))
-        if probe_heads is not None:
-            hooks += _probe_hooks(model, prompt, pc.offset, probe_heads, store)
+        store: dict = {}
         with torch.no_grad():
-            logits = pc.run(hooks, batch=n_variants).float().cpu()
+            logits = _run_variants(model, prompt, n_variants, hooks_for, rows, probe_heads, store)
+        if return_logits:
+            all_logits.append(logits)
         gold, others = candidate_token_ids(tok, ex)
         best_other = logits[:, others].max(-1).values if others else torch.full((n_variants,), float("-inf"))
         n_probe = probe_heads.sum((1, 2)).clamp_min(1) if probe_heads is not None else None
@@ -358,8 +398,9 @@ def evaluate_variants(
                 "margin": float(logits[v, gold] - best_other[v]),
             }
             row.update({name: float(total[v] / n_probe[v]) for name, total in store.items()})
-            rows.append(row)
-    return pd.DataFrame(rows)
+            rows_out.append(row)
+    df = pd.DataFrame(rows_out)
+    return (df, torch.stack(all_logits)) if return_logits else df
 
 
 def accuracy_by(results: pd.DataFrame, column: str, metric: str = "correct") -> dict:

@@ -23,17 +23,25 @@ __all__ = [
     "reference_accuracies",
     "run_split_softmax",
     "run_focus_directions",
+    "run_focus_condition_cell",
     "update_summary",
 ]
 
 
 def update_summary(path: str | Path, section: str, data: dict) -> dict:
     """Merge ``{section: data}`` into the JSON file at ``path`` (created if missing)."""
+    import os
+
     path = Path(path)
     summary = json.loads(path.read_text()) if path.exists() else {}
     summary[section] = data
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(summary, indent=2) + "\n")
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w") as f:  # written beside the target, then renamed over it: never half a file
+        f.write(json.dumps(summary, indent=2) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
     return summary
 
 
@@ -215,9 +223,12 @@ def run_patching(
 
 # ------------------------------------------------------------------ steering (issue: Figs. 3 and 4)
 def gold_positions(n_documents: int, n: int = 5) -> tuple[int, ...]:
-    """``n`` evenly spaced gold positions, first and last included (20 documents: the
-    paper's 0, 4, 9, 14, 19)."""
-    return tuple(sorted({round(i * (n_documents - 1) / (n - 1)) for i in range(n)}))
+    """``n`` spread-out gold positions, first and last included, as the paper places them:
+    ``max(0, i·N/(n−1) − 1)`` (20 documents: 0, 4, 9, 14, 19; 10 documents: 0, 1, 4, 6, 9);
+    every position when there are at most ``n`` documents."""
+    if n_documents <= n:
+        return tuple(range(n_documents))
+    return tuple(sorted({max(0, i * n_documents // (n - 1) - 1) for i in range(n)}))
 
 
 def steering_splits(
@@ -271,6 +282,7 @@ def run_split_softmax(
     n_random: int = 3,
     seed: int = 3,
     references: dict | None = None,
+    rows: str = "answer",
     out_dir: str | Path = "figures",
     quiet: bool = False,
 ) -> dict:
@@ -282,7 +294,7 @@ def run_split_softmax(
     out = Path(out_dir)
     ks = tuple(k for k in ks if k <= model.cfg.n_layers * model.cfg.n_heads)
     sweep = split_softmax_sweep(model, test, scores.ranking(), ks=ks, taus=taus, n_random=n_random, seed=seed,
-                                quiet=quiet)
+                                rows=rows, quiet=quiet)
     sweep.to_csv(out / "split_softmax_sweep.csv", index=False)
     refs = references or reference_accuracies(model, test, quiet=quiet)
     baseline = float(sweep[sweep.group == "none"].correct.mean())
@@ -304,6 +316,7 @@ def run_split_softmax(
         "n_random_draws": n_random,
         "contextual_gold_mass": {str(k): {str(t): float(mass[k, t]) for t in taus} for k in ks},
         "ranking": "contextual scores (gold mass, answer rows), stage 2",
+        "rows": rows,
     }
     if 20 in ks:
         best_tau = max(taus, key=lambda t: acc["contextual", 20, t])
@@ -333,6 +346,7 @@ def run_focus_directions(
     directions=None,
     release_dir: str | Path | None = None,
     section: str = "focus_directions",
+    rows: str = "answer",
     out_dir: str | Path = "figures",
     quiet: bool = False,
 ) -> dict:
@@ -358,15 +372,16 @@ def run_focus_directions(
               f"{torch.tensor(meta['val_gold_mass_before']).mean():.4f} -> {torch.tensor(meta['val_gold_mass_after']).mean():.4f}")
 
     # the method steers with alpha > 0 (alpha < 0 is the control): choose among those
-    val = focus_sweep(model, dirs, splits["validation"], ks=ks, alphas=alphas, quiet=quiet)
+    val = focus_sweep(model, dirs, splits["validation"], ks=ks, alphas=alphas, rows=rows, quiet=quiet)
     first = best_setting(val[val.alpha > 0])
     extra = sorted({round(first["alpha"] * r, 4) for r in refine} - set(alphas) - {0.0})
     if extra:
-        val = pd.concat([val, focus_sweep(model, dirs, splits["validation"], ks=ks, alphas=extra, quiet=quiet)
+        val = pd.concat([val, focus_sweep(model, dirs, splits["validation"], ks=ks, alphas=extra, rows=rows,
+                                          quiet=quiet)
                          .pipe(lambda d: d[d.alpha != 0])], ignore_index=True)
     best = best_setting(val[val.alpha > 0])
     grid = sorted({*alphas, *extra})
-    test = focus_sweep(model, dirs, splits["test"], ks=ks, alphas=grid, quiet=quiet)
+    test = focus_sweep(model, dirs, splits["test"], ks=ks, alphas=grid, rows=rows, quiet=quiet)
     val.to_csv(out / f"{section}_validation.csv", index=False)
     test.to_csv(out / f"{section}_test.csv", index=False)
     n_docs = splits["test"][0].n_documents
@@ -384,6 +399,7 @@ def run_focus_directions(
             norms[model_dir.name] = import_release(model_dir).norm_summary(top_k=20)
     summary = {
         "n_documents": n_docs,
+        "rows": rows,
         "n_test": int(test.example.nunique()),
         "n_validation": int(val.example.nunique()),
         "baseline_test": baseline,
@@ -421,6 +437,23 @@ def run_focus_directions(
     update_summary(out / "summary.json", section, summary)
     draw_focus_directions(out, section)
     return summary
+
+
+def run_focus_condition_cell(model, *, out_dir: str | Path = "figures", quiet: bool = False) -> dict:
+    """One cell of ``focuslens experiment focus`` at a small size: synthetic task,
+    query-aware layout, contextual ranking, answer rows (the full grid: ``make
+    focus-conditions``). Its numbers go to ``summary.json["focus_conditions_demo"]``."""
+    from focuslens.experiments import ConditionSettings, run_condition
+
+    s = ConditionSettings(n_train=40, n_validation=20, n_test=100, epochs=40, rankings=("contextual",),
+                          layouts=("qa_query_aware",), tasks=("synthetic",), all_rows=(), n_mechanism=10)
+    cell = run_condition(model, "synthetic", "qa_query_aware", s, quiet=quiet)["cells"][0]
+    print(f"\nFocus directions, one cell of the conditions grid (synthetic, query-aware, contextual heads, answer "
+          f"rows; {cell['n_test']} test prompts): unsteered {cell['baseline']:.3f} -> {cell['best']['test_acc']:.3f} "
+          f"(k={cell['best']['k']}, alpha={cell['best']['alpha']:g}); gain {100 * cell['gain']:+.1f} points, 95% CI "
+          f"[{100 * cell['gain_ci'][0]:+.1f}, {100 * cell['gain_ci'][1]:+.1f}]")
+    update_summary(Path(out_dir) / "summary.json", "focus_conditions_demo", cell)
+    return cell
 
 
 def _print_final_table(path: Path) -> None:
@@ -487,6 +520,7 @@ def run_demo(
     few = steering_splits(n_documents=5, seed=seed + 8)
     run_focus_directions(model, scores, few, references=reference_accuracies(model, few["test"], quiet=quiet),
                          section="focus_directions_5_documents", out_dir=out_dir, quiet=quiet)
+    run_focus_condition_cell(model, out_dir=out_dir, quiet=quiet)
     from focuslens.figures import draw_cross_family, draw_prompt_views, draw_topk_overlap, write_readme
 
     draw_prompt_views(out_dir, model)

@@ -216,10 +216,12 @@ def span_masses(
     """Mean over rows of the mass on each span: documents first, then sink, question,
     instruction (``n_documents + 3`` columns)."""
     n_keys = pattern_rows.shape[-1]
-    spans = [*prompt.documents, prompt.sink, prompt.question, prompt.instruction]
-    indicator = torch.zeros(n_keys, len(spans), dtype=pattern_rows.dtype, device=pattern_rows.device)
-    for col, span in enumerate(spans):
-        indicator[span.start : span.end, col] = 1
+    columns = [[s] for s in prompt.documents] + [[prompt.sink], list(prompt.questions or [prompt.question]),
+                                                  [prompt.instruction]]
+    indicator = torch.zeros(n_keys, len(columns), dtype=pattern_rows.dtype, device=pattern_rows.device)
+    for col, spans in enumerate(columns):  # the question column covers every copy of the question
+        for span in spans:
+            indicator[span.start : span.end, col] = 1
     return (pattern_rows @ indicator).mean(dim=1)
 
 

@@ -40,6 +40,9 @@ from focuslens.data.render import Span
 from focuslens.errors import DataError, ModelError
 
 __all__ = [
+    "ROWS",
+    "resolve_rows",
+    "rows_mask",
     "Head",
     "HookSpec",
     "head_mask",
@@ -95,16 +98,52 @@ def _per_variant(value, n: int, name: str) -> Float[Tensor, "variant"]:
     return v
 
 
-def _rows_mask(rows, q_len: int, k_len: int, device) -> Bool[Tensor, "query"]:
-    """Which query rows to edit, from absolute positions ``k_len − q_len + i``."""
-    if rows is None:
-        return torch.ones(q_len, dtype=torch.bool, device=device)
-    pos = torch.arange(k_len - q_len, k_len, device=device)
+#: Where an intervention acts. ``"all"``: every position, as the paper does (the documents'
+#: own queries are steered too, so their downstream keys change). ``"answer"``: the prompt's
+#: answer rows and every position after them (generated tokens), nothing before: the
+#: prompt up to the answer rows is then the unsteered model's and one prefill can serve a
+#: whole sweep (:class:`~focuslens.kvcache.PrefixCache`). Explicit rows: an ``int`` (that
+#: position and every later one), a :class:`Span`, or a sequence of positions.
+ROWS = ("all", "answer")
+Rows = str | Span | int | Sequence[int] | None
+
+
+def resolve_rows(rows: Rows, prompt=None) -> Span | int | Tensor | None:
+    """``rows`` as absolute positions: None (every position), an int (from there on), a
+    Span, or a tensor of positions. ``"answer"`` needs the ``prompt`` it refers to."""
+    if rows is None or (isinstance(rows, str) and rows == "all"):
+        return None
+    if isinstance(rows, str):
+        if rows != "answer":
+            raise DataError(f"rows={rows!r}: use 'all', 'answer', a start position, a Span or a list of positions.")
+        if prompt is None:
+            raise DataError("rows='answer' needs the prompt whose answer rows it means: pass prompt=<Prompt>.")
+        return int(prompt.answer.start)
     if isinstance(rows, Span):
-        return (pos >= rows.start) & (pos < rows.end)
+        if rows.start < 0 or len(rows) <= 0:
+            raise DataError(f"rows={rows}: a row span must be non-empty and start at a position >= 0.")
+        return rows
+    if isinstance(rows, bool) or not isinstance(rows, (int, Sequence, Tensor)):
+        raise DataError(f"rows={rows!r}: use 'all', 'answer', a start position, a Span or a list of positions.")
     if isinstance(rows, int):
-        return pos >= rows
-    raise DataError(f"rows={rows!r}: use None (every row), a start position, or a Span.")
+        if rows < 0:
+            raise DataError(f"rows={rows}: a start position must be >= 0.")
+        return rows
+    pos = torch.as_tensor(rows, dtype=torch.long).flatten()
+    if pos.numel() == 0 or (pos < 0).any():
+        raise DataError(f"rows={rows!r}: give at least one position, all >= 0.")
+    return pos
+
+
+def rows_mask(rows: Span | int | Tensor | None, positions: Tensor) -> Bool[Tensor, "..."]:
+    """Which of the absolute ``positions`` (any shape) lie in resolved ``rows``."""
+    if rows is None:
+        return torch.ones_like(positions, dtype=torch.bool)
+    if isinstance(rows, Span):
+        return (positions >= rows.start) & (positions < rows.end)
+    if isinstance(rows, int):
+        return positions >= rows
+    return torch.isin(positions, rows.to(positions.device))
 
 
 def _span_mask(span, n_keys: int) -> Bool[Tensor, "... key"]:
@@ -153,7 +192,8 @@ def split_softmax_hooks(
     span: Span | Bool[Tensor, "*batch key"],
     tau: float | Sequence[float] | Tensor,
     *,
-    rows: Span | int | None = None,
+    rows: Rows = "all",
+    prompt=None,
 ) -> list[HookSpec]:
     """Hook specs that apply split-softmax on the chosen heads.
 
@@ -165,9 +205,12 @@ def split_softmax_hooks(
         span: the boosted key positions: a :class:`Span`, or a boolean mask ``[key]`` or
             ``[batch, key]`` over the prompt (keys past its end are outside the span).
         tau: the exponent, one value or one per variant.
-        rows: which query rows to edit: every row (None), rows at absolute positions from a
-            start on (an int), or a :class:`Span` of positions (e.g. ``prompt.answer``).
+        rows: which query rows to edit (:data:`ROWS`): ``"all"`` (default, every row),
+            ``"answer"`` (the answer rows of ``prompt`` and later positions), a start
+            position, a :class:`Span` or a list of positions.
+        prompt: the :class:`~focuslens.data.render.Prompt` that ``rows="answer"`` refers to.
     """
+    where = resolve_rows(rows, prompt)
     masks = _variant_masks(model, heads)
     taus = _per_variant(tau, masks.shape[0], "tau")
     if (taus <= 0).any():
@@ -182,7 +225,7 @@ def split_softmax_hooks(
             t = layer_tau.to(pattern.device)
             if t.shape[0] not in (1, b):
                 raise DataError(f"{t.shape[0]} head selections for a batch of {b}: give one, or one per row.")
-            edit = _rows_mask(rows, q, k, pattern.device)
+            edit = rows_mask(where, torch.arange(k - q, k, device=pattern.device))
             t = torch.where(edit[None, None, :], t[:, :, None], torch.ones(()))  # [variant, head, query]
             return split_softmax_pattern(pattern, _span_mask(span, k), t)
 
@@ -197,12 +240,13 @@ def split_softmax(
     span: Span | Bool[Tensor, "*batch key"],
     tau: float | Sequence[float] | Tensor,
     *,
-    rows: Span | int | None = None,
+    rows: Rows = "all",
+    prompt=None,
 ):
     """Context manager: split-softmax on ``heads`` while the block runs (forward passes and
     ``model.generate``); the hooks are removed on exit, also on error. Arguments as in
-    :func:`split_softmax_hooks`."""
-    with model.hooks(fwd_hooks=split_softmax_hooks(model, heads, span, tau, rows=rows)):
+    :func:`split_softmax_hooks`; :func:`split_softmax_sweep` measures exactly this."""
+    with model.hooks(fwd_hooks=split_softmax_hooks(model, heads, span, tau, rows=rows, prompt=prompt)):
         yield model
 
 
@@ -216,13 +260,17 @@ def split_softmax_sweep(
     taus: Sequence[float] = (0.8, 0.5, 0.3, 0.1),
     n_random: int = 3,
     seed: int = 0,
+    rows: str = "all",
+    return_logits: bool = False,
     quiet: bool = False,
 ):
     """Accuracy with split-softmax on the top-k heads of ``ranking`` and on ``n_random``
     random sets of k heads (drawn, seeded, outside the top k), for every k and τ, boosting
-    each prompt's gold document at its answer rows.
+    each prompt's gold document at ``rows`` (``"all"`` or ``"answer"``).
 
-    One prefill per example serves every variant (:func:`focuslens.eval.evaluate_variants`).
+    Every cell equals :func:`split_softmax` with the same arguments on that prompt (tested).
+    With ``rows="answer"`` one prefill per example serves every variant; ``"all"`` runs the
+    whole prompt once per variant (:func:`focuslens.eval.evaluate_variants`).
     Returns one row per (example, variant) with ``group`` (``"none"``, ``"contextual"``,
     ``"random"``), ``k``, ``tau``, ``draw``, the accuracy columns and ``gold_mass`` (the
     steered heads' mass on the gold document, as steered). τ = 1 is the identity, so the
@@ -249,8 +297,10 @@ def split_softmax_sweep(
     tau = torch.tensor([v[2] for v in variants])
     df = evaluate_variants(
         model, examples, len(variants),
-        lambda prompt, pc: split_softmax_hooks(model, masks, prompt.gold, tau),
-        probe_heads=masks, quiet=quiet, desc="split-softmax sweep",
+        lambda prompt, v: split_softmax_hooks(model, masks[v], prompt.gold, tau[v], rows=rows, prompt=prompt),
+        rows=rows, probe_heads=masks, return_logits=return_logits, quiet=quiet, desc=f"split-softmax sweep ({rows} rows)",
     )
+    df, logits = df if return_logits else (df, None)
     meta = pd.DataFrame([{"group": g, "k": k, "tau": t, "draw": d} for g, k, t, d, _ in variants])
-    return df.join(meta, on="variant")
+    df = df.join(meta, on="variant")
+    return (df, logits) if return_logits else df

@@ -247,9 +247,17 @@ def test_magnitude_control_matches_the_target_moved_sink_mass():
 def test_magnitude_control_on_a_prompt():
     model = get_tiny("llama", 2)
     dirs = _random_directions(model, scale=3.0, seed=4, ranking=[(1, 0), (1, 1), (0, 2)])
-    mc = MagnitudeControl(k=3, target=0.0, alpha=1.0, grid=(0.0, 0.5, 1.0))
     prompt = render(make_synthetic_qa(1, n_documents=3, seed=2)[0], model.tokenizer)
-    assert mc.alpha_for(model, dirs, prompt) == 0.0  # moving nothing is closest to a target of 0
+    grid = (0.0, 0.5, 1.0, 2.0)
+    sweep = focus_sweep(model, dirs, [prompt], ks=(3,), alphas=grid, rows="answer", quiet=True)
+    moved = sweep.set_index("alpha").sink_mass
+    moved = {a: float(moved[0.0] - moved[a]) for a in grid}
+    assert len(set(moved.values())) == len(grid)  # every alpha moves a different amount
+    for high in sorted(moved.values()):  # each bound admits exactly the alphas that stay below it
+        mc = MagnitudeControl(k=3, target=high, alpha=1.0, grid=grid, high=high)
+        assert mc.alpha_for(model, dirs, prompt, rows="answer") == max(a for a in grid if moved[a] <= high)
+    below = MagnitudeControl(k=3, target=0.0, alpha=1.0, grid=grid, high=min(moved.values()) - 1.0)
+    assert below.alpha_for(model, dirs, prompt, rows="answer") == 0.0  # every alpha overshoots: no steering
 
 
 # ---------------------------------------------------------------- artifacts

@@ -104,11 +104,15 @@ class QAExample:
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
 
-    def gold_only(self) -> QAExample:
-        """The same question with only the gold document (the oracle prompt)."""
+    def gold_only(self, *, keep_number: bool = False) -> QAExample:
+        """The same question with only the gold document (the oracle prompt). With
+        ``keep_number`` the document keeps its number in the full prompt
+        (``Document [g+1]``, as the paper's fork writes it) instead of ``Document [1]``."""
         if self.gold_index is None:
             raise DataError("QAExample.gold_index is None: this example has no gold document.")
-        return self.replace(documents=(self.documents[self.gold_index],), gold_index=0)
+        number = _numbers(self)[self.gold_index] if keep_number else 1
+        return self.replace(documents=(self.documents[self.gold_index],), gold_index=0,
+                            meta={**_plain_meta(self), **({"document_numbers": (number,)} if keep_number else {})})
 
     def without_gold(self) -> QAExample:
         """The same question with the gold document removed (needs ≥ 2 documents)."""
@@ -117,7 +121,7 @@ class QAExample:
         if len(self.documents) < 2:
             raise DataError("QAExample.without_gold needs at least 2 documents.")
         docs = self.documents[: self.gold_index] + self.documents[self.gold_index + 1 :]
-        return self.replace(documents=docs, gold_index=None)
+        return self.replace(documents=docs, gold_index=None, meta=_plain_meta(self))
 
     def with_n_documents(self, n: int, gold_position: int | None = None) -> QAExample:
         """Keep the gold document and the first ``n - 1`` others, gold at ``gold_position``
@@ -131,7 +135,7 @@ class QAExample:
         if not 0 <= pos < n:
             raise DataError(f"gold_position={pos} is out of range for {n} documents.")
         others.insert(pos, self.documents[self.gold_index])
-        return self.replace(documents=tuple(others), gold_index=pos)
+        return self.replace(documents=tuple(others), gold_index=pos, meta=_plain_meta(self))
 
     def with_gold_at(self, position: int) -> QAExample:
         """Move the gold document to ``position``, keeping the other documents' order."""
@@ -143,7 +147,16 @@ class QAExample:
             )
         others = [d for i, d in enumerate(self.documents) if i != self.gold_index]
         others.insert(position, self.documents[self.gold_index])
-        return self.replace(documents=tuple(others), gold_index=position)
+        return self.replace(documents=tuple(others), gold_index=position, meta=_plain_meta(self))
+
+
+def _numbers(ex: QAExample) -> list[int]:
+    return list(ex.meta.get("document_numbers") or range(1, ex.n_documents + 1))
+
+
+def _plain_meta(ex: QAExample) -> dict[str, Any]:
+    """``meta`` without a custom document numbering (it no longer fits changed documents)."""
+    return {k: v for k, v in ex.meta.items() if k != "document_numbers"}
 
 
 def split_by_question(

@@ -5,7 +5,12 @@ The user turn is laid out piece by piece, so the character range of every part
 wraps it; the tokenizer's offset mapping turns character ranges into token ranges. No
 fuzzy matching: a span is exactly the tokens whose characters fall in the part.
 
-Two layouts are built in, both byte-identical to Lost-in-the-Middle's templates:
+Every layout is byte-identical to one of Lost-in-the-Middle's prompting functions
+(``QAExample.meta["layout"]`` picks it, :data:`LAYOUTS` lists them): ``"qa"``,
+``"qa_query_aware"`` (the question also *before* the documents, so the documents' keys can
+encode their relevance to it), ``"qa_random_order"`` (the instruction says the results are
+ordered randomly), ``"closedbook"`` (the question alone), ``"kv"`` and ``"kv_query_aware"``.
+Two of them:
 
 ``"qa"`` (``qa.prompt``)::
 
@@ -39,7 +44,8 @@ import torch
 from focuslens.data.examples import QAExample
 from focuslens.errors import DataError
 
-__all__ = ["Span", "Prompt", "render", "render_user_text", "format_qa", "format_kv"]
+__all__ = ["Span", "Prompt", "render", "render_user_text", "format_qa", "format_kv", "format_closedbook",
+           "with_layout", "LAYOUTS"]
 
 
 @dataclass(frozen=True)
@@ -75,6 +81,8 @@ class Prompt:
         sink: the first tokens of the sequence (attention sink).
         char_offsets: per-token (start, end) character offsets into ``text``.
         example: the example that was rendered.
+        questions: every copy of the question (two in the query-aware layouts, the last
+            one is ``question``).
     """
 
     text: str
@@ -87,6 +95,7 @@ class Prompt:
     sink: Span
     char_offsets: tuple[tuple[int, int], ...] = field(repr=False)
     example: QAExample = field(repr=False)
+    questions: tuple[Span, ...] = ()
 
     @property
     def gold(self) -> Span | None:
@@ -108,51 +117,127 @@ class Prompt:
         out.update({f"doc_{i}": s for i, s in enumerate(self.documents)})
         if self.gold is not None:
             out["gold"] = self.gold
+        if len(self.questions) > 1:
+            out.update({f"question_{i}": s for i, s in enumerate(self.questions)})
         out.update(question=self.question, answer=self.answer)
         return out
 
 
 # ---------------------------------------------------------------- user-turn layouts
 CharRange = tuple[int, int]
+#: What a layout returns: the user text, the instruction's characters, each document's,
+#: and every copy of the question (query-aware layouts state it twice).
+Layout = tuple[str, CharRange, list[CharRange], list[CharRange]]
+
+#: The sentence ``qa_ordered_randomly.prompt`` appends to the instruction.
+RANDOM_ORDER_SENTENCE = " The search results are ordered randomly."
 
 
-def format_qa(ex: QAExample) -> tuple[str, CharRange, list[CharRange], CharRange]:
-    """Lost-in-the-Middle ``qa.prompt``; returns text and char ranges of its parts."""
-    parts: list[str] = [ex.instruction, "\n\n"]
-    pos = len(ex.instruction) + 2
-    docs: list[CharRange] = []
-    for i, d in enumerate(ex.documents):
-        line = f"Document [{i + 1}](Title: {d.title}) {d.text}"
+class _Writer:
+    """Concatenates pieces of text and remembers where the named ones start and end."""
+
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+        self.pos = 0
+
+    def add(self, text: str) -> CharRange:
+        self.parts.append(text)
+        self.pos += len(text)
+        return (self.pos - len(text), self.pos)
+
+    def text(self) -> str:
+        return "".join(self.parts)
+
+
+def _document_numbers(ex: QAExample) -> list[int]:
+    """The number each document is shown with: 1..n, or ``meta["document_numbers"]``
+    (e.g. the gold's original number in a gold-only prompt, as the paper's fork writes)."""
+    numbers = ex.meta.get("document_numbers")
+    if numbers is None:
+        return list(range(1, ex.n_documents + 1))
+    numbers = [int(n) for n in numbers]
+    if len(numbers) != ex.n_documents:
+        raise DataError(f"QAExample.meta['document_numbers'] has {len(numbers)} entries for {ex.n_documents} documents.")
+    return numbers
+
+
+def format_qa(ex: QAExample, *, query_aware: bool = False, random_order: bool = False) -> Layout:
+    """Lost-in-the-Middle's ``get_qa_prompt``: ``qa.prompt``, or with ``query_aware``
+    ``qa_with_query_aware_contextualization.prompt`` (the question also before the
+    documents), or with ``random_order`` ``qa_ordered_randomly.prompt``."""
+    if query_aware and random_order:
+        raise DataError("Lost-in-the-Middle has no layout that is both query-aware and randomly ordered.")
+    w = _Writer()
+    instruction = w.add(ex.instruction + (RANDOM_ORDER_SENTENCE if random_order else ""))
+    w.add("\n\n")
+    questions = []
+    if query_aware:
+        questions.append(w.add(f"Question: {ex.question}"))
+        w.add("\n\n")
+    docs = []
+    for i, (number, d) in enumerate(zip(_document_numbers(ex), ex.documents)):
         if i:
-            parts.append("\n")
-            pos += 1
-        docs.append((pos, pos + len(line)))
-        parts.append(line)
-        pos += len(line)
-    question = f"Question: {ex.question}"
-    parts += ["\n\n", question, "\nAnswer:"]
-    q0 = pos + 2
-    return "".join(parts), (0, len(ex.instruction)), docs, (q0, q0 + len(question))
+            w.add("\n")
+        docs.append(w.add(f"Document [{number}](Title: {d.title}) {d.text}"))
+    w.add("\n\n")
+    questions.append(w.add(f"Question: {ex.question}"))
+    w.add("\nAnswer:")
+    return w.text(), instruction, docs, questions
 
 
-def format_kv(ex: QAExample) -> tuple[str, CharRange, list[CharRange], CharRange]:
-    """Lost-in-the-Middle ``kv_retrieval.prompt``: documents are (key=title, value=text)."""
-    head = f"{ex.instruction}\n\nJSON data:\n"
-    parts, pos, docs = [head], len(head), []
+def format_closedbook(ex: QAExample) -> Layout:
+    """Lost-in-the-Middle ``closedbook_qa.prompt``: the question alone, no documents."""
+    w = _Writer()
+    question = w.add(f"Question: {ex.question}")
+    w.add("\nAnswer:")
+    return w.text(), (0, 0), [], [question]
+
+
+def format_kv(ex: QAExample, *, query_aware: bool = False) -> Layout:
+    """Lost-in-the-Middle ``get_kv_retrieval_prompt`` (documents are key=title,
+    value=text), with ``query_aware`` the key also before the JSON data."""
+    w = _Writer()
+    instruction = w.add(ex.instruction)
+    w.add("\n\n")
+    questions = []
+    if query_aware:
+        questions.append(w.add(f'Key: "{ex.question}"'))
+        w.add("\n\n")
+    w.add("JSON data:\n")
+    docs = []
     for i, d in enumerate(ex.documents):
-        record = f'"{d.title}": "{d.text}"'
-        start = "{" if i == 0 else " "
-        end = ",\n" if i != len(ex.documents) - 1 else "}"
-        docs.append((pos + 1, pos + 1 + len(record)))
-        parts.append(start + record + end)
-        pos += len(start) + len(record) + len(end)
-    question = f'Key: "{ex.question}"'
-    parts += ["\n\n", question, "\nCorresponding value:"]
-    q0 = pos + 2
-    return "".join(parts), (0, len(ex.instruction)), docs, (q0, q0 + len(question))
+        w.add("{" if i == 0 else " ")
+        docs.append(w.add(f'"{d.title}": "{d.text}"'))
+        w.add(",\n" if i != ex.n_documents - 1 else "}")
+    w.add("\n\n")
+    questions.append(w.add(f'Key: "{ex.question}"'))
+    w.add("\nCorresponding value:")
+    return w.text(), instruction, docs, questions
 
 
-LAYOUTS = {"qa": format_qa, "kv": format_kv}
+#: Layout names for ``QAExample.meta["layout"]`` → the Lost-in-the-Middle template they write.
+LAYOUTS = {
+    "qa": format_qa,
+    "qa_query_aware": lambda ex: format_qa(ex, query_aware=True),
+    "qa_random_order": lambda ex: format_qa(ex, random_order=True),
+    "closedbook": format_closedbook,
+    "kv": format_kv,
+    "kv_query_aware": lambda ex: format_kv(ex, query_aware=True),
+}
+
+
+def with_layout(examples, layout: str) -> list[QAExample]:
+    """The same examples rendered with another layout (e.g. ``"qa_query_aware"``);
+    a ``"qa*"`` layout for a ``"kv*"`` example (or back) is refused."""
+    if layout not in LAYOUTS:
+        raise DataError(f"layout={layout!r} is unknown; use one of {sorted(LAYOUTS)}.")
+    out = []
+    for i, ex in enumerate(examples):
+        family = ex.meta.get("layout", "qa").startswith("kv")
+        if family != layout.startswith("kv"):
+            raise DataError(f"examples[{i}] has layout {ex.meta.get('layout', 'qa')!r}: it cannot be written as {layout!r}.")
+        out.append(ex.replace(meta={**ex.meta, "layout": layout}))
+    return out
 
 
 def render_user_text(ex: QAExample) -> str:
@@ -201,7 +286,7 @@ def render(
         n_sink: how many leading tokens form the ``sink`` span (the paper uses keys 0:2).
         max_length: the model's context length; longer prompts raise ``DataError``.
     """
-    user, instr_c, doc_cs, question_c = _layout(example)(example)
+    user, instr_c, doc_cs, question_cs = _layout(example)(example)
     chat = _chat_text(tokenizer, user)
     user_at = chat.find(user)
     if user_at < 0 or chat.find(user, user_at + 1) >= 0:
@@ -233,13 +318,16 @@ def render(
             raise DataError("the assistant turn merges with the chat template's last token.")
     else:
         answer = Span(len(ids) - 1, len(ids))
+    questions = tuple(span(c, "question") for c in question_cs)
+    instruction = span(instr_c, "instruction") if instr_c[1] > instr_c[0] else Span(questions[0].start, questions[0].start)
     return Prompt(
         text=text,
         input_ids=torch.tensor(ids, dtype=torch.long),
         documents=tuple(span(c, f"document {i}") for i, c in enumerate(doc_cs)),
-        gold_index=example.gold_index,
-        instruction=span(instr_c, "instruction"),
-        question=span(question_c, "question"),
+        gold_index=example.gold_index if doc_cs else None,
+        instruction=instruction,
+        question=questions[-1],
+        questions=questions,
         answer=answer,
         sink=Span(0, min(n_sink, len(ids))),
         char_offsets=tuple(offsets),

@@ -2,10 +2,17 @@
 
 A document reads ``Document [3](Title: Varnex Motors) Based in Lisbon.``
 
-Every document states one company's headquarters city. One document answers the
-question (the gold document); the others are *confusable* distractors: many share the
-gold company's first name word or its industry, so the model must bind the right name to
-the right city. Cities are distinct within an example and their first tokens are distinct
+One document answers the question (the gold document). Two kinds of distractors:
+
+* ``"confusable"`` (default): every document states one company's headquarters city, and
+  many share the gold company's first name word or its industry, so the model must bind
+  the right name to the right city. No bias that ignores the question can pick the gold
+  document out of these.
+* ``"answer_free"``: the other documents are about other companies and state other
+  attributes (``Founded in 1987.``, ``Makes bicycles.``, ``Employs 450 people.``), never a
+  city, as in the paper's NQ data (retrieved passages without the answer). Moving
+  attention from the attention sink onto the context can help here by itself.
+ Cities are distinct within an example and their first tokens are distinct
 (for the SmolLM2 tokenizer and for the word-level test tokenizer), so one forward pass
 scores the answer: the gold city's first token against the other documents' cities.
 
@@ -25,7 +32,7 @@ import re
 from focuslens.data.examples import LITM_INSTRUCTION, Document, QAExample
 from focuslens.errors import DataError
 
-__all__ = ["make_synthetic_qa", "CITIES", "synthetic_vocabulary"]
+__all__ = ["make_synthetic_qa", "CITIES", "DISTRACTORS", "synthetic_vocabulary"]
 
 #: Single-word cities; their leading-space first tokens are all distinct for SmolLM2.
 CITIES = tuple(
@@ -48,6 +55,20 @@ INDUSTRIES = tuple(
 )
 
 _VERB = "is based in"
+_PRODUCTS = "bicycles toys paint boats lamps shoes clocks tiles pumps cables".split()
+_YEARS = tuple(range(1950, 2016))
+_STAFF = (120, 250, 450, 800, 1200, 3000, 5000, 9000)
+DISTRACTORS = ("confusable", "answer_free")
+
+
+def _answer_free_text(rng: random.Random) -> str:
+    """A distractor's text: an attribute that is not a city."""
+    kind = rng.randrange(3)
+    if kind == 0:
+        return f"Founded in {rng.choice(_YEARS)}."
+    if kind == 1:
+        return f"Makes {rng.choice(_PRODUCTS)}."
+    return f"Employs {rng.choice(_STAFF)} people."
 
 
 def _brand(rng: random.Random) -> str:
@@ -76,6 +97,7 @@ def make_synthetic_qa(
     gold_position: int | str = "random",
     seed: int = 0,
     answer_prefix: bool = True,
+    distractors: str = "confusable",
 ) -> list[QAExample]:
     """Generate seeded synthetic multi-document QA examples.
 
@@ -86,6 +108,8 @@ def make_synthetic_qa(
         seed: the generator seed (the same seed gives the same examples).
         answer_prefix: open the assistant turn with ``"{company} is based in"`` so
             that the next token is the city.
+        distractors: ``"confusable"`` (other companies' cities) or ``"answer_free"``
+            (other companies' other attributes, no city): module docstring.
 
     Each example's ``candidates`` are the cities of all its documents (gold first); use
     :meth:`QAExample.gold_only` or truncation (``documents[:k]``-style helpers in
@@ -95,19 +119,22 @@ def make_synthetic_qa(
         raise DataError(f"n_documents={n_documents} must be in 1..{len(CITIES)}.")
     if n_examples < 1:
         raise DataError(f"n_examples={n_examples} must be at least 1.")
+    if distractors not in DISTRACTORS:
+        raise DataError(f"distractors={distractors!r}: use one of {DISTRACTORS}.")
     rng = random.Random(seed)
     examples = []
     for i in range(n_examples):
         companies = _companies(rng, n_documents)
         cities = rng.sample(CITIES, n_documents)
         docs = [
-            Document(title=f"{b} {ind}", text=f"Based in {city}.")
-            for (b, ind), city in zip(companies, cities)
+            Document(title=f"{b} {ind}", text=f"Based in {city}." if j == 0 or distractors == "confusable"
+                     else _answer_free_text(rng))
+            for j, ((b, ind), city) in enumerate(zip(companies, cities))
         ]
-        gold_doc, distractors = docs[0], docs[1:]
-        rng.shuffle(distractors)
+        gold_doc, others = docs[0], docs[1:]
+        rng.shuffle(others)
         pos = _resolve_position(gold_position, n_documents, rng)
-        docs = distractors[:pos] + [gold_doc] + distractors[pos:]
+        docs = others[:pos] + [gold_doc] + others[pos:]
         name = gold_doc.title
         examples.append(
             QAExample(
@@ -117,9 +144,9 @@ def make_synthetic_qa(
                 question=f"In which city is {name} based?",
                 answers=(cities[0],),
                 answer_prefix=f"{name} {_VERB}" if answer_prefix else None,
-                candidates=tuple(cities),
-                qid=f"synthetic-{seed}-{i}",
-                meta={"source": "synthetic", "seed": seed},
+                candidates=tuple(cities) if distractors == "confusable" else (cities[0],),
+                qid=f"synthetic-{seed}-{i}" + ("" if distractors == "confusable" else "-af"),
+                meta={"source": "synthetic", "seed": seed, "distractors": distractors},
             )
         )
     return examples
@@ -143,7 +170,7 @@ def _resolve_position(gold_position: int | str, n: int, rng: random.Random) -> i
 def synthetic_vocabulary() -> list[str]:
     """Every word the synthetic task can produce (for the offline word-level tokenizer)."""
     brands = {o + v + c + e for o in _ONSETS for v in _VOWELS for c in _CODAS for e in _ENDINGS}
-    words = set(CITIES) | set(INDUSTRIES) | brands
-    text = LITM_INSTRUCTION + f" Document Title Question Answer In which city Based {_VERB} based"
+    words = set(CITIES) | set(INDUSTRIES) | brands | set(_PRODUCTS) | {str(n) for n in (*_YEARS, *_STAFF)}
+    text = LITM_INSTRUCTION + f" Document Title Question Answer In which city Based {_VERB} based Founded Makes Employs people The ordered randomly"
     words |= set(re.findall(r"\w+|[^\w\s]+", text))
     return sorted(words)

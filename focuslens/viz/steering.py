@@ -6,7 +6,7 @@ from focuslens.viz.export import Figure
 
 import pandas as pd
 
-__all__ = ["plot_split_softmax_sweep", "plot_focus_sweep"]
+__all__ = ["plot_split_softmax_sweep", "plot_focus_sweep", "plot_focus_conditions"]
 
 _REFERENCE_STYLE = {
     "gold_only": ("gold document only", "#2ca02c"),
@@ -95,4 +95,49 @@ def plot_focus_sweep(sweep: pd.DataFrame, *, references: dict[str, float] | None
         "queries at the answer rows, no label of the relevant document</sup>",
         template="plotly_white", margin=dict(t=110), width=1100, height=520,
     )
+    return Figure(fig)
+
+
+_PARTS = {"gold_title": "gold: title tokens", "gold_answer": "gold: answer token", "irrelevant": "irrelevant documents",
+          "sink": "attention sink"}
+
+
+def plot_focus_conditions(cells: pd.DataFrame, mechanism: pd.DataFrame | None = None, *, title: str | None = None):
+    """Left: test-accuracy gain of focus directions over the unsteered model (points, with
+    paired-bootstrap 95 % CIs) per task × layout × head ranking × rows, (k, α) chosen on
+    validation; the negative-α control as crosses. Right: where the steered heads'
+    attention from the answer rows lands, unsteered vs steered, per task × layout
+    (:func:`focuslens.experiments.gold_breakdown`)."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    cells = cells.reset_index(drop=True)
+    labels = [f"{c.task.replace('synthetic_', '')} · {c.layout} · {c.ranking} · {c.rows}" for c in cells.itertuples()]
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.6, 0.4], horizontal_spacing=0.28,
+                        subplot_titles=("gain in test accuracy (points), 95% CI", "attention of the steered heads"))
+    gain = 100 * cells.gain
+    lo, hi = 100 * cells.gain_ci.str[0], 100 * cells.gain_ci.str[1]
+    neg = 100 * (cells.negative_alpha_test_acc - cells.baseline)
+    fig.add_trace(go.Scatter(x=gain, y=labels, mode="markers", name="chosen (k, α) − unsteered",
+                             marker=dict(size=9, color="#1f77b4"),
+                             error_x=dict(type="data", symmetric=False, array=hi - gain, arrayminus=gain - lo)), 1, 1)
+    fig.add_trace(go.Scatter(x=neg, y=labels, mode="markers", name="same k at −α − unsteered",
+                             marker=dict(size=8, symbol="x", color="#d62728")), 1, 1)
+    fig.add_vline(x=0, line=dict(color="#7f7f7f", width=1), row=1, col=1)
+    fig.add_vline(x=10, line=dict(color="#2ca02c", dash="dot", width=1), row=1, col=1, annotation_text="goal +10",
+                  annotation_font=dict(size=11, color="#2ca02c"))
+    if mechanism is not None and len(mechanism):
+        colours = {"gold_title": "#2ca02c", "gold_answer": "#98df8a", "irrelevant": "#ff7f0e", "sink": "#7f7f7f"}
+        m = mechanism.assign(where=lambda d: d.task.str.replace("synthetic_", "") + " · " + d.layout + " · " +
+                             d.alpha.map(lambda a: "unsteered" if a == 0 else f"α={a:g}"))
+        for part, colour in colours.items():
+            sub = m[m.part == part]
+            fig.add_trace(go.Bar(x=sub.mass, y=sub["where"], orientation="h", name=_PARTS[part],
+                                 marker_color=colour), 1, 2)
+        fig.update_layout(barmode="stack")
+    fig.update_xaxes(title_text="points", row=1, col=1)
+    fig.update_xaxes(title_text="mean attention mass from the answer rows", row=1, col=2)
+    fig.update_layout(title=title or "Focus directions across conditions (SmolLM2; held-out test prompts)",
+                      height=max(420, 34 * len(cells) + 180), width=1400, template="plotly_white",
+                      legend=dict(orientation="h", y=-0.12))
     return Figure(fig)
