@@ -51,6 +51,10 @@ FIGURES: dict[str, str] = {
     "direction_similarity_llama": "the same for Llama-3.2-3B's released directions",
     "direction_similarity_qwen": "the same for Qwen2.5-7B's released directions",
     "topk_overlap": "top-20 overlap between SmolLM2 head rankings: scoring settings and the causal ranking",
+    "focus_conditions": "`focuslens experiment focus` (`make focus-conditions`): gain of focus directions over the "
+    "unsteered model with paired-bootstrap 95% CIs per task × layout × head ranking × rows, (k, α) chosen on "
+    "validation, the −α control; and where the steered heads' attention lands (gold title / answer token, "
+    "irrelevant documents, sink)",
 }
 
 #: scoring settings compared in ``topk_overlap`` (file suffix -> score_heads arguments).
