@@ -345,7 +345,8 @@ def write_focus_conditions(out: dict, s: ConditionSettings, out_dir) -> None:
     cells = pd.concat([pd.DataFrame(keep(old.get("focus_conditions", []))), out["cells"]], ignore_index=True)
     run = old.get("focus_conditions_run", {})
     mechanism = pd.concat([pd.DataFrame(keep(run.get("mechanism", []))), out["mechanism"]], ignore_index=True)
-    runs = {k: v for k, v in run.get("runs", {}).items() if tuple(k.split("/")) not in done}
+    earlier = run.get("runs") or run.get("per_condition", {})  # "per_condition": the first format
+    runs = {k: v for k, v in earlier.items() if tuple(k.split("/")) not in done}
     settings = {k: v for k, v in asdict(s).items() if k != "extra"}
     for (t, lay), r in out["results"].items():
         runs[f"{t}/{lay}"] = {"seconds": r["seconds"], "sweep_seconds": r["sweep_seconds"], "settings": settings,
