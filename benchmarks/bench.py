@@ -212,9 +212,11 @@ def _paper_layer_loop(model, layer: int, hidden: list, prompts, *, epochs: int, 
 
 def bench_directions(n_prompts: int, epochs: int, paper_layers: tuple[int, ...]) -> dict:
     from focuslens.data import make_synthetic_qa
-    from focuslens.directions import _train_on_inputs, collect_attention_inputs, focus_hooks, FocusDirections
+    from focuslens.directions import FocusDirections
+    from focuslens.focusing import focus_hooks
     from focuslens.models import load_model
     from focuslens.scoring import prepare_prompts
+    from focuslens.training import _train_on_inputs, collect_attention_inputs
 
     model = load_model("smollm2-135m-instruct")
     prompts = prepare_prompts(model, make_synthetic_qa(n_prompts, n_documents=20, seed=40), quiet=True)
@@ -229,7 +231,7 @@ def bench_directions(n_prompts: int, epochs: int, paper_layers: tuple[int, ...])
     settings = dict(epochs=epochs, lr=1e-3, weight_decay=0.01, batch_size=1, init_std=0.01, patience=epochs,
                     seed=0, quiet=True)
     # both loops optimise the same objective: at the same initial directions, same gold mass
-    from focuslens.directions import span_attention
+    from focuslens.training import span_attention
 
     L, H, d = model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_head
     layer0 = paper_layers[0]

@@ -13,16 +13,19 @@ Relevant Contexts* (Zhu et al., 2025) on TransformerLens' ``TransformerBridge``.
 ...     fl.evaluate_next_token(model, examples).correct.mean()
 """
 
-from focuslens.data import Document, Prompt, QAExample, Span, make_synthetic_qa, render, split_by_question
-from focuslens.directions import FocusDirections, focus, import_release, train_directions
+from focuslens.data import Document, Prompt, QAExample, Span, make_synthetic_qa, render
+from focuslens.directions import FocusDirections, import_release
 from focuslens.errors import DataError, FocusLensError, ModelError
-from focuslens.eval import best_subspan_em, distraction, evaluate_generation, evaluate_next_token
+from focuslens.eval import distraction, evaluate_generation, evaluate_next_token
+from focuslens.focusing import focus
 from focuslens.models import load_model
 from focuslens.scoring import HeadScores, score_heads
 from focuslens.steering import split_softmax
+from focuslens.training import train_directions
 
 __version__ = "0.1.0"
 
+# the names a notebook needs; the rest live in their modules (focuslens.data, .eval, .patching, ...)
 __all__ = [
     "load_model",
     "QAExample",
@@ -31,10 +34,8 @@ __all__ = [
     "Span",
     "render",
     "make_synthetic_qa",
-    "split_by_question",
     "evaluate_next_token",
     "evaluate_generation",
-    "best_subspan_em",
     "distraction",
     "score_heads",
     "HeadScores",

@@ -161,9 +161,9 @@ def _ranking_scores(model, args, out_dir):
 def _train_directions(args) -> None:
     from pathlib import Path
 
-    from focuslens.directions import train_directions
     from focuslens.models import load_model
     from focuslens.pipeline import steering_splits
+    from focuslens.training import train_directions
 
     model = load_model(args.model)
     scores = _ranking_scores(model, args, Path(args.out).parent)
@@ -184,7 +184,12 @@ def _steer(args) -> None:
 
     from focuslens.directions import FocusDirections
     from focuslens.models import load_model
-    from focuslens.pipeline import reference_accuracies, run_focus_directions, run_split_softmax, steering_splits
+    from focuslens.pipeline import (
+        reference_accuracies,
+        run_focus_directions,
+        run_split_softmax,
+        steering_splits,
+    )
 
     model = load_model(args.model)
     Path(args.out).mkdir(parents=True, exist_ok=True)

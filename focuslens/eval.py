@@ -284,18 +284,21 @@ def _probe_hooks(prompt: Prompt, offset: int, probe_heads: Tensor, store: dict) 
     """``hook_pattern`` reductions: per variant, the mean attention mass of its probe heads
     at the answer rows on the gold document and on the sink (summed over layers into
     ``store``). ``offset``: the absolute position of the first query row the hooks see."""
+    from focuslens.scoring import key_indicator, mass_on
+
     rows = slice(prompt.answer.start - offset, prompt.answer.end - offset)
-    gold, sink = prompt.gold, prompt.sink
+    spans = {name: span for name, span in (("gold_mass", prompt.gold), ("sink_mass", prompt.sink)) if span is not None}
+    columns = [[span] for span in spans.values()]
+    indicator = key_indicator(prompt.n_tokens, columns)
     hooks = []
     for layer in probe_heads.any(0).any(-1).nonzero().flatten().tolist():
         heads = probe_heads[:, layer].float()  # [variant, head]
 
         def reduce(pattern, hook, heads=heads):
-            p = pattern[:, :, rows].float()
-            for name, span in (("gold_mass", gold), ("sink_mass", sink)):
-                if span is not None:
-                    mass = p[..., span.start : span.end].sum(-1).mean(-1)  # [variant, head]
-                    store[name] = store.get(name, 0) + (mass * heads.to(mass.device)).sum(-1).cpu()
+            keys = indicator if pattern.shape[-1] == len(indicator) else key_indicator(pattern.shape[-1], columns)
+            mass = mass_on(pattern[:, :, rows].float(), keys)  # [variant, head, span]
+            for col, name in enumerate(spans):
+                store[name] = store.get(name, 0) + (mass[..., col] * heads.to(mass.device)).sum(-1).cpu()
 
         hooks.append((f"blocks.{layer}.attn.hook_pattern", reduce))
     return hooks

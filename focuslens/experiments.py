@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -32,9 +33,10 @@ import torch
 from focuslens.data import make_synthetic_qa
 from focuslens.data.render import Prompt, render, with_layout
 from focuslens.errors import DataError
+from focuslens.io import write_csv
 
 __all__ = ["TASKS", "RANKINGS", "ConditionSettings", "task_splits", "head_rankings", "paired_gain",
-           "gold_breakdown", "run_condition", "run_focus_conditions"]
+           "gold_breakdown", "run_condition", "run_focus_conditions", "run_demo_cell"]
 
 #: task name -> distractor kind of :func:`focuslens.data.make_synthetic_qa`; ``"nq"``: the
 #: Lost-in-the-Middle NQ oracle file with BM25 hard negatives (``ConditionSettings.nq_path``)
@@ -114,7 +116,8 @@ def _nq_splits(layout: str, s: ConditionSettings) -> dict[str, list]:
             "test": [ex for q in qids[n_train + n_val :] for ex in by_q[q]]}
 
 
-def head_rankings(model, train, names=RANKINGS, *, n_pairs: int = 16, quiet: bool = False) -> dict[str, list]:
+def head_rankings(model, train, names=RANKINGS, *, n_pairs: int = 16, inputs=None,
+                  quiet: bool = False) -> dict[str, list]:
     """Four head orders, best first, all from training prompts.
 
     ``contextual``: attention mass from the answer rows onto the gold document (the paper's).
@@ -123,21 +126,29 @@ def head_rankings(model, train, names=RANKINGS, *, n_pairs: int = 16, quiet: boo
     ``gold_only``: the contextual score on the gold-only prompts.
     ``attribution``: attribution patching of every head on counterfactual pairs (the gold
     document names another city): the heads that carry the answer.
+
+    ``inputs``: the training prompts' :class:`~focuslens.training.AttentionInputs` when
+    ``train`` are those rendered prompts: the first two rankings then come from its captured
+    patterns instead of another forward pass (the same numbers).
     """
     from focuslens.patching import make_counterfactual_pairs, patch_heads
-    from focuslens.scoring import score_heads
+    from focuslens.scoring import score_heads, scores_from_patterns
 
     out = {}
     if {"contextual", "chance_corrected"} & set(names):
-        scores = score_heads(model, train, n_bootstrap=0, quiet=quiet)
-        n_other = max(1, train[0].n_documents - 1)
+        if inputs is not None:
+            scores = scores_from_patterns(model, train, inputs.pattern)
+        else:
+            scores = score_heads(model, train, n_bootstrap=0, quiet=quiet)
+        n_other = max(1, getattr(train[0], "example", train[0]).n_documents - 1)
         corrected = scores["gold"] - scores["irrelevant_sum"] / n_other
         out["contextual"] = scores.ranking()
         out["chance_corrected"] = _order(corrected)
+    examples = [getattr(t, "example", t) for t in train]  # the rest re-render their own prompts
     if "gold_only" in names:
-        out["gold_only"] = score_heads(model, train, setting="gold_only", n_bootstrap=0, quiet=quiet).ranking()
+        out["gold_only"] = score_heads(model, examples, setting="gold_only", n_bootstrap=0, quiet=quiet).ranking()
     if "attribution" in names:
-        pairs = make_counterfactual_pairs(model, train[:n_pairs])
+        pairs = make_counterfactual_pairs(model, examples[:n_pairs])
         out["attribution"] = patch_heads(model, pairs, methods=("attribution",), quiet=quiet).ranking("attribution")
     return {name: out[name] for name in names}
 
@@ -184,7 +195,7 @@ def gold_breakdown(model, directions, examples, heads, alpha: float, *, rows: st
     """Where the steered heads' attention from the answer rows lands, unsteered (α = 0) and
     steered: mean mass on the gold title tokens, the gold answer token(s), all irrelevant
     documents and the sink. One row per (α, part)."""
-    from focuslens.directions import focus
+    from focuslens.focusing import focus
     from focuslens.steering import head_mask
 
     mask = head_mask(model, list(heads))
@@ -210,45 +221,55 @@ def gold_breakdown(model, directions, examples, heads, alpha: float, *, rows: st
     return pd.DataFrame([{"alpha": a, "part": name, "mass": v} for (a, name), v in totals.items()])
 
 
-def _cell(test: pd.DataFrame, val: pd.DataFrame, base: pd.Series, ranking: str, alphas, s: ConditionSettings) -> dict:
+def _cell(test: pd.DataFrame, val: pd.DataFrame, base: pd.Series, ranking: str, alphas, s: ConditionSettings, *,
+          control: bool = True) -> dict:
     """One cell from the sweeps of one ranking: (k, α) chosen on validation, measured on test."""
-    from focuslens.directions import MagnitudeControl, best_setting
+    from focuslens.focusing import MagnitudeControl
 
     v = val[val.ranking == ranking]
-    best = best_setting(v[v.alpha > 0])
-    k, a = int(best["k"]), float(best["alpha"])  # the same choice as _choice: one best_setting
+    k, a = _choice(val, ranking)
     t = test[(test.ranking == ranking) & (test.k == k)]
     per = lambda alpha: t[t.alpha == alpha].sort_values("example").set_index("example").correct  # noqa: E731
     chosen = per(a)
     gain, lo, hi = paired_gain(chosen, base.loc[chosen.index], n_bootstrap=s.n_bootstrap, seed=s.seed)
-    control = MagnitudeControl.fit(v, k=k, alpha=a, grid=[x for x in alphas if x > 0], ranking=ranking)
-    controlled = control.apply_to_sweep(t)
-    mc_gain = paired_gain(controlled.set_index("example").correct, base.loc[controlled.example],
-                          n_bootstrap=s.n_bootstrap, seed=s.seed)
     steered = t[t.alpha == a]
-    return {
-        "best": {"k": k, "alpha": a, "val_acc": float(best["accuracy"]), "test_acc": float(chosen.mean())},
+    cell = {
+        "best": {"k": k, "alpha": a, "val_acc": float(v[(v.k == k) & (v.alpha == a)].correct.mean()),
+                 "test_acc": float(chosen.mean())},
         "gain": gain, "gain_ci": [lo, hi],
         "negative_alpha": -a, "negative_alpha_test_acc": float(per(-a).mean()),
-        "magnitude_control_test_acc": float(controlled.correct.mean()),
-        "magnitude_control_gain_ci": list(mc_gain[1:]),
-        "magnitude_control_mean_alpha": float(controlled.alpha.mean()),
+        "magnitude_control_test_acc": None, "magnitude_control_gain_ci": None, "magnitude_control_mean_alpha": None,
         "gold_mass": {"before": float(t[t.alpha == 0].gold_mass.mean()), "after": float(steered.gold_mass.mean())},
         "sink_mass": {"before": float(t[t.alpha == 0].sink_mass.mean()), "after": float(steered.sink_mass.mean())},
     }
+    if control:
+        mc = MagnitudeControl.fit(v, k=k, alpha=a, grid=[x for x in alphas if x > 0], ranking=ranking)
+        controlled = mc.apply_to_sweep(t)
+        mc_gain = paired_gain(controlled.set_index("example").correct, base.loc[controlled.example],
+                              n_bootstrap=s.n_bootstrap, seed=s.seed)
+        cell |= {"magnitude_control_test_acc": float(controlled.correct.mean()),
+                 "magnitude_control_gain_ci": list(mc_gain[1:]),
+                 "magnitude_control_mean_alpha": float(controlled.alpha.mean())}
+    return cell
 
 
 def run_condition(model, task: str, layout: str, s: ConditionSettings, *, quiet: bool = False) -> dict:
     """Every cell of one task × layout: train, rank, sweep validation, test once."""
-    from focuslens.directions import focus_sweep, train_directions
     from focuslens.eval import evaluate_generation, evaluate_next_token
+    from focuslens.focusing import focus_sweep
+    from focuslens.scoring import prepare_prompts
+    from focuslens.training import collect_attention_inputs, train_directions
 
     t0 = time.perf_counter()
     splits = task_splits(task, layout, s)
     names = tuple(r for r in s.rankings if not (task == "nq" and r == "attribution"))  # pairs are synthetic-only
-    rankings = head_rankings(model, splits["train"], names, n_pairs=s.n_pairs, quiet=quiet)
-    dirs = train_directions(model, splits["train"], splits["validation"], epochs=s.epochs, lr=s.lr,
+    # one forward per training / validation prompt serves both the head scores and the training cache
+    prompts = {n: prepare_prompts(model, splits[n], quiet=quiet) for n in ("train", "validation")}
+    inputs = {n: collect_attention_inputs(model, p, quiet=quiet) for n, p in prompts.items()}
+    rankings = head_rankings(model, prompts["train"], names, n_pairs=s.n_pairs, inputs=inputs["train"], quiet=quiet)
+    dirs = train_directions(model, prompts["train"], prompts["validation"], epochs=s.epochs, lr=s.lr,
                             patience=s.patience, seed=s.seed, ranking=rankings[names[0]], quiet=quiet,
+                            inputs=(inputs["train"], inputs["validation"]),
                             data=f"{task} {layout} n_documents={s.n_documents} seed={s.seed}")
     unique = list({(ex.documents[ex.gold_index], ex.question): ex.gold_only() for ex in splits["test"]}.values())
     generate = s.nq_max_new_tokens if task == "nq" else None
@@ -267,7 +288,10 @@ def run_condition(model, task: str, layout: str, s: ConditionSettings, *, quiet:
         val = focus_sweep(model, dirs, splits["validation"], ks=ks, alphas=alphas, rows=rows,
                           rankings={n: rankings[n] for n in names_r}, max_new_tokens=generate, quiet=quiet)
         chosen = {n: _choice(val, n) for n in names_r}
-        test_alphas = sorted({*alphas, *(-a for _, a in chosen.values())})
+        # rows="all" re-runs every position per variant: test only the chosen ±α (no
+        # per-prompt magnitude control, which needs every α of the grid on each prompt)
+        grid = alphas if rows == "answer" else [a for _, a in chosen.values()]
+        test_alphas = sorted({*grid, *(-a for _, a in chosen.values())})
         test = focus_sweep(model, dirs, splits["test"], ks={n: (k,) for n, (k, _) in chosen.items()},
                            alphas=test_alphas, rows=rows, rankings={n: rankings[n] for n in names_r},
                            max_new_tokens=generate, quiet=quiet)
@@ -279,7 +303,7 @@ def run_condition(model, task: str, layout: str, s: ConditionSettings, *, quiet:
                     "n_test": int(test.example.nunique()), "n_validation": int(val.example.nunique()),
                     "baseline": float(base.mean()), "gold_only": gold_only,
                     "metric": "best_subspan_em (greedy)" if generate else "top-1 next-token accuracy"}
-            cells.append(cell | _cell(test, val, base, name, alphas, s))
+            cells.append(cell | _cell(test, val, base, name, alphas, s, control=rows == "answer"))
         sweeps[rows] = (val, test)
     k, a = cells[0]["best"]["k"], cells[0]["best"]["alpha"]
     mechanism = gold_breakdown(model, dirs, splits["test"][: s.n_mechanism], rankings[names[0]][:k], a)
@@ -294,7 +318,7 @@ def run_condition(model, task: str, layout: str, s: ConditionSettings, *, quiet:
 
 
 def _choice(val: pd.DataFrame, ranking: str) -> tuple[int, float]:
-    from focuslens.directions import best_setting
+    from focuslens.focusing import best_setting
 
     v = val[(val.ranking == ranking) & (val.alpha > 0)]
     best = best_setting(v)
@@ -307,8 +331,6 @@ def run_focus_conditions(model, settings: ConditionSettings | None = None, *, ou
     DataFrame, one row per task × layout × ranking × rows), ``mechanism`` and the raw
     results; with ``out_dir`` writes ``focus_conditions.{csv,png,html}`` and the
     ``"focus_conditions"`` section of ``summary.json``."""
-    from pathlib import Path
-
     s = settings or ConditionSettings()
     t0 = time.perf_counter()
     results = {}
@@ -319,7 +341,7 @@ def run_focus_conditions(model, settings: ConditionSettings | None = None, *, ou
                 print(f"{task:>22} {layout:>15} {c['ranking']:>17} {c['rows']:>6}: baseline {c['baseline']:.3f} "
                       f"-> {c['best']['test_acc']:.3f} (k={c['best']['k']}, a={c['best']['alpha']:g}) gain "
                       f"{100 * c['gain']:+.1f} [{100 * c['gain_ci'][0]:+.1f}, {100 * c['gain_ci'][1]:+.1f}] pts; "
-                      f"a<0 {c['negative_alpha_test_acc']:.3f}; control {c['magnitude_control_test_acc']:.3f}",
+                      f"a<0 {c['negative_alpha_test_acc']:.3f}; control {_fmt(c['magnitude_control_test_acc'])}",
                       flush=True)
     cells = pd.DataFrame([c for r in results.values() for c in r["cells"]])
     mechanism = pd.concat([r["mechanism"] for r in results.values()], ignore_index=True)
@@ -329,12 +351,16 @@ def run_focus_conditions(model, settings: ConditionSettings | None = None, *, ou
     return out
 
 
+def _fmt(x) -> str:
+    return "-" if x is None else f"{x:.3f}"
+
+
 def write_focus_conditions(out: dict, s: ConditionSettings, out_dir) -> None:
     """CSV, figure and the ``summary.json`` sections of a grid run."""
+    import json
+
     from focuslens.pipeline import update_summary
     from focuslens.viz.steering import plot_focus_conditions
-
-    import json
 
     out_dir.mkdir(parents=True, exist_ok=True)
     summary_file = out_dir / "summary.json"
@@ -351,7 +377,25 @@ def write_focus_conditions(out: dict, s: ConditionSettings, out_dir) -> None:
     for (t, lay), r in out["results"].items():
         runs[f"{t}/{lay}"] = {"seconds": r["seconds"], "sweep_seconds": r["sweep_seconds"], "settings": settings,
                               "directions": {k: v for k, v in r["directions"].items() if k != "history"}}
-    pd.json_normalize(cells.to_dict("records")).to_csv(out_dir / "focus_conditions.csv", index=False)
+    write_csv(out_dir / "focus_conditions.csv", pd.json_normalize(cells.to_dict("records")))
     plot_focus_conditions(cells, mechanism).save(out_dir / "focus_conditions")
-    update_summary(summary_file, "focus_conditions", cells.to_dict("records"))
+    records = cells.astype(object).where(cells.notna(), None).to_dict("records")  # not-run fields: null, not NaN
+    update_summary(summary_file, "focus_conditions", records)
     update_summary(summary_file, "focus_conditions_run", {"mechanism": mechanism.to_dict("records"), "runs": runs})
+
+
+def run_demo_cell(model, *, out_dir: str | Path = "figures", quiet: bool = False) -> dict:
+    """One cell of ``focuslens experiment focus`` at a small size: synthetic task,
+    query-aware layout, contextual ranking, answer rows (the full grid: ``make
+    focus-conditions``). Its numbers go to ``summary.json["focus_conditions_demo"]``."""
+    from focuslens.pipeline import update_summary
+
+    s = ConditionSettings(n_train=40, n_validation=20, n_test=100, epochs=40, rankings=("contextual",),
+                          layouts=("qa_query_aware",), tasks=("synthetic",), all_rows=(), n_mechanism=10)
+    cell = run_condition(model, "synthetic", "qa_query_aware", s, quiet=quiet)["cells"][0]
+    print(f"\nFocus directions, one cell of the conditions grid (synthetic, query-aware, contextual heads, answer "
+          f"rows; {cell['n_test']} test prompts): unsteered {cell['baseline']:.3f} -> {cell['best']['test_acc']:.3f} "
+          f"(k={cell['best']['k']}, alpha={cell['best']['alpha']:g}); gain {100 * cell['gain']:+.1f} points, 95% CI "
+          f"[{100 * cell['gain_ci'][0]:+.1f}, {100 * cell['gain_ci'][1]:+.1f}]")
+    update_summary(Path(out_dir) / "summary.json", "focus_conditions_demo", cell)
+    return cell

@@ -212,7 +212,12 @@ def draw_cross_family(out: str | Path, release_dir: str | Path | None) -> list[P
     the paper's released artifacts under ``release_dir`` (any models found there)."""
     from focuslens.directions import FocusDirections
     from focuslens.scoring import HeadScores
-    from focuslens.viz import plot_direction_norms, plot_direction_similarity, plot_head_locations, plot_norm_vs_rank
+    from focuslens.viz import (
+        plot_direction_norms,
+        plot_direction_similarity,
+        plot_head_locations,
+        plot_norm_vs_rank,
+    )
 
     out = Path(out)
     scores = HeadScores.load(_need(out / "contextual_heads.json"))

@@ -105,26 +105,6 @@ def _check_architecture(config) -> None:
         )
 
 
-def _patch_kv_cache_bug() -> None:
-    """transformers ≥ 5.24 passes the KV cache as ``cache=`` and TL 4.3 never sees it, so
-    each decode step attends only to itself (silently wrong). Re-route it (tl_probe Q4)."""
-    from transformers import __version__ as tv
-    from transformer_lens.model_bridge.generalized_components.attention import AttentionBridge
-
-    major, minor = (int(x) for x in tv.split(".")[:2])
-    if (major, minor) < (5, 24) or getattr(AttentionBridge, "_focuslens_kv_patch", False):
-        return
-    original = AttentionBridge._update_kv_cache
-
-    def _update_kv_cache(self, k, v, **kw):
-        if kw.get("past_key_values") is None and kw.get("cache") is not None:
-            kw["past_key_values"] = kw["cache"]
-        return original(self, k, v, **kw)
-
-    AttentionBridge._update_kv_cache = _update_kv_cache
-    AttentionBridge._focuslens_kv_patch = True
-
-
 def load_model(
     spec: Any,
     *,
@@ -149,7 +129,6 @@ def load_model(
 
     from transformer_lens.model_bridge import TransformerBridge
 
-    _patch_kv_cache_bug()
     device, dtype = _default_device_dtype(device, dtype)
     label = None
     if isinstance(spec, torch.nn.Module):

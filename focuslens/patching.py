@@ -37,15 +37,12 @@ is approximated: the tests check this path against TransformerLens'
 
 from __future__ import annotations
 
-import html
-import json
 import math
 import random
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -55,11 +52,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from focuslens.data.examples import Document, QAExample
-from focuslens.data.render import Prompt, Span, render
+from focuslens.data.render import Prompt, render
 from focuslens.data.synthetic import CITIES
 from focuslens.errors import DataError, ModelError
 from focuslens.eval import candidate_token_ids, first_token_id, spearman
 from focuslens.kvcache import PrefixCache
+from focuslens.models import model_id
+from focuslens.results import HeadResult
 
 __all__ = [
     "CounterfactualPair",
@@ -240,15 +239,9 @@ def _run_groups(
 
 
 def _check_heads(model, heads: Iterable[Head] | None) -> list[Head]:
-    if heads is None:
-        return all_heads(model)
-    heads = [(int(layer), int(head)) for layer, head in heads]
-    bad = [h for h in heads if not (0 <= h[0] < model.cfg.n_layers and 0 <= h[1] < model.cfg.n_heads)]
-    if bad:
-        raise ModelError(
-            f"heads {bad[:3]} are outside the model's {model.cfg.n_layers} layers × "
-            f"{model.cfg.n_heads} heads."
-        )
+    from focuslens.steering import resolve_heads
+
+    heads = resolve_heads(model, heads if heads is None else list(heads))
     if not heads:
         raise DataError("heads is empty: pass at least one (layer, head), or None for all heads.")
     return heads
@@ -310,7 +303,7 @@ def _patch_pairs(model, pairs, methods, *, batch_size, quiet) -> PatchingResult:
         runs.append(run)
     _warn_small_gaps(runs)
     meta = {
-        "model": _model_id(model),
+        "model": model_id(model),
         "n_pairs": len(pairs),
         "seed": pairs[0].seed,
         "metric": "normalised logit difference (LD_patched − LD_corrupt) / (LD_clean − LD_corrupt)",
@@ -507,7 +500,7 @@ def ablate_heads(
     name = f"{mode}_ablation"
     per = {name: margin, f"{name}_accuracy": accuracy}
     meta = {
-        "model": _model_id(model),
+        "model": model_id(model),
         "n_pairs": len(examples),
         "seed": int(examples[0].meta.get("seed", 0)),
         "metric": "drop of the gold − best-other-candidate margin (and of top-1 accuracy)",
@@ -563,16 +556,11 @@ def ablate_head_groups(
 
 
 # ------------------------------------------------------------------ results
-def _model_id(model) -> str:
-    from focuslens.models import model_id
-
-    return model_id(model)
-
-
-@dataclass
-class PatchingResult:
+@dataclass(repr=False)
+class PatchingResult(HeadResult):
     """Per-head causal effects: a ``[n_layers, n_heads]`` tensor per method (NaN where a
-    head was not tried) plus per-example values and metadata.
+    head was not tried) plus per-example values and metadata (ranking, top-k, DataFrame,
+    save/load: :class:`~focuslens.results.HeadResult`).
 
     Attributes:
         scores: method -> mean over pairs/examples (``"exact"``, ``"attribution"``,
@@ -581,35 +569,16 @@ class PatchingResult:
         metadata: model, n_pairs, seed, metric, intervention, LDs, qids.
     """
 
+    VALUES, TENSORS, KIND = "scores", ("scores", "per_example"), "method"
+    FORMAT = "focuslens.PatchingResult/1"
+
     scores: dict[str, Float[Tensor, "layer head"]]
     per_example: dict[str, Float[Tensor, "example layer head"]] = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(next(iter(self.scores.values())).shape)
-
-    @property
     def methods(self) -> list[str]:
-        return list(self.scores)
-
-    def __getitem__(self, method: str) -> Tensor:
-        if method not in self.scores:
-            raise KeyError(f"no method {method!r}; available: {self.methods}")
-        return self.scores[method]
-
-    def ranking(self, method: str | None = None, *, absolute: bool = False) -> list[Head]:
-        """Computed heads as (layer, head), largest effect first (NaNs are left out)."""
-        values = self[method or self.methods[0]].float()
-        values = values.abs() if absolute else values
-        flat = values.flatten()
-        order = torch.argsort(torch.nan_to_num(flat, nan=-math.inf), descending=True, stable=True).tolist()
-        n_heads = self.shape[1]
-        return [(i // n_heads, i % n_heads) for i in order if not math.isnan(flat[i])]
-
-    def top_k(self, k: int, method: str | None = None, *, absolute: bool = False) -> list[Head]:
-        """The k heads with the largest effect (``absolute``: largest magnitude)."""
-        return self.ranking(method, absolute=absolute)[:k]
+        return self.names
 
     def merge(self, other: PatchingResult) -> PatchingResult:
         """One result holding the methods of both (same model and shape)."""
@@ -622,83 +591,6 @@ class PatchingResult:
             {**self.scores, **other.scores},
             {**self.per_example, **other.per_example},
             {**other.metadata, **self.metadata},
-        )
-
-    def to_dataframe(self) -> pd.DataFrame:
-        """Long format: one row per computed (layer, head, method) with its ``value``."""
-        rows = [
-            {"layer": layer, "head": head, "method": method, "value": float(values[layer, head])}
-            for method, values in self.scores.items()
-            for layer, head in torch.nonzero(~values.isnan()).tolist()
-        ]
-        return pd.DataFrame(rows, columns=["layer", "head", "method", "value"])
-
-    def save(self, path: str | Path) -> Path:
-        """Write JSON (tensors as nested lists, NaN as null) and return the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-
-        def lists(t: Tensor):
-            return np.where(np.isnan(t.numpy()), None, t.numpy()).tolist()
-
-        blob = {
-            "format": "focuslens.PatchingResult/1",
-            "metadata": self.metadata,
-            "scores": {k: lists(v) for k, v in self.scores.items()},
-            "per_example": {k: lists(v) for k, v in self.per_example.items()},
-        }
-        path.write_text(json.dumps(blob))
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path, *, model=None) -> PatchingResult:
-        """Read :meth:`save` output; with ``model``, check identity and shape."""
-        blob = json.loads(Path(path).read_text())
-        if blob.get("format") != "focuslens.PatchingResult/1":
-            raise DataError(f"{path} is not a focuslens PatchingResult file (format={blob.get('format')!r}).")
-
-        def tensor(x):
-            return torch.tensor(np.array(x, dtype=np.float64), dtype=torch.float32)
-
-        result = cls(
-            {k: tensor(v) for k, v in blob["scores"].items()},
-            {k: tensor(v) for k, v in blob["per_example"].items()},
-            blob["metadata"],
-        )
-        if model is not None:
-            want = (model.cfg.n_layers, model.cfg.n_heads)
-            if result.shape != want or result.metadata.get("model") != _model_id(model):
-                raise ModelError(
-                    f"{path} holds results for {result.metadata.get('model')!r} {result.shape}, "
-                    f"not for the loaded {_model_id(model)!r} {want}."
-                )
-        return result
-
-    def _repr_html_(self) -> str:
-        top = {m: self.top_k(10, m) for m in self.methods}
-        header = "".join(f"<th>{html.escape(m)}</th>" for m in self.methods)
-
-        def cell(m, i):
-            if i >= len(top[m]):
-                return "<td></td>"
-            layer, head = top[m][i]
-            return f"<td>L{layer}H{head} ({float(self[m][layer, head]):.3f})</td>"
-
-        body = "".join(
-            f"<tr><td>{i + 1}</td>{''.join(cell(m, i) for m in self.methods)}</tr>"
-            for i in range(max(len(t) for t in top.values()))
-        )
-        shown = [k for k in ("model", "n_pairs", "seed") if k in self.metadata]
-        meta = ", ".join(f"{k}={html.escape(str(self.metadata[k]))}" for k in shown)
-        return (
-            f"<div><b>PatchingResult</b> {self.shape[0]} layers × {self.shape[1]} heads; {meta}<br>"
-            f"<table><tr><th>#</th>{header}</tr>{body}</table></div>"
-        )
-
-    def __repr__(self) -> str:
-        return (
-            f"PatchingResult(model={self.metadata.get('model')!r}, shape={self.shape}, "
-            f"methods={self.methods}, n_pairs={self.metadata.get('n_pairs')})"
         )
 
 

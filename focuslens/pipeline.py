@@ -7,11 +7,14 @@ to ``out_dir/summary.json`` (machine-readable: every number that is printed).
 from __future__ import annotations
 
 import json
+import random
 import time
 from pathlib import Path
 
 import pandas as pd
 import torch
+
+from focuslens.io import write_csv
 
 __all__ = [
     "run_demo",
@@ -23,25 +26,19 @@ __all__ = [
     "reference_accuracies",
     "run_split_softmax",
     "run_focus_directions",
-    "run_focus_condition_cell",
     "update_summary",
 ]
 
 
 def update_summary(path: str | Path, section: str, data: dict) -> dict:
-    """Merge ``{section: data}`` into the JSON file at ``path`` (created if missing)."""
-    import os
+    """Merge ``{section: data}`` into the JSON file at ``path`` (created if missing),
+    atomically (:func:`focuslens.io.write_json`)."""
+    from focuslens.io import write_json
 
     path = Path(path)
     summary = json.loads(path.read_text()) if path.exists() else {}
     summary[section] = data
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as f:  # written beside the target, then renamed over it: never half a file
-        f.write(json.dumps(summary, indent=2) + "\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    write_json(path, summary, indent=2)
     return summary
 
 
@@ -78,7 +75,7 @@ def run_distraction(
     _print_distraction(summary)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    rows.to_csv(out / "distraction.csv", index=False)
+    write_csv(out / "distraction.csv", rows)
     update_summary(out / "summary.json", "distraction", summary)
     draw_distraction(out)
     return summary
@@ -143,11 +140,10 @@ def run_patching(
 ) -> dict:
     """Causal importance: attribution patching of every head, exact patching of the top
     contextual heads plus as many random heads, group ablations, rank agreement."""
-    import random
-
     from focuslens.data import make_synthetic_qa
-    from focuslens.patching import ablate_head_groups, all_heads, make_counterfactual_pairs, patch_heads, rank_agreement
     from focuslens.figures import draw_patching
+    from focuslens.patching import ablate_head_groups, all_heads, make_counterfactual_pairs
+    from focuslens.patching import patch_heads, rank_agreement
 
     out = Path(out_dir)
     pairs = make_counterfactual_pairs(model, make_synthetic_qa(n_pairs, n_documents=20, seed=seed), seed=seed)
@@ -181,7 +177,7 @@ def run_patching(
     import pandas as pd
 
     groups = pd.concat(groups, ignore_index=True)
-    groups.drop(columns="heads").to_csv(out / "ablation_groups.csv", index=False)
+    write_csv(out / "ablation_groups.csv", groups.drop(columns="heads"))
     table = (
         groups[groups.group != "none"]
         .groupby(["ranking", "k", "group"])[["margin_drop", "accuracy"]].mean().unstack("group")
@@ -295,7 +291,7 @@ def run_split_softmax(
     ks = tuple(k for k in ks if k <= model.cfg.n_layers * model.cfg.n_heads)
     sweep = split_softmax_sweep(model, test, scores.ranking(), ks=ks, taus=taus, n_random=n_random, seed=seed,
                                 rows=rows, quiet=quiet)
-    sweep.to_csv(out / "split_softmax_sweep.csv", index=False)
+    write_csv(out / "split_softmax_sweep.csv", sweep)
     refs = references or reference_accuracies(model, test, quiet=quiet)
     baseline = float(sweep[sweep.group == "none"].correct.mean())
     acc = sweep[sweep.group != "none"].groupby(["group", "k", "tau"]).correct.mean()
@@ -353,8 +349,10 @@ def run_focus_directions(
     """Train focus directions (or take ``directions``), choose (k, α) on validation, test
     them (paper Fig. 4), compare a per-prompt magnitude control, report direction norms.
     Results go to ``summary.json[section]`` and ``{section}.png/.html``."""
-    from focuslens.directions import MagnitudeControl, best_setting, focus_sweep, import_release, train_directions
+    from focuslens.directions import import_release
     from focuslens.figures import draw_focus_directions
+    from focuslens.focusing import MagnitudeControl, best_setting, focus_sweep
+    from focuslens.training import train_directions
 
     out = Path(out_dir)
     if directions is None:
@@ -382,8 +380,8 @@ def run_focus_directions(
     best = best_setting(val[val.alpha > 0])
     grid = sorted({*alphas, *extra})
     test = focus_sweep(model, dirs, splits["test"], ks=ks, alphas=grid, rows=rows, quiet=quiet)
-    val.to_csv(out / f"{section}_validation.csv", index=False)
-    test.to_csv(out / f"{section}_test.csv", index=False)
+    write_csv(out / f"{section}_validation.csv", val)
+    write_csv(out / f"{section}_test.csv", test)
     n_docs = splits["test"][0].n_documents
     k_best, a_best = best["k"], best["alpha"]
     at = lambda df, k, a: df[(df.k == k) & (df.alpha == a)]  # noqa: E731
@@ -437,23 +435,6 @@ def run_focus_directions(
     update_summary(out / "summary.json", section, summary)
     draw_focus_directions(out, section)
     return summary
-
-
-def run_focus_condition_cell(model, *, out_dir: str | Path = "figures", quiet: bool = False) -> dict:
-    """One cell of ``focuslens experiment focus`` at a small size: synthetic task,
-    query-aware layout, contextual ranking, answer rows (the full grid: ``make
-    focus-conditions``). Its numbers go to ``summary.json["focus_conditions_demo"]``."""
-    from focuslens.experiments import ConditionSettings, run_condition
-
-    s = ConditionSettings(n_train=40, n_validation=20, n_test=100, epochs=40, rankings=("contextual",),
-                          layouts=("qa_query_aware",), tasks=("synthetic",), all_rows=(), n_mechanism=10)
-    cell = run_condition(model, "synthetic", "qa_query_aware", s, quiet=quiet)["cells"][0]
-    print(f"\nFocus directions, one cell of the conditions grid (synthetic, query-aware, contextual heads, answer "
-          f"rows; {cell['n_test']} test prompts): unsteered {cell['baseline']:.3f} -> {cell['best']['test_acc']:.3f} "
-          f"(k={cell['best']['k']}, alpha={cell['best']['alpha']:g}); gain {100 * cell['gain']:+.1f} points, 95% CI "
-          f"[{100 * cell['gain_ci'][0]:+.1f}, {100 * cell['gain_ci'][1]:+.1f}]")
-    update_summary(Path(out_dir) / "summary.json", "focus_conditions_demo", cell)
-    return cell
 
 
 def _print_final_table(path: Path) -> None:
@@ -520,7 +501,9 @@ def run_demo(
     few = steering_splits(n_documents=5, seed=seed + 8)
     run_focus_directions(model, scores, few, references=reference_accuracies(model, few["test"], quiet=quiet),
                          section="focus_directions_5_documents", out_dir=out_dir, quiet=quiet)
-    run_focus_condition_cell(model, out_dir=out_dir, quiet=quiet)
+    from focuslens.experiments import run_demo_cell
+
+    run_demo_cell(model, out_dir=out_dir, quiet=quiet)
     from focuslens.figures import draw_cross_family, draw_prompt_views, draw_topk_overlap, write_readme
 
     draw_prompt_views(out_dir, model)

@@ -38,9 +38,12 @@ from tqdm.auto import tqdm
 
 from focuslens.data.examples import QAExample
 from focuslens.data.render import Prompt, render
-from focuslens.errors import DataError, ModelError
+from focuslens.errors import DataError
+from focuslens.results import HeadResult
 
-__all__ = ["HeadScores", "score_heads", "prepare_prompts", "span_masses", "prompt_span_masses", "METRICS"]
+__all__ = ["HeadScores", "score_heads", "scores_from_patterns", "head_metrics", "prepare_prompts", "span_masses",
+           "key_indicator", "mass_on",
+           "prompt_span_masses", "METRICS"]
 
 #: The metrics of a :class:`HeadScores`, in order.
 METRICS = ("gold", "irrelevant_sum", "irrelevant_max", "sink", "question", "instruction")
@@ -49,9 +52,10 @@ ANSWER_ROWS = ("prefix", "greedy", "gold_answer")
 
 
 # ------------------------------------------------------------------ results object
-@dataclass
-class HeadScores:
-    """Per-head scores: a ``[n_layers, n_heads]`` tensor per metric plus metadata.
+@dataclass(repr=False)
+class HeadScores(HeadResult):
+    """Per-head scores: a ``[n_layers, n_heads]`` tensor per metric plus metadata
+    (ranking, top-k, DataFrame, save/load: :class:`~focuslens.results.HeadResult`).
 
     Attributes:
         mean: metric -> mean over examples.
@@ -59,105 +63,28 @@ class HeadScores:
         metadata: model, data, setting, answer-row source, n_examples, seed, ...
     """
 
+    VALUES, TENSORS, KIND, DEFAULT = "mean", ("mean", "ci_low", "ci_high"), "metric", "gold"
+    FORMAT = "focuslens.HeadScores/1"
+
     mean: dict[str, Float[Tensor, "layer head"]]
     ci_low: dict[str, Float[Tensor, "layer head"]] = field(default_factory=dict)
     ci_high: dict[str, Float[Tensor, "layer head"]] = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return tuple(next(iter(self.mean.values())).shape)
-
-    @property
     def metrics(self) -> list[str]:
-        return list(self.mean)
-
-    def __getitem__(self, metric: str) -> Tensor:
-        if metric not in self.mean:
-            raise KeyError(f"no metric {metric!r}; available: {self.metrics}")
-        return self.mean[metric]
-
-    def ranking(self, metric: str = "gold") -> list[tuple[int, int]]:
-        """All heads as (layer, head), best first (NaNs last)."""
-        values = torch.nan_to_num(self[metric].float(), nan=float("-inf")).flatten()
-        order = torch.argsort(values, descending=True, stable=True)
-        n_heads = self.shape[1]
-        return [(int(i) // n_heads, int(i) % n_heads) for i in order]
-
-    def top_k(self, k: int, metric: str = "gold") -> list[tuple[int, int]]:
-        """The k best heads as (layer, head)."""
-        return self.ranking(metric)[:k]
+        return self.names
 
     def fraction_above(self, threshold: float, metric: str = "gold") -> float:
         return float((self[metric] > threshold).float().mean())
-
-    def to_dataframe(self) -> pd.DataFrame:
-        """Long format: one row per (layer, head, metric) with mean and CI bounds."""
-        n_layers, n_heads = self.shape
-        rows = []
-        for metric, values in self.mean.items():
-            lo, hi = self.ci_low.get(metric), self.ci_high.get(metric)
-            for layer in range(n_layers):
-                for head in range(n_heads):
-                    rows.append(
-                        {
-                            "layer": layer,
-                            "head": head,
-                            "metric": metric,
-                            "value": float(values[layer, head]),
-                            "ci_low": float(lo[layer, head]) if lo is not None else float("nan"),
-                            "ci_high": float(hi[layer, head]) if hi is not None else float("nan"),
-                        }
-                    )
-        return pd.DataFrame(rows)
-
-    # ---------------------------------------------------------------- persistence
-    def save(self, path: str | Path) -> Path:
-        """Write JSON (tensors as nested lists) and return the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        blob = {
-            "format": "focuslens.HeadScores/1",
-            "metadata": self.metadata,
-            "mean": {k: v.tolist() for k, v in self.mean.items()},
-            "ci_low": {k: v.tolist() for k, v in self.ci_low.items()},
-            "ci_high": {k: v.tolist() for k, v in self.ci_high.items()},
-        }
-        path.write_text(json.dumps(blob))
-        return path
-
-    @classmethod
-    def load(cls, path: str | Path, *, model=None) -> HeadScores:
-        """Read :meth:`save` output; with ``model``, check it was computed for that model."""
-        blob = json.loads(Path(path).read_text())
-        if blob.get("format") != "focuslens.HeadScores/1":
-            raise DataError(f"{path} is not a focuslens HeadScores file (format={blob.get('format')!r}).")
-        tensors = {k: {m: torch.tensor(v) for m, v in blob[k].items()} for k in ("mean", "ci_low", "ci_high")}
-        scores = cls(**tensors, metadata=blob["metadata"])
-        if model is not None:
-            scores.check_model(model)
-        return scores
-
-    def check_model(self, model) -> None:
-        """Raise ``ModelError`` unless these scores fit ``model`` (identity and shape)."""
-        from focuslens.models import model_id
-
-        want = (model.cfg.n_layers, model.cfg.n_heads)
-        if self.shape != want:
-            raise ModelError(
-                f"scores have shape {self.shape} (layers, heads) but the model {model_id(model)!r} has {want}."
-            )
-        saved = self.metadata.get("model")
-        if saved and saved != model_id(model):
-            raise ModelError(
-                f"scores were computed for model {saved!r}, not for the loaded {model_id(model)!r}."
-            )
 
     # ---------------------------------------------------------------- the paper's format
     def to_ranking_json(self, path: str | Path, metric: str = "gold") -> Path:
         """Write the paper's ``relevant_heads.json``: every head as [layer, head], best first."""
         path = Path(path)
-        path.write_text(json.dumps([list(h) for h in self.ranking(metric)]))
+        from focuslens.io import write_json
+
+        write_json(path, [list(h) for h in self.ranking(metric)])
         return path
 
     @classmethod
@@ -187,42 +114,32 @@ class HeadScores:
         meta = {"model": model, "source": source, "kind": "ranking", "n_ranked": len(ranking)}
         return cls(mean={"rank_score": values}, metadata=meta)
 
-    def _repr_html_(self) -> str:
-        metric = "gold" if "gold" in self.mean else self.metrics[0]
-        rows = "".join(
-            f"<tr><td>{i + 1}</td><td>{layer}</td><td>{head}</td><td>{float(self[metric][layer, head]):.3f}</td>"
-            + (
-                f"<td>[{float(self.ci_low[metric][layer, head]):.3f}, {float(self.ci_high[metric][layer, head]):.3f}]</td>"
-                if metric in self.ci_low
-                else "<td></td>"
-            )
-            + "</tr>"
-            for i, (layer, head) in enumerate(self.top_k(10, metric))
-        )
-        meta = ", ".join(f"{k}={v}" for k, v in self.metadata.items() if k in ("model", "setting", "answer_rows", "n_examples"))
-        return (
-            f"<div><b>HeadScores</b> {self.shape[0]} layers × {self.shape[1]} heads; {meta}<br>"
-            f"<table><tr><th>#</th><th>layer</th><th>head</th><th>{metric}</th><th>95% CI</th></tr>{rows}</table></div>"
-        )
 
-    def __repr__(self) -> str:
-        return f"HeadScores(shape={self.shape}, metrics={self.metrics}, metadata={self.metadata})"
+def key_indicator(n_keys: int, columns: Sequence[Sequence]) -> Float[Tensor, "key column"]:
+    """``[n_keys, n_columns]``: 1 where a key lies in one of a column's spans (``Span`` or
+    ``(start, end)``)."""
+    indicator = torch.zeros(n_keys, len(columns))
+    for col, spans in enumerate(columns):
+        for span in spans:
+            start, end = (span.start, span.end) if hasattr(span, "start") else (int(span[0]), int(span[1]))
+            indicator[start:end, col] = 1
+    return indicator
 
 
-# ------------------------------------------------------------------ computation
+def mass_on(pattern_rows: Float[Tensor, "... row key"], indicator: Float[Tensor, "key column"]) -> Float[Tensor, "... column"]:
+    """The one span-mass reduction (scoring, per-prompt masses and the sweeps' probes):
+    each row's attention summed over a column's keys, then the mean over rows."""
+    return (pattern_rows @ indicator.to(pattern_rows)).mean(dim=-2)
+
+
 def span_masses(
     pattern_rows: Float[Tensor, "head row key"], prompt: Prompt
 ) -> Float[Tensor, "head span"]:
     """Mean over rows of the mass on each span: documents first, then sink, question,
-    instruction (``n_documents + 3`` columns)."""
-    n_keys = pattern_rows.shape[-1]
+    instruction (``n_documents + 3`` columns; the question column covers every copy)."""
     columns = [[s] for s in prompt.documents] + [[prompt.sink], list(prompt.questions or [prompt.question]),
                                                   [prompt.instruction]]
-    indicator = torch.zeros(n_keys, len(columns), dtype=pattern_rows.dtype, device=pattern_rows.device)
-    for col, spans in enumerate(columns):  # the question column covers every copy of the question
-        for span in spans:
-            indicator[span.start : span.end, col] = 1
-    return (pattern_rows @ indicator).mean(dim=1)
+    return mass_on(pattern_rows, key_indicator(pattern_rows.shape[-1], columns))
 
 
 def _check_prompt(prompt: Prompt, i: int) -> None:
@@ -316,22 +233,7 @@ def score_heads(
         def reduce(pattern, hook, layer):
             for row, i in enumerate(batch):
                 p = prompts[i]
-                rows = pattern[row, :, p.answer.start : p.answer.end, :].float()
-                masses = span_masses(rows, p).cpu()  # [head, n_docs + 3]
-                docs, rest = masses[:, : len(p.documents)], masses[:, len(p.documents) :]
-                others = torch.cat([docs[:, : p.gold_index], docs[:, p.gold_index + 1 :]], dim=1)
-                zero = torch.zeros(n_heads)
-                per_example[i, layer] = torch.stack(
-                    [
-                        docs[:, p.gold_index],
-                        others.sum(1) if others.numel() else zero,
-                        others.max(1).values if others.numel() else zero,
-                        rest[:, 0],
-                        rest[:, 1],
-                        rest[:, 2],
-                    ],
-                    dim=-1,
-                )
+                per_example[i, layer] = head_metrics(pattern[row, :, p.answer.start : p.answer.end, :].float(), p)
 
         return [
             (f"blocks.{layer}.attn.hook_pattern", lambda x, hook, layer=layer: reduce(x, hook, layer))
@@ -339,6 +241,52 @@ def score_heads(
         ]
 
     logits = next_token_logits(model, prompts, batch_size=batch_size, hooks=hooks_for, quiet=quiet, desc="score heads")
+    accuracy = None
+    if all(p.example.answer_prefix and p.answer.end == p.n_tokens for p in prompts):
+        gold = torch.tensor([first_token_id(model.tokenizer, p.example.answers[0]) for p in prompts])
+        accuracy = float((logits.argmax(-1) == gold).float().mean())
+    metadata = {"model": model_id(model), "setting": setting, "answer_rows": answer_rows, "data": data,
+                "accuracy": accuracy}
+    return _head_scores(per_example, prompts, metadata, n_bootstrap=n_bootstrap, seed=seed)
+
+
+def head_metrics(pattern_rows: Float[Tensor, "head row key"], prompt: Prompt) -> Float[Tensor, "head metric"]:
+    """One prompt's :data:`METRICS` per head from its answer-row attention pattern: the
+    gold document's mass, the irrelevant documents' sum and max, sink, question,
+    instruction (each the mean over rows of the summed mass)."""
+    masses = span_masses(pattern_rows, prompt).cpu()  # [head, n_docs + 3]
+    docs, rest = masses[:, : len(prompt.documents)], masses[:, len(prompt.documents) :]
+    others = torch.cat([docs[:, : prompt.gold_index], docs[:, prompt.gold_index + 1 :]], dim=1)
+    zero = torch.zeros(masses.shape[0])
+    return torch.stack([docs[:, prompt.gold_index], others.sum(1) if others.numel() else zero,
+                        others.max(1).values if others.numel() else zero, rest[:, 0], rest[:, 1], rest[:, 2]], dim=-1)
+
+
+def scores_from_patterns(model, prompts: Sequence[Prompt], pattern: Float[Tensor, "prompt layer head row key"], *,
+                         setting: str = "documents", n_bootstrap: int = 0, seed: int = 0,
+                         data: str | None = None) -> HeadScores:
+    """:func:`score_heads` without running the model: the same scores from answer-row
+    patterns already captured, e.g. ``collect_attention_inputs(...).pattern`` (one forward
+    per prompt then serves both scoring and direction training)."""
+    from focuslens.models import model_id
+
+    if pattern.shape[0] != len(prompts) or pattern.shape[1:3] != (model.cfg.n_layers, model.cfg.n_heads):
+        raise DataError(f"pattern of shape {tuple(pattern.shape)} does not match {len(prompts)} prompts of a model "
+                        f"with {model.cfg.n_layers} layers x {model.cfg.n_heads} heads.")
+    per_example = torch.zeros(*pattern.shape[:3], len(METRICS))
+    for i, p in enumerate(prompts):
+        _check_prompt(p, i)
+        rows = pattern[i, :, :, : len(p.answer), : p.n_tokens]
+        for layer in range(pattern.shape[1]):
+            per_example[i, layer] = head_metrics(rows[layer], p)
+    metadata = {"model": model_id(model), "setting": setting, "answer_rows": "captured", "data": data,
+                "accuracy": None}
+    return _head_scores(per_example, prompts, metadata, n_bootstrap=n_bootstrap, seed=seed)
+
+
+def _head_scores(per_example: Tensor, prompts: Sequence[Prompt], metadata: dict, *, n_bootstrap: int,
+                 seed: int) -> HeadScores:
+    """Means over prompts (and bootstrap CIs) of ``per_example [prompt, layer, head, metric]``."""
     mean = {m: per_example[..., j].mean(0) for j, m in enumerate(METRICS)}
     ci_low, ci_high = {}, {}
     if n_bootstrap and len(prompts) > 1:
@@ -347,21 +295,8 @@ def score_heads(
         for j, m in enumerate(METRICS):
             boot = per_example[..., j][idx].mean(1)  # [n_bootstrap, L, H]
             ci_low[m], ci_high[m] = torch.quantile(boot, 0.025, dim=0), torch.quantile(boot, 0.975, dim=0)
-    accuracy = None
-    if all(p.example.answer_prefix and p.answer.end == p.n_tokens for p in prompts):
-        gold = torch.tensor([first_token_id(model.tokenizer, p.example.answers[0]) for p in prompts])
-        accuracy = float((logits.argmax(-1) == gold).float().mean())
-    metadata = {
-        "model": model_id(model),
-        "setting": setting,
-        "answer_rows": answer_rows,
-        "n_examples": len(prompts),
-        "n_documents": sorted({len(p.documents) for p in prompts}),
-        "data": data,
-        "seed": seed,
-        "n_bootstrap": n_bootstrap,
-        "accuracy": accuracy,
-    }
+    metadata = {**metadata, "n_examples": len(prompts), "n_documents": sorted({len(p.documents) for p in prompts}),
+                "seed": seed, "n_bootstrap": n_bootstrap}
     return HeadScores(mean=mean, ci_low=ci_low, ci_high=ci_high, metadata=metadata)
 
 
@@ -372,6 +307,8 @@ def prompt_span_masses(
     prompt: Prompt,
     heads: int | Sequence[tuple[int, int]] | None = None,
     *,
+    ranking: Sequence[tuple[int, int]] | None = None,
+    layer: int | None = None,
     spans: dict[str, tuple[int, int]] | None = None,
 ) -> pd.DataFrame:
     """Attention mass from one prompt's answer rows onto each span, for each chosen head.
@@ -383,8 +320,10 @@ def prompt_span_masses(
     Args:
         model: a ``TransformerBridge``.
         prompt: a rendered prompt.
-        heads: None (every head), a layer index (every head of that layer), or
-            ``(layer, head)`` pairs (kept in order, duplicates dropped).
+        heads, ranking, layer: the selection, read by
+            :func:`focuslens.steering.resolve_heads`: None (every head), k (the top k of
+            ``ranking``), ``(layer, head)`` pairs (kept in order, duplicates dropped); or
+            ``layer=`` for every head of one layer.
         spans: span name -> key range, as a ``Span`` or ``(start, end)``. Default: ``sink``,
             ``instruction``, ``doc_0`` … ``doc_{n-1}``, ``question``. One-token spans give
             per-token masses.
@@ -397,23 +336,11 @@ def prompt_span_masses(
     >>> masses.loc[(14, 3), f"doc_{prompt.gold_index}"]                        # doctest: +SKIP
     """
     from focuslens.models import model_id
-    from focuslens.steering import head_mask
+    from focuslens.steering import resolve_heads
 
-    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
-    if heads is None:
-        chosen = [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
-    elif isinstance(heads, int):
-        if not 0 <= heads < n_layers:
-            raise ModelError(
-                f"heads={heads}: a layer index must be in 0..{n_layers - 1} "
-                f"(the model has {n_layers} layers)."
-            )
-        chosen = [(heads, head) for head in range(n_heads)]
-    else:
-        chosen = list(dict.fromkeys((int(layer), int(head)) for layer, head in heads))
-        if not chosen:
-            raise ModelError("heads is empty: pass None (all heads), a layer index or (layer, head) pairs.")
-        head_mask(model, chosen)  # raises ModelError for heads outside the model
+    chosen = resolve_heads(model, heads, ranking, layer=layer)
+    if not chosen:
+        raise DataError("heads is empty: pass None (all heads), k with a ranking, (layer, head) pairs or layer=.")
 
     n_keys, rows = prompt.n_tokens, prompt.answer
     if len(rows) == 0 or rows.start < 0 or rows.end > n_keys:
@@ -426,13 +353,12 @@ def prompt_span_masses(
     ranges = {
         name: (s.start, s.end) if hasattr(s, "start") else (int(s[0]), int(s[1])) for name, s in spans.items()
     }
-    indicator = torch.zeros(n_keys, len(ranges))
-    for col, (name, (start, end)) in enumerate(ranges.items()):
+    for name, (start, end) in ranges.items():
         if not 0 <= start < end <= n_keys:
             raise DataError(
                 f"spans[{name!r}] = {start}..{end} is empty or outside the prompt of {n_keys} tokens."
             )
-        indicator[start:end, col] = 1
+    indicator = key_indicator(n_keys, [[r] for r in ranges.values()])
 
     by_layer: dict[int, list[int]] = {}
     for layer, head in chosen:
@@ -442,7 +368,7 @@ def prompt_span_masses(
     def reduce(pattern, hook, layer):
         hs = by_layer[layer]
         answer_rows = pattern[0, hs, rows.start : rows.end, :].float()  # [head, row, key]
-        masses = (answer_rows @ indicator.to(answer_rows.device)).mean(1).cpu()
+        masses = mass_on(answer_rows, indicator).cpu()
         found.update({(layer, h): m for h, m in zip(hs, masses)})
 
     hooks = [

@@ -31,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 
+import numpy as np
 import pandas as pd
 import torch
 from jaxtyping import Bool, Float
@@ -40,6 +41,7 @@ from focuslens.data.render import Span
 from focuslens.errors import DataError, ModelError
 
 __all__ = [
+    "resolve_heads",
     "ROWS",
     "resolve_rows",
     "rows_mask",
@@ -58,21 +60,58 @@ HookSpec = tuple[str, object]  # (hook name, fn(activation, hook) -> activation 
 
 
 # ------------------------------------------------------------------ head selections
-def head_mask(model, heads: Iterable[Head] | Tensor | None) -> Bool[Tensor, "layer head"]:
-    """A ``[n_layers, n_heads]`` boolean mask from ``(layer, head)`` pairs (None: all heads);
-    a mask passes through after a shape check. Raises ``ModelError`` for heads outside
-    the model."""
-    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+def resolve_heads(model, heads=None, ranking: Sequence[Head] | None = None, *,
+                  layer: int | None = None) -> list[Head]:
+    """The one reading of a head selection, used by every function that takes ``heads``.
+
+    ``heads`` is None (every head; with ``layer``: every head of that layer), an int k (the
+    top k of ``ranking``, best first: k above its length is an error, never capped),
+    ``(layer, head)`` pairs (order kept, duplicates dropped) or a ``[n_layers, n_heads]``
+    boolean mask. ``model`` is a bridge or an ``(n_layers, n_heads)`` shape. A head or
+    layer outside the model raises :class:`~focuslens.errors.ModelError`; a selection that
+    cannot be read (strings, an int without a ranking) :class:`~focuslens.errors.DataError`.
+    """
+    n_layers, n_heads = (model.cfg.n_layers, model.cfg.n_heads) if hasattr(model, "cfg") else tuple(model)
+    if layer is not None:
+        if heads is not None:
+            raise DataError("pass heads= or layer=, not both.")
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < n_layers:
+            raise ModelError(f"layer={layer!r} is not a layer of this model (0..{n_layers - 1}).")
+        return [(layer, h) for h in range(n_heads)]
     if heads is None:
-        return torch.ones(n_layers, n_heads, dtype=torch.bool)
+        return [(lay, h) for lay in range(n_layers) for h in range(n_heads)]
+    if isinstance(heads, Tensor) and heads.dtype == torch.bool:
+        if tuple(heads.shape) != (n_layers, n_heads):
+            raise ModelError(f"head mask of shape {tuple(heads.shape)} does not match {n_layers} layers × {n_heads} heads.")
+        return [(int(a), int(b)) for a, b in heads.nonzero().tolist()]
+    if isinstance(heads, int) and not isinstance(heads, bool):
+        if ranking is None:
+            raise DataError(f"heads={heads}: an int is the top k of a ranking, and none was given.")
+        if not 0 < heads <= len(ranking):
+            raise DataError(f"heads={heads}: the ranking has {len(ranking)} heads (k must be 1..{len(ranking)}).")
+        heads = list(ranking)[:heads]
+    chosen = []
+    for h in heads:
+        if (isinstance(h, str) or not hasattr(h, "__len__") or len(h) != 2
+                or not all(isinstance(x, (int, np.integer)) and not isinstance(x, bool) for x in h)):
+            raise DataError(f"heads: {h!r} is not a (layer, head) pair of ints.")
+        lay, hd = int(h[0]), int(h[1])
+        if not (0 <= lay < n_layers and 0 <= hd < n_heads):
+            raise ModelError(f"head ({lay}, {hd}) is outside the model's {n_layers} layers × {n_heads} heads.")
+        chosen.append((lay, hd))
+    return list(dict.fromkeys(chosen))
+
+
+def head_mask(model, heads: Iterable[Head] | Tensor | None) -> Bool[Tensor, "*variant layer head"]:
+    """A ``[n_layers, n_heads]`` boolean mask of a selection (:func:`resolve_heads`; None:
+    all heads); a mask passes through after a shape check."""
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     if isinstance(heads, Tensor):
         if heads.shape[-2:] != (n_layers, n_heads):
             raise ModelError(f"head mask of shape {tuple(heads.shape)} does not match {n_layers} layers × {n_heads} heads.")
         return heads.bool()
     mask = torch.zeros(n_layers, n_heads, dtype=torch.bool)
-    for layer, head in heads:
-        if not (0 <= layer < n_layers and 0 <= head < n_heads):
-            raise ModelError(f"head ({layer}, {head}) is outside the model's {n_layers} layers × {n_heads} heads.")
+    for layer, head in resolve_heads(model, heads if heads is None else list(heads)):
         mask[layer, head] = True
     return mask
 
@@ -82,15 +121,25 @@ def head_masks(model, groups: Sequence[Iterable[Head]]) -> Bool[Tensor, "variant
     return torch.stack([head_mask(model, list(g)) for g in groups])
 
 
-def _variant_masks(model, heads) -> Bool[Tensor, "variant layer head"]:
+def variant_masks(model, heads) -> Bool[Tensor, "variant layer head"]:
     """``heads`` as a ``[variant, layer, head]`` mask: a ``[variant, L, H]`` mask passes
     through; one selection (pairs, an ``[L, H]`` mask or None) is a single variant."""
     mask = head_mask(model, heads if isinstance(heads, Tensor) or heads is None else list(heads))
     return mask if mask.ndim == 3 else mask[None]
 
 
-def _per_variant(value, n: int, name: str) -> Float[Tensor, "variant"]:
+def require_heads(model, heads) -> None:
+    """A context manager whose heads select nothing would silently change nothing."""
+    if heads is not None and not variant_masks(model, heads).any():
+        raise DataError("heads selects no head: the intervention would leave the model unchanged.")
+
+
+def per_variant(value, n: int, name: str) -> Float[Tensor, "variant"]:
+    """``value`` as one finite float per variant (one value broadcasts)."""
     v = torch.as_tensor(value, dtype=torch.float32).flatten()
+    if not torch.isfinite(v).all():
+        raise DataError(f"{name}={v.tolist() if v.numel() > 1 else v.item()} must be finite: a NaN or inf "
+                        f"{name} turns every steered logit into NaN.")
     if v.numel() == 1:
         v = v.expand(n)
     if v.numel() != n:
@@ -148,8 +197,10 @@ def rows_mask(rows: Span | int | Tensor | None, positions: Tensor) -> Bool[Tenso
 
 def _span_mask(span, n_keys: int) -> Bool[Tensor, "... key"]:
     if isinstance(span, Span):
-        if len(span) == 0:
-            raise DataError(f"span {span} is empty: nothing to boost.")
+        if len(span) == 0 or span.start < 0:
+            raise DataError(f"span {span} is empty or starts before the prompt: nothing to boost.")
+        if span.start >= n_keys:
+            raise DataError(f"span {span} starts after the {n_keys} keys of the prompt: nothing to boost.")
         mask = torch.zeros(n_keys, dtype=torch.bool)
         mask[span.start : span.end] = True
         return mask
@@ -163,7 +214,7 @@ def _span_mask(span, n_keys: int) -> Bool[Tensor, "... key"]:
 def split_softmax_pattern(
     pattern: Float[Tensor, "batch head query key"],
     span: Bool[Tensor, "*batch key"],
-    tau: float | Float[Tensor, "*batch head query"],
+    tau: float | Float[Tensor, "..."],
 ) -> Float[Tensor, "batch head query key"]:
     """Split-softmax of attention rows: the mass on ``span`` becomes ``π^τ`` (module docstring).
 
@@ -211,8 +262,8 @@ def split_softmax_hooks(
         prompt: the :class:`~focuslens.data.render.Prompt` that ``rows="answer"`` refers to.
     """
     where = resolve_rows(rows, prompt)
-    masks = _variant_masks(model, heads)
-    taus = _per_variant(tau, masks.shape[0], "tau")
+    masks = variant_masks(model, heads)
+    taus = per_variant(tau, masks.shape[0], "tau")
     if (taus <= 0).any():
         raise DataError(f"tau={taus.tolist()} must be > 0 (1 is the identity, smaller boosts more).")
     hooks = []
@@ -246,6 +297,7 @@ def split_softmax(
     """Context manager: split-softmax on ``heads`` while the block runs (forward passes and
     ``model.generate``); the hooks are removed on exit, also on error. Arguments as in
     :func:`split_softmax_hooks`; :func:`split_softmax_sweep` measures exactly this."""
+    require_heads(model, heads)
     with model.hooks(fwd_hooks=split_softmax_hooks(model, heads, span, tau, rows=rows, prompt=prompt)):
         yield model
 

@@ -7,7 +7,8 @@ from collections import Counter
 import pytest
 
 import focuslens as fl
-from focuslens import DataError, Document, QAExample, Span, make_synthetic_qa, render, split_by_question
+from focuslens import DataError, Document, QAExample, Span, make_synthetic_qa, render
+from focuslens.data import split_by_question
 from focuslens.data.examples import LITM_INSTRUCTION
 from focuslens.data.synthetic import CITIES
 from focuslens.eval import first_token_id

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from focuslens import best_subspan_em, evaluate_next_token, make_synthetic_qa, render
+from focuslens import evaluate_next_token, make_synthetic_qa, render
 from focuslens.data.examples import normalize_answer
 from focuslens.eval import (
     accuracy_by,
+    best_subspan_em,
     distraction,
     distraction_summary,
     first_token_id,

@@ -8,10 +8,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-
 from conftest import get_tiny
+
 from focuslens import DataError, make_synthetic_qa, render
-from focuslens.directions import MagnitudeControl
 from focuslens.experiments import (
     ConditionSettings,
     _gold_parts,
@@ -20,6 +19,7 @@ from focuslens.experiments import (
     run_focus_conditions,
     task_splits,
 )
+from focuslens.focusing import MagnitudeControl
 
 
 def test_paired_gain_is_the_mean_difference_with_a_bootstrap_ci():
@@ -90,6 +90,26 @@ def test_rankings_differ_and_chance_correction_removes_uniform_heads():
     assert len({tuple(v[:3]) for v in r.values()}) > 1  # not one ranking four times
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_scores_from_the_training_cache_equal_score_heads(arch):
+    from focuslens.scoring import prepare_prompts, score_heads, scores_from_patterns
+    from focuslens.training import collect_attention_inputs
+
+    model = get_tiny(arch, 2)  # grouped-query attention: 2 query heads per key head
+    examples = make_synthetic_qa(5, n_documents=4, seed=3)
+    prompts = prepare_prompts(model, examples, quiet=True)
+    captured = scores_from_patterns(model, prompts, collect_attention_inputs(model, prompts, quiet=True).pattern)
+    direct = score_heads(model, examples, n_bootstrap=0, quiet=True)
+    for metric in direct.metrics:
+        torch.testing.assert_close(captured[metric], direct[metric], atol=1e-6, rtol=0)
+    assert captured.ranking() == direct.ranking()
+    ranked = head_rankings(model, prompts, ("contextual", "chance_corrected"),
+                           inputs=collect_attention_inputs(model, prompts, quiet=True))
+    assert ranked == head_rankings(model, examples, ("contextual", "chance_corrected"), quiet=True)
+    with pytest.raises(DataError, match="does not match 4 prompts"):
+        scores_from_patterns(model, prompts[:4], collect_attention_inputs(model, prompts, quiet=True).pattern)
+
+
 def test_the_grid_on_a_tiny_model_writes_cells_figure_and_summary(tmp_path):
     model = get_tiny("llama", 2)
     s = ConditionSettings(n_train=6, n_validation=4, n_test=5, n_documents=4, epochs=2, ks=(2, 4), alphas=(0.5, 2.0),
@@ -108,6 +128,8 @@ def test_the_grid_on_a_tiny_model_writes_cells_figure_and_summary(tmp_path):
         assert cell["gain"] == pytest.approx(cell["best"]["test_acc"] - cell["baseline"])
         assert cell["gain_ci"][0] <= cell["gain"] <= cell["gain_ci"][1]
         assert cell["best"]["alpha"] > 0 and cell["n_test"] == 8
+        # per-prompt magnitude control needs the whole alpha grid: answer rows only
+        assert (cell["magnitude_control_test_acc"] is None) == (cell["rows"] == "all")
     assert (tmp_path / "focus_conditions.csv").exists() and (tmp_path / "focus_conditions.html").exists()
     assert set(out["mechanism"].part) == {"gold_title", "gold_answer", "irrelevant", "sink"}
     # a later run of another layout adds its cells and keeps the others'

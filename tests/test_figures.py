@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import get_tiny
+
 from focuslens import make_synthetic_qa, score_heads
 from focuslens.directions import FocusDirections
 from focuslens.errors import DataError

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import get_tiny
+
 from focuslens import make_synthetic_qa, render
 from focuslens.kvcache import PrefixCache
 

@@ -7,10 +7,10 @@ import json
 
 import pytest
 import torch
+from conftest import N_HEADS, get_tiny, pristine_hf
 
 import focuslens as fl
 import focuslens.models
-from conftest import N_HEADS, get_tiny, pristine_hf
 from focuslens import ModelError, load_model, make_synthetic_qa, render
 from focuslens.testing import tiny_model, tiny_tokenizer
 

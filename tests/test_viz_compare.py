@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from focuslens.eval import spearman
-
 import re
 
 import numpy as np
@@ -11,9 +9,11 @@ import pytest
 import torch
 
 from focuslens.directions import FocusDirections
-from focuslens.errors import DataError
+from focuslens.errors import DataError, ModelError
+from focuslens.eval import spearman
 from focuslens.scoring import HeadScores
 from focuslens.viz import compare as C
+from focuslens.viz import cross_model as X
 from focuslens.viz.export import Figure
 
 SHAPES = [(4, 3, 8), (6, 5, 16), (5, 4, 8)]  # odd and even head counts
@@ -54,7 +54,7 @@ def test_head_locations_shared_panel_has_every_top_k_head_at_its_depth(top_k):
     # a ranking that includes the first and last layer, to pin 0 and 1
     ranking = [(27, 3), (0, 1), (13, 0), *[(layer, 2) for layer in range(1, 27)]]
     models = {"smol-like": deep, "qwen-like": shallow, "ranking": (ranking, 28, 4)}
-    fig = C.plot_head_locations(models, top_k=top_k)
+    fig = X.plot_head_locations(models, top_k=top_k)
     assert isinstance(fig, Figure)
     expected = {
         "smol-like": [(layer / 29, r + 1) for r, (layer, _) in enumerate(deep.top_k(top_k))],
@@ -115,12 +115,12 @@ def test_norm_profile_equals_direct_computation():
 
 def test_norm_figure_has_query_and_key_per_model():
     dirs = {"a": random_directions((4, 3, 8)), "b": random_directions((6, 5, 16), seed=1)}
-    fig = C.plot_direction_norms(dirs)
+    fig = X.plot_direction_norms(dirs)
     lines = [t for t in fig.data if t.mode == "lines+markers"]
     assert {t.name for t in lines} == {"a: query ‖d_q‖", "a: key ‖d_k‖", "b: query ‖d_q‖", "b: key ‖d_k‖"}
     assert {t.line.dash for t in lines if "key" in t.name} == {"dash"}
     assert fig.layout.yaxis.type == "log"
-    assert isinstance(C.plot_direction_norms(dirs, band="minmax"), Figure)
+    assert isinstance(X.plot_direction_norms(dirs, band="minmax"), Figure)
 
 
 # ---------------------------------------------------------------- cosine
@@ -149,7 +149,7 @@ def test_cosine_matrix_head_choices():
     assert sim.loc["L5H4", "L0H0"] == pytest.approx(float(direct), abs=1e-6)
     zero = FocusDirections(torch.zeros(2, 2, 4), torch.zeros(2, 2, 4))
     assert np.isnan(C.cosine_matrix(zero).to_numpy()).all()  # no direction, no cosine
-    fig = C.plot_direction_similarity(random_directions((4, 3, 8)))
+    fig = X.plot_direction_similarity(random_directions((4, 3, 8)))
     heat = fig.data[0]
     assert (heat.zmin, heat.zmax) == (-1, 1) and heat.x[0].startswith("L")
 
@@ -166,9 +166,9 @@ def test_spearman_and_norm_rank_table():
     assert table["relative_rank"].iloc[-1] == 1.0
     layer, head = d.ranking[0]
     assert table.q_norm.iloc[0] == pytest.approx(float(d.q[layer, head].norm()))
-    fig = C.plot_norm_vs_rank({"m": d, "n": random_directions((3, 3, 4), seed=4)})
+    fig = X.plot_norm_vs_rank({"m": d, "n": random_directions((3, 3, 4), seed=4)})
     assert len(fig.data) == 2 and all("Spearman ρ" in t.name for t in fig.data)
-    assert isinstance(C.plot_norm_vs_rank({"m": d}, x="rank"), Figure)
+    assert isinstance(X.plot_norm_vs_rank({"m": d}, x="rank"), Figure)
 
 
 # ---------------------------------------------------------------- overlap
@@ -184,32 +184,32 @@ def test_topk_overlap_table():
     m = big.to_numpy()
     assert np.allclose(np.diag(m), 1) and np.allclose(m, m.T)
     assert big.loc["s0", "copy"] == 1.0
-    fig = C.plot_topk_overlap({"a": a, "b": b}, k=3)
+    fig = X.plot_topk_overlap({"a": a, "b": b}, k=3)
     assert fig.data[0].text[0][1] == "0.33<br>(1/3)" and fig.data[0].text[1][1] == "1.00<br>(3/3)"
 
 
 # ---------------------------------------------------------------- bad input
 def test_bad_input_raises_data_error_naming_the_field():
     with pytest.raises(DataError, match="models"):
-        C.plot_head_locations({})
+        X.plot_head_locations({})
     with pytest.raises(DataError, match=r"models\['bad'\].*\(5, 0\).*5 layers × 3 heads"):
-        C.plot_head_locations({"bad": ([(0, 0), (5, 0)], 5, 3)})
+        X.plot_head_locations({"bad": ([(0, 0), (5, 0)], 5, 3)})
     with pytest.raises(DataError, match=r"models\['bad'\].*\(0, 3\)"):
         C.top_heads_table({"bad": ([(0, 3)], 5, 3)})
     with pytest.raises(DataError, match="directions"):
-        C.plot_direction_norms({})
+        X.plot_direction_norms({})
     with pytest.raises(DataError, match="results"):
         C.topk_overlap({})
     with pytest.raises(DataError, match=r"results\['x'\]"):
         C.topk_overlap({"x": [(0, 0)], "y": [(0, 0)]}, k=2)
-    with pytest.raises(DataError, match="heads"):
-        C.cosine_matrix(random_directions((4, 3, 8)), [(4, 0)])
+    with pytest.raises(ModelError, match=re.escape("head (4, 0) is outside the model's 4 layers × 3 heads")):
+        C.cosine_matrix(random_directions((4, 3, 8)), [(4, 0)])  # one error class for "not a head of it"
     with pytest.raises(DataError, match="top_k"):
-        C.plot_head_locations({"m": random_scores(3, 3)}, top_k=0)
+        X.plot_head_locations({"m": random_scores(3, 3)}, top_k=0)
     with pytest.raises(DataError, match="metric"):
-        C.plot_head_locations({"m": random_scores(3, 3)}, metric="nope")
+        X.plot_head_locations({"m": random_scores(3, 3)}, metric="nope")
     with pytest.raises(DataError, match="ranking"):
-        C.plot_head_locations({"m": random_directions((3, 3, 4), ranked=False)})
+        X.plot_head_locations({"m": random_directions((3, 3, 4), ranked=False)})
     with pytest.raises(DataError, match="different shapes"):
         C.topk_overlap({"a": random_scores(3, 3), "b": random_scores(4, 3)}, k=2)
 
@@ -237,11 +237,11 @@ def remote_references(html: str) -> list[str]:
 def test_saved_html_is_self_contained(tmp_path):
     dirs = {"a": random_directions((4, 3, 8)), "b": random_directions((6, 5, 16), seed=1)}
     figures = {
-        "locations": C.plot_head_locations(dirs, top_k=5),
-        "norms": C.plot_direction_norms(dirs),
-        "similarity": C.plot_direction_similarity(dirs["b"]),
-        "rank": C.plot_norm_vs_rank(dirs),
-        "overlap": C.plot_topk_overlap({"a": dirs["a"].ranking, "b": random_scores(4, 3)}, k=5),
+        "locations": X.plot_head_locations(dirs, top_k=5),
+        "norms": X.plot_direction_norms(dirs),
+        "similarity": X.plot_direction_similarity(dirs["b"]),
+        "rank": X.plot_norm_vs_rank(dirs),
+        "overlap": X.plot_topk_overlap({"a": dirs["a"].ranking, "b": random_scores(4, 3)}, k=5),
     }
     for name, fig in figures.items():
         (path,) = fig.save(tmp_path / name, formats=("html",))
@@ -251,7 +251,7 @@ def test_saved_html_is_self_contained(tmp_path):
 
 
 def test_remote_reference_check_catches_cdn_html(tmp_path):
-    fig = C.plot_direction_norms({"a": random_directions((4, 3, 8))})
+    fig = X.plot_direction_norms({"a": random_directions((4, 3, 8))})
     fig.write_html(tmp_path / "cdn.html", include_plotlyjs="cdn")
     assert remote_references((tmp_path / "cdn.html").read_text())
     assert remote_references('<html><link href="//fonts.example/x.css"><script></script></html>')
@@ -271,7 +271,7 @@ def release(shared_data):
 
 def test_release_query_norms_far_above_key_norms(release):
     assert {d.shape[2] for d in release.values()} == {128}
-    fig = C.plot_direction_norms(release)
+    fig = X.plot_direction_norms(release)
     names = {t.name for t in fig.data if t.name}
     for model in release:
         assert f"{model}: query ‖d_q‖" in names and f"{model}: key ‖d_k‖" in names
@@ -288,4 +288,4 @@ def test_release_query_norms_far_above_key_norms(release):
         assert float(d.q.norm(dim=-1).median()) > 20 * float(d.k.norm(dim=-1).median())
     # the other figures accept the release too
     assert len(C.top_heads_table(release, top_k=20)) == 20 * len(release)
-    assert len(C.plot_norm_vs_rank(release).data) == len(release)
+    assert len(X.plot_norm_vs_rank(release).data) == len(release)

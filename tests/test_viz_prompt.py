@@ -96,16 +96,33 @@ def test_span_masses_head_selection_keeps_order():
     torch.testing.assert_close(
         torch.tensor(picked.to_numpy()), torch.tensor(full.loc[[(1, 3), (0, 2)]].to_numpy())
     )
-    assert list(prompt_span_masses(model, prompt, 1).index) == [(1, h) for h in range(model.cfg.n_heads)]
+    assert list(prompt_span_masses(model, prompt, layer=1).index) == [(1, h) for h in range(model.cfg.n_heads)]
 
 
 @pytest.mark.parametrize(
-    "heads,field", [([(2, 0)], "heads"), ([(0, 4)], "heads"), (5, "heads=5"), ([], "heads")]
+    "kwargs,error,field",
+    [
+        ({"heads": [(2, 0)]}, ModelError, "head (2, 0) is outside"),
+        ({"heads": [(0, 4)]}, ModelError, "head (0, 4) is outside"),
+        ({"layer": 5}, ModelError, "layer=5"),
+        ({"heads": 5}, DataError, "heads=5: an int is the top k of a ranking"),
+        ({"heads": 3, "ranking": [(0, 1)]}, DataError, "heads=3: the ranking has 1 heads"),
+        ({"heads": [("0", 1)]}, DataError, "is not a (layer, head) pair"),
+        ({"heads": []}, DataError, "heads is empty"),
+        ({"heads": [(0, 1)], "layer": 1}, DataError, "not both"),
+    ],
 )
-def test_bad_heads_raise_model_error(heads, field):
+def test_bad_head_selections_name_the_mistake(kwargs, error, field):
     model = get_tiny("llama", 2)
-    with pytest.raises(ModelError, match=re.escape(field)):
-        prompt_span_masses(model, prompt_for(model), heads)
+    with pytest.raises(error, match=re.escape(field)):
+        prompt_span_masses(model, prompt_for(model), **kwargs)
+
+
+def test_an_int_is_the_top_k_of_the_ranking_not_a_layer():
+    model = get_tiny("llama", 2)
+    prompt = prompt_for(model)
+    ranking = [(1, 2), (0, 3), (1, 0)]
+    assert list(prompt_span_masses(model, prompt, 2, ranking=ranking).index) == ranking[:2]
 
 
 # ------------------------------------------------------------------ document map
@@ -172,9 +189,9 @@ def test_token_view_default_window_sums_to_document_mass():
     model = get_tiny("qwen2", 2)
     prompt = prompt_for(model)
     g, docs = prompt.gold_index, prompt.documents
-    view = token_view(model, prompt, 1)
+    view = token_view(model, prompt, layer=1)
     assert view.window == Span(docs[g - 1].start, docs[g + 1].end)
-    masses = prompt_span_masses(model, prompt, 1)
+    masses = prompt_span_masses(model, prompt, layer=1)
     # the window's tokens summed over each document give the document masses
     for i in (g - 1, g, g + 1):
         d = docs[i]
@@ -225,6 +242,7 @@ def test_key_bias_explicit_heads_and_errors():
     dirs = directions_for(model)
     fig = plot_key_bias(model, dirs, prompt, heads=[(0, 2), (1, 1)])
     assert list(fig.data[0].y) == ["L0H2", "L1H1"]
-    assert len(plot_key_bias(model, dirs, prompt, heads=100).data[0].y) == 8  # k is capped by the ranking
+    with pytest.raises(DataError, match="the ranking has 8 heads"):  # k beyond the ranking: an error, not capped
+        plot_key_bias(model, dirs, prompt, heads=100)
     with pytest.raises(ModelError, match="head"):
         plot_key_bias(model, dirs, prompt, heads=[(0, 9)])

@@ -268,6 +268,24 @@ def _char_to_token_span(offsets: Sequence[tuple[int, int]], c0: int, c1: int, wh
     return Span(toks[0], toks[-1] + 1)
 
 
+def _refuse_control_tokens(tokenizer, user: str, assistant: str, instr_c, question_cs, doc_cs) -> None:
+    """Data text that spells a special token (``<|im_end|>``, ``<|im_start|>``…) would be
+    tokenized as the real control token and could end the user turn early: refuse it,
+    naming the part, rather than change what the model reads."""
+    parts = {"instruction": [instr_c], "question": list(question_cs),
+             **{f"document {i}": [c] for i, c in enumerate(doc_cs)}}
+    for token in getattr(tokenizer, "all_special_tokens", None) or []:
+        if not token:
+            continue
+        if token in assistant:
+            raise DataError(f"the answer prefix / response contains the special token {token!r}; remove it.")
+        at = user.find(token)
+        if at >= 0:
+            where = next((name for name, ranges in parts.items() if any(a <= at < b for a, b in ranges)), "user text")
+            raise DataError(f"the {where} contains the special token {token!r}: it would be read as a control "
+                            f"token, not text. Remove or escape it in the data.")
+
+
 def render(
     example: QAExample,
     tokenizer,
@@ -294,10 +312,9 @@ def render(
     prefix = example.answer_prefix or ""
     assistant = prefix if response is None else response
     if response is not None and not response.startswith(prefix):
-        raise DataError(
-            f"QAExample.answer_prefix={prefix!r} is not a prefix of the assistant turn "
-            f"{response[:60]!r}…; pass a response that starts with the answer prefix."
-        )
+        raise DataError(f"QAExample.answer_prefix={prefix!r} is not a prefix of the assistant turn "
+                        f"{response[:60]!r}…; pass a response that starts with the answer prefix.")
+    _refuse_control_tokens(tokenizer, user, assistant, instr_c, question_cs, doc_cs)
     text = chat + assistant
     bos = getattr(tokenizer, "bos_token", None)
     add_special = not (bos and chat.startswith(bos))

@@ -1,8 +1,8 @@
 """Figures: plotly objects for Jupyter (:class:`Figure`, with ``.save(path)`` writing
 offline HTML and PNG/SVG). The tables behind the cross-model figures are in
-:mod:`focuslens.viz.compare`."""
+:mod:`focuslens.viz.compare`, the figures drawn from them in :mod:`focuslens.viz.cross_model`."""
 
-from focuslens.viz.compare import (
+from focuslens.viz.cross_model import (
     plot_direction_norms,
     plot_direction_similarity,
     plot_head_locations,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from focuslens.viz.export import Figure
-
 import pandas as pd
+
+from focuslens.viz.export import Figure
 
 __all__ = ["plot_distraction"]
 
@@ -19,8 +19,8 @@ def plot_distraction(results: pd.DataFrame, *, title: str | None = None):
     Left: accuracy (± 1 binomial s.e.) vs the number of documents, gold at random
     positions. Right: accuracy with the largest number of documents by gold position.
     """
-    from plotly.subplots import make_subplots
     import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
 
     rand = results[results.setting == "random"]
     n_max = int(results.n_documents.max())

@@ -125,19 +125,20 @@ def _span_names(prompt: Prompt, span: Span) -> str:
 
 # ------------------------------------------------------------------ 1. document map
 def plot_document_attention(
-    model, prompt: Prompt, heads: Heads = None, *, title: str | None = None
+    model, prompt: Prompt, heads: Heads = None, *, ranking=None, layer: int | None = None, title: str | None = None
 ) -> Figure:
     """Heatmap of where each head's answer rows look: one row per head (``L{l}H{h}``), one
     column per part of the prompt (sink, instruction, ``Doc 1`` … ``Doc N``, question).
 
     Colour is the attention mass from the answer rows onto the part (mean over the answer
     rows, sum over the part's tokens; see :func:`~focuslens.scoring.prompt_span_masses`).
-    The gold document's column is starred and boxed in red. ``heads``: None (all), a layer
-    index, or ``(layer, head)`` pairs.
+    The gold document's column is starred and boxed in red. ``heads``/``ranking``/``layer``:
+    the selection, as in :func:`~focuslens.steering.resolve_heads` (None: all heads; k: the
+    top k of ``ranking``; ``(layer, head)`` pairs; ``layer=``: every head of one layer).
     """
     import plotly.graph_objects as go
 
-    masses = prompt_span_masses(model, prompt, heads)
+    masses = prompt_span_masses(model, prompt, heads, ranking=ranking, layer=layer)
     z = masses.to_numpy()
     columns = _part_labels(prompt)
     rows = [_head_label(layer, head) for layer, head in masses.index]
@@ -253,19 +254,21 @@ class AttentionHTML:
 
 
 def token_view(
-    model, prompt: Prompt, heads: Heads, *, window: Span | tuple[int, int] | None = None
+    model, prompt: Prompt, heads: Heads = None, *, ranking=None, layer: int | None = None,
+    window: Span | tuple[int, int] | None = None,
 ) -> AttentionHTML:
     """Attention from the answer rows, token by token, for each chosen head (circuitsvis).
 
     Each token of ``window`` is coloured by the attention mass the answer rows put on it
     (mean over rows); buttons switch head and hovering a token lists every head's value.
     ``window`` defaults to the gold document with one neighbouring document on each side.
-    ``heads``: None (all), a layer index, or ``(layer, head)`` pairs.
+    ``heads``/``ranking``/``layer``: the selection (:func:`~focuslens.steering.resolve_heads`).
     """
     from circuitsvis.tokens import colored_tokens_multi
 
     span = _window(prompt, window)
-    per_token = prompt_span_masses(model, prompt, heads, spans={str(i): (i, i + 1) for i in span})
+    per_token = prompt_span_masses(model, prompt, heads, ranking=ranking, layer=layer,
+                                   spans={str(i): (i, i + 1) for i in span})
     values = torch.from_numpy(per_token.to_numpy().T.copy())  # [token, head]
     labels = [_head_label(layer, head) for layer, head in per_token.index]
     tokens = _token_texts(model.tokenizer, prompt, span)
@@ -293,16 +296,12 @@ def token_view(
 def _focus_heads(
     model, directions: FocusDirections, heads: int | Sequence[tuple[int, int]]
 ) -> list[tuple[int, int]]:
-    """``heads`` as (layer, head) pairs: an int k is the top k of the ranking (at most its
-    length); raises ``ModelError`` for heads outside the model."""
-    from focuslens.steering import head_mask
+    """``heads`` as (layer, head) pairs: an int k is the top k of the directions' ranking
+    (:func:`~focuslens.steering.resolve_heads`: k beyond it is an error, not capped)."""
+    from focuslens.steering import resolve_heads
 
     directions.check_model(model)
-    if isinstance(heads, int):
-        chosen = directions.top_k(min(heads, len(directions.ranking)) if directions.ranking else heads)
-    else:
-        chosen = list(dict.fromkeys((int(layer), int(head)) for layer, head in heads))
-    head_mask(model, chosen)
+    chosen = resolve_heads(model, heads, directions.ranking or None)
     if not chosen:
         raise DataError("heads is empty: pass k (top k of the ranking) or (layer, head) pairs.")
     return chosen
@@ -324,8 +323,7 @@ def plot_key_bias(
     (diverging colours, 0 = white), documents separated by lines and labelled above, the
     gold document boxed. Bottom: the bias averaged over each document's tokens (and the
     sink's and question's), mean over the heads ± s.d. across heads, gold bar highlighted.
-    ``heads``: k (the top k of ``directions.ranking``, at most all of it) or ``(layer, head)``
-    pairs.
+    ``heads``: k (the top k of ``directions.ranking``) or ``(layer, head)`` pairs.
     """
     from plotly.subplots import make_subplots
 

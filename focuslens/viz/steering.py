@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from focuslens.viz.export import Figure
-
 import pandas as pd
+
+from focuslens.viz.export import Figure
 
 __all__ = ["plot_split_softmax_sweep", "plot_focus_sweep", "plot_focus_conditions"]
 
@@ -28,8 +28,8 @@ def plot_split_softmax_sweep(sweep: pd.DataFrame, *, references: dict[str, float
     (solid) against random heads (dashed, mean ± s.d. over draws), from
     :func:`focuslens.steering.split_softmax_sweep` rows. ``references``: horizontal lines,
     e.g. ``{"gold_only": …, "baseline": …, "no_gold": …}``."""
-    import plotly.graph_objects as go
     import plotly.colors as pc
+    import plotly.graph_objects as go
 
     steered = sweep[sweep.group != "none"]
     taus = sorted(steered.tau.unique(), reverse=True)
@@ -61,7 +61,7 @@ def plot_split_softmax_sweep(sweep: pd.DataFrame, *, references: dict[str, float
 
 def plot_focus_sweep(sweep: pd.DataFrame, *, references: dict[str, float] | None = None,
                      title: str | None = None, chosen: dict | None = None):
-    """Two panels from :func:`focuslens.directions.focus_sweep` rows: accuracy vs α and
+    """Two panels from :func:`focuslens.focusing.focus_sweep` rows: accuracy vs α and
     the steered heads' attention mass on the gold document vs α, one line per k.
     ``chosen`` (``{"k": …, "alpha": …}``) is circled."""
     import plotly.colors as pc

@@ -1,0 +1,63 @@
+"""Atomic writes: a result a user keeps is either the old file or the new one, never half.
+
+Each writer puts the bytes in a temporary file beside the target, flushes them to disk and
+renames the file over the target (``os.replace`` is atomic on one file system). A process
+killed at any moment leaves the previous artifact intact. Artifacts of several files tie
+them together with a content hash that their loader checks
+(:meth:`focuslens.directions.FocusDirections.save`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from pathlib import Path
+
+__all__ = ["write_atomic", "write_json", "write_csv", "file_sha256", "json_safe"]
+
+
+def write_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (parent folders created); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def json_safe(obj):
+    """``obj`` with every non-finite float as None, so the JSON is valid everywhere."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
+def write_json(path: str | Path, obj, *, indent: int | None = None) -> Path:
+    """:func:`write_atomic` of ``obj`` as JSON (NaN and ±inf written as null)."""
+    return write_atomic(path, json.dumps(json_safe(obj), indent=indent) + "\n")
+
+
+def write_csv(path: str | Path, frame) -> Path:
+    """:func:`write_atomic` of a DataFrame as CSV (no index)."""
+    return write_atomic(path, frame.to_csv(index=False))
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

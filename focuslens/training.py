@@ -1,0 +1,311 @@
+"""Learning focus directions with the model frozen (Zhu et al. §3.3).
+
+One forward pass per prompt caches what the objective needs at the answer rows: the
+post-RoPE queries, every key and the model's own attention pattern
+(:func:`collect_attention_inputs`). Adding ``α·d_q`` to a head's queries reweights that
+pattern per key, ``a'_ij ∝ a_ij · exp(α d_q·k_j/√d)`` (:func:`span_attention`), so the
+gold-span mass of every head can be computed and differentiated on the cached tensors
+alone, without another forward pass. :func:`train_directions` optimises all heads at once
+with AdamW and per-head early stopping on validation gold mass.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from focuslens.data.examples import QAExample
+from focuslens.data.render import Prompt
+from focuslens.directions import (
+    K_HOOK,
+    Q_HOOK,
+    FocusDirections,
+    architecture_of,
+    attention_scaling,
+    library_versions,
+)
+from focuslens.errors import DataError
+from focuslens.steering import Head
+
+__all__ = ["AttentionInputs", "collect_attention_inputs", "span_attention", "train_directions"]
+
+
+# ------------------------------------------------------------------ cached activations
+@dataclass
+class AttentionInputs:
+    """What training needs from the frozen model, per prompt and layer, at the answer rows:
+    the post-RoPE queries, the keys of every position, the model's own attention pattern,
+    and the spans.
+
+    Shapes: ``q [prompt, layer, head, row, d_head]``, ``k [prompt, layer, kv_head, key,
+    d_head]``, ``pattern [prompt, layer, head, row, key]`` (``hook_pattern`` at the answer
+    rows), ``row_pos [prompt, row]`` (absolute positions, −1 = padding), ``n_keys
+    [prompt]``, ``gold`` and ``sink`` ``[prompt, key]`` masks. Padding is cropped away when
+    prompts are selected.
+    """
+
+    q: Float[Tensor, "prompt layer head row d_head"]
+    k: Float[Tensor, "prompt layer kv_head key d_head"]
+    pattern: Float[Tensor, "prompt layer head row key"]
+    row_pos: Int[Tensor, "prompt row"]
+    n_keys: Int[Tensor, "prompt"]
+    gold: Bool[Tensor, "prompt key"]
+    sink: Bool[Tensor, "prompt key"]
+    scaling: float
+    seconds: float = 0.0
+
+    def __len__(self) -> int:
+        return self.q.shape[0]
+
+    def select(self, index) -> AttentionInputs:
+        """A subset of prompts (a slice is a view), cropped to its longest prompt."""
+        if isinstance(index, int):
+            index = slice(index, index + 1)
+        if not isinstance(index, slice):
+            index = torch.as_tensor(index)
+        T = int(self.n_keys[index].max())
+        return AttentionInputs(self.q[index], self.k[index][..., :T, :], self.pattern[index][..., :T],
+                               self.row_pos[index], self.n_keys[index], self.gold[index][:, :T],
+                               self.sink[index][:, :T], self.scaling)
+
+
+@torch.no_grad()
+def collect_attention_inputs(model, prompts: Sequence[Prompt], *, quiet: bool = False) -> AttentionInputs:
+    """One forward pass per prompt through the frozen model, keeping the post-RoPE
+    queries at the answer rows (``hook_rot_q``) and the keys (``hook_rot_k``) of every layer."""
+    if not prompts:
+        raise DataError("no prompts: directions need training data.")
+    for i, p in enumerate(prompts):
+        if p.gold is None or len(p.gold) == 0:
+            raise DataError(f"prompt {i} has no gold document span: directions are trained to attend to it.")
+    c = model.cfg
+    n, L, H, d = len(prompts), c.n_layers, c.n_heads, c.d_head
+    kv = c.n_key_value_heads or H
+    R = max(len(p.answer) for p in prompts)
+    T = max(p.n_tokens for p in prompts)
+    q = torch.zeros(n, L, H, R, d)
+    k = torch.zeros(n, L, kv, T, d)
+    pattern = torch.zeros(n, L, H, R, T)
+    pattern[..., 0] = 1  # padding rows: all weight on key 0 (they are dropped from every mean)
+    row_pos = torch.full((n, R), -1, dtype=torch.long)
+    gold = torch.zeros(n, T, dtype=torch.bool)
+    sink = torch.zeros(n, T, dtype=torch.bool)
+    t0 = time.perf_counter()
+    for i, p in enumerate(tqdm(prompts, desc="cache q/k", disable=quiet, leave=False)):
+        rows = p.answer.to_slice()
+
+        def keep(x, hook, i=i, rows=rows, n_tok=p.n_tokens):
+            layer, n_rows = int(hook.name.split(".")[1]), rows.stop - rows.start
+            if hook.name.endswith("hook_rot_q"):  # [1, pos, head, d_head]
+                q[i, layer, :, :n_rows] = x[0, rows].transpose(0, 1).float().cpu()
+            elif hook.name.endswith("hook_rot_k"):
+                k[i, layer, :, :n_tok] = x[0].transpose(0, 1).float().cpu()
+            else:  # hook_pattern: [1, head, query, key]
+                pattern[i, layer, :, :n_rows, :n_tok] = x[0, :, rows].float().cpu()
+
+        names = (Q_HOOK, K_HOOK, "blocks.{}.attn.hook_pattern")
+        hooks = [(name.format(layer), keep) for layer in range(L) for name in names]
+        hooks.append(("unembed.hook_in", lambda resid, hook: resid[:, -1:]))
+        model.run_with_hooks(p.input_ids[None].to(c.device), fwd_hooks=hooks)
+        row_pos[i, : len(p.answer)] = torch.arange(p.answer.start, p.answer.end)
+        gold[i, p.gold.start : p.gold.end] = True
+        sink[i, p.sink.start : p.sink.end] = True
+    n_keys = torch.tensor([p.n_tokens for p in prompts])
+    return AttentionInputs(q, k, pattern, row_pos, n_keys, gold, sink, attention_scaling(model), time.perf_counter() - t0)
+
+
+def span_attention(
+    inputs: AttentionInputs,
+    dq: Float[Tensor, "layer head d_head"] | None = None,
+    dk: Float[Tensor, "layer head d_head"] | None = None,
+    *,
+    alpha: float | Float[Tensor, "layer head"] = 1.0,
+    spans: Sequence[str] = ("gold",),
+) -> dict[str, Float[Tensor, "prompt layer head"]]:
+    """Attention mass from the answer rows onto each span (``"gold"``, ``"sink"``), mean
+    over rows, with ``α·dq`` added to the queries and ``α·dk`` to the keys of every head.
+
+    The steered logit is the model's own plus what the vectors add::
+
+        (q_i + α d_q)·(k_j + α d_k)/√d = s_ij + b_j + c_i,
+        b_j = α d_q·k_j/√d,   c_i = (q_i + α d_q)·α d_k/√d
+
+    so the steered attention is the model's own pattern reweighted per key and renormalised,
+    ``a'_ij ∝ a_ij · exp(b_j)`` (``c_i`` multiplies numerator and denominator alike and
+    cancels, which is why ``d_k`` gets no gradient; it is still applied, as in the paper).
+    A row's span mass is a ratio of two matrix-vector products (float64): this is what makes
+    training every head on cached tensors fast. The tests check it against the bridge's
+    ``hook_pattern`` with the vectors added in the model. Differentiable in ``dq``, ``dk``.
+    """
+    B, L, H, _, T = inputs.pattern.shape
+    kv = inputs.k.shape[2]
+    alpha = torch.as_tensor(alpha, dtype=torch.float32)
+    alpha = alpha[..., None] if alpha.ndim == 2 else alpha
+    base = inputs.pattern.double()  # [B, L, H, R, T]
+    a_dq = alpha * dq.float() if dq is not None else None
+    if a_dq is not None:
+        bias = torch.einsum("lkgd,blktd->blkgt", a_dq.view(L, kv, H // kv, -1), inputs.k).reshape(B, L, H, T)
+        bias = (bias * inputs.scaling).double()
+        weight = torch.exp(bias - bias.amax(-1, keepdim=True))  # [B, L, H, T]
+    else:
+        weight = torch.ones(B, L, H, T, dtype=torch.float64)
+    total = torch.einsum("blhrt,blht->blhr", base, weight)
+    row = torch.ones_like(total)
+    if dk is not None:
+        q = inputs.q + (a_dq[None, :, :, None] if a_dq is not None else 0)
+        c = torch.einsum("blhrd,lhd->blhr", q, alpha * dk.float()).double() * inputs.scaling
+        row = torch.exp(c - c.detach())  # 1, with the (vanishing) gradient of a row constant
+    real = (inputs.row_pos >= 0).double()  # [B, R]
+    out = {}
+    for name in spans:
+        mask = getattr(inputs, name).double()[:, None, None, :]  # [B, 1, 1, T]
+        mass = (torch.einsum("blhrt,blht->blhr", base, weight * mask) * row) / (total * row).clamp_min(1e-300)
+        out[name] = (torch.einsum("blhr,br->blh", mass, real) / real.sum(1)[:, None, None]).float()
+    return out
+
+
+# ------------------------------------------------------------------ training
+def _train_on_inputs(
+    train: AttentionInputs,
+    validation: AttentionInputs | None,
+    *,
+    epochs: int,
+    lr: float,
+    weight_decay: float,
+    batch_size: int,
+    init_std: float,
+    patience: int,
+    seed: int,
+    quiet: bool,
+) -> tuple[Tensor, Tensor, dict]:
+    """AdamW on every head at once; per-head early stopping on validation gold mass."""
+    _, L, H, _, d = train.q.shape
+    g = torch.Generator().manual_seed(seed)
+    dq = torch.nn.Parameter(torch.randn(L, H, d, generator=g) * init_std)
+    dk = torch.nn.Parameter(torch.randn(L, H, d, generator=g) * init_std)
+    opt = torch.optim.AdamW([dq, dk], lr=lr, weight_decay=weight_decay)
+
+    def val_mass() -> Tensor | None:
+        if validation is None:
+            return None
+        with torch.no_grad():
+            return torch.cat([span_attention(validation.select(slice(i, i + 16)), dq, dk)["gold"]
+                              for i in range(0, len(validation), 16)]).mean(0)
+
+    best_q, best_k = dq.detach().clone(), dk.detach().clone()
+    before = val_mass()
+    best = before.clone() if before is not None else None
+    best_epoch = torch.zeros(L, H, dtype=torch.long)
+    waiting = torch.zeros(L, H, dtype=torch.long)
+    history = []
+    bar = tqdm(range(epochs), desc="train directions", disable=quiet, leave=False)
+    for epoch in bar:
+        order = torch.randperm(len(train), generator=g)
+        losses = []
+        for start in range(0, len(train), batch_size):
+            chunk = order[start : start + batch_size]
+            batch = train.select(int(chunk) if len(chunk) == 1 else chunk)
+            # sum over heads of each head's mean gold mass: each head gets its own gradient
+            loss = -span_attention(batch, dq, dk)["gold"].mean(0).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item() / (L * H))
+        entry = {"epoch": epoch + 1, "train_gold_mass": -sum(losses) / len(losses)}
+        current = val_mass()
+        if current is not None:
+            better = current > best
+            best = torch.where(better, current, best)
+            best_q[better], best_k[better] = dq.detach()[better], dk.detach()[better]
+            best_epoch[better] = epoch + 1
+            waiting = torch.where(better, torch.zeros_like(waiting), waiting + 1)
+            entry |= {"val_gold_mass": float(current.mean()), "heads_improved": int(better.sum())}
+        history.append(entry)
+        bar.set_postfix({k: round(v, 4) for k, v in entry.items() if isinstance(v, float)})
+        if current is not None and bool((waiting >= patience).all()):
+            break
+    if validation is None:
+        best_q, best_k = dq.detach().clone(), dk.detach().clone()
+    info = {"history": history, "epochs_run": len(history)}
+    if before is not None:
+        info |= {"val_gold_mass_before": before.tolist(), "val_gold_mass_after": best.tolist(),
+                 "best_epoch": best_epoch.tolist()}
+    return best_q, best_k, info
+
+
+def train_directions(
+    model,
+    train: Sequence[QAExample | Prompt],
+    validation: Sequence[QAExample | Prompt] | None = None,
+    *,
+    answer_rows: str = "prefix",
+    epochs: int = 10,
+    lr: float = 1e-3,
+    weight_decay: float = 0.01,
+    batch_size: int = 1,
+    init_std: float = 0.01,
+    patience: int = 2,
+    seed: int = 0,
+    ranking: Sequence[Head] | None = None,
+    data: str | None = None,
+    inputs: tuple[AttentionInputs, AttentionInputs | None] | None = None,
+    quiet: bool = False,
+) -> FocusDirections:
+    """Learn focus directions for every head with the model frozen (module docstring).
+
+    Args:
+        train, validation: examples (rendered here) or rendered prompts with a gold span.
+        answer_rows: where the answer rows come from: ``"prefix"``, ``"greedy"`` or
+            ``"gold_answer"`` (the paper: the gold-only prompt's greedy answer), as in
+            :func:`focuslens.scoring.score_heads`.
+        epochs, lr, weight_decay, batch_size, init_std: the paper's AdamW settings by
+            default (10 epochs, lr 1e-3, batch 1, init N(0, 0.01²)).
+        patience: per-head early stopping: a head keeps its best-validation epoch;
+            training stops when no head improved for ``patience`` epochs.
+        ranking: the head ranking to store with the directions (e.g.
+            ``scores.ranking()``), so that ``heads=k`` means the top k.
+        data: a description of the training data for the metadata.
+        inputs: the ``(train, validation)`` caches of :func:`collect_attention_inputs` if
+            they were already collected for these prompts (e.g. to score heads from the same
+            forward passes); ``train``/``validation`` must then be those rendered prompts.
+    """
+    from focuslens.models import model_id
+    from focuslens.scoring import prepare_prompts
+
+    train_p = prepare_prompts(model, train, answer_rows=answer_rows, quiet=quiet)
+    val_p = prepare_prompts(model, validation, answer_rows=answer_rows, quiet=quiet) if validation else None
+    if inputs is None:
+        train_in = collect_attention_inputs(model, train_p, quiet=quiet)
+        val_in = collect_attention_inputs(model, val_p, quiet=quiet) if val_p else None
+    else:
+        train_in, val_in = inputs
+        if len(train_in) != len(train_p) or (val_in is not None and len(val_in) != len(val_p or [])):
+            raise DataError(f"inputs hold {len(train_in)} training / {len(val_in) if val_in else 0} validation "
+                            f"prompts, not {len(train_p)} / {len(val_p or [])}.")
+    settings = {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size,
+                "init_std": init_std, "patience": patience, "seed": seed, "optimizer": "AdamW",
+                "objective": "maximise mean attention mass from the answer rows onto the gold document"}
+    t0 = time.perf_counter()
+    dq, dk, info = _train_on_inputs(train_in, val_in, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                                    batch_size=batch_size, init_std=init_std, patience=patience, seed=seed, quiet=quiet)
+    seconds = time.perf_counter() - t0
+    meta = {
+        "model": model_id(model),
+        "source": "trained",
+        "architecture": architecture_of(model),
+        "hook_points": {"q": Q_HOOK.format("{layer}"), "k": K_HOOK.format("{layer}")},
+        "data": {"description": data, "n_train": len(train_p), "n_validation": len(val_p or []),
+                 "answer_rows": answer_rows, "qids_train": [p.example.qid for p in train_p]},
+        "settings": settings,
+        "cache_seconds": train_in.seconds + (val_in.seconds if val_in else 0.0),
+        "train_seconds": seconds,
+        "versions": library_versions(),
+        **info,
+    }
+    return FocusDirections(dq, dk, list(ranking or []), meta)
