@@ -52,7 +52,7 @@ clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
 
 # The focus-conditions grid behind the README's focus-direction results: the synthetic tasks
-# (123 min measured on 2 cores with other jobs running) and the NQ cells (93 min).
+# (≈ 60 min on 2 cores, from one condition timed alone: 23 min with rows="all") and NQ (93 min).
 NQ_ORACLE := ../shared/data/lost-in-the-middle/nq-open-oracle.jsonl.gz
 focus-conditions: $(STAMP)
 	$(BIN)/focuslens experiment focus --out figures

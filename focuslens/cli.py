@@ -10,6 +10,7 @@ __all__ = ["main"]
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="focuslens", description=__doc__)
+    p.add_argument("--debug", action="store_true", help="show the full traceback of an error (default: one line)")
     sub = p.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="run the whole pipeline on the embedded model")
@@ -243,61 +244,92 @@ def _experiment(args) -> None:
           f"{args.out}/focus_conditions.{{csv,png,html}} and summary.json")
 
 
+def _check_paths(args) -> None:
+    """Input files and the output folder, checked before any model loads."""
+    from pathlib import Path
+
+    from focuslens.errors import DataError
+
+    for name in ("scores", "directions", "release", "nq"):
+        value = getattr(args, name, None)
+        if value and not Path(value).exists():
+            raise DataError(f"--{name} {value}: no such file or folder.")
+    out = getattr(args, "out", None)
+    if out and Path(out).exists() and not Path(out).is_dir():
+        raise DataError(f"--out {out} is a file, not a folder.")
+
+
+def _run(args) -> None:
+    """Dispatch one parsed command to the Python API."""
+    _check_paths(args)
+    if args.command == "demo":
+        from focuslens.pipeline import run_demo
+
+        run_demo(args.model, n_prompts=args.n_prompts, seed=args.seed, out_dir=args.out,
+                 release_dir=args.release, quiet=args.quiet)
+    elif args.command == "distraction":
+        from focuslens.models import load_model
+        from focuslens.pipeline import run_distraction
+
+        run_distraction(
+            load_model(args.model),
+            n_prompts=args.n_prompts,
+            n_documents=tuple(args.n_documents),
+            seed=args.seed,
+            out_dir=args.out,
+            quiet=args.quiet,
+        )
+    elif args.command == "score":
+        _score(args)
+    elif args.command == "experiment":
+        _experiment(args)
+    elif args.command == "patch":
+        from focuslens.models import load_model
+        from focuslens.pipeline import run_contextual_heads, run_patching
+        from focuslens.scoring import HeadScores
+
+        model = load_model(args.model)
+        scores = (
+            HeadScores.load(args.scores, model=model)
+            if args.scores
+            else run_contextual_heads(model, out_dir=args.out, quiet=args.quiet)
+        )
+        run_patching(model, scores, n_pairs=args.n_pairs, n_candidates=args.n_candidates,
+                     seed=args.seed, out_dir=args.out, quiet=args.quiet)
+    elif args.command == "train-directions":
+        _train_directions(args)
+    elif args.command == "steer":
+        _steer(args)
+    elif args.command == "figures":
+        _figures(args)
+    elif args.command == "info":
+        from focuslens.models import load_model
+
+        m = load_model(args.model)
+        c = m.cfg
+        print(f"{c.model_name}: {c.n_layers} layers, {c.n_heads} heads, "
+              f"{c.n_key_value_heads or c.n_heads} KV heads, d_head {c.d_head}, n_ctx {c.n_ctx}")
+
+
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; an error prints one line ``focuslens: error: …`` and exits 2 (a
+    bug: 1); ``--debug`` shows the traceback instead."""
     args = _parser().parse_args(argv)
     from focuslens.errors import FocusLensError
 
     try:
-        if args.command == "demo":
-            from focuslens.pipeline import run_demo
-
-            run_demo(args.model, n_prompts=args.n_prompts, seed=args.seed, out_dir=args.out,
-                     release_dir=args.release, quiet=args.quiet)
-        elif args.command == "distraction":
-            from focuslens.models import load_model
-            from focuslens.pipeline import run_distraction
-
-            run_distraction(
-                load_model(args.model),
-                n_prompts=args.n_prompts,
-                n_documents=tuple(args.n_documents),
-                seed=args.seed,
-                out_dir=args.out,
-                quiet=args.quiet,
-            )
-        elif args.command == "score":
-            _score(args)
-        elif args.command == "experiment":
-            _experiment(args)
-        elif args.command == "patch":
-            from focuslens.models import load_model
-            from focuslens.pipeline import run_contextual_heads, run_patching
-            from focuslens.scoring import HeadScores
-
-            model = load_model(args.model)
-            scores = (
-                HeadScores.load(args.scores, model=model)
-                if args.scores
-                else run_contextual_heads(model, out_dir=args.out, quiet=args.quiet)
-            )
-            run_patching(model, scores, n_pairs=args.n_pairs, n_candidates=args.n_candidates,
-                         seed=args.seed, out_dir=args.out, quiet=args.quiet)
-        elif args.command == "train-directions":
-            _train_directions(args)
-        elif args.command == "steer":
-            _steer(args)
-        elif args.command == "figures":
-            _figures(args)
-        elif args.command == "info":
-            from focuslens.models import load_model
-
-            m = load_model(args.model)
-            c = m.cfg
-            print(f"{c.model_name}: {c.n_layers} layers, {c.n_heads} heads, "
-                  f"{c.n_key_value_heads or c.n_heads} KV heads, d_head {c.d_head}, n_ctx {c.n_ctx}")
-    except FocusLensError as err:
+        _run(args)
+    except (FocusLensError, OSError) as err:
+        if args.debug:
+            raise
         print(f"focuslens: error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:  # a bug, not a user mistake: still one line unless --debug
+        if args.debug:
+            raise
+        print(f"focuslens: error: unexpected {type(err).__name__}: {err} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
     return 0
 
 

@@ -83,3 +83,21 @@ def test_train_directions_then_steer_with_them(tmp_path, tiny_llama_dir, capsys)
     assert 0 <= ss["gold_only"] <= 1 and ss["n_test"] == 5
     assert "focus_directions" in json.loads((out / "summary.json").read_text())  # sections are merged
     assert "Split-softmax on 5 held-out prompts" in capsys.readouterr().out
+
+
+def test_a_missing_input_is_one_line_before_any_model_loads(tmp_path, capsys):
+    code = main(["patch", "--model", "no-such-model", "--scores", str(tmp_path / "missing.json")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1
+    assert err[0].startswith("focuslens: error: --scores") and "missing.json: no such file" in err[0]
+    (tmp_path / "file").write_text("x")
+    assert main(["distraction", "--model", "no-such-model", "--out", str(tmp_path / "file")]) == 2
+    err = capsys.readouterr().err
+    assert "--out" in err and "is a file, not a folder" in err
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    from focuslens import DataError
+
+    with pytest.raises(DataError, match="no such file"):
+        main(["--debug", "patch", "--scores", str(tmp_path / "missing.json")])
