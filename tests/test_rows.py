@@ -133,11 +133,12 @@ def test_rows_errors_name_the_problem():
 @pytest.mark.parametrize("rows", ROWS)
 @torch.no_grad()
 def test_smollm2_sweep_cells_equal_the_context_managers(smollm2, rows):
+    # fp32: packed / batched variants differ from single runs by rounding, at most 1.3e-5 in a logit here
     ranking = [(7, 7), (15, 6), (17, 3), (23, 2), (20, 6)]
     dirs = _directions(smollm2, 6.0, ranking, seed=1)
     examples = with_layout(make_synthetic_qa(1, n_documents=5, seed=36), "qa_query_aware")
-    _check_focus_sweep(smollm2, dirs, examples, (5,), (1.0,), rows, atol=1e-4)
-    _check_split_sweep(smollm2, ranking, examples, (5,), (0.1,), rows, atol=1e-4)
+    _check_focus_sweep(smollm2, dirs, examples, (5,), (1.0,), rows, atol=2e-5)
+    _check_split_sweep(smollm2, ranking, examples, (5,), (0.1,), rows, atol=2e-5)
 
 
 @pytest.mark.parametrize("rows", ROWS)
