@@ -221,7 +221,7 @@ class FocusDirections:
         from focuslens.io import write_atomic, write_json
 
         path = Path(path)
-        blob = save({"q": self.q.contiguous().float(), "k": self.k.contiguous().float()})
+        blob = save({"q": self.q.detach().float().clone(), "k": self.k.detach().float().clone()})  # never shared
         write_atomic(path / "focus_directions.safetensors", blob)
         meta = {"format": ARTIFACT_FORMAT, "shape": list(self.shape), "ranking": [list(h) for h in self.ranking],
                 "sha256": hashlib.sha256(blob).hexdigest(), "metadata": self.metadata}
