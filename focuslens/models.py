@@ -88,10 +88,18 @@ def _prepare_tokenizer(tok):
 
 
 def _default_device_dtype(device, dtype) -> tuple[str, torch.dtype]:
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    """The device and dtype to load with, checked: a CUDA device must exist, a dtype must be
+    a floating ``torch.dtype`` (or its name, e.g. ``"bfloat16"``)."""
+    device = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device={device!r}, but this machine has no CUDA device: use device='cpu'.")
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None) if isinstance(getattr(torch, dtype, None), torch.dtype) else dtype
     if dtype is None:
-        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    return str(device), dtype
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ModelError(f"dtype={dtype!r} is not a floating torch dtype (e.g. torch.float32, 'bfloat16').")
+    return device, dtype
 
 
 def _check_architecture(config) -> None:
@@ -109,7 +117,7 @@ def load_model(
     spec: Any,
     *,
     device: str | None = None,
-    dtype: torch.dtype | None = None,
+    dtype: torch.dtype | str | None = None,
     tokenizer: Any = None,
 ):
     """Return a frozen, eval-mode ``TransformerBridge`` with its tokenizer attached.
@@ -166,10 +174,18 @@ def load_model(
             ) from err
     else:
         raise ModelError(f"unknown model spec of type {type(spec).__name__}: pass a name, a path or a model.")
+    return _frozen(bridge, dtype, label)
+
+
+def _frozen(bridge, dtype: torch.dtype, label: str):
+    """Eval mode, no gradients, weights in ``dtype`` (an in-memory model keeps its own
+    weights otherwise), and a stable identity for artifacts and results."""
     bridge.eval()
     for p in bridge.parameters():
         p.requires_grad_(False)
-    bridge.cfg.model_name = label  # a stable identity for artifacts and results
+    if next(bridge.parameters()).dtype != dtype:
+        bridge.to(dtype)
+    bridge.cfg.model_name = label
     return bridge
 
 

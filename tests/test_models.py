@@ -95,6 +95,20 @@ def test_in_memory_model_needs_its_tokenizer():
         load_model(hf)
 
 
+def test_dtype_and_device_are_what_they_say(tiny_llama_dir):
+    hf = pristine_hf(get_tiny("qwen2", 1))
+    half = load_model(hf, tokenizer=tiny_tokenizer(), device="cpu", dtype=torch.float16)
+    assert {p.dtype for p in half.parameters()} == {torch.float16}  # the weights, not only cfg.dtype
+    assert next(load_model(tiny_llama_dir, device="cpu", dtype="bfloat16").parameters()).dtype == torch.bfloat16
+    with pytest.raises(ModelError, match="dtype='bogus'"):
+        load_model(tiny_llama_dir, dtype="bogus")
+    with pytest.raises(ModelError, match="dtype=torch.int64"):
+        load_model(tiny_llama_dir, dtype=torch.int64)
+    if not torch.cuda.is_available():
+        with pytest.raises(ModelError, match="no CUDA device"):
+            load_model(tiny_llama_dir, device="cuda")
+
+
 def test_unsupported_architecture_is_named(tmp_path):
     hf = pristine_hf(get_tiny("llama", 4))
     hf.save_pretrained(tmp_path)  # writes architectures=["LlamaForCausalLM"]: edit it after

@@ -34,7 +34,7 @@ STILL_OVER = {
     "focuslens/viz/cross_model.py::plot_direction_norms": 74,
     "focuslens/training.py::train_directions": 70,
     "focuslens/focusing.py::focus_hooks": 68,
-    "focuslens/models.py::load_model": 66,
+    "focuslens/models.py::load_model": 62,
     "focuslens/eval.py::evaluate_variants": 66,
     "focuslens/training.py::_train_on_inputs": 66,
     "focuslens/data/render.py::render": 64,
