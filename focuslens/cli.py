@@ -285,16 +285,10 @@ def _run(args) -> None:
         _experiment(args)
     elif args.command == "patch":
         from focuslens.models import load_model
-        from focuslens.pipeline import run_contextual_heads, run_patching
-        from focuslens.scoring import HeadScores
+        from focuslens.pipeline import run_patching
 
         model = load_model(args.model)
-        scores = (
-            HeadScores.load(args.scores, model=model)
-            if args.scores
-            else run_contextual_heads(model, out_dir=args.out, quiet=args.quiet)
-        )
-        run_patching(model, scores, n_pairs=args.n_pairs, n_candidates=args.n_candidates,
+        run_patching(model, _ranking_scores(model, args, args.out), n_pairs=args.n_pairs, n_candidates=args.n_candidates,
                      seed=args.seed, out_dir=args.out, quiet=args.quiet)
     elif args.command == "train-directions":
         _train_directions(args)

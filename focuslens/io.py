@@ -9,13 +9,12 @@ them together with a content hash that their loader checks
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 from pathlib import Path
 
-__all__ = ["write_atomic", "write_json", "write_csv", "file_sha256", "json_safe"]
+__all__ = ["write_atomic", "write_json", "write_csv", "json_safe"]
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
@@ -53,11 +52,3 @@ def write_json(path: str | Path, obj, *, indent: int | None = None) -> Path:
 def write_csv(path: str | Path, frame) -> Path:
     """:func:`write_atomic` of a DataFrame as CSV (no index)."""
     return write_atomic(path, frame.to_csv(index=False))
-
-
-def file_sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
