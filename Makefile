@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup demo figures test test-fast bench clean chromium focus-conditions focus-conditions-nq sizes
+.PHONY: setup demo figures reproduce test test-fast bench clean chromium focus-conditions focus-conditions-nq sizes
 
 setup: $(STAMP)
 
@@ -29,11 +29,19 @@ chromium:
 
 RELEASE := $(wildcard ../shared/data/focus-direction-release)
 
+# every stage at a reduced size (minutes); results, figures and summary.json in runs/demo/
 demo: $(STAMP)
-	$(BIN)/focuslens demo --out figures $(if $(RELEASE),--release $(RELEASE))
+	$(BIN)/focuslens demo --size quick --out runs/demo $(if $(RELEASE),--release $(RELEASE))
 
+# redraw the demo's figures from its saved results (no experiment is re-run)
 figures: $(STAMP)
-	$(BIN)/focuslens figures --out figures $(if $(RELEASE),--release $(RELEASE))
+	$(BIN)/focuslens figures --out runs/demo $(if $(RELEASE),--release $(RELEASE))
+
+# the full-size runs behind the README's numbers, written to the committed figures/:
+# the demo at full size, then the focus-conditions grid (synthetic tasks; NQ: make focus-conditions-nq)
+reproduce: $(STAMP)
+	$(BIN)/focuslens demo --size full --out figures $(if $(RELEASE),--release $(RELEASE))
+	$(MAKE) --no-print-directory focus-conditions
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

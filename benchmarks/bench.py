@@ -13,9 +13,10 @@ Directions (``--only directions``):
   forward without hooks, interleaved prompt by prompt.
 
 Scoring:
-* time: ``score_heads`` (reduction inside ``hook_pattern`` hooks) vs a plain forward
-  over the same prompts (same code path without the hooks), and vs the naive way
-  (``run_with_cache`` of every attention pattern, then reduce), on the same prompts;
+* time: ``score_heads`` (reduction inside ``hook_pattern`` hooks) vs the evaluation
+  forward ``next_token_logits`` over the same prompts (not the same code path: it batches
+  prompts and shares their common prefix, so the ratio also counts those differences), and
+  vs the naive way (``run_with_cache`` of every attention pattern, then reduce);
 * peak memory at ~2k tokens: each method in fresh processes (median of 3); the peak
   resident-set growth during the call (VmHWM reset through /proc/self/clear_refs).
 """

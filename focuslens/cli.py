@@ -8,97 +8,111 @@ import sys
 __all__ = ["main"]
 
 
+_MODEL = "smollm2-135m-instruct"
+
+
+def _command(sub, name: str, help: str, example: str) -> argparse.ArgumentParser:
+    """A subcommand that shows every default and one example; with --model and --quiet."""
+    cmd = sub.add_parser(name, help=help, description=help, epilog=f"example: {example}",
+                         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    cmd.add_argument("--model", default=_MODEL, help="model for load_model: the embedded SmolLM2, a HF id or a folder")
+    cmd.add_argument("--quiet", action="store_true", help="no progress bars")
+    return cmd
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="focuslens", description=__doc__)
+    p = argparse.ArgumentParser(prog="focuslens", description="focuslens: contextual heads and focus directions "
+                                "on TransformerLens (Zhu et al. 2025). Each command runs one experiment and writes "
+                                "its results and figures under --out (never the committed figures/ unless asked).")
     p.add_argument("--debug", action="store_true", help="show the full traceback of an error (default: one line)")
     sub = p.add_subparsers(dest="command", required=True)
 
-    demo = sub.add_parser("demo", help="run the whole pipeline on the embedded model")
-    demo.add_argument("--model", default="smollm2-135m-instruct")
-    demo.add_argument("--n-prompts", type=int, default=100)
-    demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--out", default="figures", help="directory for figures and summary.json")
-    demo.add_argument("--release", help="the paper's release directory (head_{q,k}_directions_*.pth), "
-                      "to compare its direction norms")
-    demo.add_argument("--quiet", action="store_true", help="no progress bars")
+    demo = _command(sub, "demo", "run every stage of the pipeline", "focuslens demo --size quick --out runs/demo")
+    demo.add_argument("--size", choices=["quick", "full"], default="quick",
+                      help="quick: every stage small (minutes); full: the sizes behind the README's numbers")
+    demo.add_argument("--n-prompts", type=int, help="prompts for distraction and scoring (default: the size's)")
+    demo.add_argument("--seed", type=int, default=0, help="seed of every stage's data")
+    demo.add_argument("--out", default="runs/demo", help="folder for figures, CSVs, artifacts and summary.json")
+    demo.add_argument("--release", help="the paper's release folder (one sub-folder per model), for its norms")
 
-    dis = sub.add_parser("distraction", help="accuracy vs number of documents")
-    dis.add_argument("--model", default="smollm2-135m-instruct")
-    dis.add_argument("--n-prompts", type=int, default=100)
-    dis.add_argument("--n-documents", type=int, nargs="+", default=[1, 5, 10, 20])
-    dis.add_argument("--seed", type=int, default=0)
-    dis.add_argument("--out", default="figures")
-    dis.add_argument("--quiet", action="store_true")
+    dis = _command(sub, "distraction", "accuracy vs number of documents",
+                   "focuslens distraction --n-prompts 20 --n-documents 1 5 20")
+    dis.add_argument("--n-prompts", type=int, default=100, help="questions per row")
+    dis.add_argument("--n-documents", type=int, nargs="+", default=[1, 5, 10, 20], help="documents per prompt")
+    dis.add_argument("--seed", type=int, default=0, help="data seed")
+    dis.add_argument("--out", default="runs/distraction", help="output folder")
 
-    score = sub.add_parser("score", help="contextual scores of every head (+ head-location map)")
-    score.add_argument("--model", default="smollm2-135m-instruct")
-    score.add_argument("--n-prompts", type=int, default=100)
-    score.add_argument("--n-documents", type=int, default=20)
-    score.add_argument("--setting", choices=["documents", "gold_only"], default="documents")
-    score.add_argument("--answer-rows", choices=["prefix", "greedy", "gold_answer"], default="prefix")
-    score.add_argument("--seed", type=int, default=1)
+    score = _command(sub, "score", "contextual scores of every head (+ head-location map)",
+                     "focuslens score --n-prompts 20 --out runs/score  (then: patch --scores runs/score/contextual_heads.json)")
+    score.add_argument("--n-prompts", type=int, default=100, help="prompts to score on")
+    score.add_argument("--n-documents", type=int, default=20, help="documents per prompt")
+    score.add_argument("--setting", choices=["documents", "gold_only"], default="documents",
+                       help="score with every document, or with the gold document alone")
+    score.add_argument("--answer-rows", choices=["prefix", "greedy", "gold_answer"], default="prefix",
+                       help="which rows attend: the answer prefix, the greedy answer, or the gold answer's tokens")
+    score.add_argument("--seed", type=int, default=1, help="data seed")
     score.add_argument("--top", type=int, default=20, help="how many heads to print")
-    score.add_argument("--out", default="figures")
-    score.add_argument("--quiet", action="store_true")
+    score.add_argument("--out", default="runs/score", help="output folder (contextual_heads.json + figure)")
 
-    patch = sub.add_parser("patch", help="causal importance of heads: patching, ablation, agreement")
-    patch.add_argument("--model", default="smollm2-135m-instruct")
-    patch.add_argument("--scores", help="a HeadScores JSON from `focuslens score` (default: score now)")
-    patch.add_argument("--n-pairs", type=int, default=8)
+    ranking_help = "a HeadScores JSON (contextual_heads.json from `focuslens score`); default: score now"
+    patch = _command(sub, "patch", "causal importance of heads: patching, ablation, agreement",
+                     "focuslens patch --scores runs/score/contextual_heads.json --n-pairs 4 --n-ablation 4")
+    patch.add_argument("--scores", help=ranking_help)
+    patch.add_argument("--n-score-prompts", type=int, default=100, help="prompts to score on when --scores is absent")
+    patch.add_argument("--n-pairs", type=int, default=8, help="counterfactual pairs for patching")
     patch.add_argument("--n-candidates", type=int, default=20, help="top contextual heads (+ as many random) patched exactly")
-    patch.add_argument("--seed", type=int, default=2)
-    patch.add_argument("--out", default="figures")
-    patch.add_argument("--quiet", action="store_true")
+    patch.add_argument("--n-ablation", type=int, default=16, help="prompts for group ablation")
+    patch.add_argument("--seed", type=int, default=2, help="data seed")
+    patch.add_argument("--out", default="runs/patch", help="output folder")
 
-    train = sub.add_parser("train-directions", help="learn focus directions for every head (model frozen)")
-    train.add_argument("--model", default="smollm2-135m-instruct")
-    train.add_argument("--scores", help="a HeadScores JSON whose ranking is stored with the directions "
-                       "(default: score 100 prompts now)")
-    train.add_argument("--n-train", type=int, default=200)
-    train.add_argument("--n-validation", type=int, default=100)
-    train.add_argument("--n-documents", type=int, default=20)
-    train.add_argument("--answer-rows", choices=["prefix", "greedy", "gold_answer"], default="prefix")
-    train.add_argument("--epochs", type=int, default=10)
-    train.add_argument("--lr", type=float, default=1e-3)
-    train.add_argument("--batch-size", type=int, default=1)
-    train.add_argument("--patience", type=int, default=2)
-    train.add_argument("--seed", type=int, default=4)
-    train.add_argument("--out", default="figures/focus_directions", help="directory for the artifact")
-    train.add_argument("--quiet", action="store_true")
+    train = _command(sub, "train-directions", "learn focus directions for every head (model frozen)",
+                     "focuslens train-directions --n-train 40 --n-validation 20 --epochs 20 --lr 1e-2")
+    train.add_argument("--scores", help=ranking_help + " (its ranking is stored with the directions)")
+    train.add_argument("--n-score-prompts", type=int, default=100, help="prompts to score on when --scores is absent")
+    train.add_argument("--n-train", type=int, default=200, help="training prompts")
+    train.add_argument("--n-validation", type=int, default=100, help="validation prompts (early stopping)")
+    train.add_argument("--n-documents", type=int, default=20, help="documents per prompt")
+    train.add_argument("--answer-rows", choices=["prefix", "greedy", "gold_answer"], default="prefix",
+                       help="which rows' attention is trained")
+    train.add_argument("--epochs", type=int, default=10, help="passes over the training prompts")
+    train.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    train.add_argument("--batch-size", type=int, default=1, help="prompts per step")
+    train.add_argument("--patience", type=int, default=2, help="epochs without validation gain before a head stops")
+    train.add_argument("--seed", type=int, default=4, help="data and initialisation seed")
+    train.add_argument("--out", default="runs/focus_directions", help="folder of the artifact")
 
-    steer = sub.add_parser("steer", help="steering sweeps: split-softmax (Fig. 3) and focus directions (Fig. 4)")
-    steer.add_argument("method", choices=["split-softmax", "focus"])
-    steer.add_argument("--model", default="smollm2-135m-instruct")
-    steer.add_argument("--scores", help="HeadScores JSON for the head ranking (default: score 100 prompts now)")
-    steer.add_argument("--directions", help="focus: a directory from `focuslens train-directions` "
-                       "(default: train now)")
-    steer.add_argument("--n-test", type=int, default=200)
-    steer.add_argument("--n-validation", type=int, default=100)
-    steer.add_argument("--n-documents", type=int, default=20)
-    steer.add_argument("--ks", type=int, nargs="+", help="numbers of heads (focus: 0 means all heads)")
-    steer.add_argument("--taus", type=float, nargs="+", default=[0.8, 0.5, 0.3, 0.1])
-    steer.add_argument("--alphas", type=float, nargs="+", default=[-0.5, 0.1, 0.25, 0.4, 0.5, 0.75, 1.0, 2.0])
-    steer.add_argument("--n-random", type=int, default=3)
+    steer = _command(sub, "steer", "steering sweeps: split-softmax (Fig. 3) and focus directions (Fig. 4)",
+                     "focuslens steer split-softmax --n-test 20 --ks 5 20 --taus 0.5 0.1")
+    steer.add_argument("method", choices=["split-softmax", "focus"], help="which intervention to sweep")
+    steer.add_argument("--scores", help=ranking_help)
+    steer.add_argument("--n-score-prompts", type=int, default=100, help="prompts to score on when --scores is absent")
+    steer.add_argument("--directions", help="focus: a folder from `focuslens train-directions` (default: train now)")
+    steer.add_argument("--n-train", type=int, default=200, help="focus: training prompts when --directions is absent")
+    steer.add_argument("--n-test", type=int, default=200, help="held-out prompts (a multiple of the 5 gold positions)")
+    steer.add_argument("--n-validation", type=int, default=100, help="validation prompts (choose k, alpha)")
+    steer.add_argument("--n-documents", type=int, default=20, help="documents per prompt")
+    steer.add_argument("--ks", type=int, nargs="+",
+                       help="numbers of heads (focus: 0 means all heads); default 1 5 10 20 50 (focus: and all)")
+    steer.add_argument("--taus", type=float, nargs="+", default=[0.8, 0.5, 0.3, 0.1], help="split-softmax exponents")
+    steer.add_argument("--alphas", type=float, nargs="+", default=[-0.5, 0.1, 0.25, 0.4, 0.5, 0.75, 1.0, 2.0],
+                       help="focus: direction scales")
+    steer.add_argument("--n-random", type=int, default=3, help="split-softmax: random head sets per k")
     steer.add_argument("--rows", choices=["answer", "all"], default="answer",
                        help="steer the answer rows only (one prefill per prompt) or every position (the paper's "
-                       "intervention, one full forward per setting); default: answer")
-    steer.add_argument("--release", help="the paper's release directory, to report its direction norms")
-    steer.add_argument("--seed", type=int, default=4)
-    steer.add_argument("--out", default="figures")
-    steer.add_argument("--quiet", action="store_true")
+                       "intervention, one full forward per setting)")
+    steer.add_argument("--release", help="the paper's release folder, to report its direction norms")
+    steer.add_argument("--seed", type=int, default=4, help="data seed")
+    steer.add_argument("--out", default="runs/steer", help="output folder")
 
-    figs = sub.add_parser("figures", help="redraw every figure in --out from the saved results "
-                          "(runs the demo first if they are missing)")
-    figs.add_argument("--model", default="smollm2-135m-instruct")
-    figs.add_argument("--out", default="figures")
-    figs.add_argument("--release", help="the paper's release directory, for the cross-family figures")
-    figs.add_argument("--quiet", action="store_true")
+    figs = _command(sub, "figures", "redraw every figure in --out from the saved results (runs the demo first if "
+                    "they are missing); the model only names the tokens of the prompt views",
+                    "focuslens figures --out runs/demo")
+    figs.add_argument("--out", default="runs/demo", help="a folder written by `focuslens demo`")
+    figs.add_argument("--release", help="the paper's release folder, for the cross-family figures")
 
-    exp = sub.add_parser("experiment", help="experiment grids; `experiment focus`: where focus directions help",
-                         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                         epilog="example: focuslens experiment focus --out runs/focus --n-test 200")
+    exp = _command(sub, "experiment", "experiment grids; `experiment focus`: where focus directions help",
+                   "focuslens experiment focus --out runs/focus --n-test 200")
     exp.add_argument("name", choices=["focus"], help="focus: task x layout x head ranking x rows")
-    exp.add_argument("--model", default="smollm2-135m-instruct", help="model spec for load_model")
     exp.add_argument("--tasks", nargs="+", default=["synthetic", "synthetic_answer_free"], help="tasks")
     exp.add_argument("--layouts", nargs="+", default=["qa", "qa_query_aware"], help="prompt layouts")
     exp.add_argument("--rankings", nargs="+", default=["contextual", "chance_corrected", "gold_only", "attribution"],
@@ -119,10 +133,8 @@ def _parser() -> argparse.ArgumentParser:
                      help="task nq: train / validation / test questions (test: 5 gold positions each)")
     exp.add_argument("--seed", type=int, default=7, help="data and training seed")
     exp.add_argument("--out", default="runs/focus_conditions", help="output directory")
-    exp.add_argument("--quiet", action="store_true", help="no progress bars")
 
-    info = sub.add_parser("info", help="load a model and print its shape")
-    info.add_argument("--model", default="smollm2-135m-instruct")
+    _command(sub, "info", "load a model and print its shape", "focuslens info --model smollm2-135m-instruct")
     return p
 
 
@@ -141,29 +153,40 @@ def _score(args) -> None:
         data=f"synthetic n_documents={args.n_documents} seed={args.seed}",
     )
     out = Path(args.out)
-    stem = f"scores_{args.setting}_{args.answer_rows}"
-    scores.save(out / f"{stem}.json")
-    scores.to_ranking_json(out / f"{stem}_relevant_heads.json")
+    scores.save(out / "contextual_heads.json")  # what `patch/steer/train-directions --scores` read
+    scores.to_ranking_json(out / "relevant_heads.json")  # the paper's ranking format
     print(scores.to_dataframe().query("metric == 'gold'").nlargest(args.top, "value").to_string(index=False))
-    print("wrote", *save_figure(plot_head_map(scores), out / stem, width=800, height=900),
-          out / f"{stem}.json", out / f"{stem}_relevant_heads.json")
+    print("wrote", *save_figure(plot_head_map(scores), out / "contextual_heads", width=800, height=900),
+          out / "contextual_heads.json", out / "relevant_heads.json")
+    print(f"next: focuslens patch --scores {out / 'contextual_heads.json'}")
+
+
+def _keep(stage, out, *figure_args) -> None:
+    """Save a stage under ``out`` and draw its figure."""
+    from focuslens import figures
+
+    stage.save(out)
+    section = "focus_directions" if stage.section.startswith("focus_directions") else stage.section
+    getattr(figures, f"draw_{section}")(stage, *figure_args, out)
 
 
 def _ranking_scores(model, args, out_dir):
-    """The contextual-head ranking: from ``--scores``, or scored now (written to ``out_dir``)."""
-    from focuslens.pipeline import run_contextual_heads
+    """The contextual-head ranking: from ``--scores``, or scored now (saved to ``out_dir``)."""
     from focuslens.scoring import HeadScores
+    from focuslens.stages import run_contextual_heads
 
     if args.scores:
         return HeadScores.load(args.scores, model=model)
-    return run_contextual_heads(model, out_dir=out_dir, quiet=args.quiet)
+    stage = run_contextual_heads(model, n_prompts=args.n_score_prompts, n_settings=0, quiet=args.quiet)
+    _keep(stage, out_dir)
+    return stage["contextual_heads"]
 
 
 def _train_directions(args) -> None:
     from pathlib import Path
 
     from focuslens.models import load_model
-    from focuslens.pipeline import steering_splits
+    from focuslens.stages import steering_splits
     from focuslens.training import train_directions
 
     model = load_model(args.model)
@@ -185,7 +208,8 @@ def _steer(args) -> None:
 
     from focuslens.directions import FocusDirections
     from focuslens.models import load_model
-    from focuslens.pipeline import (
+    from focuslens.pipeline import load_release
+    from focuslens.stages import (
         reference_accuracies,
         run_focus_directions,
         run_split_softmax,
@@ -195,35 +219,40 @@ def _steer(args) -> None:
     model = load_model(args.model)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     scores = _ranking_scores(model, args, args.out)
-    splits = steering_splits(n_validation=args.n_validation, n_test=args.n_test, n_documents=args.n_documents,
+    splits = steering_splits(n_train=args.n_train if args.method == "focus" and not args.directions else 0,
+                             n_validation=args.n_validation, n_test=args.n_test, n_documents=args.n_documents,
                              seed=args.seed)
     refs = reference_accuracies(model, splits["test"], quiet=args.quiet)
     if args.method == "split-softmax":
         ks = tuple(args.ks or (1, 5, 10, 20, 50))
-        run_split_softmax(model, scores, splits["test"], ks=ks, taus=tuple(args.taus), n_random=args.n_random,
-                          references=refs, rows=args.rows, out_dir=args.out, quiet=args.quiet)
+        _keep(run_split_softmax(model, scores, splits["test"], ks=ks, taus=tuple(args.taus), n_random=args.n_random,
+                                references=refs, rows=args.rows, quiet=args.quiet), args.out)
         return
     ks = tuple((k or None) for k in (args.ks or (1, 5, 10, 20, 50, 0)))
     directions = FocusDirections.load(args.directions, model=model) if args.directions else None
-    run_focus_directions(model, scores, splits, ks=ks, alphas=tuple(args.alphas), references=refs,
-                         directions=directions, release_dir=args.release, rows=args.rows, out_dir=args.out,
-                         quiet=args.quiet)
+    _keep(run_focus_directions(model, scores, splits, ks=ks, alphas=tuple(args.alphas), references=refs,
+                               directions=directions, released=load_release(args.release), rows=args.rows,
+                               quiet=args.quiet), args.out)
 
 
 def _figures(args) -> None:
-    import json
-    from pathlib import Path
-
+    from focuslens.errors import DataError
     from focuslens.figures import draw_all
     from focuslens.models import load_model
-    from focuslens.pipeline import run_demo
+    from focuslens.pipeline import load_release, load_results, run_demo
 
-    summary = Path(args.out) / "summary.json"
-    sections = json.loads(summary.read_text()) if summary.exists() else {}
-    if not {"distraction", "contextual_heads", "patching", "split_softmax", "focus_directions"} <= set(sections):
-        print(f"results missing in {args.out}: running the demo first")
-        run_demo(args.model, out_dir=args.out, release_dir=args.release, quiet=args.quiet)
-    draw_all(args.out, model=load_model(args.model), release_dir=args.release)
+    try:
+        results = load_results(args.out)
+    except DataError as err:
+        results = {}
+        print(f"cannot redraw from {args.out} ({err})")
+    if not {"distraction", "contextual_heads", "patching", "split_softmax", "focus_directions"} <= set(results):
+        print(f"results missing in {args.out}: running the quick demo first")
+        from focuslens.pipeline import DemoSettings
+
+        run_demo(args.model, settings=DemoSettings.quick(), out_dir=args.out, release_dir=args.release, quiet=args.quiet)
+        return
+    draw_all(results, args.out, tokenizer=load_model(args.model).tokenizer, released=load_release(args.release))
 
 
 def _experiment(args) -> None:
@@ -257,39 +286,46 @@ def _check_paths(args) -> None:
     out = getattr(args, "out", None)
     if out and Path(out).exists() and not Path(out).is_dir():
         raise DataError(f"--out {out} is a file, not a folder.")
+    if args.command == "steer":
+        from focuslens.stages import gold_positions
+
+        positions = gold_positions(args.n_documents)
+        if args.n_test <= 0 or args.n_test % len(positions):
+            raise DataError(f"--n-test {args.n_test}: each test question appears once per gold position {positions}, "
+                            f"so --n-test must be a positive multiple of {len(positions)}.")
 
 
 def _run(args) -> None:
     """Dispatch one parsed command to the Python API."""
     _check_paths(args)
     if args.command == "demo":
-        from focuslens.pipeline import run_demo
+        from dataclasses import replace
 
-        run_demo(args.model, n_prompts=args.n_prompts, seed=args.seed, out_dir=args.out,
-                 release_dir=args.release, quiet=args.quiet)
+        from focuslens.pipeline import DemoSettings, run_demo
+
+        settings = replace(DemoSettings.quick() if args.size == "quick" else DemoSettings(), seed=args.seed)
+        if args.n_prompts is not None:
+            settings = replace(settings, n_prompts=args.n_prompts)
+        run_demo(args.model, settings=settings, out_dir=args.out, release_dir=args.release, quiet=args.quiet)
     elif args.command == "distraction":
         from focuslens.models import load_model
-        from focuslens.pipeline import run_distraction
+        from focuslens.stages import run_distraction
 
-        run_distraction(
-            load_model(args.model),
-            n_prompts=args.n_prompts,
-            n_documents=tuple(args.n_documents),
-            seed=args.seed,
-            out_dir=args.out,
-            quiet=args.quiet,
-        )
+        _keep(run_distraction(load_model(args.model), n_prompts=args.n_prompts, n_documents=tuple(args.n_documents),
+                              seed=args.seed, quiet=args.quiet), args.out)
     elif args.command == "score":
         _score(args)
     elif args.command == "experiment":
         _experiment(args)
     elif args.command == "patch":
         from focuslens.models import load_model
-        from focuslens.pipeline import run_patching
+        from focuslens.stages import StageResult, run_patching
 
         model = load_model(args.model)
-        run_patching(model, _ranking_scores(model, args, args.out), n_pairs=args.n_pairs, n_candidates=args.n_candidates,
-                     seed=args.seed, out_dir=args.out, quiet=args.quiet)
+        scores = _ranking_scores(model, args, args.out)
+        stage = run_patching(model, scores, n_pairs=args.n_pairs, n_candidates=args.n_candidates,
+                             n_ablation=args.n_ablation, seed=args.seed, quiet=args.quiet)
+        _keep(stage, args.out, StageResult("contextual_heads", {}, artifacts={"contextual_heads": scores}))
     elif args.command == "train-directions":
         _train_directions(args)
     elif args.command == "steer":

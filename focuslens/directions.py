@@ -51,12 +51,12 @@ from torch import Tensor
 
 from focuslens.data.render import Prompt
 from focuslens.errors import DataError, ModelError
+from focuslens.hooks import attn_hook
 from focuslens.steering import Head
 
 __all__ = ["FocusDirections", "import_release", "ARTIFACT_FORMAT"]
 
 ARTIFACT_FORMAT = "focuslens.FocusDirections/1"
-Q_HOOK, K_HOOK = "blocks.{}.attn.hook_rot_q", "blocks.{}.attn.hook_rot_k"
 
 
 def attention_scaling(model) -> float:
@@ -165,27 +165,36 @@ class FocusDirections:
 
     # ---------------------------------------------------------------- what a direction does
     @torch.no_grad()
-    def key_bias(self, model, prompt: Prompt, alpha: float = 1.0, heads=None) -> Float[Tensor, "head key"]:
+    def key_bias(self, model, prompt: Prompt, alpha: float = 1.0, heads=None) -> pd.DataFrame:
         """The logit bias ``b_j = α d_q·k_j / √d`` each chosen head adds to every key of
-        ``prompt`` (keys of the unsteered model), one row per head in ``heads`` order.
+        ``prompt`` (keys of the unsteered model): one row per head in ``heads`` order (index
+        ``layer``, ``head``), one column per key position; ``attrs``: alpha, model.
 
         Softmax turns a bias into a factor ``exp(b_j)`` on the attention weight, so keys
-        with a large bias are the ones the direction makes the head read.
+        with a large bias are the ones the direction makes the head read. ``heads``: k (the
+        top k of the ranking), (layer, head) pairs or None (every head).
         """
+        from focuslens.models import model_id
+
         self.check_model(model)
         heads = self._heads(heads)
+        if not heads:
+            raise DataError("heads is empty: pass k (top k of the ranking), (layer, head) pairs or None.")
         keys: dict[int, Tensor] = {}
         layers = sorted({layer for layer, _ in heads})
 
         def keep(k, hook, layer):
             keys[layer] = k[0].detach()  # [key, kv_head, d_head]
 
-        hooks = [(K_HOOK.format(layer), lambda k, hook, layer=layer: keep(k, hook, layer)) for layer in layers]
+        hooks = [(attn_hook(layer, "rot_k"), lambda k, hook, layer=layer: keep(k, hook, layer)) for layer in layers]
         model.run_with_hooks(prompt.input_ids[None].to(model.cfg.device), fwd_hooks=hooks,
                              stop_at_layer=max(layers) + 1)
         group = model.cfg.n_heads // (model.cfg.n_key_value_heads or model.cfg.n_heads)
         rows = [keys[layer][:, head // group].float().cpu() @ self.q[layer, head].float() for layer, head in heads]
-        return alpha * attention_scaling(model) * torch.stack(rows)
+        bias = alpha * attention_scaling(model) * torch.stack(rows)
+        table = pd.DataFrame(bias.numpy(), index=pd.MultiIndex.from_tuples(heads, names=["layer", "head"]))
+        table.attrs.update(alpha=float(alpha), model=model_id(model))
+        return table
 
     # ---------------------------------------------------------------- checks
     def _heads(self, heads) -> list[Head]:
@@ -321,6 +330,6 @@ def import_release(
         "release_dir": str(directory),
         "ranking_file": str(ranking_file) if ranking_file else None,
         "architecture": {"n_layers": n_layers, "n_heads": q[0].shape[0], "d_head": q[0].shape[1]},
-        "hook_points": {"q": Q_HOOK.format("{layer}"), "k": K_HOOK.format("{layer}")},
+        "hook_points": {"q": attn_hook("{layer}", "rot_q"), "k": attn_hook("{layer}", "rot_k")},
     }
     return FocusDirections(torch.stack(q), torch.stack(k), heads, meta)

@@ -17,6 +17,7 @@ number of documents or gold position.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
@@ -28,6 +29,7 @@ from tqdm.auto import tqdm
 from focuslens.data.examples import QAExample, normalize_answer
 from focuslens.data.render import Prompt, render
 from focuslens.errors import DataError
+from focuslens.hooks import attn_hook
 from focuslens.kvcache import PrefixCache
 
 __all__ = [
@@ -53,6 +55,20 @@ def best_subspan_em(prediction: str, answers: Iterable[str]) -> float:
     """1.0 if any normalised answer is a substring of the normalised prediction."""
     pred = normalize_answer(prediction)
     return float(any(normalize_answer(a) in pred for a in answers))
+
+
+def wilson_interval(accuracy: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95 % by default) of an accuracy measured on ``n`` prompts;
+    unlike ``p ± z·se`` it stays inside [0, 1] and is not empty at p = 0 or 1.
+
+    >>> [round(x, 3) for x in wilson_interval(0.5, 40)]
+    [0.352, 0.648]
+    """
+    if n <= 0:
+        return float("nan"), float("nan")
+    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def spearman(x, y) -> float:
@@ -300,7 +316,7 @@ def _probe_hooks(prompt: Prompt, offset: int, probe_heads: Tensor, store: dict) 
             for col, name in enumerate(spans):
                 store[name] = store.get(name, 0) + (mass[..., col] * heads.to(mass.device)).sum(-1).cpu()
 
-        hooks.append((f"blocks.{layer}.attn.hook_pattern", reduce))
+        hooks.append((attn_hook(layer, "pattern"), reduce))
     return hooks
 
 
@@ -310,10 +326,12 @@ def _variant_chunk(model) -> int:
     return 4 if str(model.cfg.device).startswith("cpu") else 32
 
 
-def _run_variants(model, prompt: Prompt, n_variants: int, hooks_for, rows: str, probe_heads, store) -> Tensor:
+def _run_variants(model, prompt: Prompt, n_variants: int, hooks_for, rows: str, probe_heads, store,
+                  prefills=None) -> Tensor:
     """Last-position logits ``[variant, vocab]`` of every variant on one prompt."""
     if rows == "answer":  # the prompt before the answer rows is unsteered: prefill it once
-        pc = PrefixCache(model, prompt.input_ids, split=prompt.answer.start)
+        split = prompt.answer.start
+        pc = prefills.get(model, prompt.input_ids, split) if prefills else PrefixCache(model, prompt.input_ids, split)
         hooks = list(hooks_for(prompt, slice(0, n_variants)))
         if probe_heads is not None:
             hooks += _probe_hooks(prompt, pc.offset, probe_heads, store)
@@ -338,6 +356,21 @@ def _run_variants(model, prompt: Prompt, n_variants: int, hooks_for, rows: str, 
     return torch.cat(out)
 
 
+def _variant_rows(i: int, ex, logits: Tensor, candidates, store: dict, n_probe) -> list[dict]:
+    """One result row per variant of example ``i`` (accuracy columns and probe masses)."""
+    gold, others = candidates
+    best_other = logits[:, others].max(-1).values if others else torch.full((len(logits),), float("-inf"))
+    rows = []
+    for v in range(len(logits)):
+        row = {"example": i, "qid": ex.qid, "n_documents": ex.n_documents, "gold_index": ex.gold_index,
+               "position": position_label(ex.gold_index, ex.n_documents), "variant": v,
+               "correct": bool(logits[v].argmax() == gold), "candidate_correct": bool(logits[v, gold] > best_other[v]),
+               "gold_logit": float(logits[v, gold]), "margin": float(logits[v, gold] - best_other[v])}
+        row.update({name: float(total[v] / n_probe[v]) for name, total in store.items()})
+        rows.append(row)
+    return rows
+
+
 def evaluate_variants(
     model,
     examples: Sequence[QAExample | Prompt],
@@ -347,6 +380,7 @@ def evaluate_variants(
     rows: str = "answer",
     probe_heads: Tensor | None = None,
     return_logits: bool = False,
+    prefills=None,
     quiet: bool = False,
     desc: str = "variants",
 ):
@@ -366,6 +400,8 @@ def evaluate_variants(
             ``sink_mass``: the mean attention mass of those heads from the answer rows onto
             the gold document and the sink, as steered.
         return_logits: also return the last-position logits ``[example, variant, vocab]``.
+        prefills: a :class:`~focuslens.kvcache.PrefillStore` shared with other sweeps of
+            the same prompts (``rows="answer"``): each prompt is prefilled once in all.
 
     Returns one row per (example, variant): ``example`` (its index in ``examples``),
     ``variant``, the columns of :func:`evaluate_next_token`, and the probe masses.
@@ -381,27 +417,11 @@ def evaluate_variants(
         ex = prompt.example
         store: dict = {}
         with torch.no_grad():
-            logits = _run_variants(model, prompt, n_variants, hooks_for, rows, probe_heads, store)
+            logits = _run_variants(model, prompt, n_variants, hooks_for, rows, probe_heads, store, prefills)
         if return_logits:
             all_logits.append(logits)
-        gold, others = candidate_token_ids(tok, ex)
-        best_other = logits[:, others].max(-1).values if others else torch.full((n_variants,), float("-inf"))
         n_probe = probe_heads.sum((1, 2)).clamp_min(1) if probe_heads is not None else None
-        for v in range(n_variants):
-            row = {
-                "example": i,
-                "qid": ex.qid,
-                "n_documents": ex.n_documents,
-                "gold_index": ex.gold_index,
-                "position": position_label(ex.gold_index, ex.n_documents),
-                "variant": v,
-                "correct": bool(logits[v].argmax() == gold),
-                "candidate_correct": bool(logits[v, gold] > best_other[v]),
-                "gold_logit": float(logits[v, gold]),
-                "margin": float(logits[v, gold] - best_other[v]),
-            }
-            row.update({name: float(total[v] / n_probe[v]) for name, total in store.items()})
-            rows_out.append(row)
+        rows_out += _variant_rows(i, ex, logits, candidate_token_ids(tok, ex), store, n_probe)
     df = pd.DataFrame(rows_out)
     return (df, torch.stack(all_logits)) if return_logits else df
 

@@ -33,6 +33,7 @@ import torch
 from focuslens.data import make_synthetic_qa
 from focuslens.data.render import Prompt, render, with_layout
 from focuslens.errors import DataError
+from focuslens.hooks import attn_hook
 from focuslens.io import write_csv
 
 __all__ = ["TASKS", "RANKINGS", "ConditionSettings", "task_splits", "head_rankings", "paired_gain",
@@ -79,7 +80,7 @@ class ConditionSettings:
 def task_splits(task: str, layout: str, s: ConditionSettings) -> dict[str, list]:
     """Train / validation / test examples, disjoint by question (separate seeds); the test
     questions each appear with the gold at the paper's five positions."""
-    from focuslens.pipeline import gold_positions
+    from focuslens.stages import gold_positions
 
     if task not in TASKS:
         raise DataError(f"task={task!r}: use one of {sorted(TASKS)}.")
@@ -98,7 +99,7 @@ def _nq_splits(layout: str, s: ConditionSettings) -> dict[str, list]:
     """NQ questions split by question; one gold position per training / validation
     question (cycling), all five for test questions."""
     from focuslens.data.lost_in_the_middle import make_nq_distractor_examples
-    from focuslens.pipeline import gold_positions
+    from focuslens.stages import gold_positions
 
     if not s.nq_path:
         raise DataError("task 'nq' needs ConditionSettings.nq_path (the NQ oracle file; CLI: --nq PATH).")
@@ -212,7 +213,7 @@ def gold_breakdown(model, directions, examples, heads, alpha: float, *, rows: st
                 rows_p = pattern[0, mask[layer].nonzero().flatten(), prompt.answer.start : prompt.answer.end].float()
                 store.append(torch.stack([rows_p[..., m].sum(-1).mean(-1) for m in parts.values()], -1))
 
-            hooks = [(f"blocks.{layer}.attn.hook_pattern", probe) for layer in layers]
+            hooks = [(attn_hook(layer, "pattern"), probe) for layer in layers]
             with focus(model, directions, alpha=a, heads=mask, rows=rows, prompt=prompt):
                 model.run_with_hooks(prompt.input_ids[None].to(model.cfg.device), fwd_hooks=hooks)
             mean = torch.cat(store).mean(0)
@@ -282,7 +283,7 @@ def run_condition(model, task: str, layout: str, s: ConditionSettings, *, quiet:
         if rows == "all" and (task, layout) not in s.all_rows:
             continue
         names_r = names if rows == "answer" else names[:1]
-        ks = s.ks if rows == "answer" else s.all_rows_ks
+        ks = tuple(k for k in (s.ks if rows == "answer" else s.all_rows_ks) if k <= model.cfg.n_layers * model.cfg.n_heads)
         alphas = s.alphas if rows == "answer" else s.all_rows_alphas
         t1 = time.perf_counter()
         val = focus_sweep(model, dirs, splits["validation"], ks=ks, alphas=alphas, rows=rows,
@@ -359,7 +360,7 @@ def write_focus_conditions(out: dict, s: ConditionSettings, out_dir) -> None:
     """CSV, figure and the ``summary.json`` sections of a grid run."""
     import json
 
-    from focuslens.pipeline import update_summary
+    from focuslens.io import update_summary
     from focuslens.viz.steering import plot_focus_conditions
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -384,13 +385,14 @@ def write_focus_conditions(out: dict, s: ConditionSettings, out_dir) -> None:
     update_summary(summary_file, "focus_conditions_run", {"mechanism": mechanism.to_dict("records"), "runs": runs})
 
 
-def run_demo_cell(model, *, out_dir: str | Path = "figures", quiet: bool = False) -> dict:
+def run_demo_cell(model, *, n_train: int = 40, n_validation: int = 20, n_test: int = 100,
+                  out_dir: str | Path = "figures", quiet: bool = False) -> dict:
     """One cell of ``focuslens experiment focus`` at a small size: synthetic task,
     query-aware layout, contextual ranking, answer rows (the full grid: ``make
     focus-conditions``). Its numbers go to ``summary.json["focus_conditions_demo"]``."""
-    from focuslens.pipeline import update_summary
+    from focuslens.io import update_summary
 
-    s = ConditionSettings(n_train=40, n_validation=20, n_test=100, epochs=40, rankings=("contextual",),
+    s = ConditionSettings(n_train=n_train, n_validation=n_validation, n_test=n_test, epochs=40, rankings=("contextual",),
                           layouts=("qa_query_aware",), tasks=("synthetic",), all_rows=(), n_mechanism=10)
     cell = run_condition(model, "synthetic", "qa_query_aware", s, quiet=quiet)["cells"][0]
     print(f"\nFocus directions, one cell of the conditions grid (synthetic, query-aware, contextual heads, answer "

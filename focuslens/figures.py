@@ -1,17 +1,34 @@
-"""The figures in ``figures/``: each drawn from the results the pipeline saved there.
+"""The figures in ``figures/``: each drawn from the results of a stage, in memory.
 
-The demo's stages save their results (CSV, JSON, safetensors) and call these functions, and
-``make figures`` (``focuslens figures``) calls them again, so a figure can be restyled and
-redrawn without re-running its experiment. :data:`FIGURES` lists every figure with a line
-on what it shows; ``figures/README.md`` is written from it.
+Every ``draw_*`` takes :class:`~focuslens.stages.StageResult` objects (and, for the views of
+one prompt, a tokenizer to name its tokens): figures never run the model or read results
+from disk. ``make demo`` draws them as the stages finish; ``make figures`` (``focuslens
+figures``) reads the saved stages back (:func:`focuslens.stages.load_stage`) and redraws,
+so a figure can be restyled without re-running its experiment. :data:`FIGURES` lists every
+figure with a line on what it shows; ``figures/README.md`` is written from it.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import pandas as pd
+from focuslens.data import render
+from focuslens.stages import example_from_json
+from focuslens.viz import (
+    plot_direction_norms,
+    plot_direction_similarity,
+    plot_distraction,
+    plot_document_attention,
+    plot_focus_sweep,
+    plot_head_locations,
+    plot_head_map,
+    plot_key_bias,
+    plot_norm_vs_rank,
+    plot_rank_agreement,
+    plot_split_softmax_sweep,
+    plot_topk_overlap,
+    token_view,
+)
 
 __all__ = [
     "FIGURES",
@@ -57,226 +74,150 @@ FIGURES: dict[str, str] = {
     "irrelevant documents, sink)",
 }
 
-#: scoring settings compared in ``topk_overlap`` (file suffix -> score_heads arguments).
-SCORING_SETTINGS = {
-    "gold_only": {"setting": "gold_only", "answer_rows": "prefix"},
-    "greedy": {"setting": "documents", "answer_rows": "greedy"},
-}
-
-
-def _summary(out: Path) -> dict:
-    path = out / "summary.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def _need(path: Path) -> Path:
-    if not path.exists():
-        from focuslens.errors import DataError
-
-        raise DataError(f"{path} is missing: run `make demo` (or the stage that writes it) first.")
-    return path
-
-
 def _save(fig, out: Path, stem: str, **size) -> list[Path]:
     """``fig.save``: the figure's own layout size unless ``width``/``height`` are given."""
-    written = fig.save(out / stem, **size)
+    written = fig.save(Path(out) / stem, **size)
     print("wrote", ", ".join(str(p) for p in written))
     return written
 
 
-def draw_distraction(out: str | Path) -> list[Path]:
-    from focuslens.viz import plot_distraction
+def _model(stage) -> str:
+    return stage.summary.get("model", "the model")
 
-    out = Path(out)
-    rows = pd.read_csv(_need(out / "distraction.csv"))
-    model = _summary(out).get("distraction", {}).get("model", "the model")
-    fig = plot_distraction(rows, title=f"Distraction on {model}: synthetic multi-document QA")
+
+def draw_distraction(stage, out: str | Path) -> list[Path]:
+    """Accuracy vs number of documents (``run_distraction``)."""
+
+    fig = plot_distraction(stage["distraction"], title=f"Distraction on {_model(stage)}: synthetic multi-document QA")
     return _save(fig, out, "distraction")
 
 
-def draw_contextual_heads(out: str | Path) -> list[Path]:
-    from focuslens.scoring import HeadScores
-    from focuslens.viz import plot_head_map
+def draw_contextual_heads(stage, out: str | Path) -> list[Path]:
+    """The head-location map of the contextual scores (``run_contextual_heads``)."""
 
-    out = Path(out)
-    scores = HeadScores.load(_need(out / "contextual_heads.json"))
-    return _save(plot_head_map(scores), out, "contextual_heads", width=800, height=900)
+    return _save(plot_head_map(stage["contextual_heads"]), out, "contextual_heads", width=800, height=900)
 
 
-def draw_patching(out: str | Path) -> list[Path]:
-    from focuslens.patching import PatchingResult
-    from focuslens.scoring import HeadScores
-    from focuslens.viz import plot_rank_agreement
+def draw_patching(stage, heads_stage, out: str | Path) -> list[Path]:
+    """Contextual score vs causal effect per head (``run_patching`` and ``run_contextual_heads``)."""
 
-    out = Path(out)
-    scores = HeadScores.load(_need(out / "contextual_heads.json"))
-    result = PatchingResult.load(_need(out / "patching.json"))
-    spearman = _summary(out).get("patching", {}).get("spearman", float("nan"))
+    scores, result = heads_stage["contextual_heads"], stage["patching"]
     fig = plot_rank_agreement(
         scores["gold"], result.scores["attribution"],
         x_label="contextual score (attention mass on the gold document)",
         y_label="causal effect (attribution patching, 0 = corrupted, 1 = clean)",
         title=f"Contextual score vs causal effect per head ({result.metadata.get('model')})<br>"
-        f"<sup>Spearman {spearman:+.2f} over all heads; red: top 10 contextual heads</sup>",
+        f"<sup>Spearman {stage.summary['spearman']:+.2f} over all heads; red: top 10 contextual heads</sup>",
         highlight=scores.top_k(10),
     )
     return _save(fig, out, "patching_agreement")
 
 
-def draw_split_softmax(out: str | Path) -> list[Path]:
-    from focuslens.viz import plot_split_softmax_sweep
+def draw_split_softmax(stage, out: str | Path) -> list[Path]:
+    """Paper Fig. 3 (``run_split_softmax``)."""
 
-    out = Path(out)
-    sweep = pd.read_csv(_need(out / "split_softmax_sweep.csv"))
-    s = _summary(out).get("split_softmax", {})
+    sweep, s = stage["split_softmax_sweep"], stage.summary
     refs = {k: s[k] for k in ("gold_only", "baseline", "no_gold") if k in s}
-    model = _summary(out).get("distraction", {}).get("model", "the model")
-    n_docs = int(sweep.n_documents.iloc[0])
+    n_draws = sweep[sweep.group == "random"].draw.nunique()
     fig = plot_split_softmax_sweep(
         sweep, references=refs,
-        title=f"Split-softmax on {model}: contextual vs random heads<br><sup>{sweep.example.nunique()} held-out "
-        f"{n_docs}-document prompts; random: mean ± s.d. over {sweep[sweep.group == 'random'].draw.nunique()} draws; "
+        title=f"Split-softmax on {_model(stage)}: contextual vs random heads<br><sup>{sweep.example.nunique()} held-out "
+        f"{int(sweep.n_documents.iloc[0])}-document prompts; random: mean ± s.d. over {n_draws} draws; "
         "smaller τ = stronger boost of the gold document</sup>",
     )
     return _save(fig, out, "split_softmax", width=900, height=560)
 
 
-def draw_focus_directions(out: str | Path, section: str = "focus_directions") -> list[Path]:
-    from focuslens.viz import plot_focus_sweep
+def draw_focus_directions(stage, out: str | Path) -> list[Path]:
+    """Paper Fig. 4 (``run_focus_directions``); the file is named after the stage's section."""
 
-    out = Path(out)
-    test = pd.read_csv(_need(out / f"{section}_test.csv"))
-    s = _summary(out).get(section, {})
+    test, s = stage[f"{stage.section}_test"], stage.summary
     refs = {k: s[f"{k}_test"] for k in ("gold_only", "baseline", "no_gold") if f"{k}_test" in s}
-    model = _summary(out).get("distraction", {}).get("model", "the model")
-    chosen = {"k": s["best"]["k"], "alpha": s["best"]["alpha"]} if "best" in s else None
     fig = plot_focus_sweep(
-        test, references=refs, chosen=chosen,
-        title=f"Focus directions on {model}: held-out accuracy vs α<br><sup>{test.example.nunique()} prompts, "
-        f"{int(test.n_documents.iloc[0])} documents; α·d_q on the top-k contextual heads at the answer rows, no "
+        test, references=refs, chosen={"k": s["best"]["k"], "alpha": s["best"]["alpha"]},
+        title=f"Focus directions on {_model(stage)}: held-out accuracy vs α<br><sup>{test.example.nunique()} prompts, "
+        f"{int(test.n_documents.iloc[0])} documents; α·d_q on the top-k contextual heads at the {s['rows']} rows, no "
         "label of the relevant document; circle: (k, α) chosen on validation</sup>",
     )
-    return _save(fig, out, section, width=1100, height=520)
+    return _save(fig, out, stage.section, width=1100, height=520)
 
 
-# ------------------------------------------------------------------ one prompt
-def example_prompt():
-    """The held-out prompt the per-prompt views show: the demo's first test question
-    (:func:`focuslens.pipeline.steering_splits`, seed 4) with the gold in the middle."""
-    from focuslens.data import make_synthetic_qa
+def draw_prompt_views(stage, out: str | Path, tokenizer) -> list[Path]:
+    """Document map, token view and key bias of the prompt of ``run_prompt_views``;
+    ``tokenizer`` renders the prompt again when the stage was loaded from disk."""
 
-    return make_synthetic_qa(1, n_documents=20, seed=6)[0].with_gold_at(9)
-
-
-def draw_prompt_views(out: str | Path, model) -> list[Path]:
-    """Document × head map, token view and key-bias view of :func:`example_prompt`."""
-    from focuslens.data import render
-    from focuslens.directions import FocusDirections
-    from focuslens.scoring import HeadScores
-    from focuslens.viz import plot_document_attention, plot_key_bias, token_view
-
-    out = Path(out)
-    scores = HeadScores.load(_need(out / "contextual_heads.json"), model=model)
-    prompt = render(example_prompt(), model.tokenizer)
-    written = _save(plot_document_attention(model, prompt, scores.top_k(20)), out, "document_attention")
-    view = token_view(model, prompt, scores.top_k(5))
-    written.append(view.save(out / "token_view.html"))
+    prompt = stage.objects.get("prompt")
+    if prompt is None:
+        prompt = render(example_from_json(stage.summary["example"]), tokenizer)
+    model = _model(stage)
+    written = _save(plot_document_attention(stage["document_attention"], prompt, model_name=model), out,
+                    "document_attention")
+    written.append(token_view(stage["token_masses"], prompt, tokenizer, model_name=model).save(Path(out) / "token_view"))
     print("wrote", written[-1])
-    dirs_path = out / "focus_directions"
-    if (dirs_path / "focus_directions.json").exists():
-        dirs = FocusDirections.load(dirs_path, model=model)
-        alpha = _summary(out).get("focus_directions", {}).get("best", {}).get("alpha", 1.0)
-        written += _save(plot_key_bias(model, dirs, prompt, alpha=alpha, heads=10), out, "key_bias")
+    if "key_bias" in stage.tables:
+        bias = stage["key_bias"]
+        bias.attrs.setdefault("alpha", stage.summary["alpha"])
+        written += _save(plot_key_bias(bias, prompt, tokenizer, model_name=model), out, "key_bias")
     return written
 
 
 # ------------------------------------------------------------------ across models
-def _release_models(release_dir: Path) -> dict:
-    """Released directions (with their rankings) by short display name."""
-    from focuslens.directions import import_release
-
-    out = {}
-    for path in sorted((p for p in Path(release_dir).iterdir() if p.is_dir()), key=lambda p: p.name.lower()):
-        dirs = import_release(path)
-        out[dirs.model.split("/")[-1]] = dirs
-    return out
-
-
 def _short(name: str) -> str:
     lowered = name.lower()
     return next((k for k in ("smollm2", "llama", "qwen", "mistral") if k in lowered), lowered.split("-")[0])
 
 
-def draw_cross_family(out: str | Path, release_dir: str | Path | None) -> list[Path]:
-    """Head locations and direction comparisons: our SmolLM2 results (from ``out``) next to
-    the paper's released artifacts under ``release_dir`` (any models found there)."""
-    from focuslens.directions import FocusDirections
-    from focuslens.scoring import HeadScores
-    from focuslens.viz import (
-        plot_direction_norms,
-        plot_direction_similarity,
-        plot_head_locations,
-        plot_norm_vs_rank,
-    )
+def draw_cross_family(out: str | Path, scores, directions=None, released: dict | None = None) -> list[Path]:
+    """Head locations and direction comparisons: our ``scores`` (and trained ``directions``)
+    next to the paper's released artifacts (``released``: name -> FocusDirections, e.g.
+    :func:`focuslens.pipeline.load_release`)."""
 
-    out = Path(out)
-    scores = HeadScores.load(_need(out / "contextual_heads.json"))
     ours = scores.metadata.get("model", "ours")
-    released = _release_models(Path(release_dir)) if release_dir and Path(release_dir).is_dir() else {}
-    if not released:
-        print(f"no released artifacts under {release_dir!r}: cross-family figures show {ours} only")
-    written = _save(plot_head_locations({ours: scores, **released}, top_k=20), out, "head_locations")
-    directions = {}
-    if (out / "focus_directions" / "focus_directions.json").exists():
-        directions[ours] = FocusDirections.load(out / "focus_directions")
-    directions.update(released)
-    if directions:
-        written += _save(plot_direction_norms(directions), out, "direction_norms")
-        written += _save(plot_norm_vs_rank(directions), out, "norm_vs_rank")
-        for name, d in directions.items():
+    theirs = {d.model.split("/")[-1]: d for d in (released or {}).values()}
+    if not theirs:
+        print(f"no released artifacts given: cross-family figures show {ours} only")
+    written = _save(plot_head_locations({ours: scores, **theirs}, top_k=20), out, "head_locations")
+    every = ({ours: directions} if directions is not None else {}) | theirs
+    if every:
+        written += _save(plot_direction_norms(every), out, "direction_norms")
+        written += _save(plot_norm_vs_rank(every), out, "norm_vs_rank")
+        for name, d in every.items():
             written += _save(plot_direction_similarity(d), out, f"direction_similarity_{_short(name)}")
     return written
 
 
-def draw_topk_overlap(out: str | Path, model=None, *, n_prompts: int = 50, quiet: bool = True) -> list[Path]:
-    """Top-20 overlap of SmolLM2 head rankings across scoring settings (scored now, on
-    ``n_prompts`` prompts, when ``contextual_heads_<setting>.json`` is missing) and the
-    causal ranking from patching."""
-    from focuslens.data import make_synthetic_qa
-    from focuslens.patching import PatchingResult
-    from focuslens.scoring import HeadScores, score_heads
-    from focuslens.viz import plot_topk_overlap
+def draw_topk_overlap(out: str | Path, heads_stage, patching_stage=None) -> list[Path]:
+    """Top-20 overlap between the rankings of the contextual-heads stage (its main and
+    extra scoring settings) and the causal ranking of the patching stage."""
 
+    rankings = {}
+    for scores in heads_stage.artifacts.values():
+        rankings[f"{scores.metadata['setting']}, {scores.metadata['answer_rows']} rows"] = scores.ranking()
+    if patching_stage is not None:
+        rankings["causal (attribution patching)"] = patching_stage["patching"].ranking("attribution")
+    k = min(20, *(len(r) for r in rankings.values()))  # a small model has fewer heads
+    return _save(plot_topk_overlap(rankings, k=k), out, "topk_overlap")
+
+
+def draw_all(results: dict, out: str | Path = "figures", *, tokenizer=None, released: dict | None = None) -> list[Path]:
+    """Every figure of the stages in ``results`` (section -> StageResult), then ``README.md``."""
     out = Path(out)
-    main = HeadScores.load(_need(out / "contextual_heads.json"))
-    rankings = {"documents, prefix rows": main.ranking()}
-    for suffix, kwargs in SCORING_SETTINGS.items():
-        path = out / f"contextual_heads_{suffix}.json"
-        if not path.exists():
-            if model is None:
-                continue
-            examples = make_synthetic_qa(n_prompts, n_documents=20, seed=1)
-            score_heads(model, examples, n_bootstrap=0, quiet=quiet, data=f"synthetic seed=1 n={n_prompts}",
-                        **kwargs).save(path)
-        s = HeadScores.load(path)
-        rankings[f"{s.metadata['setting']}, {s.metadata['answer_rows']} rows"] = s.ranking()
-    if (out / "patching.json").exists():
-        rankings["causal (attribution patching)"] = PatchingResult.load(out / "patching.json").ranking("attribution")
-    return _save(plot_topk_overlap(rankings, k=20), out, "topk_overlap")
-
-
-def draw_all(out: str | Path = "figures", *, model=None, release_dir: str | Path | None = None) -> list[Path]:
-    """Every figure of ``out`` from the saved results (the model is needed for the
-    per-prompt views and the extra scoring settings), then ``README.md``."""
-    out = Path(out)
-    written = draw_distraction(out) + draw_contextual_heads(out) + draw_patching(out) + draw_split_softmax(out)
+    heads, patching = results.get("contextual_heads"), results.get("patching")
+    written = draw_distraction(results["distraction"], out) if "distraction" in results else []
+    if heads is not None:
+        written += draw_contextual_heads(heads, out)
+        written += draw_patching(patching, heads, out) if patching is not None else []
+        trained = results.get("focus_directions")
+        written += draw_cross_family(out, heads["contextual_heads"],
+                                     trained["focus_directions"] if trained is not None else None, released)
+        written += draw_topk_overlap(out, heads, patching)
+    if "split_softmax" in results:
+        written += draw_split_softmax(results["split_softmax"], out)
     for section in ("focus_directions", "focus_directions_5_documents"):
-        if (out / f"{section}_test.csv").exists():
-            written += draw_focus_directions(out, section)
-    if model is not None:
-        written += draw_prompt_views(out, model)
-    written += draw_cross_family(out, release_dir)
-    written += draw_topk_overlap(out, model)
+        if section in results:
+            written += draw_focus_directions(results[section], out)
+    if "prompt_views" in results and tokenizer is not None:
+        written += draw_prompt_views(results["prompt_views"], out, tokenizer)
     write_readme(out)
     return written
 

@@ -23,8 +23,9 @@ from jaxtyping import Float
 from torch import Tensor
 
 from focuslens.data.render import Prompt
-from focuslens.directions import Q_HOOK, FocusDirections, attention_scaling
+from focuslens.directions import FocusDirections, attention_scaling
 from focuslens.errors import DataError, ModelError
+from focuslens.hooks import attn_hook
 from focuslens.steering import (
     Head,
     HookSpec,
@@ -129,7 +130,7 @@ def focus_hooks(
                 stash["q"] = x
             return x
 
-        hooks.append((Q_HOOK.format(layer), add_q))
+        hooks.append((attn_hook(layer, "rot_q"), add_q))
         if keys:
             delta_k = (gate * directions.k[layer].float()).to(model.cfg.dtype)
 
@@ -138,7 +139,7 @@ def focus_hooks(
                 row = torch.einsum("bqhd,bhd->bhq", q * row_gate(q), delta.to(scores.device).expand(scores.shape[0], -1, -1))
                 return scores + scale * row[..., None]
 
-            hooks.append((f"blocks.{layer}.attn.hook_attn_scores", add_k))
+            hooks.append((attn_hook(layer, "attn_scores"), add_k))
     return hooks
 
 
@@ -194,6 +195,7 @@ def focus_sweep(
     rankings: dict[str, Sequence[Head]] | None = None,
     max_new_tokens: int | None = None,
     return_logits: bool = False,
+    prefills=None,
     quiet: bool = False,
 ) -> pd.DataFrame | tuple[pd.DataFrame, Tensor]:
     """Accuracy with ``α·d_q`` on the top-k heads of ``directions.ranking`` (or of each of
@@ -208,7 +210,8 @@ def focus_sweep(
     accuracy columns, and the steered heads' ``gold_mass`` and ``sink_mass`` at the answer
     rows (and the logits ``[example, variant, vocab]`` with ``return_logits``). With
     ``max_new_tokens`` each variant answers by greedy generation instead, scored with
-    ``best_subspan_em`` (:func:`focuslens.generate.generate_variants`).
+    ``best_subspan_em`` (:func:`focuslens.generate.generate_variants`). ``prefills``: a
+    :class:`~focuslens.kvcache.PrefillStore` shared with other answer-row sweeps.
     """
     from focuslens.eval import evaluate_variants
     from focuslens.generate import generate_variants
@@ -225,7 +228,7 @@ def focus_sweep(
                                probe_heads=masks, quiet=quiet, desc=desc)
     else:
         df = evaluate_variants(model, examples, len(grid), hooks_for, rows=rows, probe_heads=masks,
-                               return_logits=return_logits, quiet=quiet, desc=desc)
+                               return_logits=return_logits, prefills=prefills, quiet=quiet, desc=desc)
     df, logits = df if return_logits else (df, None)
     meta = pd.DataFrame([{"ranking": r, "k": k, "alpha": a} for r, k, a in grid])
     df = df.join(meta, on="variant")

@@ -14,7 +14,7 @@ import math
 import os
 from pathlib import Path
 
-__all__ = ["write_atomic", "write_json", "write_csv", "json_safe"]
+__all__ = ["write_atomic", "write_json", "write_csv", "json_safe", "update_summary"]
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
@@ -52,3 +52,13 @@ def write_json(path: str | Path, obj, *, indent: int | None = None) -> Path:
 def write_csv(path: str | Path, frame) -> Path:
     """:func:`write_atomic` of a DataFrame as CSV (no index)."""
     return write_atomic(path, frame.to_csv(index=False))
+
+
+def update_summary(path: str | Path, section: str, data) -> dict:
+    """Merge ``{section: data}`` (any JSON-able value) into the JSON file at ``path``
+    (created if missing), atomically; returns the whole summary."""
+    path = Path(path)
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    summary[section] = data
+    write_json(path, summary, indent=2)
+    return summary

@@ -1,4 +1,4 @@
-"""Causal importance of attention heads: activation patching, attribution, ablation.
+"""Causal importance of attention heads: activation patching and attribution patching.
 
 **Activation patching** asks which heads *carry* the answer. Run a clean prompt (the gold
 document says ``Based in Boston.``) and a corrupted one that differs only in that city
@@ -14,10 +14,8 @@ A head with a large effect moves the gold document's city into the answer on its
 **Attribution patching** linearises this: ``effect ≈ Σ_rows (z_clean − z_corrupt) · ∂LD/∂z``
 with the gradient taken on the corrupted run, so one forward + backward scores every head.
 
-**Ablation** needs no counterfactual: replace a head's ``z`` at the answer rows with zero or
-with its dataset mean, and measure the drop of the gold-vs-best-other-candidate margin and
-of accuracy. Contextual heads are redundant, so also ablate *groups* (the top-k heads
-together against random sets of k heads).
+Ablation, which needs no counterfactual, is :mod:`focuslens.ablation`; both run on the
+answer-row engine of :mod:`focuslens.headpatch`.
 
 Why not ``transformer_lens.patching``? Its generic engine re-runs the whole corrupted prompt
 for every patch: 270 heads × a 400-token prompt is 270 full forwards per pair. Every
@@ -37,15 +35,13 @@ is approximated: the tests check this path against TransformerLens'
 
 from __future__ import annotations
 
-import math
 import random
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
 import numpy as np
-import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -55,7 +51,16 @@ from focuslens.data.examples import Document, QAExample
 from focuslens.data.render import Prompt, render
 from focuslens.data.synthetic import CITIES
 from focuslens.errors import DataError, ModelError
-from focuslens.eval import candidate_token_ids, first_token_id, spearman
+from focuslens.eval import first_token_id, spearman
+from focuslens.headpatch import (
+    Head,
+    all_heads,
+    answer_rows,
+    check_heads,
+    forward_answer_z,
+    run_head_groups,
+    z_hook,
+)
 from focuslens.kvcache import PrefixCache
 from focuslens.models import model_id
 from focuslens.results import HeadResult
@@ -67,25 +72,11 @@ __all__ = [
     "patch_heads",
     "activation_patching",
     "attribution_patching",
-    "ablate_heads",
-    "ablate_head_groups",
-    "mean_answer_z",
     "PatchingResult",
     "rank_agreement",
     "all_heads",
 ]
 
-Head = tuple[int, int]
-ABLATIONS = ("mean", "zero")
-
-
-def all_heads(model) -> list[Head]:
-    """Every head of the model as (layer, head), layer-major."""
-    return [(layer, head) for layer in range(model.cfg.n_layers) for head in range(model.cfg.n_heads)]
-
-
-def _z_name(layer: int) -> str:
-    return f"blocks.{layer}.attn.hook_z"
 
 
 # ------------------------------------------------------------------ counterfactual pairs
@@ -178,75 +169,6 @@ def logit_diff(logits: Float[Tensor, "... vocab"], clean_answer: int, corrupt_an
     return logits[..., clean_answer] - logits[..., corrupt_answer]
 
 
-# ------------------------------------------------------------------ the engine
-def _answer_rows(prompt: Prompt, offset: int) -> slice:
-    """The answer rows as a slice of a PrefixCache suffix that starts at ``offset``."""
-    return slice(prompt.answer.start - offset, prompt.answer.end - offset)
-
-
-@torch.no_grad()
-def _forward_answer_z(model, prompt: Prompt) -> tuple[Tensor, Float[Tensor, "layer row head d_head"]]:
-    """One full forward: the last-position logits and every head's z at the answer rows."""
-    rows = prompt.answer.to_slice()
-    store: dict[int, Tensor] = {}
-
-    def keep(z, hook, layer):
-        store[layer] = z[0, rows].detach().clone()
-
-    def only_last(resid, hook):  # unembed one position, not the whole prompt
-        return resid[:, -1:]
-
-    hooks = [(_z_name(layer), partial(keep, layer=layer)) for layer in range(model.cfg.n_layers)]
-    logits = model.run_with_hooks(
-        prompt.input_ids[None].to(model.cfg.device), fwd_hooks=[*hooks, ("unembed.hook_in", only_last)]
-    )
-    return logits[0, -1].float(), torch.stack([store[layer] for layer in range(model.cfg.n_layers)])
-
-
-def _replace_heads(z, hook, batch_index: Tensor, head_index: Tensor, values: Tensor, rows: slice):
-    """Write ``values`` [n, row, d_head] into z[batch_index[i], rows, head_index[i]]."""
-    z = z.clone()
-    z[batch_index, rows, head_index] = values.to(z.dtype)
-    return z
-
-
-def _run_groups(
-    pc: PrefixCache,
-    groups: Sequence[Sequence[Head]],
-    source: Float[Tensor, "layer row head d_head"],
-    rows: slice,
-    batch_size: int,
-) -> Float[Tensor, "group vocab"]:
-    """The generic patching loop: suffix run *i* replaces the z of every head in
-    ``groups[i]`` at the answer rows with ``source`` (clean z, zeros, or the mean)."""
-    out = []
-    for start in range(0, len(groups), batch_size):
-        chunk = groups[start : start + batch_size]
-        by_layer: dict[int, tuple[list[int], list[int]]] = {}
-        for b, group in enumerate(chunk):
-            for layer, head in group:
-                by_layer.setdefault(layer, ([], []))
-                by_layer[layer][0].append(b)
-                by_layer[layer][1].append(head)
-        hooks = []
-        for layer, (b_idx, h_idx) in by_layer.items():
-            b, h = (torch.tensor(i, device=source.device) for i in (b_idx, h_idx))
-            values = source[layer][:, h].transpose(0, 1)  # [n, row, d_head]
-            fn = partial(_replace_heads, batch_index=b, head_index=h, values=values, rows=rows)
-            hooks.append((_z_name(layer), fn))
-        out.append(pc.run(hooks, batch=len(chunk)).float())
-    return torch.cat(out)
-
-
-def _check_heads(model, heads: Iterable[Head] | None) -> list[Head]:
-    from focuslens.steering import resolve_heads
-
-    heads = resolve_heads(model, heads if heads is None else list(heads))
-    if not heads:
-        raise DataError("heads is empty: pass at least one (layer, head), or None for all heads.")
-    return heads
-
-
 @dataclass
 class _PairRun:
     """What every method needs from one pair: the clean z at the answer rows, both LDs,
@@ -265,11 +187,11 @@ class _PairRun:
 
 
 def _prepare_pair(model, pair: CounterfactualPair) -> _PairRun:
-    logits_clean, z_clean = _forward_answer_z(model, pair.clean)
+    logits_clean, z_clean = forward_answer_z(model, pair.clean)
     pc = PrefixCache(model, pair.corrupt.input_ids, split=pair.corrupt.answer.start)
     ld = partial(logit_diff, clean_answer=pair.clean_answer, corrupt_answer=pair.corrupt_answer)
     ld_corrupt = float(ld(pc.run()[0].float()))
-    rows = _answer_rows(pair.corrupt, pc.offset)
+    rows = answer_rows(pair.corrupt, pc.offset)
     return _PairRun(pair, pc, rows, z_clean, float(ld(logits_clean)), ld_corrupt)
 
 
@@ -318,7 +240,7 @@ def _patch_pairs(model, pairs, methods, *, batch_size, quiet) -> PatchingResult:
 
 
 def _exact_effects(run: _PairRun, heads, *, batch_size, shape) -> Tensor:
-    logits = _run_groups(run.pc, [[h] for h in heads], run.z_clean, run.rows, batch_size)
+    logits = run_head_groups(run.pc, [[h] for h in heads], run.z_clean, run.rows, batch_size)
     ld = logit_diff(logits, run.pair.clean_answer, run.pair.corrupt_answer)
     out = torch.full(shape, float("nan"))
     out[tuple(torch.tensor(heads).T)] = _normalise(ld.cpu() - run.ld_corrupt, run.gap)
@@ -336,7 +258,7 @@ def _attribution_effects(run: _PairRun, heads, *, batch_size, shape) -> Tensor:
         leaves[layer] = torch.zeros_like(z, requires_grad=True)
         return z + leaves[layer]
 
-    hooks = [(_z_name(layer), partial(add_leaf, layer=layer)) for layer in range(n_layers)]
+    hooks = [(z_hook(layer), partial(add_leaf, layer=layer)) for layer in range(n_layers)]
     logits = run.pc.run(hooks, grad=True)[0]
     ld = logit_diff(logits, run.pair.clean_answer, run.pair.corrupt_answer)
     grads = torch.autograd.grad(ld, [leaves[layer] for layer in range(n_layers)])
@@ -370,7 +292,7 @@ def patch_heads(
     unknown = set(methods) - set(_METHODS)
     if unknown or not methods:
         raise DataError(f"methods={list(methods)}: choose from {list(_METHODS)}.")
-    candidates = _check_heads(model, heads)
+    candidates = check_heads(model, heads)
     chosen = {m: (_METHODS[m], candidates if m == "exact" else all_heads(model)) for m in methods}
     return _patch_pairs(model, pairs, chosen, batch_size=batch_size, quiet=quiet)
 
@@ -402,157 +324,6 @@ def attribution_patching(
     rows, without its backward pass through the whole prompt.
     """
     return patch_heads(model, pairs, methods=("attribution",), quiet=quiet)
-
-
-# ------------------------------------------------------------------ ablation
-@dataclass
-class _ExampleRun:
-    prompt: Prompt
-    pc: PrefixCache
-    rows: slice
-    gold: int
-    others: list[int]
-    logits_clean: Tensor
-    z: Tensor  # [L, row, H, d] at the answer rows, clean run
-
-
-def _prepare_example(model, prompt: Prompt) -> _ExampleRun:
-    pc = PrefixCache(model, prompt.input_ids, split=prompt.answer.start)
-    rows = _answer_rows(prompt, pc.offset)
-    store: dict[int, Tensor] = {}
-
-    def keep(z, hook, layer):
-        store[layer] = z[0, rows].detach().clone()
-
-    logits = pc.run([(_z_name(layer), partial(keep, layer=layer)) for layer in range(model.cfg.n_layers)])
-    gold, others = candidate_token_ids(model.tokenizer, prompt.example)
-    z = torch.stack([store[layer] for layer in range(model.cfg.n_layers)])
-    return _ExampleRun(prompt, pc, rows, gold, others, logits[0].float(), z)
-
-
-def _margin_and_correct(logits: Tensor, run: _ExampleRun) -> tuple[Tensor, Tensor, Tensor]:
-    """Gold-minus-best-other-candidate margin, top-1 correctness, candidate correctness."""
-    gold = logits[..., run.gold]
-    best_other = logits[..., run.others].max(-1).values if run.others else torch.full_like(gold, -math.inf)
-    return gold - best_other, logits.argmax(-1) == run.gold, gold > best_other
-
-
-def mean_answer_z(model, prompts: Sequence[Prompt]) -> Float[Tensor, "layer head d_head"]:
-    """Every head's mean z over the answer rows of ``prompts`` (the mean-ablation value)."""
-    zs = [_forward_answer_z(model, p)[1] for p in prompts]
-    return torch.cat(zs, dim=1).mean(1)
-
-
-def _ablation_runs(model, examples, mode, mean_z, quiet, desc) -> tuple[Iterator[_ExampleRun], Tensor | None]:
-    """Yield prepared examples; the mean ablation value needs every example first, so
-    then the prefix caches are all kept in memory (pass ``mean_z`` to stream instead)."""
-    if mode not in ABLATIONS:
-        raise DataError(f"mode={mode!r}: use one of {ABLATIONS}.")
-    if not examples:
-        raise DataError("examples is empty: nothing to ablate.")
-    prompts = [render(ex, model.tokenizer, max_length=model.cfg.n_ctx) for ex in examples]
-    runs: Iterable[_ExampleRun] = (_prepare_example(model, p) for p in prompts)
-    if mode == "mean" and mean_z is None:
-        runs = [r for r in tqdm(runs, total=len(prompts), desc="prefill", disable=quiet, leave=False)]
-        mean_z = torch.cat([r.z for r in runs], dim=1).mean(1)
-    return iter(tqdm(runs, total=len(prompts), desc=desc, disable=quiet, leave=False)), mean_z
-
-
-def _ablation_source(mode: str, mean_z: Tensor | None, run: _ExampleRun) -> Tensor:
-    n_rows = run.z.shape[1]
-    if mode == "zero":
-        return torch.zeros_like(run.z)
-    return mean_z[:, None].to(run.z).expand(-1, n_rows, -1, -1)
-
-
-def ablate_heads(
-    model, examples: Sequence[QAExample], heads: Iterable[Head] | None = None, *,
-    mode: str = "mean", mean_z: Tensor | None = None, batch_size: int = 16, quiet: bool = False,
-) -> PatchingResult:
-    """Ablate one head at a time at the answer rows of (distracted) prompts.
-
-    Methods in the result (higher = the head matters more):
-
-    * ``"{mode}_ablation"``: drop of the gold-vs-best-other-candidate logit margin
-      (clean margin − ablated margin), mean over examples;
-    * ``"{mode}_ablation_accuracy"``: drop of top-1 accuracy.
-
-    ``mode="mean"`` replaces z with the head's mean z over the answer rows of ``examples``
-    (or ``mean_z`` [layer, head, d_head] if given, e.g. from :func:`mean_answer_z` on a
-    reference set); ``mode="zero"`` with zeros. Without ``mean_z``, every example's prefix
-    KV cache is kept until the mean is known (about 18 MB per 400-token SmolLM2 prompt);
-    pass ``mean_z`` to stream one example at a time.
-    """
-    heads = _check_heads(model, heads)
-    L, H = model.cfg.n_layers, model.cfg.n_heads
-    margin = torch.full((len(examples), L, H), float("nan"))
-    accuracy = margin.clone()
-    runs, mean_z = _ablation_runs(model, examples, mode, mean_z, quiet, f"{mode}-ablate heads")
-    index = tuple(torch.tensor(heads).T)
-    for i, run in enumerate(runs):
-        source = _ablation_source(mode, mean_z, run)
-        logits = _run_groups(run.pc, [[h] for h in heads], source, run.rows, batch_size)
-        run.pc = None
-        m_clean, c_clean, _ = _margin_and_correct(run.logits_clean, run)
-        m, c, _ = _margin_and_correct(logits.cpu(), run)
-        margin[i][index] = m_clean - m
-        accuracy[i][index] = c_clean.float() - c.float()
-    name = f"{mode}_ablation"
-    per = {name: margin, f"{name}_accuracy": accuracy}
-    meta = {
-        "model": model_id(model),
-        "n_pairs": len(examples),
-        "seed": int(examples[0].meta.get("seed", 0)),
-        "metric": "drop of the gold − best-other-candidate margin (and of top-1 accuracy)",
-        "intervention": f"{mode} ablation of hook_z at the answer rows",
-        "qids": [ex.qid for ex in examples],
-    }
-    return PatchingResult(scores={k: v.nanmean(0) for k, v in per.items()}, per_example=per, metadata=meta)
-
-
-def ablate_head_groups(
-    model, examples: Sequence[QAExample], ranking: Sequence[Head], *,
-    ks: Sequence[int] = (5, 10, 20), n_random: int = 5, mode: str = "mean",
-    mean_z: Tensor | None = None, seed: int = 0, batch_size: int = 16, quiet: bool = False,
-) -> pd.DataFrame:
-    """Ablate the top-k heads of ``ranking`` together, and ``n_random`` random sets of k
-    heads (drawn, seeded, from the heads outside the top k), for each k in ``ks``.
-
-    Returns one row per group: ``group`` ("none", "top" or "random"), ``k``, ``draw``,
-    ``mode``, mean ``margin``, ``margin_drop`` (vs no ablation), ``accuracy``,
-    ``candidate_accuracy`` and the ablated ``heads``.
-    """
-    ranking = _check_heads(model, ranking)
-    everyone = all_heads(model)
-    rng = random.Random(seed)
-    groups: list[tuple[str, int, int, list[Head]]] = [("none", 0, 0, [])]
-    for k in ks:
-        if not 0 < k <= len(ranking):
-            raise DataError(f"k={k} must be in 1..{len(ranking)} (the length of the ranking).")
-        top = ranking[:k]
-        groups.append(("top", k, 0, top))
-        pool = [h for h in everyone if h not in set(top)]
-        groups += [("random", k, d, rng.sample(pool, k)) for d in range(n_random)]
-    margin, correct, cand = [], [], []
-    runs, mean_z = _ablation_runs(model, examples, mode, mean_z, quiet, f"{mode}-ablate groups")
-    for run in runs:
-        source = _ablation_source(mode, mean_z, run)
-        logits = _run_groups(run.pc, [g[3] for g in groups], source, run.rows, batch_size)
-        run.pc = None
-        m, c, cc = _margin_and_correct(logits.cpu(), run)
-        margin.append(m), correct.append(c.float()), cand.append(cc.float())
-    margin, correct, cand = (torch.stack(x).mean(0) for x in (margin, correct, cand))
-    return pd.DataFrame(
-        [
-            {
-                "group": g, "k": k, "draw": d, "mode": mode,
-                "margin": float(margin[j]), "margin_drop": float(margin[0] - margin[j]),
-                "accuracy": float(correct[j]), "candidate_accuracy": float(cand[j]),
-                "heads": [list(h) for h in heads],
-            }
-            for j, (g, k, d, heads) in enumerate(groups)
-        ]
-    ).assign(n_examples=len(examples), seed=seed)
 
 
 # ------------------------------------------------------------------ results

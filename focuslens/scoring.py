@@ -37,13 +37,14 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from focuslens.data.examples import QAExample
-from focuslens.data.render import Prompt, render
+from focuslens.data.render import Prompt, Span, render
 from focuslens.errors import DataError
+from focuslens.hooks import attn_hook
 from focuslens.results import HeadResult
 
 __all__ = ["HeadScores", "score_heads", "scores_from_patterns", "head_metrics", "prepare_prompts", "span_masses",
            "key_indicator", "mass_on",
-           "prompt_span_masses", "METRICS"]
+           "prompt_span_masses", "token_window", "token_masses", "METRICS"]
 
 #: The metrics of a :class:`HeadScores`, in order.
 METRICS = ("gold", "irrelevant_sum", "irrelevant_max", "sink", "question", "instruction")
@@ -236,7 +237,7 @@ def score_heads(
                 per_example[i, layer] = head_metrics(pattern[row, :, p.answer.start : p.answer.end, :].float(), p)
 
         return [
-            (f"blocks.{layer}.attn.hook_pattern", lambda x, hook, layer=layer: reduce(x, hook, layer))
+            (attn_hook(layer, "pattern"), lambda x, hook, layer=layer: reduce(x, hook, layer))
             for layer in range(n_layers)
         ]
 
@@ -372,7 +373,7 @@ def prompt_span_masses(
         found.update({(layer, h): m for h, m in zip(hs, masses)})
 
     hooks = [
-        (f"blocks.{layer}.attn.hook_pattern", lambda x, hook, layer=layer: reduce(x, hook, layer))
+        (attn_hook(layer, "pattern"), lambda x, hook, layer=layer: reduce(x, hook, layer))
         for layer in by_layer
     ]
     ids = prompt.input_ids[None].to(model.cfg.device)
@@ -385,3 +386,34 @@ def prompt_span_masses(
     table.attrs.update(model=model_id(model), answer_rows=(rows.start, rows.end))
     return table
 
+
+
+def token_window(prompt: Prompt, window: Span | tuple[int, int] | None = None) -> Span:
+    """A token window of ``prompt``: ``window`` checked, or (None) the gold document with one
+    neighbouring document on each side."""
+    if window is None:
+        if prompt.gold_index is None:
+            raise DataError("window=None needs a gold document, but prompt.gold_index is None: pass window=(start, end).")
+        docs, g = prompt.documents, prompt.gold_index
+        return Span(docs[max(g - 1, 0)].start, docs[min(g + 1, len(docs) - 1)].end)
+    try:
+        start, end = (window.start, window.end) if isinstance(window, Span) else (int(window[0]), int(window[1]))
+    except (TypeError, ValueError, IndexError):
+        raise DataError(f"window={window!r}: pass a Span or a (start, end) pair of token positions.") from None
+    if not 0 <= start < end <= prompt.n_tokens:
+        raise DataError(f"window={start}..{end} is empty or outside the prompt of {prompt.n_tokens} tokens; "
+                        f"choose 0 <= start < end <= {prompt.n_tokens}.")
+    return Span(start, end)
+
+
+def token_masses(model, prompt: Prompt, heads: int | Sequence[tuple[int, int]] | None = None, *,
+                 ranking: Sequence[tuple[int, int]] | None = None, layer: int | None = None,
+                 window: Span | tuple[int, int] | None = None) -> pd.DataFrame:
+    """:func:`prompt_span_masses` token by token over :func:`token_window`: one row per
+    head, one column per token position of the window (what
+    :func:`focuslens.viz.token_view` draws)."""
+    span = token_window(prompt, window)
+    masses = prompt_span_masses(model, prompt, heads, ranking=ranking, layer=layer,
+                                spans={i: (i, i + 1) for i in span})
+    masses.attrs["window"] = (span.start, span.end)
+    return masses

@@ -39,6 +39,7 @@ from torch import Tensor
 
 from focuslens.data.render import Span
 from focuslens.errors import DataError, ModelError
+from focuslens.hooks import attn_hook
 
 __all__ = [
     "resolve_heads",
@@ -280,7 +281,7 @@ def split_softmax_hooks(
             t = torch.where(edit[None, None, :], t[:, :, None], torch.ones(()))  # [variant, head, query]
             return split_softmax_pattern(pattern, _span_mask(span, k), t)
 
-        hooks.append((f"blocks.{layer}.attn.hook_pattern", hook))
+        hooks.append((attn_hook(layer, "pattern"), hook))
     return hooks
 
 
@@ -314,6 +315,7 @@ def split_softmax_sweep(
     seed: int = 0,
     rows: str = "all",
     return_logits: bool = False,
+    prefills=None,
     quiet: bool = False,
 ):
     """Accuracy with split-softmax on the top-k heads of ``ranking`` and on ``n_random``
@@ -322,7 +324,8 @@ def split_softmax_sweep(
 
     Every cell equals :func:`split_softmax` with the same arguments on that prompt (tested).
     With ``rows="answer"`` one prefill per example serves every variant; ``"all"`` runs the
-    whole prompt once per variant (:func:`focuslens.eval.evaluate_variants`).
+    whole prompt once per variant (:func:`focuslens.eval.evaluate_variants`); ``prefills``
+    (a :class:`~focuslens.kvcache.PrefillStore`) shares the prefill with other sweeps.
     Returns one row per (example, variant) with ``group`` (``"none"``, ``"contextual"``,
     ``"random"``), ``k``, ``tau``, ``draw``, the accuracy columns and ``gold_mass`` (the
     steered heads' mass on the gold document, as steered). τ = 1 is the identity, so the
@@ -350,7 +353,8 @@ def split_softmax_sweep(
     df = evaluate_variants(
         model, examples, len(variants),
         lambda prompt, v: split_softmax_hooks(model, masks[v], prompt.gold, tau[v], rows=rows, prompt=prompt),
-        rows=rows, probe_heads=masks, return_logits=return_logits, quiet=quiet, desc=f"split-softmax sweep ({rows} rows)",
+        rows=rows, probe_heads=masks, return_logits=return_logits, prefills=prefills, quiet=quiet,
+        desc=f"split-softmax sweep ({rows} rows)",
     )
     df, logits = df if return_logits else (df, None)
     meta = pd.DataFrame([{"group": g, "k": k, "tau": t, "draw": d} for g, k, t, d, _ in variants])

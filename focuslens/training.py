@@ -22,15 +22,9 @@ from tqdm.auto import tqdm
 
 from focuslens.data.examples import QAExample
 from focuslens.data.render import Prompt
-from focuslens.directions import (
-    K_HOOK,
-    Q_HOOK,
-    FocusDirections,
-    architecture_of,
-    attention_scaling,
-    library_versions,
-)
+from focuslens.directions import FocusDirections, architecture_of, attention_scaling, library_versions
 from focuslens.errors import DataError
+from focuslens.hooks import attn_hook
 from focuslens.steering import Head
 
 __all__ = ["AttentionInputs", "collect_attention_inputs", "span_attention", "train_directions"]
@@ -109,8 +103,7 @@ def collect_attention_inputs(model, prompts: Sequence[Prompt], *, quiet: bool = 
             else:  # hook_pattern: [1, head, query, key]
                 pattern[i, layer, :, :n_rows, :n_tok] = x[0, :, rows].float().cpu()
 
-        names = (Q_HOOK, K_HOOK, "blocks.{}.attn.hook_pattern")
-        hooks = [(name.format(layer), keep) for layer in range(L) for name in names]
+        hooks = [(attn_hook(layer, point), keep) for layer in range(L) for point in ("rot_q", "rot_k", "pattern")]
         hooks.append(("unembed.hook_in", lambda resid, hook: resid[:, -1:]))
         model.run_with_hooks(p.input_ids[None].to(c.device), fwd_hooks=hooks)
         row_pos[i, : len(p.answer)] = torch.arange(p.answer.start, p.answer.end)
@@ -299,7 +292,7 @@ def train_directions(
         "model": model_id(model),
         "source": "trained",
         "architecture": architecture_of(model),
-        "hook_points": {"q": Q_HOOK.format("{layer}"), "k": K_HOOK.format("{layer}")},
+        "hook_points": {"q": attn_hook("{layer}", "rot_q"), "k": attn_hook("{layer}", "rot_k")},
         "data": {"description": data, "n_train": len(train_p), "n_validation": len(val_p or []),
                  "answer_rows": answer_rows, "qids_train": [p.example.qid for p in train_p]},
         "settings": settings,

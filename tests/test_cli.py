@@ -6,8 +6,11 @@ import json
 import re
 
 import pytest
+from plotly.offline import get_plotlyjs_version
 
 from focuslens.cli import main
+
+PLOTLY_JS = f"plotly.js v{get_plotlyjs_version()}"  # the banner of the inlined bundle
 
 
 def test_unknown_model_exits_2_and_names_the_spec(capsys):
@@ -43,7 +46,7 @@ def test_distraction_writes_summary_and_offline_html(tmp_path, tiny_llama_dir, c
     assert set(section["by_gold_position_3"]) == {"first", "middle", "last"}
 
     html = (tmp_path / "distraction.html").read_text()
-    assert "<html" in html and len(html) > 1_000_000  # plotly.js is inlined
+    assert "<html" in html and PLOTLY_JS in html  # plotly.js is inlined
     assert not re.search(r"<script[^>]*\bsrc=[\"']?(https?:)?//", html)
     csv = (tmp_path / "distraction.csv").read_text().splitlines()
     assert len(csv) == 1 + 3 * 2 + 3 * 3  # header, 2 random settings, 3 positions
@@ -55,8 +58,8 @@ def test_distraction_writes_summary_and_offline_html(tmp_path, tiny_llama_dir, c
 def test_train_directions_then_steer_with_them(tmp_path, tiny_llama_dir, capsys):
     model = ["--model", str(tiny_llama_dir), "--quiet"]
     art = tmp_path / "dirs"
-    argv = ["train-directions", *model, "--n-train", "4", "--n-validation", "2", "--n-documents", "5",
-            "--epochs", "2", "--out", str(art)]
+    argv = ["train-directions", *model, "--n-score-prompts", "6", "--n-train", "4", "--n-validation", "2",
+            "--n-documents", "5", "--epochs", "2", "--out", str(art)]
     assert main(argv) == 0
     assert (art / "focus_directions.safetensors").exists() and (tmp_path / "contextual_heads.json").exists()
     meta = json.loads((art / "focus_directions.json").read_text())
@@ -101,3 +104,34 @@ def test_debug_shows_the_traceback(tmp_path):
 
     with pytest.raises(DataError, match="no such file"):
         main(["--debug", "patch", "--scores", str(tmp_path / "missing.json")])
+
+
+@pytest.mark.filterwarnings("ignore:no PNG")
+@pytest.mark.filterwarnings("ignore:pairs .* have LD_clean")  # a random model's counterfactual pairs
+def test_every_command_runs_small_and_score_writes_what_patch_reads(tmp_path, tiny_llama_dir, capsys):
+    model = ["--model", str(tiny_llama_dir), "--quiet"]
+    runs = tmp_path / "runs"
+    assert main(["score", *model, "--n-prompts", "4", "--out", str(runs / "score")]) == 0
+    scores = runs / "score" / "contextual_heads.json"
+    assert scores.exists() and f"focuslens patch --scores {scores}" in capsys.readouterr().out
+    assert main(["patch", *model, "--scores", str(scores), "--n-pairs", "2", "--n-candidates", "2",
+                 "--n-ablation", "2", "--out", str(runs / "patch")]) == 0
+    patching = json.loads((runs / "patch" / "summary.json").read_text())["patching"]
+    assert patching["n_pairs"] == 2 and patching["group_ablation"]["n_prompts"] == 2
+    assert main(["demo", *model, "--n-prompts", "4", "--out", str(runs / "demo")]) == 0
+    assert "prefills per test prompt: 1.00" in capsys.readouterr().out
+    assert main(["figures", *model, "--out", str(runs / "demo")]) == 0  # redrawn from the saved stages
+    assert "running the quick demo first" not in capsys.readouterr().out
+
+
+def test_counts_are_not_rounded_and_help_shows_defaults_and_an_example(capsys):
+    assert main(["steer", "split-softmax", "--n-test", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "--n-test 4" in err and "multiple of 5" in err  # before any model loads
+    for command in ("demo", "distraction", "score", "patch", "train-directions", "steer", "figures", "experiment",
+                    "info"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = capsys.readouterr().out
+        assert "example: focuslens " + command.split()[0] in text, command
+        assert "(default: smollm2-135m-instruct)" in text, command  # every option shows its default

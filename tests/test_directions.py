@@ -171,8 +171,10 @@ def test_key_bias_is_the_steered_logit_shift():
     dirs = _random_directions(model, scale=2.0, seed=5)
     prompt = render(make_synthetic_qa(1, n_documents=3, seed=1)[0], model.tokenizer)
     heads = [(1, 1), (1, 2), (0, 3)]
-    bias = dirs.key_bias(model, prompt, alpha=0.5, heads=heads)
-    assert bias.shape == (3, prompt.n_tokens)
+    table = dirs.key_bias(model, prompt, alpha=0.5, heads=heads)
+    assert table.shape == (3, prompt.n_tokens) and list(table.index) == heads  # labelled by head
+    assert list(table.index.names) == ["layer", "head"] and table.attrs["alpha"] == 0.5
+    bias = torch.tensor(table.to_numpy())
     scores = {}
 
     def keep(s, hook):
@@ -262,7 +264,7 @@ def test_save_load_round_trip_and_mismatch_errors(tmp_path):
     loaded = FocusDirections.load(path, model=model)
     assert torch.equal(loaded.q, dirs.q) and torch.equal(loaded.k, dirs.k)
     assert loaded.ranking == [(1, 2), (0, 0)] and loaded.metadata == dirs.metadata
-    with pytest.raises(ModelError, match=r"\(2, 4, 16\).*has \(2, 4, 16\)|shape"):
+    with pytest.raises(ModelError, match=r"directions were trained for .*llama.*, not for the loaded .*qwen2"):
         FocusDirections.load(path, model=get_tiny("qwen2", 2))  # same shape, other model: identity
     other = get_tiny("qwen2", 2)
     assert FocusDirections.load(path, model=other, strict=False).shape == (2, 4, 16)

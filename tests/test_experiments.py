@@ -80,6 +80,7 @@ def test_splits_are_disjoint_by_question_and_test_spans_five_positions():
         task_splits("nq", "qa", ConditionSettings())
 
 
+@pytest.mark.filterwarnings("ignore:pairs .* have LD_clean")  # a random model's counterfactual pairs
 def test_rankings_differ_and_chance_correction_removes_uniform_heads():
     model = get_tiny("llama", 2)
     train = make_synthetic_qa(6, n_documents=4, seed=6)

@@ -11,7 +11,6 @@ import textwrap
 import time
 
 import pytest
-import torch
 
 from focuslens.directions import FocusDirections
 from focuslens.scoring import HeadScores

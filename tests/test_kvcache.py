@@ -90,3 +90,31 @@ def test_sliding_window_smaller_than_the_run_falls_back_to_a_batch():
     finally:
         config.sliding_window = old
     assert pc._can_pack(4)
+
+
+@torch.no_grad()
+def test_a_prefill_store_serves_several_sweeps_with_one_prefill_per_prompt():
+    from focuslens.directions import FocusDirections
+    from focuslens.focusing import focus_sweep
+    from focuslens.kvcache import PrefillStore
+    from focuslens.models import model_id
+    from focuslens.steering import split_softmax_sweep
+
+    model = get_tiny("llama", 2)
+    examples = make_synthetic_qa(3, n_documents=4, seed=2)
+    ranking = [(1, 0), (0, 2), (1, 3)]
+    g = torch.Generator().manual_seed(0)
+    dirs = FocusDirections(torch.randn(2, 4, 16, generator=g) * 3, torch.zeros(2, 4, 16), ranking,
+                           {"model": model_id(model)})
+    split = dict(ks=(1, 2), taus=(0.3,), n_random=1, rows="answer", return_logits=True, quiet=True)
+    focus = dict(ks=(2,), alphas=(1.0,), rows="answer", return_logits=True, quiet=True)
+    store = PrefillStore()
+    shared = [split_softmax_sweep(model, examples, ranking, prefills=store, **split)[1],
+              focus_sweep(model, dirs, examples, prefills=store, **focus)[1]]
+    alone = [split_softmax_sweep(model, examples, ranking, **split)[1], focus_sweep(model, dirs, examples, **focus)[1]]
+    for a, b in zip(shared, alone):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    assert store.per_prompt() == 1.0 and len(store.prefills) == 3 and store.uses == 6
+    store.clear()
+    split_softmax_sweep(model, examples, ranking, prefills=store, **split)
+    assert store.per_prompt() == 2.0  # cleared caches are computed again, and counted

@@ -130,15 +130,36 @@ def test_rows_errors_name_the_problem():
 
 
 # ---------------------------------------------------------------- the embedded model
+_RANKING = [(7, 7), (15, 6), (17, 3), (23, 2), (20, 6)]
+
+
+def _check_smollm2(model, rows, atol):
+    dirs = _directions(model, 6.0, _RANKING, seed=1)
+    examples = with_layout(make_synthetic_qa(1, n_documents=5, seed=36), "qa_query_aware")
+    _check_focus_sweep(model, dirs, examples, (5,), (1.0,), rows, atol=atol)
+    _check_split_sweep(model, _RANKING, examples, (5,), (0.1,), rows, atol=atol)
+
+
+@pytest.fixture(scope="module")
+def smollm2_fp64(smollm2):  # skips with the fp32 fixture when the wheel is missing
+    from focuslens import load_model
+
+    return load_model("smollm2-135m-instruct", dtype=torch.float64)
+
+
 @pytest.mark.parametrize("rows", ROWS)
 @torch.no_grad()
-def test_smollm2_sweep_cells_equal_the_context_managers(smollm2, rows):
-    # fp32: packed / batched variants differ from single runs by rounding, at most 1.3e-5 in a logit here
-    ranking = [(7, 7), (15, 6), (17, 3), (23, 2), (20, 6)]
-    dirs = _directions(smollm2, 6.0, ranking, seed=1)
-    examples = with_layout(make_synthetic_qa(1, n_documents=5, seed=36), "qa_query_aware")
-    _check_focus_sweep(smollm2, dirs, examples, (5,), (1.0,), rows, atol=2e-5)
-    _check_split_sweep(smollm2, ranking, examples, (5,), (0.1,), rows, atol=2e-5)
+def test_smollm2_sweep_cells_equal_the_context_managers_to_1e5_in_fp64(smollm2_fp64, rows):
+    # in float64 the packed / batched variants and the single runs agree to rounding far below 1e-5
+    _check_smollm2(smollm2_fp64, rows, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", ROWS)
+@torch.no_grad()
+def test_smollm2_sweep_cells_equal_the_context_managers_fp32(smollm2, rows):
+    # fp32, the dtype users run: batched variants differ from single runs by rounding, at most
+    # 1.3e-5 in one of 49152 logits measured here, so the bound is 2e-5
+    _check_smollm2(smollm2, rows, atol=2e-5)
 
 
 @pytest.mark.parametrize("rows", ROWS)

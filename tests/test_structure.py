@@ -21,26 +21,18 @@ sizes = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(sizes)
 
 STILL_OVER = {
-    "focuslens/patching.py": 622,
-    "focuslens/pipeline.py": 521,
-    "focuslens/viz/prompt.py": 515,
     "focuslens/viz/cross_model.py": 505,
     "focuslens/viz/cross_model.py::plot_head_locations": 196,
-    "focuslens/pipeline.py::run_focus_directions": 105,
     "focuslens/data/lost_in_the_middle.py::make_nq_distractor_examples": 96,
-    "focuslens/pipeline.py::run_patching": 89,
-    "focuslens/viz/prompt.py::plot_document_attention": 89,
-    "focuslens/scoring.py::prompt_span_masses": 83,
+    "focuslens/scoring.py::prompt_span_masses": 82,
     "focuslens/viz/cross_model.py::plot_direction_norms": 74,
     "focuslens/training.py::train_directions": 70,
     "focuslens/focusing.py::focus_hooks": 68,
-    "focuslens/models.py::load_model": 62,
-    "focuslens/eval.py::evaluate_variants": 66,
     "focuslens/training.py::_train_on_inputs": 66,
     "focuslens/data/render.py::render": 64,
     "focuslens/viz/distraction.py::plot_distraction": 64,
-    "focuslens/viz/prompt.py::plot_key_bias": 63,
     "focuslens/experiments.py::run_condition": 62,
+    "focuslens/models.py::load_model": 62,
 }
 
 

@@ -11,12 +11,15 @@ import re
 import pytest
 import torch
 from conftest import get_tiny
+from plotly.offline import get_plotlyjs_version
 
 import focuslens
 from focuslens import DataError, ModelError, Span, make_synthetic_qa, render
 from focuslens.directions import FocusDirections
-from focuslens.scoring import prompt_span_masses
+from focuslens.scoring import prompt_span_masses, token_masses
 from focuslens.viz import AttentionHTML, plot_document_attention, plot_key_bias, token_view
+
+PLOTLY_JS = f"plotly.js v{get_plotlyjs_version()}"  # the banner of the inlined bundle
 
 N_DOCS = 6
 # a resource fetched from elsewhere: <script src=//…>, <link href=http…>, CSS @import
@@ -129,7 +132,8 @@ def test_an_int_is_the_top_k_of_the_ranking_not_a_layer():
 def test_document_map_figure(tmp_path):
     model = get_tiny("llama", 2)
     prompt = prompt_for(model)
-    fig = plot_document_attention(model, prompt, [(0, 1), (1, 2), (1, 0)])
+    masses = prompt_span_masses(model, prompt, [(0, 1), (1, 2), (1, 0)])
+    fig = plot_document_attention(masses, prompt)
     heat = fig.data[0]
     columns = list(heat.x)
     assert len(columns) == N_DOCS + 3
@@ -141,20 +145,19 @@ def test_document_map_figure(tmp_path):
     # the gold column is outlined
     g = 2 + prompt.gold_index
     assert any(s.type == "rect" and s.x0 == g - 0.5 and s.x1 == g + 0.5 for s in fig.layout.shapes)
-    expected = prompt_span_masses(model, prompt, [(0, 1), (1, 2), (1, 0)]).to_numpy()
-    torch.testing.assert_close(torch.tensor(heat.z), torch.tensor(expected))
-    assert "answer rows" in fig.layout.title.text
+    torch.testing.assert_close(torch.tensor(heat.z), torch.tensor(masses.to_numpy()))
+    assert "answer rows" in fig.layout.title.text and masses.attrs["model"] in fig.layout.title.text
 
     (path,) = fig.save(tmp_path / "x", formats=("html",))
     text = path.read_text()
-    assert path.suffix == ".html" and "plotly" in text and len(text) > 1_000_000  # plotly.js inlined
+    assert path.suffix == ".html" and "plotly" in text and PLOTLY_JS in text  # plotly.js inlined
     assert_offline(text)
 
 
 def test_document_map_scales_with_counts():
     model = get_tiny("llama", 2)
     prompt = render(make_synthetic_qa(1, n_documents=24, seed=1)[0], model.tokenizer)
-    fig = plot_document_attention(model, prompt)
+    fig = plot_document_attention(prompt_span_masses(model, prompt), prompt)
     assert len(fig.data[0].x) == 27
     assert fig.layout.width >= 27 * 40  # ≥ 40 px per column
     assert fig.layout.xaxis.tickangle == -45
@@ -165,7 +168,7 @@ def test_token_view_values_and_offline_html(tmp_path):
     model = get_tiny("llama", 2)
     prompt = prompt_for(model)
     heads = [(1, 0), (0, 3)]
-    view = token_view(model, prompt, heads, window=(0, 12))
+    view = token_view(token_masses(model, prompt, heads, window=(0, 12)), prompt, model.tokenizer)
     assert isinstance(view, AttentionHTML)
     assert view.window == Span(0, 12)
     assert view.labels == ["L1H0", "L0H3"]
@@ -189,7 +192,7 @@ def test_token_view_default_window_sums_to_document_mass():
     model = get_tiny("qwen2", 2)
     prompt = prompt_for(model)
     g, docs = prompt.gold_index, prompt.documents
-    view = token_view(model, prompt, layer=1)
+    view = token_view(token_masses(model, prompt, layer=1), prompt, model.tokenizer)
     assert view.window == Span(docs[g - 1].start, docs[g + 1].end)
     masses = prompt_span_masses(model, prompt, layer=1)
     # the window's tokens summed over each document give the document masses
@@ -207,7 +210,7 @@ def test_token_view_default_window_sums_to_document_mass():
 def test_token_view_bad_window(window):
     model = get_tiny("llama", 2)
     with pytest.raises(DataError, match="window"):
-        token_view(model, prompt_for(model), [(0, 0)], window=window)
+        token_masses(model, prompt_for(model), [(0, 0)], window=window)
 
 
 # ------------------------------------------------------------------ key bias
@@ -215,12 +218,13 @@ def test_key_bias_figure():
     model = get_tiny("llama", 2)
     prompt = prompt_for(model)
     dirs = directions_for(model)
-    fig = plot_key_bias(model, dirs, prompt, alpha=0.5, heads=3)
+    table = dirs.key_bias(model, prompt, 0.5, 3)
+    fig = plot_key_bias(table, prompt, model.tokenizer)
     heat, bars = fig.data
     first, last = prompt.documents[0].start, prompt.question.end
     assert len(heat.x) == last - first and heat.x[0] == first
     assert list(heat.y) == ["L1H0", "L1H1", "L1H2"]
-    bias = dirs.key_bias(model, prompt, 0.5, dirs.top_k(3))
+    bias = torch.tensor(table.to_numpy())
     torch.testing.assert_close(torch.tensor(heat.z, dtype=torch.float32), bias[:, first:last])
     assert heat.zmid == 0
     # one bar per document, plus the sink and the question; the gold bar stands out
@@ -233,16 +237,31 @@ def test_key_bias_figure():
     torch.testing.assert_close(torch.tensor(bars.y, dtype=torch.float32), torch.stack(means))
     labels = [a.text for a in fig.layout.annotations]
     assert all(any(f"{i + 1}" in t for t in labels) for i in range(N_DOCS))
-    assert "α·d_q·k_j/√d" in fig.layout.title.text
+    assert "α·d_q·k_j/√d" in fig.layout.title.text and "α = 0.5" in fig.layout.title.text
 
 
 def test_key_bias_explicit_heads_and_errors():
     model = get_tiny("llama", 2)
     prompt = prompt_for(model)
     dirs = directions_for(model)
-    fig = plot_key_bias(model, dirs, prompt, heads=[(0, 2), (1, 1)])
+    fig = plot_key_bias(dirs.key_bias(model, prompt, heads=[(0, 2), (1, 1)]), prompt, model.tokenizer)
     assert list(fig.data[0].y) == ["L0H2", "L1H1"]
     with pytest.raises(DataError, match="the ranking has 8 heads"):  # k beyond the ranking: an error, not capped
-        plot_key_bias(model, dirs, prompt, heads=100)
+        dirs.key_bias(model, prompt, heads=100)
     with pytest.raises(ModelError, match="head"):
-        plot_key_bias(model, dirs, prompt, heads=[(0, 9)])
+        dirs.key_bias(model, prompt, heads=[(0, 9)])
+
+
+def test_figures_refuse_a_measurement_of_another_prompt():
+    model = get_tiny("llama", 2)
+    prompt = prompt_for(model)
+    short = render(make_synthetic_qa(1, n_documents=2, seed=0)[0], model.tokenizer)
+    with pytest.raises(DataError, match="was it measured on another prompt"):
+        token_view(token_masses(model, prompt, [(0, 0)], window=(prompt.n_tokens - 3, prompt.n_tokens)), short,
+                   model.tokenizer)
+    with pytest.raises(DataError, match="one column per token of the prompt"):
+        plot_key_bias(directions_for(model).key_bias(model, short, heads=2), prompt, model.tokenizer)
+    with pytest.raises(DataError, match="columns, the prompt"):
+        plot_document_attention(prompt_span_masses(model, prompt), short)
+    with pytest.raises(DataError, match=r"indexed by \(layer, head\)"):
+        plot_document_attention(prompt_span_masses(model, prompt).reset_index(), prompt)

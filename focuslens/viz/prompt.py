@@ -1,11 +1,19 @@
 """Figures of one prompt: where the answer rows look, and what a focus direction favours.
 
+Each figure draws a measurement made beforehand (figures never run the model):
+
 * :func:`plot_document_attention` — heads × prompt parts (sink, instruction, each
-  document, question): attention mass from the answer rows, gold document boxed.
-* :func:`token_view` — the same mass token by token over a window of the prompt, as an
-  interactive circuitsvis view (its JavaScript inlined, so it works offline).
+  document, question) from :func:`~focuslens.scoring.prompt_span_masses`: attention mass
+  from the answer rows, gold document boxed.
+* :func:`token_view` — the same mass token by token over a window of the prompt
+  (:func:`~focuslens.scoring.token_masses`), as an interactive circuitsvis view (its
+  JavaScript inlined, so it works offline).
 * :func:`plot_key_bias` — the logit bias ``α·d_q·k_j/√d`` a focus direction adds to every
-  key, over the documents, with the mean per document.
+  key (:meth:`~focuslens.directions.FocusDirections.key_bias`), over the documents, with
+  the mean per document.
+
+>>> masses = prompt_span_masses(model, prompt, 20, ranking=scores.ranking())  # doctest: +SKIP
+>>> plot_document_attention(masses, prompt)                                  # doctest: +SKIP
 
 Token strings are HTML-escaped before they reach circuitsvis (it injects them as HTML, so
 ``<bos>`` would otherwise vanish), and plotly axes use unique labels or positions (a
@@ -15,24 +23,17 @@ categorical axis merges equal labels).
 from __future__ import annotations
 
 import html
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
 
 from focuslens.data.render import Prompt, Span
 from focuslens.errors import DataError
-from focuslens.scoring import prompt_span_masses
 from focuslens.viz.export import Figure
-
-if TYPE_CHECKING:
-    from focuslens.directions import FocusDirections
-
-Heads = int | Sequence[tuple[int, int]] | None
 
 __all__ = ["AttentionHTML", "plot_document_attention", "plot_key_bias", "token_view"]
 
@@ -58,42 +59,37 @@ def _part_labels(prompt: Prompt) -> list[str]:
     return ["sink", "instruction", *(_doc_label(prompt, i) for i in range(len(prompt.documents))), "question"]
 
 
-def _model_name(model) -> str:
-    from focuslens.models import model_id
+def _model_name(frame: pd.DataFrame, name: str | None) -> str:
+    """The model a measurement came from: ``name``, else the frame's ``attrs["model"]``."""
+    return html.escape(name or frame.attrs.get("model", "the model"))
 
-    return html.escape(model_id(model))
+
+def _heads_of(frame: pd.DataFrame, what: str) -> list[tuple[int, int]]:
+    """The (layer, head) index of a per-head measurement, checked."""
+    if not isinstance(frame, pd.DataFrame) or list(frame.index.names) != ["layer", "head"]:
+        raise DataError(f"{what} must be a DataFrame indexed by (layer, head), as "
+                        "prompt_span_masses / token_masses / FocusDirections.key_bias return.")
+    if frame.empty:
+        raise DataError(f"{what} has no heads.")
+    return [(int(layer), int(head)) for layer, head in frame.index]
+
+
+def _positions(frame: pd.DataFrame, what: str, prompt: Prompt) -> list[int]:
+    """The key positions a per-token measurement has columns for, checked against ``prompt``."""
+    try:
+        positions = [int(c) for c in frame.columns]
+    except (TypeError, ValueError):
+        raise DataError(f"{what}: columns must be token positions, got {list(frame.columns)[:3]}…") from None
+    if not positions or min(positions) < 0 or max(positions) >= prompt.n_tokens:
+        raise DataError(f"{what}: positions {positions[:1]}…{positions[-1:]} are not tokens of the prompt "
+                        f"({prompt.n_tokens} tokens): was it measured on another prompt?")
+    return positions
 
 
 def _short(text: str, n: int = 60) -> str:
     """``text`` on one line, at most ``n`` characters, HTML-escaped (for titles)."""
     text = " ".join(text.split())
     return html.escape(text if len(text) <= n else text[: n - 1] + "…")
-
-
-def _window(prompt: Prompt, window: Span | tuple[int, int] | None) -> Span:
-    """The token window to show: ``window`` checked, or the gold document with one
-    neighbouring document on each side."""
-    if window is None:
-        if prompt.gold_index is None:
-            raise DataError(
-                "window=None needs a gold document, but prompt.gold_index is None: pass window=(start, end)."
-            )
-        docs, g = prompt.documents, prompt.gold_index
-        return Span(docs[max(g - 1, 0)].start, docs[min(g + 1, len(docs) - 1)].end)
-    try:
-        start, end = (
-            (window.start, window.end) if isinstance(window, Span) else (int(window[0]), int(window[1]))
-        )
-    except (TypeError, ValueError, IndexError):
-        raise DataError(
-            f"window={window!r}: pass a Span or a (start, end) pair of token positions."
-        ) from None
-    if not 0 <= start < end <= prompt.n_tokens:
-        raise DataError(
-            f"window={start}..{end} is empty or outside the prompt of {prompt.n_tokens} tokens; "
-            f"choose 0 <= start < end <= {prompt.n_tokens}."
-        )
-    return Span(start, end)
 
 
 def _token_texts(tokenizer, prompt: Prompt, span: Span) -> list[str]:
@@ -124,94 +120,51 @@ def _span_names(prompt: Prompt, span: Span) -> str:
 
 
 # ------------------------------------------------------------------ 1. document map
-def plot_document_attention(
-    model, prompt: Prompt, heads: Heads = None, *, ranking=None, layer: int | None = None, title: str | None = None
-) -> Figure:
+def plot_document_attention(masses: pd.DataFrame, prompt: Prompt, *, title: str | None = None,
+                            model_name: str | None = None) -> Figure:
     """Heatmap of where each head's answer rows look: one row per head (``L{l}H{h}``), one
     column per part of the prompt (sink, instruction, ``Doc 1`` … ``Doc N``, question).
 
-    Colour is the attention mass from the answer rows onto the part (mean over the answer
-    rows, sum over the part's tokens; see :func:`~focuslens.scoring.prompt_span_masses`).
-    The gold document's column is starred and boxed in red. ``heads``/``ranking``/``layer``:
-    the selection, as in :func:`~focuslens.steering.resolve_heads` (None: all heads; k: the
-    top k of ``ranking``; ``(layer, head)`` pairs; ``layer=``: every head of one layer).
+    ``masses``: :func:`~focuslens.scoring.prompt_span_masses` of ``prompt`` with its default
+    spans (mean over the answer rows of the attention mass, summed over each part's
+    tokens). The gold document's column is starred and boxed in red.
     """
     import plotly.graph_objects as go
 
-    masses = prompt_span_masses(model, prompt, heads, ranking=ranking, layer=layer)
-    z = masses.to_numpy()
+    heads = _heads_of(masses, "masses")
     columns = _part_labels(prompt)
-    rows = [_head_label(layer, head) for layer, head in masses.index]
+    if masses.shape[1] != len(columns):
+        raise DataError(f"masses has {masses.shape[1]} columns, the prompt {len(columns)} parts (sink, instruction, "
+                        f"{len(prompt.documents)} documents, question): pass prompt_span_masses with its default spans.")
+    z, rows = masses.to_numpy(), [_head_label(layer, head) for layer, head in heads]
     n_rows, n_cols, n_docs = len(rows), len(columns), len(prompt.documents)
-    show_values = n_rows * n_cols <= 400
-    fig = go.Figure(
-        go.Heatmap(
-            z=z,
-            x=columns,
-            y=rows,
-            zmin=0,
-            zmax=max(float(z.max()), 1e-6),
-            colorscale="Viridis",
-            xgap=1,
-            ygap=1,
-            colorbar=dict(title=dict(text="attention mass<br>from the<br>answer rows", side="right")),
-            texttemplate="%{z:.2f}" if show_values else None,
-            textfont=dict(size=9 if n_cols > 12 else 11),
-            hovertemplate="%{y} → %{x}<br>mass %{z:.3f}<extra></extra>",
-        )
-    )
-    # group separators: sink | instruction | documents | question
-    for x in (1.5, n_docs + 1.5):
-        fig.add_shape(
-            type="line", x0=x, x1=x, y0=0, y1=1, xref="x", yref="y domain", line=dict(color="white", width=4)
-        )
+    fig = go.Figure(go.Heatmap(
+        z=z, x=columns, y=rows, zmin=0, zmax=max(float(z.max()), 1e-6), colorscale="Viridis", xgap=1, ygap=1,
+        colorbar=dict(title=dict(text="attention mass<br>from the<br>answer rows", side="right")),
+        texttemplate="%{z:.2f}" if n_rows * n_cols <= 400 else None, textfont=dict(size=9 if n_cols > 12 else 11),
+        hovertemplate="%{y} → %{x}<br>mass %{z:.3f}<extra></extra>"))
+    for x in (1.5, n_docs + 1.5):  # group separators: sink | instruction | documents | question
+        fig.add_shape(type="line", x0=x, x1=x, y0=0, y1=1, xref="x", yref="y domain", line=dict(color="white", width=4))
     if prompt.gold_index is not None:
         g = 2 + prompt.gold_index
-        fig.add_shape(
-            type="rect",
-            x0=g - 0.5,
-            x1=g + 0.5,
-            y0=0,
-            y1=1,
-            xref="x",
-            yref="y domain",
-            line=dict(color=_GOLD_OUTLINE, width=3),
-        )
-    answer = prompt.span_text(prompt.answer)
-    gold = (
-        "no gold document"
-        if prompt.gold_index is None
-        else f"red box: the gold document (Doc {prompt.gold_index + 1})"
-    )
+        fig.add_shape(type="rect", x0=g - 0.5, x1=g + 0.5, y0=0, y1=1, xref="x", yref="y domain",
+                      line=dict(color=_GOLD_OUTLINE, width=3))
+    gold = ("no gold document" if prompt.gold_index is None
+            else f"red box: the gold document (Doc {prompt.gold_index + 1})")
     fig.update_layout(
         title=dict(
-            text=title
-            or "Where the answer rows look: attention mass on each part of the prompt"
-            f"<br><sup>colour: attention mass from the answer rows (“{_short(answer, 40)}”, mean over "
-            f"{len(prompt.answer)} rows) on each part, summed over its tokens"
-            f"<br>{gold}; {n_docs} documents; {n_rows} heads of {_model_name(model)}</sup>",
-            x=0.01,
-            xanchor="left",
-        ),
-        xaxis=dict(
-            title="part of the prompt (key span)",
-            type="category",
-            tickvals=columns,
-            ticktext=[f"<b style='color:{_GOLD_OUTLINE}'>{c}</b>" if "gold" in c else c for c in columns],
-            tickangle=-45 if n_cols > 10 else 0,
-            tickfont=dict(size=11 if n_cols <= 30 else 9),
-        ),
-        yaxis=dict(
-            title="head (layer, head)",
-            type="category",
-            autorange="reversed",
-            tickfont=dict(size=11 if n_rows <= 40 else 8),
-        ),
-        template="plotly_white",
-        margin=dict(t=130, l=90, r=40, b=110),
-        width=max(820, 200 + 46 * n_cols),
-        height=max(460, 260 + (22 if n_rows <= 40 else 14) * n_rows),
-    )
+            text=title or "Where the answer rows look: attention mass on each part of the prompt"
+            f"<br><sup>colour: attention mass from the answer rows (“{_short(prompt.span_text(prompt.answer), 40)}”, "
+            f"mean over {len(prompt.answer)} rows) on each part, summed over its tokens"
+            f"<br>{gold}; {n_docs} documents; {n_rows} heads of {_model_name(masses, model_name)}</sup>",
+            x=0.01, xanchor="left"),
+        xaxis=dict(title="part of the prompt (key span)", type="category", tickvals=columns,
+                   ticktext=[f"<b style='color:{_GOLD_OUTLINE}'>{c}</b>" if "gold" in c else c for c in columns],
+                   tickangle=-45 if n_cols > 10 else 0, tickfont=dict(size=11 if n_cols <= 30 else 9)),
+        yaxis=dict(title="head (layer, head)", type="category", autorange="reversed",
+                   tickfont=dict(size=11 if n_rows <= 40 else 8)),
+        template="plotly_white", margin=dict(t=130, l=90, r=40, b=110),
+        width=max(820, 200 + 46 * n_cols), height=max(460, 260 + (22 if n_rows <= 40 else 14) * n_rows))
     return Figure(fig)
 
 
@@ -253,25 +206,24 @@ class AttentionHTML:
         return path
 
 
-def token_view(
-    model, prompt: Prompt, heads: Heads = None, *, ranking=None, layer: int | None = None,
-    window: Span | tuple[int, int] | None = None,
-) -> AttentionHTML:
-    """Attention from the answer rows, token by token, for each chosen head (circuitsvis).
+def token_view(masses: pd.DataFrame, prompt: Prompt, tokenizer, *, model_name: str | None = None) -> AttentionHTML:
+    """Attention from the answer rows, token by token, for each head (circuitsvis).
 
-    Each token of ``window`` is coloured by the attention mass the answer rows put on it
-    (mean over rows); buttons switch head and hovering a token lists every head's value.
-    ``window`` defaults to the gold document with one neighbouring document on each side.
-    ``heads``/``ranking``/``layer``: the selection (:func:`~focuslens.steering.resolve_heads`).
+    ``masses``: :func:`~focuslens.scoring.token_masses` of ``prompt`` (one row per head, one
+    column per token position of a contiguous window). Each token is coloured by the mass
+    the answer rows put on it (mean over rows); buttons switch head and hovering a token
+    lists every head's value. ``tokenizer`` names tokens without characters (``<bos>``).
     """
     from circuitsvis.tokens import colored_tokens_multi
 
-    span = _window(prompt, window)
-    per_token = prompt_span_masses(model, prompt, heads, ranking=ranking, layer=layer,
-                                   spans={str(i): (i, i + 1) for i in span})
-    values = torch.from_numpy(per_token.to_numpy().T.copy())  # [token, head]
-    labels = [_head_label(layer, head) for layer, head in per_token.index]
-    tokens = _token_texts(model.tokenizer, prompt, span)
+    heads = _heads_of(masses, "masses")
+    positions = _positions(masses, "masses", prompt)
+    span = Span(positions[0], positions[-1] + 1)
+    if positions != list(span):
+        raise DataError("masses: the token positions must be one contiguous window (token_masses gives one).")
+    values = torch.from_numpy(masses.to_numpy().T.copy())  # [token, head]
+    labels = [_head_label(layer, head) for layer, head in heads]
+    tokens = _token_texts(tokenizer, prompt, span)
     rendered = colored_tokens_multi([html.escape(t) for t in tokens], values, labels)
     title = f"Attention from the answer rows, token by token ({_span_names(prompt, span)})"
     gold = "none" if prompt.gold_index is None else f"Doc {prompt.gold_index + 1}"
@@ -280,95 +232,55 @@ def token_view(
         f"({_span_names(prompt, span)}; gold: {gold}). "
         f"Colour: attention mass from the answer rows “{_short(prompt.span_text(prompt.answer))}” "
         f"(mean over {len(prompt.answer)} rows) on each token, for the head picked with the buttons; "
-        f"hover a token for every head's value. Model: {_model_name(model)}."
+        f"hover a token for every head's value. Model: {_model_name(masses, model_name)}."
     )
     fragment = (
         "<div style='font-family: sans-serif; max-width: 60em'>"
         f"<h3 style='margin-bottom: 0.3em'>{html.escape(title)}</h3>"
         f"<p style='margin-top: 0; color: #444'>{caption}</p></div>{rendered.local_src}"
     )
-    return AttentionHTML(
-        fragment=fragment, title=title, tokens=tokens, values=values, labels=labels, window=span
-    )
+    return AttentionHTML(fragment=fragment, title=title, tokens=tokens, values=values, labels=labels, window=span)
 
 
 # ------------------------------------------------------------------ 3. key bias
-def _focus_heads(
-    model, directions: FocusDirections, heads: int | Sequence[tuple[int, int]]
-) -> list[tuple[int, int]]:
-    """``heads`` as (layer, head) pairs: an int k is the top k of the directions' ranking
-    (:func:`~focuslens.steering.resolve_heads`: k beyond it is an error, not capped)."""
-    from focuslens.steering import resolve_heads
-
-    directions.check_model(model)
-    chosen = resolve_heads(model, heads, directions.ranking or None)
-    if not chosen:
-        raise DataError("heads is empty: pass k (top k of the ranking) or (layer, head) pairs.")
-    return chosen
-
-
-def plot_key_bias(
-    model,
-    directions: FocusDirections,
-    prompt: Prompt,
-    *,
-    alpha: float = 1.0,
-    heads: int | Sequence[tuple[int, int]] = 10,
-    title: str | None = None,
-) -> Figure:
+def plot_key_bias(bias: pd.DataFrame, prompt: Prompt, tokenizer, *, title: str | None = None,
+                  model_name: str | None = None) -> Figure:
     """What a focus direction favours: the logit bias ``b_j = α·d_q·k_j/√d`` each head adds
-    to key j (:meth:`~focuslens.directions.FocusDirections.key_bias`).
+    to key j, as :meth:`~focuslens.directions.FocusDirections.key_bias` measures it on
+    ``prompt`` (one row per head, one column per key position; ``attrs["alpha"]``).
 
     Top: heads × token positions from the first document to the end of the question
     (diverging colours, 0 = white), documents separated by lines and labelled above, the
     gold document boxed. Bottom: the bias averaged over each document's tokens (and the
     sink's and question's), mean over the heads ± s.d. across heads, gold bar highlighted.
-    ``heads``: k (the top k of ``directions.ranking``) or ``(layer, head)`` pairs.
     """
     from plotly.subplots import make_subplots
 
-    chosen = _focus_heads(model, directions, heads)
-    bias = directions.key_bias(model, prompt, alpha, chosen)  # [head, key]
+    heads = _heads_of(bias, "bias")
+    if _positions(bias, "bias", prompt) != list(range(prompt.n_tokens)):
+        raise DataError("bias must have one column per token of the prompt (FocusDirections.key_bias gives that).")
+    values = torch.tensor(bias.to_numpy(), dtype=torch.float32)  # [head, key]
     first, last = prompt.documents[0].start, prompt.question.end
-    n_rows, n_cols = len(chosen), last - first
-
+    n_rows, n_cols = len(heads), last - first
     width = int(min(max(900, 260 + 2.2 * n_cols), 2200))
     heat_h, bar_h, gap = max(150, 24 * n_rows), 260, 140  # pixels; the gap holds an axis title and a subtitle
     plot_h = heat_h + bar_h + gap
-    fig = make_subplots(
-        rows=2,
-        cols=1,
-        row_heights=[heat_h, bar_h],
-        vertical_spacing=gap / plot_h,
-        subplot_titles=("", f"Mean bias per part (over its tokens; mean ± s.d. over the {n_rows} heads)"),
-    )
-    tokens = _token_texts(model.tokenizer, prompt, Span(first, last))
-    _add_bias_heatmap(fig, bias[:, first:last], chosen, first, tokens)
+    fig = make_subplots(rows=2, cols=1, row_heights=[heat_h, bar_h], vertical_spacing=gap / plot_h,
+                        subplot_titles=("", f"Mean bias per part (over its tokens; mean ± s.d. over the {n_rows} heads)"))
+    _add_bias_heatmap(fig, values[:, first:last], heads, first, _token_texts(tokenizer, prompt, Span(first, last)))
     _mark_documents(fig, prompt, width, n_cols)
-    _add_part_bars(fig, prompt, bias)
-
-    k_text = f"top {n_rows} heads of the ranking" if isinstance(heads, int) else f"{n_rows} chosen heads"
-    gold = (
-        ""
-        if prompt.gold_index is None
-        else f"; black box and ★: the gold document (Doc {prompt.gold_index + 1})"
-    )
+    _add_part_bars(fig, prompt, values)
+    gold = "" if prompt.gold_index is None else f"; black box and ★: the gold document (Doc {prompt.gold_index + 1})"
+    alpha = bias.attrs.get("alpha")
     fig.update_layout(
         title=dict(
-            text=title
-            or f"Logit bias a focus direction adds to each key (α·d_q·k_j/√d), α = {alpha:g}"
-            "<br><sup>colour: bias added to the head's attention logit for key j "
-            "(red: attended more, blue: less; "
-            f"the weight scales by e<sup>b</sup>)<br>{k_text} of {_model_name(model)}{gold}"
+            text=title or "Logit bias a focus direction adds to each key (α·d_q·k_j/√d)"
+            + (f", α = {alpha:g}" if alpha is not None else "")
+            + "<br><sup>colour: bias added to the head's attention logit for key j (red: attended more, blue: less; "
+            f"the weight scales by e<sup>b</sup>)<br>{n_rows} heads of {_model_name(bias, model_name)}{gold}"
             "<br>band above the heatmap: the documents, numbered as in the prompt, then the question</sup>",
-            x=0.01,
-            xanchor="left",
-        ),
-        template="plotly_white",
-        margin=dict(t=190, l=90, r=40, b=130),
-        width=width,
-        height=190 + plot_h + 130,
-    )
+            x=0.01, xanchor="left"),
+        template="plotly_white", margin=dict(t=190, l=90, r=40, b=130), width=width, height=190 + plot_h + 130)
     return Figure(fig)
 
 

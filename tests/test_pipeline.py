@@ -1,0 +1,85 @@
+"""The demo end to end on a tiny model: every stage, every figure, results passed in memory,
+one prefill per test prompt, and a saved run that redraws from disk without the model."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pandas as pd
+import pytest
+from conftest import get_tiny
+
+from focuslens.figures import draw_all
+from focuslens.io import json_safe
+from focuslens.pipeline import STAGES, DemoSettings, load_results, run_demo
+
+TINY = DemoSettings(n_prompts=4, n_settings=2, n_pairs=2, n_candidates=2, n_ablation=2, ablation_ks=(1, 2),
+                    n_train=3, n_validation=2, n_test=5, split_ks=(1, 2), taus=(0.5,), n_random=1, focus_ks=(1, None),
+                    alphas=(-0.5, 0.5), refine=(0.8,), demo_cell=False)
+PICTURES = ("distraction", "contextual_heads", "patching_agreement", "split_softmax", "focus_directions",
+            "focus_directions_5_documents", "document_attention", "key_bias", "head_locations", "direction_norms",
+            "norm_vs_rank", "topk_overlap")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "no PNG", UserWarning)  # a machine without chromium: HTML only
+        warnings.filterwarnings("ignore", "pairs .* have LD_clean", UserWarning)  # a random model's pairs
+        results = run_demo(get_tiny("llama", 2), settings=TINY, out_dir=out, quiet=True)
+    return out, results
+
+
+def test_every_stage_runs_and_every_figure_is_drawn(demo):
+    out, results = demo
+    assert tuple(results) == STAGES
+    for stem in PICTURES:
+        assert (out / f"{stem}.html").exists(), stem
+    assert (out / "token_view.html").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(STAGES) <= set(summary)
+    run = summary["demo_run"]
+    assert run["n_test_prompts"] == 5 and set(run["stage_seconds"]) == set(STAGES)
+
+
+def test_one_prefill_per_test_prompt_serves_both_sweeps(demo):
+    out, results = demo
+    run = json.loads((out / "summary.json").read_text())["demo_run"]
+    assert run["prefills_per_test_prompt"] == 1.0
+    # both sweeps saw every test prompt: the store was asked twice per prompt
+    assert results["split_softmax"]["split_softmax_sweep"].example.nunique() == 5
+    assert results["focus_directions"]["focus_directions_test"].example.nunique() == 5
+
+
+def test_stages_hand_each_other_their_objects(demo):
+    _, results = demo
+    scores = results["contextual_heads"]["contextual_heads"]
+    dirs = results["focus_directions"]["focus_directions"]
+    assert dirs.ranking == scores.ranking()  # the directions carry the stage's ranking, not a re-read file
+    views = results["prompt_views"]
+    assert list(views["document_attention"].index) == scores.top_k(len(views["document_attention"]))
+    assert views.summary["alpha"] == results["focus_directions"].summary["best"]["alpha"]
+    example = views.objects["prompt"].example
+    assert example.gold_index == 9 and views.summary["example"]["question"] == example.question  # gold in the middle
+
+
+def test_a_saved_run_loads_back_equal_and_redraws_without_the_model(demo, tmp_path):
+    out, results = demo
+    loaded = load_results(out)
+    assert tuple(loaded) == STAGES
+    for section, stage in results.items():
+        again = loaded[section]
+        assert again.summary == json.loads(json.dumps(json_safe(stage.summary))), section  # NaN is saved as null
+        for name, frame in stage.tables.items():
+            if "heads" in frame:  # lists of heads come back as their text
+                frame = frame.drop(columns="heads")
+            pd.testing.assert_frame_equal(again[name][list(frame.columns)], frame, check_dtype=False,
+                                          check_index_type=False, check_column_type=False, atol=1e-6,
+                                          obj=f"{section}.{name}")
+        for name, artifact in stage.artifacts.items():
+            assert type(again[name]) is type(artifact)
+    tokenizer = get_tiny("llama", 2).tokenizer
+    written = draw_all(loaded, tmp_path, tokenizer=tokenizer)
+    assert {p.stem for p in written} >= set(PICTURES) | {"token_view"}
