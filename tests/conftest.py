@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata
+import os
 from pathlib import Path
 
 import pytest
 import torch
 
 from focuslens.testing import ARCHITECTURES, tiny_model, tiny_tokenizer
+
+# figures as HTML only: a PNG costs seconds of Chromium per figure (tests/test_export.py writes PNGs)
+os.environ.setdefault("FOCUSLENS_FORMATS", "html")
 
 N_HEADS = 4
 KV_HEADS = (4, 2, 1)  # n_heads, n_heads / 2, 1: MHA, GQA, MQA
