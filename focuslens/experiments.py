@@ -256,7 +256,6 @@ def _cell(test: pd.DataFrame, val: pd.DataFrame, base: pd.Series, ranking: str, 
 
 def run_condition(model, task: str, layout: str, s: ConditionSettings, *, quiet: bool = False) -> dict:
     """Every cell of one task × layout: train, rank, sweep validation, test once."""
-    from focuslens.eval import evaluate_generation, evaluate_next_token
     from focuslens.focusing import focus_sweep
     from focuslens.scoring import prepare_prompts
     from focuslens.training import collect_attention_inputs, train_directions
@@ -272,12 +271,8 @@ def run_condition(model, task: str, layout: str, s: ConditionSettings, *, quiet:
                             patience=s.patience, seed=s.seed, ranking=rankings[names[0]], quiet=quiet,
                             inputs=(inputs["train"], inputs["validation"]),
                             data=f"{task} {layout} n_documents={s.n_documents} seed={s.seed}")
-    unique = list({(ex.documents[ex.gold_index], ex.question): ex.gold_only() for ex in splits["test"]}.values())
     generate = s.nq_max_new_tokens if task == "nq" else None
-    if generate:
-        gold_only = float(evaluate_generation(model, unique, max_new_tokens=generate, quiet=True).correct.mean())
-    else:
-        gold_only = float(evaluate_next_token(model, unique, quiet=True).correct.mean())
+    gold_only = _gold_only_accuracy(model, splits["test"], generate)
     cells, sweeps, timing = [], {}, {}
     for rows in ("answer", "all"):
         if rows == "all" and (task, layout) not in s.all_rows:
@@ -316,6 +311,16 @@ def run_condition(model, task: str, layout: str, s: ConditionSettings, *, quiet:
                            "val_gold_mass_after": float(np.mean(meta["val_gold_mass_after"])),
                            "history": meta["history"], "norms": dirs.norm_summary(top_k=20)},
             "seconds": time.perf_counter() - t0, "sweep_seconds": timing}
+
+
+def _gold_only_accuracy(model, test, generate: int | None) -> float:
+    """Accuracy with the gold document alone, once per distinct test question."""
+    from focuslens.eval import evaluate_generation, evaluate_next_token
+
+    unique = list({(ex.documents[ex.gold_index], ex.question): ex.gold_only() for ex in test}.values())
+    if generate:
+        return float(evaluate_generation(model, unique, max_new_tokens=generate, quiet=True).correct.mean())
+    return float(evaluate_next_token(model, unique, quiet=True).correct.mean())
 
 
 def _choice(val: pd.DataFrame, ranking: str) -> tuple[int, float]:

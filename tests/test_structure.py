@@ -21,7 +21,6 @@ sizes = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(sizes)
 
 STILL_OVER = {
-    "focuslens/viz/cross_model.py": 505,
     "focuslens/viz/cross_model.py::plot_head_locations": 196,
     "focuslens/data/lost_in_the_middle.py::make_nq_distractor_examples": 96,
     "focuslens/scoring.py::prompt_span_masses": 82,
@@ -31,7 +30,6 @@ STILL_OVER = {
     "focuslens/training.py::_train_on_inputs": 66,
     "focuslens/data/render.py::render": 64,
     "focuslens/viz/distraction.py::plot_distraction": 64,
-    "focuslens/experiments.py::run_condition": 62,
     "focuslens/models.py::load_model": 62,
 }
 

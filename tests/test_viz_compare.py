@@ -16,6 +16,7 @@ from focuslens.scoring import HeadScores
 from focuslens.viz import compare as C
 from focuslens.viz import cross_model as X
 from focuslens.viz.export import Figure
+from focuslens.viz.heads import plot_topk_overlap
 
 PLOTLY_JS = f"plotly.js v{get_plotlyjs_version()}"  # the banner of the inlined bundle
 
@@ -187,7 +188,7 @@ def test_topk_overlap_table():
     m = big.to_numpy()
     assert np.allclose(np.diag(m), 1) and np.allclose(m, m.T)
     assert big.loc["s0", "copy"] == 1.0
-    fig = X.plot_topk_overlap({"a": a, "b": b}, k=3)
+    fig = plot_topk_overlap({"a": a, "b": b}, k=3)
     assert fig.data[0].text[0][1] == "0.33<br>(1/3)" and fig.data[0].text[1][1] == "1.00<br>(3/3)"
 
 
@@ -244,7 +245,7 @@ def test_saved_html_is_self_contained(tmp_path):
         "norms": X.plot_direction_norms(dirs),
         "similarity": X.plot_direction_similarity(dirs["b"]),
         "rank": X.plot_norm_vs_rank(dirs),
-        "overlap": X.plot_topk_overlap({"a": dirs["a"].ranking, "b": random_scores(4, 3)}, k=5),
+        "overlap": plot_topk_overlap({"a": dirs["a"].ranking, "b": random_scores(4, 3)}, k=5),
     }
     for name, fig in figures.items():
         (path,) = fig.save(tmp_path / name, formats=("html",))

@@ -7,11 +7,10 @@ from focuslens.viz.cross_model import (
     plot_direction_similarity,
     plot_head_locations,
     plot_norm_vs_rank,
-    plot_topk_overlap,
 )
 from focuslens.viz.distraction import plot_distraction
 from focuslens.viz.export import Figure, save_figure, static_export_available
-from focuslens.viz.heads import plot_head_map, plot_rank_agreement
+from focuslens.viz.heads import plot_head_map, plot_rank_agreement, plot_topk_overlap
 from focuslens.viz.prompt import AttentionHTML, plot_document_attention, plot_key_bias, token_view
 from focuslens.viz.steering import plot_focus_sweep, plot_split_softmax_sweep
 

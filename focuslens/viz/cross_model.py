@@ -1,5 +1,5 @@
 """Cross-model figures: head locations by relative depth, direction norms, direction
-similarity, norm vs rank and top-k overlap. Each takes the caller's inputs
+similarity and norm vs rank. Each takes the caller's inputs
 (``HeadScores``, ``FocusDirections`` or plain rankings, keyed by a display name) and draws
 the tables of :mod:`focuslens.viz.compare`; none runs a model.
 """
@@ -23,12 +23,10 @@ from focuslens.viz.compare import (
     norm_profile,
     norm_rank_table,
     relative_depth,
-    topk_overlap,
 )
-from focuslens.viz.export import Figure
+from focuslens.viz.export import Figure, wrap_label
 
-__all__ = ["plot_head_locations", "plot_direction_norms", "plot_direction_similarity", "plot_norm_vs_rank",
-           "plot_topk_overlap"]
+__all__ = ["plot_head_locations", "plot_direction_norms", "plot_direction_similarity", "plot_norm_vs_rank"]
 
 
 # ------------------------------------------------------------------ figure helpers
@@ -38,18 +36,6 @@ def _nice_dtick(n: int, max_ticks: int = 10) -> int:
         if math.ceil(n / step) <= max_ticks:
             return step
     return math.ceil(n / max_ticks)
-
-
-def _wrap(text: str, width: int = 14) -> str:
-    """Break a model name at spaces, slashes or hyphens so it fits a narrow tick label."""
-    out, line = [], ""
-    for part in text.replace("/", "/\u200b").replace(" ", " \u200b").split("\u200b"):
-        if line and len(line) + len(part) > width:
-            out.append(line.rstrip())
-            line = ""
-        line += part
-    out.append(line.rstrip())
-    return "<br>".join(out)
 
 
 def _rgba(hex_colour: str, alpha: float) -> str:
@@ -100,7 +86,7 @@ def plot_head_locations(
     heat_w = [max(0.6, min(1.3, m.n_heads / 18)) for m in maps]  # wide enough for 9 and 28 heads
     strip_w = max(1.0, 0.55 * n)
     widths = [w / (sum(heat_w) + strip_w) for w in [*heat_w, strip_w]]
-    panel_titles = [f"<b>{_wrap(m.name, 24)}</b><br>{m.n_layers} layers × {m.n_heads} heads" for m in maps]
+    panel_titles = [f"<b>{wrap_label(m.name, 24)}</b><br>{m.n_layers} layers × {m.n_heads} heads" for m in maps]
     fig = make_subplots(
         rows=1,
         cols=n + 1,
@@ -215,7 +201,7 @@ def plot_head_locations(
         )
     fig.update_xaxes(
         tickvals=list(range(n)),
-        ticktext=[_wrap(m.name) for m in maps],
+        ticktext=[wrap_label(m.name) for m in maps],
         range=[-0.6, n - 0.4],
         showgrid=False,
         zeroline=False,
@@ -458,48 +444,5 @@ def plot_norm_vs_rank(directions, *, x: str = "relative", title: str | None = No
         margin=dict(t=110, b=140),
         width=950,
         height=640,
-    )
-    return Figure(fig)
-
-
-# ------------------------------------------------------------------ overlap
-def plot_topk_overlap(
-    results: Mapping, k: int = 20, *, metric: str | None = None, title: str | None = None
-) -> Figure:
-    """Top-k overlap between the contextual-head sets of several scoring settings of one
-    model (e.g. answer rows from the prefix vs the greedy answer): cell = ``|A ∩ B| / k``,
-    annotated with the count of shared heads."""
-    import plotly.graph_objects as go
-
-    table = topk_overlap(results, k, metric=metric)
-    names = list(table.columns)
-    z = table.to_numpy()
-    text = [[f"{v:.2f}<br>({round(v * k)}/{k})" for v in row] for row in z]
-    fig = go.Figure(
-        go.Heatmap(
-            z=z,
-            x=[_wrap(s, 18) for s in names],
-            y=[_wrap(s, 18) for s in names],
-            zmin=0,
-            zmax=1,
-            colorscale="Blues",
-            text=text,
-            texttemplate="%{text}",
-            textfont=dict(size=12),
-            colorbar=dict(title=dict(text=f"shared fraction<br>of the top {k}", side="right")),
-            hovertemplate="%{y} vs %{x}<br>%{text}<extra></extra>",
-        )
-    )
-    # dark cells get white text: plotly picks a contrasting colour automatically in ≥ 5.x
-    fig.update_layout(
-        title=title
-        or f"Overlap of the top-{k} contextual heads between settings"
-        f"<br><sup>cell: |A ∩ B| / {k} (shared heads / {k})</sup>",
-        xaxis=dict(title="setting", tickangle=0),
-        yaxis=dict(title="setting", autorange="reversed", scaleanchor="x"),
-        template="plotly_white",
-        margin=dict(t=100),
-        width=260 + 130 * len(names),
-        height=220 + 120 * len(names),
     )
     return Figure(fig)

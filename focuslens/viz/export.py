@@ -16,7 +16,7 @@ from pathlib import Path
 
 import plotly.graph_objects as go
 
-__all__ = ["Figure", "save_figure", "static_export_available"]
+__all__ = ["Figure", "save_figure", "static_export_available", "default_formats", "wrap_label"]
 
 
 class Figure(go.Figure):
@@ -86,3 +86,15 @@ def save_figure(fig, path: str | Path, *, formats=None, width=900, height=600, s
                     warnings.warn(f"no {fmt.upper()} for {stem.name}: static export failed twice "
                                   f"({type(err).__name__}: {err}); the HTML was written.", stacklevel=2)
     return written
+
+
+def wrap_label(text: str, width: int = 14) -> str:
+    """Break a label (a model or setting name) at spaces, slashes or hyphens so it fits a narrow tick label."""
+    out, line = [], ""
+    for part in text.replace("/", "/\u200b").replace(" ", " \u200b").split("\u200b"):
+        if line and len(line) + len(part) > width:
+            out.append(line.rstrip())
+            line = ""
+        line += part
+    out.append(line.rstrip())
+    return "<br>".join(out)

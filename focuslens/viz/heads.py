@@ -1,10 +1,14 @@
-"""Head-location maps (layers × heads, paper Fig. 2 style) and rank-agreement scatter."""
+"""Head-location maps (layers × heads, paper Fig. 2 style), the rank-agreement scatter, and
+the top-k overlap of several rankings of one model's heads."""
 
 from __future__ import annotations
 
-from focuslens.viz.export import Figure
+from collections.abc import Mapping
 
-__all__ = ["plot_head_map", "plot_rank_agreement"]
+from focuslens.viz.compare import topk_overlap
+from focuslens.viz.export import Figure, wrap_label
+
+__all__ = ["plot_head_map", "plot_rank_agreement", "plot_topk_overlap"]
 
 
 def plot_head_map(scores, metric: str = "gold", *, title: str | None = None, top_k: int = 10):
@@ -76,4 +80,46 @@ def plot_rank_agreement(x, y, *, x_label: str, y_label: str, title: str, highlig
                            ax=0, ay=(-25, 25, -50, 50)[i % 4], font=dict(size=11, color="crimson"))
     fig.update_layout(title=title, xaxis_title=x_label, yaxis_title=y_label, template="plotly_white",
                       width=800, height=600)
+    return Figure(fig)
+
+
+def plot_topk_overlap(
+    results: Mapping, k: int = 20, *, metric: str | None = None, title: str | None = None
+) -> Figure:
+    """Top-k overlap between the contextual-head sets of several scoring settings of one
+    model (e.g. answer rows from the prefix vs the greedy answer): cell = ``|A ∩ B| / k``,
+    annotated with the count of shared heads."""
+    import plotly.graph_objects as go
+
+    table = topk_overlap(results, k, metric=metric)
+    names = list(table.columns)
+    z = table.to_numpy()
+    text = [[f"{v:.2f}<br>({round(v * k)}/{k})" for v in row] for row in z]
+    fig = go.Figure(
+        go.Heatmap(
+            z=z,
+            x=[wrap_label(s, 18) for s in names],
+            y=[wrap_label(s, 18) for s in names],
+            zmin=0,
+            zmax=1,
+            colorscale="Blues",
+            text=text,
+            texttemplate="%{text}",
+            textfont=dict(size=12),
+            colorbar=dict(title=dict(text=f"shared fraction<br>of the top {k}", side="right")),
+            hovertemplate="%{y} vs %{x}<br>%{text}<extra></extra>",
+        )
+    )
+    # dark cells get white text: plotly picks a contrasting colour automatically in ≥ 5.x
+    fig.update_layout(
+        title=title
+        or f"Overlap of the top-{k} contextual heads between settings"
+        f"<br><sup>cell: |A ∩ B| / {k} (shared heads / {k})</sup>",
+        xaxis=dict(title="setting", tickangle=0),
+        yaxis=dict(title="setting", autorange="reversed", scaleanchor="x"),
+        template="plotly_white",
+        margin=dict(t=100),
+        width=260 + 130 * len(names),
+        height=220 + 120 * len(names),
+    )
     return Figure(fig)
