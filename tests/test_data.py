@@ -309,3 +309,13 @@ def test_split_by_question_is_seeded_and_respects_fractions():
 def test_split_by_question_bad_fractions(fractions):
     with pytest.raises(DataError, match="fractions"):
         split_by_question(_many_questions(4), fractions)
+
+
+def test_a_prompt_repr_is_one_short_line():
+    from conftest import get_tiny
+
+    prompt = render(make_synthetic_qa(1, n_documents=20, seed=0)[0], get_tiny("llama", 2).tokenizer)
+    text = repr(prompt)
+    assert "\n" not in text and len(text) < 300  # not every input id
+    assert text.startswith(f"Prompt(n_tokens={prompt.n_tokens}, documents=20, gold_index={prompt.gold_index} "
+                           f"(Document [{prompt.gold_index + 1}])")

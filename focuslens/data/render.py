@@ -97,6 +97,14 @@ class Prompt:
     example: QAExample = field(repr=False)
     questions: tuple[Span, ...] = ()
 
+    def __repr__(self) -> str:
+        """One line (not every token id): size, documents, the gold one as the prompt
+        numbers it, the question and answer spans, the start of the text."""
+        gold = "None" if self.gold_index is None else f"{self.gold_index} (Document [{self.gold_index + 1}])"
+        start = self.text[:40].replace("\n", "\\n")
+        return (f"Prompt(n_tokens={self.n_tokens}, documents={len(self.documents)}, gold_index={gold}, "
+                f"question={self.question}, answer={self.answer}, text='{start}…')")
+
     @property
     def gold(self) -> Span | None:
         return None if self.gold_index is None else self.documents[self.gold_index]
