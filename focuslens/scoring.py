@@ -44,7 +44,7 @@ from focuslens.results import HeadResult
 
 __all__ = ["HeadScores", "score_heads", "scores_from_patterns", "head_metrics", "prepare_prompts", "span_masses",
            "key_indicator", "mass_on",
-           "prompt_span_masses", "token_window", "token_masses", "METRICS"]
+           "prompt_span_masses", "part_spans", "token_window", "token_masses", "METRICS"]
 
 #: The metrics of a :class:`HeadScores`, in order.
 METRICS = ("gold", "irrelevant_sum", "irrelevant_max", "sink", "question", "instruction")
@@ -349,8 +349,7 @@ def prompt_span_masses(
             f"prompt.answer {rows.start}..{rows.end} is empty or outside the prompt of {n_keys} tokens."
         )
     if spans is None:
-        spans = {name: s for name, s in prompt.spans().items() if name not in ("gold", "answer")}
-        spans = {"sink": spans.pop("sink"), "instruction": spans.pop("instruction"), **spans}
+        spans = part_spans(prompt)
     ranges = {
         name: (s.start, s.end) if hasattr(s, "start") else (int(s[0]), int(s[1])) for name, s in spans.items()
     }
@@ -386,6 +385,13 @@ def prompt_span_masses(
     table.attrs.update(model=model_id(model), answer_rows=(rows.start, rows.end))
     return table
 
+
+
+def part_spans(prompt: Prompt) -> dict[str, Span]:
+    """The parts of a prompt in reading order: ``sink``, ``instruction``, ``doc_0`` …
+    ``doc_{n-1}``, ``question`` (the default spans of :func:`prompt_span_masses`)."""
+    spans = {name: s for name, s in prompt.spans().items() if name not in ("gold", "answer")}
+    return {"sink": spans.pop("sink"), "instruction": spans.pop("instruction"), **spans}
 
 
 def token_window(prompt: Prompt, window: Span | tuple[int, int] | None = None) -> Span:

@@ -23,7 +23,7 @@ _spec.loader.exec_module(sizes)
 STILL_OVER = {
     "focuslens/viz/cross_model.py::plot_head_locations": 196,
     "focuslens/data/lost_in_the_middle.py::make_nq_distractor_examples": 96,
-    "focuslens/scoring.py::prompt_span_masses": 82,
+    "focuslens/scoring.py::prompt_span_masses": 81,
     "focuslens/viz/cross_model.py::plot_direction_norms": 74,
     "focuslens/training.py::train_directions": 70,
     "focuslens/focusing.py::focus_hooks": 68,

@@ -15,7 +15,7 @@ from focuslens.eval import evaluate_next_token
 from focuslens.focusing import MagnitudeControl, best_setting, focus_sweep
 from focuslens.kvcache import PrefillStore
 from focuslens.models import model_id
-from focuslens.scoring import prompt_span_masses, token_window
+from focuslens.scoring import part_spans, prompt_span_masses, token_window
 from focuslens.stages.base import StageResult
 from focuslens.steering import split_softmax_sweep
 from focuslens.training import train_directions
@@ -236,8 +236,7 @@ def run_prompt_views(model, scores, example, *, directions=None, alpha: float = 
     (one forward pass for both); with ``directions``, the key bias ``α·d_q·k_j/√d`` of the
     top ``n_bias_heads`` heads of their ranking. (Fewer when the model has fewer heads.)"""
     prompt = render(example, model.tokenizer, max_length=model.cfg.n_ctx)
-    parts = {name: s for name, s in prompt.spans().items() if name not in ("gold", "answer")}
-    parts = {"sink": parts.pop("sink"), "instruction": parts.pop("instruction"), **parts}
+    parts = part_spans(prompt)
     window = token_window(prompt)
     both = prompt_span_masses(model, prompt, scores.top_k(n_heads), spans={**parts, **{i: (i, i + 1) for i in window}})
     tables = {"document_attention": both[list(parts)], "token_masses": both.loc[scores.top_k(n_token_heads), list(window)]}
