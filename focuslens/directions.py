@@ -38,6 +38,7 @@ context manager, sweeps, magnitude control).
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata as md
 import json
 import math
 import re
@@ -47,12 +48,17 @@ from pathlib import Path
 import pandas as pd
 import torch
 from jaxtyping import Float
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from torch import Tensor
 
 from focuslens.data.render import Prompt
 from focuslens.errors import DataError, ModelError
 from focuslens.hooks import attn_hook
-from focuslens.steering import Head
+from focuslens.io import write_atomic, write_json
+from focuslens.models import model_id
+from focuslens.scoring import HeadScores
+from focuslens.steering import Head, resolve_heads
 
 __all__ = ["FocusDirections", "import_release", "ARTIFACT_FORMAT"]
 
@@ -79,7 +85,6 @@ def architecture_of(model) -> dict:
 
 
 def library_versions() -> dict:
-    import importlib.metadata as md
 
     out = {}
     for dist in ("focuslens", "torch", "transformer-lens", "transformers"):
@@ -174,7 +179,6 @@ class FocusDirections:
         with a large bias are the ones the direction makes the head read. ``heads``: k (the
         top k of the ranking), (layer, head) pairs or None (every head).
         """
-        from focuslens.models import model_id
 
         self.check_model(model)
         heads = self._heads(heads)
@@ -198,14 +202,12 @@ class FocusDirections:
 
     # ---------------------------------------------------------------- checks
     def _heads(self, heads) -> list[Head]:
-        from focuslens.steering import resolve_heads
 
         return resolve_heads(self.shape[:2], heads, self.ranking or None)
 
     def check_model(self, model, *, strict: bool = True) -> None:
         """Raise ``ModelError`` unless these directions fit ``model``: the shapes must match;
         with ``strict``, the model identity recorded at training must match too."""
-        from focuslens.models import model_id
 
         want = (model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_head)
         if self.shape != want:
@@ -225,12 +227,10 @@ class FocusDirections:
         ``path/focus_directions.json`` (metadata, ranking and the tensors' SHA-256);
         returns the directory. Each file is written atomically, tensors first: a crash
         between the two leaves tensors that the old JSON's hash rejects at load."""
-        from safetensors.torch import save
 
-        from focuslens.io import write_atomic, write_json
 
         path = Path(path)
-        blob = save({"q": self.q.detach().float().clone(), "k": self.k.detach().float().clone()})  # never shared
+        blob = save_safetensors({"q": self.q.detach().float().clone(), "k": self.k.detach().float().clone()})  # never shared
         write_atomic(path / "focus_directions.safetensors", blob)
         meta = {"format": ARTIFACT_FORMAT, "shape": list(self.shape), "ranking": [list(h) for h in self.ranking],
                 "sha256": hashlib.sha256(blob).hexdigest(), "metadata": self.metadata}
@@ -240,7 +240,6 @@ class FocusDirections:
     @classmethod
     def load(cls, path: str | Path, *, model=None, strict: bool = True) -> FocusDirections:
         """Read :meth:`save` output; with ``model``, check shapes and identity."""
-        from safetensors.torch import load
 
         path = Path(path)
         meta_file, tensor_file = path / "focus_directions.json", path / "focus_directions.safetensors"
@@ -254,7 +253,7 @@ class FocusDirections:
         if "sha256" in blob and hashlib.sha256(raw).hexdigest() != blob["sha256"]:
             raise DataError(f"{tensor_file} does not match the sha256 in {meta_file.name}: the two files come from "
                             f"different saves (an interrupted save?). Save the directions again.")
-        tensors = load(raw)
+        tensors = load_safetensors(raw)
         if list(tensors["q"].shape) != blob["shape"]:
             raise DataError(f"{tensor_file}: q has shape {list(tensors['q'].shape)}, the metadata says {blob['shape']}.")
         out = cls(tensors["q"], tensors["k"], [tuple(h) for h in blob["ranking"]], blob["metadata"])
@@ -319,7 +318,6 @@ def import_release(
     ranking_file = Path(ranking) if ranking else next(iter(sorted(directory.rglob("relevant_heads.json"))), None)
     heads: list[Head] = []
     if ranking_file is not None:
-        from focuslens.scoring import HeadScores
 
         n_heads = q[0].shape[0]
         heads = HeadScores.from_ranking_json(ranking_file, n_layers=n_layers, n_heads=n_heads).ranking("rank_score")

@@ -18,6 +18,7 @@ number of documents or gold position.
 from __future__ import annotations
 
 import math
+import random
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
@@ -29,7 +30,7 @@ from tqdm.auto import tqdm
 from focuslens.data.examples import QAExample, normalize_answer
 from focuslens.data.render import Prompt, render
 from focuslens.errors import DataError
-from focuslens.hooks import attn_hook
+from focuslens.hooks import attn_hook, key_indicator, mass_on
 from focuslens.kvcache import PrefixCache
 
 __all__ = [
@@ -296,12 +297,10 @@ def _prompt(model, item: QAExample | Prompt) -> Prompt:
     return item if isinstance(item, Prompt) else render(item, model.tokenizer, max_length=model.cfg.n_ctx)
 
 
-def _probe_hooks(prompt: Prompt, offset: int, probe_heads: Tensor, store: dict) -> list:
+def probe_hooks(prompt: Prompt, offset: int, probe_heads: Tensor, store: dict) -> list:
     """``hook_pattern`` reductions: per variant, the mean attention mass of its probe heads
     at the answer rows on the gold document and on the sink (summed over layers into
     ``store``). ``offset``: the absolute position of the first query row the hooks see."""
-    from focuslens.scoring import key_indicator, mass_on
-
     rows = slice(prompt.answer.start - offset, prompt.answer.end - offset)
     spans = {name: span for name, span in (("gold_mass", prompt.gold), ("sink_mass", prompt.sink)) if span is not None}
     columns = [[span] for span in spans.values()]
@@ -334,26 +333,36 @@ def _run_variants(model, prompt: Prompt, n_variants: int, hooks_for, rows: str, 
         pc = prefills.get(model, prompt.input_ids, split) if prefills else PrefixCache(model, prompt.input_ids, split)
         hooks = list(hooks_for(prompt, slice(0, n_variants)))
         if probe_heads is not None:
-            hooks += _probe_hooks(prompt, pc.offset, probe_heads, store)
+            hooks += probe_hooks(prompt, pc.offset, probe_heads, store)
         return pc.run(hooks, batch=n_variants).float().cpu()
     if rows != "all":
         raise DataError(f"rows={rows!r}: a sweep runs rows='all' or rows='answer'.")
-    out, step = [], _variant_chunk(model)
     last = [("unembed.hook_in", lambda resid, hook: resid[:, -1:])]
+
+    def run(tokens, hooks, probes):
+        return model.run_with_hooks(tokens, fwd_hooks=[*hooks, *probes, *last])[:, -1].float().cpu()
+
+    return torch.cat(run_in_chunks(model, prompt, n_variants, hooks_for, probe_heads, store, run))
+
+
+def run_in_chunks(model, prompt: Prompt, n_variants: int, hooks_for, probe_heads, store: dict, run) -> list:
+    """The whole prompt once per variant (``rows="all"``), a few variants per batch.
+
+    ``run(tokens, hooks, probes)`` runs one chunk (``tokens`` ``[chunk, pos]``); the probe
+    masses of every chunk are concatenated into ``store``. Returns the chunks' outputs.
+    """
+    outs, step = [], _variant_chunk(model)
     for v0 in range(0, n_variants, step):
         v = slice(v0, min(v0 + step, n_variants))
-        n = v.stop - v.start
         part: dict[str, Tensor] = {}
-        hooks = list(hooks_for(prompt, v))
-        if probe_heads is not None:
-            hooks += _probe_hooks(prompt, 0, probe_heads[v], part)
-        tokens = prompt.input_ids[None].expand(n, -1).to(model.cfg.device)
-        out.append(model.run_with_hooks(tokens, fwd_hooks=[*hooks, *last])[:, -1].float().cpu())
+        probes = probe_hooks(prompt, 0, probe_heads[v], part) if probe_heads is not None else []
+        tokens = prompt.input_ids[None].expand(v.stop - v.start, -1).to(model.cfg.device)
+        outs.append(run(tokens, list(hooks_for(prompt, v)), probes))
         for name, value in part.items():
             store.setdefault(name, []).append(value)
     for name in list(store):
         store[name] = torch.cat(store[name])
-    return torch.cat(out)
+    return outs
 
 
 def _variant_rows(i: int, ex, logits: Tensor, candidates, store: dict, n_probe) -> list[dict]:
@@ -450,7 +459,6 @@ def distraction(
     (``setting=<position>``). Returns one row per (example, setting, n) with the columns of
     :func:`evaluate_next_token` plus ``setting``.
     """
-    import random
 
     rng = random.Random(seed)
     runs: list[tuple[str, int, list[QAExample]]] = []

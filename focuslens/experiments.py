@@ -22,6 +22,7 @@ prompt the steered mass lands (gold title, gold answer token, irrelevant documen
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,10 +32,19 @@ import pandas as pd
 import torch
 
 from focuslens.data import make_synthetic_qa
+from focuslens.data.lost_in_the_middle import make_nq_distractor_examples
 from focuslens.data.render import Prompt, render, with_layout
 from focuslens.errors import DataError
+from focuslens.eval import evaluate_generation, evaluate_next_token
+from focuslens.focusing import MagnitudeControl, best_setting, focus, focus_sweep
 from focuslens.hooks import attn_hook
-from focuslens.io import write_csv
+from focuslens.io import update_summary, write_csv
+from focuslens.patching import make_counterfactual_pairs, patch_heads
+from focuslens.scoring import prepare_prompts, score_heads, scores_from_patterns
+from focuslens.stages import gold_positions
+from focuslens.steering import head_mask
+from focuslens.training import collect_attention_inputs, train_directions
+from focuslens.viz.steering import plot_focus_conditions
 
 __all__ = ["TASKS", "RANKINGS", "ConditionSettings", "task_splits", "head_rankings", "paired_gain",
            "gold_breakdown", "run_condition", "run_focus_conditions", "run_demo_cell"]
@@ -80,7 +90,6 @@ class ConditionSettings:
 def task_splits(task: str, layout: str, s: ConditionSettings) -> dict[str, list]:
     """Train / validation / test examples, disjoint by question (separate seeds); the test
     questions each appear with the gold at the paper's five positions."""
-    from focuslens.stages import gold_positions
 
     if task not in TASKS:
         raise DataError(f"task={task!r}: use one of {sorted(TASKS)}.")
@@ -98,8 +107,6 @@ def task_splits(task: str, layout: str, s: ConditionSettings) -> dict[str, list]
 def _nq_splits(layout: str, s: ConditionSettings) -> dict[str, list]:
     """NQ questions split by question; one gold position per training / validation
     question (cycling), all five for test questions."""
-    from focuslens.data.lost_in_the_middle import make_nq_distractor_examples
-    from focuslens.stages import gold_positions
 
     if not s.nq_path:
         raise DataError("task 'nq' needs ConditionSettings.nq_path (the NQ oracle file; CLI: --nq PATH).")
@@ -132,8 +139,6 @@ def head_rankings(model, train, names=RANKINGS, *, n_pairs: int = 16, inputs=Non
     ``train`` are those rendered prompts: the first two rankings then come from its captured
     patterns instead of another forward pass (the same numbers).
     """
-    from focuslens.patching import make_counterfactual_pairs, patch_heads
-    from focuslens.scoring import score_heads, scores_from_patterns
 
     out = {}
     if {"contextual", "chance_corrected"} & set(names):
@@ -196,8 +201,6 @@ def gold_breakdown(model, directions, examples, heads, alpha: float, *, rows: st
     """Where the steered heads' attention from the answer rows lands, unsteered (α = 0) and
     steered: mean mass on the gold title tokens, the gold answer token(s), all irrelevant
     documents and the sink. One row per (α, part)."""
-    from focuslens.focusing import focus
-    from focuslens.steering import head_mask
 
     mask = head_mask(model, list(heads))
     layers = mask.any(-1).nonzero().flatten().tolist()
@@ -225,7 +228,6 @@ def gold_breakdown(model, directions, examples, heads, alpha: float, *, rows: st
 def _cell(test: pd.DataFrame, val: pd.DataFrame, base: pd.Series, ranking: str, alphas, s: ConditionSettings, *,
           control: bool = True) -> dict:
     """One cell from the sweeps of one ranking: (k, α) chosen on validation, measured on test."""
-    from focuslens.focusing import MagnitudeControl
 
     v = val[val.ranking == ranking]
     k, a = _choice(val, ranking)
@@ -256,9 +258,6 @@ def _cell(test: pd.DataFrame, val: pd.DataFrame, base: pd.Series, ranking: str, 
 
 def run_condition(model, task: str, layout: str, s: ConditionSettings, *, quiet: bool = False) -> dict:
     """Every cell of one task × layout: train, rank, sweep validation, test once."""
-    from focuslens.focusing import focus_sweep
-    from focuslens.scoring import prepare_prompts
-    from focuslens.training import collect_attention_inputs, train_directions
 
     t0 = time.perf_counter()
     splits = task_splits(task, layout, s)
@@ -315,7 +314,6 @@ def run_condition(model, task: str, layout: str, s: ConditionSettings, *, quiet:
 
 def _gold_only_accuracy(model, test, generate: int | None) -> float:
     """Accuracy with the gold document alone, once per distinct test question."""
-    from focuslens.eval import evaluate_generation, evaluate_next_token
 
     unique = list({(ex.documents[ex.gold_index], ex.question): ex.gold_only() for ex in test}.values())
     if generate:
@@ -324,7 +322,6 @@ def _gold_only_accuracy(model, test, generate: int | None) -> float:
 
 
 def _choice(val: pd.DataFrame, ranking: str) -> tuple[int, float]:
-    from focuslens.focusing import best_setting
 
     v = val[(val.ranking == ranking) & (val.alpha > 0)]
     best = best_setting(v)
@@ -363,10 +360,7 @@ def _fmt(x) -> str:
 
 def write_focus_conditions(out: dict, s: ConditionSettings, out_dir) -> None:
     """CSV, figure and the ``summary.json`` sections of a grid run."""
-    import json
 
-    from focuslens.io import update_summary
-    from focuslens.viz.steering import plot_focus_conditions
 
     out_dir.mkdir(parents=True, exist_ok=True)
     summary_file = out_dir / "summary.json"
@@ -395,7 +389,6 @@ def run_demo_cell(model, *, n_train: int = 40, n_validation: int = 20, n_test: i
     """One cell of ``focuslens experiment focus`` at a small size: synthetic task,
     query-aware layout, contextual ranking, answer rows (the full grid: ``make
     focus-conditions``). Its numbers go to ``summary.json["focus_conditions_demo"]``."""
-    from focuslens.io import update_summary
 
     s = ConditionSettings(n_train=n_train, n_validation=n_validation, n_test=n_test, epochs=40, rankings=("contextual",),
                           layouts=("qa_query_aware",), tasks=("synthetic",), all_rows=(), n_mechanism=10)

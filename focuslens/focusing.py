@@ -25,10 +25,13 @@ from torch import Tensor
 from focuslens.data.render import Prompt
 from focuslens.directions import FocusDirections, attention_scaling
 from focuslens.errors import DataError, ModelError
+from focuslens.eval import evaluate_variants
+from focuslens.generate import generate_variants
 from focuslens.hooks import attn_hook
 from focuslens.steering import (
     Head,
     HookSpec,
+    head_masks,
     per_variant,
     require_heads,
     resolve_rows,
@@ -73,6 +76,34 @@ def _position_hooks(model, state: dict) -> list[HookSpec]:
     return [("rotary_emb.hook_cos", keep_cos), ("rotary_emb.hook_sin", positions)]
 
 
+def _row_gate(where, state: dict):
+    """``x -> [batch or 1, pos, 1, 1]``: 1 on the steered rows (from the RoPE positions the
+    position hooks recorded in ``state``), 0 elsewhere; ``where=None`` steers every row (1.0)."""
+
+    def row_gate(x: Tensor) -> Tensor | float:
+        if where is None:
+            return 1.0
+        if "positions" not in state:
+            raise ModelError("no RoPE positions were recorded in this forward pass; use rows='all'.")
+        pos = state["positions"].to(x.device)
+        return rows_mask(where, pos.reshape(-1, x.shape[1]))[..., None, None].to(x.dtype)
+
+    return row_gate
+
+
+def _key_bias_hook(delta_k: Tensor, stash: dict, row_gate, scale: float):
+    """A ``hook_attn_scores`` hook adding ``scale·(steered q_i)·Δk`` to every score of row i:
+    the key vector per query head, which works under grouped-query attention too."""
+
+    def add_k(scores, hook):  # scores: [batch, head, q, key]
+        q = stash.pop("q")
+        delta = delta_k.to(scores.device).expand(scores.shape[0], -1, -1)
+        row = torch.einsum("bqhd,bhd->bhq", q * row_gate(q), delta)
+        return scores + scale * row[..., None]
+
+    return add_k
+
+
 def focus_hooks(
     model,
     directions: FocusDirections,
@@ -110,15 +141,7 @@ def focus_hooks(
     scale = attention_scaling(model)
     state: dict = {}
     hooks: list[HookSpec] = [] if where is None else _position_hooks(model, state)
-
-    def row_gate(x: Tensor) -> Tensor | float:  # [batch or 1, pos, 1, 1] (1.0 for every row)
-        if where is None:
-            return 1.0
-        if "positions" not in state:
-            raise ModelError("no RoPE positions were recorded in this forward pass; use rows='all'.")
-        pos = state["positions"].to(x.device)
-        return rows_mask(where, pos.reshape(-1, x.shape[1]))[..., None, None].to(x.dtype)
-
+    row_gate = _row_gate(where, state)
     for layer in masks.any(0).any(-1).nonzero().flatten().tolist():
         gate = alphas[:, None, None] * masks[:, layer, :, None]  # [variant, head, 1]
         delta_q = (gate * directions.q[layer].float()).to(model.cfg.dtype)  # [variant, head, d_head]
@@ -133,13 +156,7 @@ def focus_hooks(
         hooks.append((attn_hook(layer, "rot_q"), add_q))
         if keys:
             delta_k = (gate * directions.k[layer].float()).to(model.cfg.dtype)
-
-            def add_k(scores, hook, delta=delta_k, stash=stash):  # scores: [batch, head, q, key]
-                q = stash.pop("q")
-                row = torch.einsum("bqhd,bhd->bhq", q * row_gate(q), delta.to(scores.device).expand(scores.shape[0], -1, -1))
-                return scores + scale * row[..., None]
-
-            hooks.append((attn_hook(layer, "attn_scores"), add_k))
+            hooks.append((attn_hook(layer, "attn_scores"), _key_bias_hook(delta_k, stash, row_gate, scale)))
     return hooks
 
 
@@ -168,7 +185,6 @@ def focus_variants(model, directions: FocusDirections, ks: Sequence[int | None] 
     ``[variant, layer, head]`` head masks. ``rankings`` (default: ``{"directions":
     directions.ranking}``) names the head orders that ``k`` takes the top of (k = None: every
     head; ``ks`` may also map each ranking to its own k values)."""
-    from focuslens.steering import head_masks
 
     rankings = rankings or {"directions": directions.top_k(len(directions.ranking)) if directions.ranking else []}
     everyone = [(layer, head) for layer in range(model.cfg.n_layers) for head in range(model.cfg.n_heads)]
@@ -213,8 +229,6 @@ def focus_sweep(
     ``best_subspan_em`` (:func:`focuslens.generate.generate_variants`). ``prefills``: a
     :class:`~focuslens.kvcache.PrefillStore` shared with other answer-row sweeps.
     """
-    from focuslens.eval import evaluate_variants
-    from focuslens.generate import generate_variants
 
     grid, masks = focus_variants(model, directions, ks, alphas, rankings)
     alpha = torch.tensor([a for _, _, a in grid])

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from focuslens.data.render import Prompt, render
 from focuslens.errors import DataError
-from focuslens.eval import _probe_hooks, _variant_chunk, best_subspan_em, position_label
+from focuslens.eval import best_subspan_em, position_label, probe_hooks, run_in_chunks
 from focuslens.kvcache import PrefixCache
 
 __all__ = ["generate_variants"]
@@ -107,19 +107,11 @@ def _prompt_variants(model, prompt, n, hooks_for, rows, max_new_tokens, probe_he
         state = {"first": True}
         hooks = list(hooks_for(prompt, slice(0, n)))
         if probe_heads is not None:
-            hooks += _once(_probe_hooks(prompt, pc.offset, probe_heads, store), state)
+            hooks += _once(probe_hooks(prompt, pc.offset, probe_heads, store), state)
         return _decode(model, _greedy(model, hooks, pc.suffix[None].expand(n, -1), cache, max_new_tokens, state))
-    texts, step = [], _variant_chunk(model)
-    for v0 in range(0, n, step):
-        v = slice(v0, min(v0 + step, n))
-        part, state = {}, {"first": True}
-        hooks = list(hooks_for(prompt, v))
-        if probe_heads is not None:
-            hooks += _once(_probe_hooks(prompt, 0, probe_heads[v], part), state)
-        tokens = prompt.input_ids[None].expand(v.stop - v.start, -1).to(model.cfg.device)
-        texts += _decode(model, _greedy(model, hooks, tokens, None, max_new_tokens, state))
-        for name, value in part.items():
-            store.setdefault(name, []).append(value)
-    for name in list(store):
-        store[name] = torch.cat(store[name])
-    return texts
+
+    def run(tokens, hooks, probes):
+        state = {"first": True}
+        return _decode(model, _greedy(model, [*hooks, *_once(probes, state)], tokens, None, max_new_tokens, state))
+
+    return sum(run_in_chunks(model, prompt, n, hooks_for, probe_heads, store, run), [])

@@ -21,6 +21,7 @@ from focuslens.data.render import Prompt
 from focuslens.errors import DataError
 from focuslens.hooks import attn_hook
 from focuslens.kvcache import PrefixCache
+from focuslens.steering import resolve_heads
 
 __all__ = ["Head", "all_heads", "z_hook", "answer_rows", "forward_answer_z", "run_head_groups", "check_heads"]
 
@@ -97,7 +98,6 @@ def run_head_groups(
 
 
 def check_heads(model, heads: Iterable[Head] | None) -> list[Head]:
-    from focuslens.steering import resolve_heads
 
     heads = resolve_heads(model, heads if heads is None else list(heads))
     if not heads:

@@ -8,13 +8,22 @@ Every intervention and measurement hooks a layer's attention, ``blocks.{layer}.a
 * ``pattern`` — attention weights after it (same shape): span masses, split-softmax;
 * ``z`` — each head's output before the output projection, ``[batch, pos, head, d_head]``:
   patching and ablation.
+
+Measurements never keep a pattern: a ``pattern`` hook reduces it at once with
+:func:`mass_on`, the one span-mass reduction (scoring, per-prompt masses, sweep probes).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
 from focuslens.errors import FocusLensError
 
-__all__ = ["attn_hook", "POINTS"]
+__all__ = ["attn_hook", "key_indicator", "mass_on", "POINTS"]
 
 POINTS = ("rot_q", "rot_k", "attn_scores", "pattern", "z")
 
@@ -25,3 +34,20 @@ def attn_hook(layer: int | str, point: str) -> str:
     if point not in POINTS:
         raise FocusLensError(f"point={point!r}: choose one of {POINTS}.")
     return f"blocks.{layer}.attn.hook_{point}"
+
+
+def key_indicator(n_keys: int, columns: Sequence[Sequence]) -> Float[Tensor, "key column"]:
+    """``[n_keys, n_columns]``: 1 where a key lies in one of a column's spans (``Span`` or
+    ``(start, end)``)."""
+    indicator = torch.zeros(n_keys, len(columns))
+    for col, spans in enumerate(columns):
+        for span in spans:
+            start, end = (span.start, span.end) if hasattr(span, "start") else (int(span[0]), int(span[1]))
+            indicator[start:end, col] = 1
+    return indicator
+
+
+def mass_on(pattern_rows: Float[Tensor, "... row key"], indicator: Float[Tensor, "key column"]) -> Float[Tensor, "... column"]:
+    """The one span-mass reduction (scoring, per-prompt masses and the sweeps' probes):
+    each row's attention summed over a column's keys, then the mean over rows."""
+    return (pattern_rows @ indicator.to(pattern_rows)).mean(dim=-2)

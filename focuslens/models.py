@@ -18,6 +18,7 @@ external tensors (focus directions) through hooks.
 from __future__ import annotations
 
 import importlib.metadata
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -113,6 +114,21 @@ def _check_architecture(config) -> None:
         )
 
 
+def _label_and_path(name: str) -> tuple[str, str]:
+    """The label and the ``from_pretrained`` path of a model named by a string: an embedded
+    model (dequantized on first use), a local directory, or a Hugging Face id ``org/name``."""
+    if name.lower() in EMBEDDED_MODELS:
+        return name.lower(), str(_dequantized_dir(name.lower()))
+    if Path(name).is_dir():
+        return Path(name).resolve().name, str(Path(name).resolve())
+    if Path(name).exists() or name.count("/") != 1:
+        raise ModelError(
+            f"unknown model spec {name!r}: use one of {sorted(EMBEDDED_MODELS)}, a directory "
+            "written by save_pretrained, a Hugging Face id 'org/name', or an in-memory model."
+        )
+    return name, name
+
+
 def load_model(
     spec: Any,
     *,
@@ -133,8 +149,6 @@ def load_model(
     >>> model.cfg.n_layers, model.cfg.n_heads, model.cfg.n_key_value_heads  # doctest: +SKIP
     (30, 9, 3)
     """
-    import logging
-
     from transformer_lens.model_bridge import TransformerBridge
 
     device, dtype = _default_device_dtype(device, dtype)
@@ -149,17 +163,7 @@ def load_model(
         )
     elif isinstance(spec, (str, Path)):
         name = str(spec)
-        if name.lower() in EMBEDDED_MODELS:
-            label, path = name.lower(), str(_dequantized_dir(name.lower()))
-        elif Path(name).is_dir():
-            label, path = Path(name).resolve().name, str(Path(name).resolve())
-        elif Path(name).exists() or name.count("/") != 1:
-            raise ModelError(
-                f"unknown model spec {name!r}: use one of {sorted(EMBEDDED_MODELS)}, a directory "
-                "written by save_pretrained, a Hugging Face id 'org/name', or an in-memory model."
-            )
-        else:
-            label, path = name, name
+        label, path = _label_and_path(name)
         try:
             from transformers import AutoConfig
 

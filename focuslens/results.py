@@ -22,6 +22,8 @@ import torch
 from torch import Tensor
 
 from focuslens.errors import DataError, ModelError
+from focuslens.io import write_json
+from focuslens.models import model_id
 
 __all__ = ["HeadResult"]
 
@@ -96,7 +98,6 @@ class HeadResult:
     # ---------------------------------------------------------------- persistence
     def save(self, path: str | Path) -> Path:
         """Write JSON (tensors as nested lists, NaN as null) atomically; returns the path."""
-        from focuslens.io import write_json
 
         blob = {"format": self.FORMAT, "metadata": self.metadata}
         blob |= {f: {k: v.float().numpy().tolist() for k, v in getattr(self, f).items()} for f in self.TENSORS}
@@ -130,7 +131,6 @@ class HeadResult:
 
     def check_model(self, model) -> None:
         """Raise ``ModelError`` unless this result fits ``model`` (shape and identity)."""
-        from focuslens.models import model_id
 
         want = (model.cfg.n_layers, model.cfg.n_heads)
         if self.shape != want:

@@ -39,11 +39,14 @@ from tqdm.auto import tqdm
 from focuslens.data.examples import QAExample
 from focuslens.data.render import Prompt, Span, render
 from focuslens.errors import DataError
-from focuslens.hooks import attn_hook
+from focuslens.eval import first_token_id, greedy_generate, next_token_logits
+from focuslens.hooks import attn_hook, key_indicator, mass_on
+from focuslens.io import write_json
+from focuslens.models import model_id
 from focuslens.results import HeadResult
+from focuslens.steering import resolve_heads
 
 __all__ = ["HeadScores", "score_heads", "scores_from_patterns", "head_metrics", "prepare_prompts", "span_masses",
-           "key_indicator", "mass_on",
            "prompt_span_masses", "part_spans", "token_window", "token_masses", "METRICS"]
 
 #: The metrics of a :class:`HeadScores`, in order.
@@ -83,7 +86,6 @@ class HeadScores(HeadResult):
     def to_ranking_json(self, path: str | Path, metric: str = "gold") -> Path:
         """Write the paper's ``relevant_heads.json``: every head as [layer, head], best first."""
         path = Path(path)
-        from focuslens.io import write_json
 
         write_json(path, [list(h) for h in self.ranking(metric)])
         return path
@@ -114,23 +116,6 @@ class HeadScores(HeadResult):
             values[layer, head] = len(ranking) - 1 - rank
         meta = {"model": model, "source": source, "kind": "ranking", "n_ranked": len(ranking)}
         return cls(mean={"rank_score": values}, metadata=meta)
-
-
-def key_indicator(n_keys: int, columns: Sequence[Sequence]) -> Float[Tensor, "key column"]:
-    """``[n_keys, n_columns]``: 1 where a key lies in one of a column's spans (``Span`` or
-    ``(start, end)``)."""
-    indicator = torch.zeros(n_keys, len(columns))
-    for col, spans in enumerate(columns):
-        for span in spans:
-            start, end = (span.start, span.end) if hasattr(span, "start") else (int(span[0]), int(span[1]))
-            indicator[start:end, col] = 1
-    return indicator
-
-
-def mass_on(pattern_rows: Float[Tensor, "... row key"], indicator: Float[Tensor, "key column"]) -> Float[Tensor, "... column"]:
-    """The one span-mass reduction (scoring, per-prompt masses and the sweeps' probes):
-    each row's attention summed over a column's keys, then the mean over rows."""
-    return (pattern_rows @ indicator.to(pattern_rows)).mean(dim=-2)
 
 
 def span_masses(
@@ -166,7 +151,6 @@ def prepare_prompts(
     quiet: bool = False,
 ) -> list[Prompt]:
     """Render examples for scoring: pick the setting and where the answer rows come from."""
-    from focuslens.eval import greedy_generate
 
     if setting not in SETTINGS:
         raise DataError(f"setting={setting!r}: use one of {SETTINGS}.")
@@ -221,8 +205,6 @@ def score_heads(
         :class:`HeadScores` with metrics :data:`METRICS` and, in the metadata, the
         next-token accuracy of the scored prompts.
     """
-    from focuslens.eval import first_token_id, next_token_logits
-    from focuslens.models import model_id
 
     prompts = prepare_prompts(model, examples, setting=setting, answer_rows=answer_rows, quiet=quiet)
     for i, p in enumerate(prompts):
@@ -269,7 +251,6 @@ def scores_from_patterns(model, prompts: Sequence[Prompt], pattern: Float[Tensor
     """:func:`score_heads` without running the model: the same scores from answer-row
     patterns already captured, e.g. ``collect_attention_inputs(...).pattern`` (one forward
     per prompt then serves both scoring and direction training)."""
-    from focuslens.models import model_id
 
     if pattern.shape[0] != len(prompts) or pattern.shape[1:3] != (model.cfg.n_layers, model.cfg.n_heads):
         raise DataError(f"pattern of shape {tuple(pattern.shape)} does not match {len(prompts)} prompts of a model "
@@ -336,30 +317,46 @@ def prompt_span_masses(
     >>> masses = prompt_span_masses(model, prompt, heads=[(14, 3), (15, 0)])   # doctest: +SKIP
     >>> masses.loc[(14, 3), f"doc_{prompt.gold_index}"]                        # doctest: +SKIP
     """
-    from focuslens.models import model_id
-    from focuslens.steering import resolve_heads
 
     chosen = resolve_heads(model, heads, ranking, layer=layer)
     if not chosen:
         raise DataError("heads is empty: pass None (all heads), k with a ranking, (layer, head) pairs or layer=.")
 
-    n_keys, rows = prompt.n_tokens, prompt.answer
-    if len(rows) == 0 or rows.start < 0 or rows.end > n_keys:
+    rows = prompt.answer
+    if len(rows) == 0 or rows.start < 0 or rows.end > prompt.n_tokens:
         raise DataError(
-            f"prompt.answer {rows.start}..{rows.end} is empty or outside the prompt of {n_keys} tokens."
+            f"prompt.answer {rows.start}..{rows.end} is empty or outside the prompt of {prompt.n_tokens} tokens."
         )
-    if spans is None:
-        spans = part_spans(prompt)
+    ranges = _checked_ranges(prompt, part_spans(prompt) if spans is None else spans)
+    found = _answer_row_masses(model, prompt, chosen, key_indicator(prompt.n_tokens, [[r] for r in ranges.values()]))
+    table = pd.DataFrame(
+        torch.stack([found[h] for h in chosen]).numpy(),
+        index=pd.MultiIndex.from_tuples(chosen, names=["layer", "head"]),
+        columns=list(ranges),
+    )
+    table.attrs.update(model=model_id(model), answer_rows=(rows.start, rows.end))
+    return table
+
+
+def _checked_ranges(prompt: Prompt, spans: dict) -> dict[str, tuple[int, int]]:
+    """Span name -> (start, end) from ``Span``s or pairs, each a non-empty range of the prompt's keys."""
     ranges = {
         name: (s.start, s.end) if hasattr(s, "start") else (int(s[0]), int(s[1])) for name, s in spans.items()
     }
     for name, (start, end) in ranges.items():
-        if not 0 <= start < end <= n_keys:
+        if not 0 <= start < end <= prompt.n_tokens:
             raise DataError(
-                f"spans[{name!r}] = {start}..{end} is empty or outside the prompt of {n_keys} tokens."
+                f"spans[{name!r}] = {start}..{end} is empty or outside the prompt of {prompt.n_tokens} tokens."
             )
-    indicator = key_indicator(n_keys, [[r] for r in ranges.values()])
+    return ranges
 
+
+def _answer_row_masses(model, prompt: Prompt, chosen, indicator: Tensor) -> dict[tuple[int, int], Tensor]:
+    """(layer, head) -> mass of the answer rows on each indicator span, reduced inside the hooks.
+
+    The forward pass stops after the last chosen layer; no attention pattern is kept.
+    """
+    rows = prompt.answer
     by_layer: dict[int, list[int]] = {}
     for layer, head in chosen:
         by_layer.setdefault(layer, []).append(head)
@@ -368,8 +365,7 @@ def prompt_span_masses(
     def reduce(pattern, hook, layer):
         hs = by_layer[layer]
         answer_rows = pattern[0, hs, rows.start : rows.end, :].float()  # [head, row, key]
-        masses = mass_on(answer_rows, indicator).cpu()
-        found.update({(layer, h): m for h, m in zip(hs, masses)})
+        found.update({(layer, h): m for h, m in zip(hs, mass_on(answer_rows, indicator).cpu())})
 
     hooks = [
         (attn_hook(layer, "pattern"), lambda x, hook, layer=layer: reduce(x, hook, layer))
@@ -377,13 +373,7 @@ def prompt_span_masses(
     ]
     ids = prompt.input_ids[None].to(model.cfg.device)
     model.run_with_hooks(ids, fwd_hooks=hooks, stop_at_layer=max(by_layer) + 1)  # later layers are not needed
-    table = pd.DataFrame(
-        torch.stack([found[h] for h in chosen]).numpy(),
-        index=pd.MultiIndex.from_tuples(chosen, names=["layer", "head"]),
-        columns=list(ranges),
-    )
-    table.attrs.update(model=model_id(model), answer_rows=(rows.start, rows.end))
-    return table
+    return found
 
 
 

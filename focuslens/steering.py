@@ -28,6 +28,7 @@ a ``[variant]`` vector of τ, so one batched run evaluates a whole sweep.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
 
@@ -39,6 +40,7 @@ from torch import Tensor
 
 from focuslens.data.render import Span
 from focuslens.errors import DataError, ModelError
+from focuslens.eval import evaluate_variants
 from focuslens.hooks import attn_hook
 
 __all__ = [
@@ -331,9 +333,7 @@ def split_softmax_sweep(
     steered heads' mass on the gold document, as steered). τ = 1 is the identity, so the
     ``"none"`` variant is the baseline for every k.
     """
-    import random
 
-    from focuslens.eval import evaluate_variants
 
     ranking = [(int(layer), int(head)) for layer, head in ranking]
     everyone = [(layer, head) for layer in range(model.cfg.n_layers) for head in range(model.cfg.n_heads)]

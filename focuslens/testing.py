@@ -8,7 +8,13 @@ in a fraction of a second and without any network.
 
 from __future__ import annotations
 
+import string
+
 import torch
+
+from focuslens.data.synthetic import synthetic_vocabulary
+from focuslens.errors import ModelError
+from focuslens.models import load_model
 
 __all__ = ["tiny_model", "tiny_tokenizer", "ARCHITECTURES"]
 
@@ -26,12 +32,10 @@ def tiny_tokenizer(extra_words: list[str] | None = None):
     Its vocabulary covers every word of the synthetic task, plus ``extra_words``; every
     punctuation mark and digit is its own token, so rendered prompts have no ``<unk>``.
     """
-    import string
 
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from focuslens.data.synthetic import synthetic_vocabulary
 
     words = synthetic_vocabulary() + list(extra_words or []) + list(string.digits + string.punctuation)
     vocab = {t: i for i, t in enumerate(dict.fromkeys(_SPECIAL + words))}
@@ -67,8 +71,6 @@ def tiny_model(
     """A random-init TransformerBridge (float32, CPU) of a supported architecture."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from focuslens.errors import ModelError
-    from focuslens.models import load_model
 
     if arch not in ARCHITECTURES:
         raise ModelError(f"arch={arch!r} is not one of {ARCHITECTURES}.")

@@ -25,6 +25,8 @@ from focuslens.data.render import Prompt
 from focuslens.directions import FocusDirections, architecture_of, attention_scaling, library_versions
 from focuslens.errors import DataError
 from focuslens.hooks import attn_hook
+from focuslens.models import model_id
+from focuslens.scoring import prepare_prompts
 from focuslens.steering import Head
 
 __all__ = ["AttentionInputs", "collect_attention_inputs", "span_attention", "train_directions"]
@@ -164,6 +166,29 @@ def span_attention(
 
 
 # ------------------------------------------------------------------ training
+def _gold_mass(inputs: AttentionInputs, dq: Tensor, dk: Tensor, chunk: int = 16) -> Tensor:
+    """``[layer, head]``: mean gold mass over the cached prompts under directions (dq, dk)."""
+    with torch.no_grad():
+        return torch.cat([span_attention(inputs.select(slice(i, i + chunk)), dq, dk)["gold"]
+                          for i in range(0, len(inputs), chunk)]).mean(0)
+
+
+def _epoch(train: AttentionInputs, order: Tensor, batch_size: int, dq, dk, opt) -> float:
+    """One pass over the training cache in ``order``; returns the mean gold mass per head it saw."""
+    n_heads = dq.shape[0] * dq.shape[1]
+    losses = []
+    for start in range(0, len(train), batch_size):
+        chunk = order[start : start + batch_size]
+        batch = train.select(int(chunk) if len(chunk) == 1 else chunk)
+        # sum over heads of each head's mean gold mass: each head gets its own gradient
+        loss = -span_attention(batch, dq, dk)["gold"].mean(0).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item() / n_heads)
+    return -sum(losses) / len(losses)
+
+
 def _train_on_inputs(
     train: AttentionInputs,
     validation: AttentionInputs | None,
@@ -185,11 +210,7 @@ def _train_on_inputs(
     opt = torch.optim.AdamW([dq, dk], lr=lr, weight_decay=weight_decay)
 
     def val_mass() -> Tensor | None:
-        if validation is None:
-            return None
-        with torch.no_grad():
-            return torch.cat([span_attention(validation.select(slice(i, i + 16)), dq, dk)["gold"]
-                              for i in range(0, len(validation), 16)]).mean(0)
+        return None if validation is None else _gold_mass(validation, dq, dk)
 
     best_q, best_k = dq.detach().clone(), dk.detach().clone()
     before = val_mass()
@@ -200,17 +221,7 @@ def _train_on_inputs(
     bar = tqdm(range(epochs), desc="train directions", disable=quiet, leave=False)
     for epoch in bar:
         order = torch.randperm(len(train), generator=g)
-        losses = []
-        for start in range(0, len(train), batch_size):
-            chunk = order[start : start + batch_size]
-            batch = train.select(int(chunk) if len(chunk) == 1 else chunk)
-            # sum over heads of each head's mean gold mass: each head gets its own gradient
-            loss = -span_attention(batch, dq, dk)["gold"].mean(0).sum()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            losses.append(loss.item() / (L * H))
-        entry = {"epoch": epoch + 1, "train_gold_mass": -sum(losses) / len(losses)}
+        entry = {"epoch": epoch + 1, "train_gold_mass": _epoch(train, order, batch_size, dq, dk, opt)}
         current = val_mass()
         if current is not None:
             better = current > best
@@ -230,6 +241,18 @@ def _train_on_inputs(
         info |= {"val_gold_mass_before": before.tolist(), "val_gold_mass_after": best.tolist(),
                  "best_epoch": best_epoch.tolist()}
     return best_q, best_k, info
+
+
+def _attention_caches(model, train_p, val_p, inputs, quiet):
+    """The (train, validation) attention-input caches: collected here, or checked against the prompts."""
+    if inputs is None:
+        train_in = collect_attention_inputs(model, train_p, quiet=quiet)
+        return train_in, collect_attention_inputs(model, val_p, quiet=quiet) if val_p else None
+    train_in, val_in = inputs
+    if len(train_in) != len(train_p) or (val_in is not None and len(val_in) != len(val_p or [])):
+        raise DataError(f"inputs hold {len(train_in)} training / {len(val_in) if val_in else 0} validation "
+                        f"prompts, not {len(train_p)} / {len(val_p or [])}.")
+    return train_in, val_in
 
 
 def train_directions(
@@ -268,26 +291,15 @@ def train_directions(
             they were already collected for these prompts (e.g. to score heads from the same
             forward passes); ``train``/``validation`` must then be those rendered prompts.
     """
-    from focuslens.models import model_id
-    from focuslens.scoring import prepare_prompts
-
     train_p = prepare_prompts(model, train, answer_rows=answer_rows, quiet=quiet)
     val_p = prepare_prompts(model, validation, answer_rows=answer_rows, quiet=quiet) if validation else None
-    if inputs is None:
-        train_in = collect_attention_inputs(model, train_p, quiet=quiet)
-        val_in = collect_attention_inputs(model, val_p, quiet=quiet) if val_p else None
-    else:
-        train_in, val_in = inputs
-        if len(train_in) != len(train_p) or (val_in is not None and len(val_in) != len(val_p or [])):
-            raise DataError(f"inputs hold {len(train_in)} training / {len(val_in) if val_in else 0} validation "
-                            f"prompts, not {len(train_p)} / {len(val_p or [])}.")
+    train_in, val_in = _attention_caches(model, train_p, val_p, inputs, quiet)
     settings = {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size,
                 "init_std": init_std, "patience": patience, "seed": seed, "optimizer": "AdamW",
                 "objective": "maximise mean attention mass from the answer rows onto the gold document"}
     t0 = time.perf_counter()
     dq, dk, info = _train_on_inputs(train_in, val_in, epochs=epochs, lr=lr, weight_decay=weight_decay,
                                     batch_size=batch_size, init_std=init_std, patience=patience, seed=seed, quiet=quiet)
-    seconds = time.perf_counter() - t0
     meta = {
         "model": model_id(model),
         "source": "trained",
@@ -297,7 +309,7 @@ def train_directions(
                  "answer_rows": answer_rows, "qids_train": [p.example.qid for p in train_p]},
         "settings": settings,
         "cache_seconds": train_in.seconds + (val_in.seconds if val_in else 0.0),
-        "train_seconds": seconds,
+        "train_seconds": time.perf_counter() - t0,
         "versions": library_versions(),
         **info,
     }

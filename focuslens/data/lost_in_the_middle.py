@@ -27,7 +27,7 @@ import re
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -229,6 +229,99 @@ def _oracle_gold(record: dict, docs: list[Document], gold: int | None, where: st
     return docs[gold]
 
 
+class _OracleQuestion(NamedTuple):
+    """One line of the oracle file: its number, question, answers and gold passage."""
+
+    line: int
+    question: str
+    answers: tuple[str, ...]
+    gold: Document
+
+
+def _oracle_questions(path: PathLike) -> list[_OracleQuestion]:
+    """Every question of the oracle file, with its gold passage (see :func:`_oracle_gold`)."""
+    questions = []
+    for n, record in _numbered_records(path):
+        where = f"{path}, line {n}"
+        question, answers, docs, gold = _parse_line(record, where)
+        questions.append(_OracleQuestion(n, question, answers, _oracle_gold(record, docs, gold, where)))
+    return questions
+
+
+def _checked_positions(n_documents: int, gold_positions: Sequence[int]) -> tuple[int, ...]:
+    """``gold_positions`` as a tuple, after checking it and ``n_documents`` make sense."""
+    if n_documents < 1:
+        raise DataError(f"n_documents={n_documents} must be at least 1.")
+    positions = tuple(gold_positions)
+    if not positions or not all(isinstance(p, int) and 0 <= p < n_documents for p in positions):
+        raise DataError(
+            f"gold_positions={positions} must be non-empty integers in 0..{n_documents - 1}."
+        )
+    return positions
+
+
+class _DistractorPool:
+    """The passages distractors are drawn from: each distinct gold passage once (several
+    questions share a passage), the line it first appears on, its BM25 index and its
+    SQuAD-normalised ``title text``."""
+
+    def __init__(self, questions: Sequence[_OracleQuestion]):
+        pool: dict[Document, int] = {}
+        for q in questions:
+            pool.setdefault(q.gold, q.line)
+        self.passages = list(pool)
+        self.lines = list(pool.values())
+        self.bm25 = _BM25([_terms(f"{d.title} {d.text}") for d in self.passages])
+        self.normalized = [normalize_answer(f"{d.title} {d.text}") for d in self.passages]
+
+    def choose(self, q: _OracleQuestion, k: int, where: str) -> list[int]:
+        """Indices of the ``k`` best-ranked passages that qualify as ``q``'s distractors:
+        a new title (one passage per article), not the gold's text, no answer mentioned."""
+        needles = [(a, _answer_pattern(a)) for a in map(normalize_answer, q.answers) if a]
+        chosen: list[int] = []
+        titles = {q.gold.title}
+        for j in np.argsort(-self.bm25.scores(_terms(q.question)), kind="stable"):
+            if len(chosen) == k:
+                break
+            d, text = self.passages[j], self.normalized[j]
+            if d.title in titles or d.text == q.gold.text:
+                continue
+            if any(a in text and p.search(text) for a, p in needles):
+                continue
+            chosen.append(int(j))
+            titles.add(d.title)
+        if len(chosen) < k:
+            raise DataError(
+                f"{where}: only {len(chosen)} passages qualify as distractors, "
+                f"need n_documents - 1 = {k}."
+            )
+        return chosen
+
+
+def _gold_placed_at(
+    q: _OracleQuestion, distractors: list[Document], lines: list[int], pos: int, path: PathLike, seed: int
+) -> QAExample:
+    """The prompt for ``q`` with its gold inserted at ``pos`` among ``distractors``
+    (which come from the oracle file's ``lines``)."""
+    return _example(
+        f"{path}, line {q.line}",
+        documents=distractors[:pos] + [q.gold] + distractors[pos:],
+        gold_index=pos,
+        question=q.question,
+        answers=q.answers,
+        qid=f"nq-{q.line}",
+        meta={
+            "source": str(path),
+            "line": q.line,
+            "layout": "qa",
+            "gold_position": pos,
+            "seed": seed,
+            "distractors": "bm25-oracle",
+            "distractor_lines": list(lines),
+        },
+    )
+
+
 def make_nq_distractor_examples(
     path: PathLike,
     *,
@@ -258,70 +351,14 @@ def make_nq_distractor_examples(
     ``meta`` records ``source``, ``line``, ``layout``, ``gold_position``, ``seed`` and
     ``distractor_lines`` (the lines whose gold passages serve as distractors, in prompt order).
     """
-    if n_documents < 1:
-        raise DataError(f"n_documents={n_documents} must be at least 1.")
-    positions = tuple(gold_positions)
-    if not positions or not all(isinstance(p, int) and 0 <= p < n_documents for p in positions):
-        raise DataError(
-            f"gold_positions={positions} must be non-empty integers in 0..{n_documents - 1}."
-        )
-
-    questions = []  # (line, question, answers, gold Document)
-    for n, record in _numbered_records(path):
-        where = f"{path}, line {n}"
-        question, answers, docs, gold = _parse_line(record, where)
-        questions.append((n, question, answers, _oracle_gold(record, docs, gold, where)))
-
-    # The pool: each distinct gold passage once (several questions share a passage).
-    pool: dict[Document, int] = {}
-    for n, _, _, gold_doc in questions:
-        pool.setdefault(gold_doc, n)
-    passages = list(pool)
-    pool_lines = list(pool.values())
-    bm25 = _BM25([_terms(f"{d.title} {d.text}") for d in passages])
-    normalized = [normalize_answer(f"{d.title} {d.text}") for d in passages]
-
+    positions = _checked_positions(n_documents, gold_positions)
+    questions = _oracle_questions(path)
+    pool = _DistractorPool(questions)
     examples: list[QAExample] = []
-    for n, question, answers, gold_doc in questions[:limit]:
-        where = f"{path}, line {n}"
-        needles = [(a, _answer_pattern(a)) for a in map(normalize_answer, answers) if a]
-        chosen: list[int] = []
-        titles = {gold_doc.title}  # one passage per article: no two documents share a title
-        for j in np.argsort(-bm25.scores(_terms(question)), kind="stable"):
-            if len(chosen) == n_documents - 1:
-                break
-            d = passages[j]
-            if d.title in titles or d.text == gold_doc.text:
-                continue
-            if any(a in normalized[j] and p.search(normalized[j]) for a, p in needles):
-                continue
-            chosen.append(int(j))
-            titles.add(d.title)
-        if len(chosen) < n_documents - 1:
-            raise DataError(
-                f"{where}: only {len(chosen)} passages qualify as distractors, "
-                f"need n_documents - 1 = {n_documents - 1}."
-            )
-        random.Random(f"focuslens-nq-{seed}-{n}").shuffle(chosen)
-        distractors = [passages[j] for j in chosen]
-        for pos in positions:
-            examples.append(
-                _example(
-                    where,
-                    documents=distractors[:pos] + [gold_doc] + distractors[pos:],
-                    gold_index=pos,
-                    question=question,
-                    answers=answers,
-                    qid=f"nq-{n}",
-                    meta={
-                        "source": str(path),
-                        "line": n,
-                        "layout": "qa",
-                        "gold_position": pos,
-                        "seed": seed,
-                        "distractors": "bm25-oracle",
-                        "distractor_lines": [pool_lines[j] for j in chosen],
-                    },
-                )
-            )
+    for q in questions[:limit]:
+        chosen = pool.choose(q, n_documents - 1, f"{path}, line {q.line}")
+        random.Random(f"focuslens-nq-{seed}-{q.line}").shuffle(chosen)
+        distractors = [pool.passages[j] for j in chosen]
+        lines = [pool.lines[j] for j in chosen]
+        examples += [_gold_placed_at(q, distractors, lines, pos, path, seed) for pos in positions]
     return examples

@@ -294,6 +294,50 @@ def _refuse_control_tokens(tokenizer, user: str, assistant: str, instr_c, questi
                             f"token, not text. Remove or escape it in the data.")
 
 
+def _user_turn_at(chat: str, user: str) -> int:
+    """Where the user turn starts in the templated ``chat`` (it must occur exactly once)."""
+    user_at = chat.find(user)
+    if user_at < 0 or chat.find(user, user_at + 1) >= 0:
+        raise DataError("the chat template must contain the user turn exactly once.")
+    return user_at
+
+
+def _assistant_turn(example: QAExample, response: str | None) -> str:
+    """The assistant text to append: ``response`` (which must start with the example's
+    answer prefix), else the answer prefix (or nothing)."""
+    prefix = example.answer_prefix or ""
+    if response is not None and not response.startswith(prefix):
+        raise DataError(f"QAExample.answer_prefix={prefix!r} is not a prefix of the assistant turn "
+                        f"{response[:60]!r}…; pass a response that starts with the answer prefix.")
+    return prefix if response is None else response
+
+
+def _encode(tokenizer, chat: str, text: str, max_length: int | None) -> tuple[list[int], list[tuple[int, int]]]:
+    """Token ids and character offsets of ``text`` (no second BOS if the template wrote one),
+    refused if longer than ``max_length``."""
+    bos = getattr(tokenizer, "bos_token", None)
+    add_special = not (bos and chat.startswith(bos))
+    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=add_special)
+    ids, offsets = enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
+    if max_length is not None and len(ids) > max_length:
+        raise DataError(
+            f"the prompt has {len(ids)} tokens, more than the model's context of {max_length}; "
+            "use fewer or shorter documents."
+        )
+    return ids, offsets
+
+
+def _answer_span(offsets: Sequence[tuple[int, int]], chat_end: int, text_end: int) -> Span:
+    """The assistant turn's tokens (characters ``chat_end..text_end``), which must start a new
+    token; with an empty assistant turn, the last prompt token."""
+    if text_end == chat_end:
+        return Span(len(offsets) - 1, len(offsets))
+    answer = _char_to_token_span(offsets, chat_end, text_end, "assistant turn")
+    if answer.start == 0 or offsets[answer.start][0] < chat_end:
+        raise DataError("the assistant turn merges with the chat template's last token.")
+    return answer
+
+
 def render(
     example: QAExample,
     tokenizer,
@@ -314,35 +358,16 @@ def render(
     """
     user, instr_c, doc_cs, question_cs = _layout(example)(example)
     chat = _chat_text(tokenizer, user)
-    user_at = chat.find(user)
-    if user_at < 0 or chat.find(user, user_at + 1) >= 0:
-        raise DataError("the chat template must contain the user turn exactly once.")
-    prefix = example.answer_prefix or ""
-    assistant = prefix if response is None else response
-    if response is not None and not response.startswith(prefix):
-        raise DataError(f"QAExample.answer_prefix={prefix!r} is not a prefix of the assistant turn "
-                        f"{response[:60]!r}…; pass a response that starts with the answer prefix.")
+    user_at = _user_turn_at(chat, user)
+    assistant = _assistant_turn(example, response)
     _refuse_control_tokens(tokenizer, user, assistant, instr_c, question_cs, doc_cs)
     text = chat + assistant
-    bos = getattr(tokenizer, "bos_token", None)
-    add_special = not (bos and chat.startswith(bos))
-    enc = tokenizer(text, return_offsets_mapping=True, add_special_tokens=add_special)
-    ids, offsets = enc["input_ids"], [tuple(o) for o in enc["offset_mapping"]]
-    if max_length is not None and len(ids) > max_length:
-        raise DataError(
-            f"the prompt has {len(ids)} tokens, more than the model's context of {max_length}; "
-            "use fewer or shorter documents."
-        )
+    ids, offsets = _encode(tokenizer, chat, text, max_length)
 
     def span(rng: CharRange, what: str) -> Span:
         return _char_to_token_span(offsets, user_at + rng[0], user_at + rng[1], what)
 
-    if assistant:
-        answer = _char_to_token_span(offsets, len(chat), len(text), "assistant turn")
-        if answer.start == 0 or offsets[answer.start][0] < len(chat):
-            raise DataError("the assistant turn merges with the chat template's last token.")
-    else:
-        answer = Span(len(ids) - 1, len(ids))
+    answer = _answer_span(offsets, len(chat), len(text))
     questions = tuple(span(c, "question") for c in question_cs)
     instruction = span(instr_c, "instruction") if instr_c[1] > instr_c[0] else Span(questions[0].start, questions[0].start)
     return Prompt(

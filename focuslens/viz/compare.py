@@ -26,7 +26,10 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from focuslens.directions import FocusDirections
 from focuslens.errors import DataError
+from focuslens.scoring import HeadScores
+from focuslens.steering import resolve_heads
 
 __all__ = [
     "relative_depth",
@@ -110,7 +113,6 @@ def _check_ranking(
 
 def _rank_values(ranking: list[Head], n_layers: int, n_heads: int) -> Tensor:
     """Rank score in [0, 1]: 1 for the best head, 0 for the last ranked, NaN unranked."""
-    from focuslens.scoring import HeadScores
 
     values = HeadScores.from_ranking(ranking, n_layers=n_layers, n_heads=n_heads)["rank_score"]
     return values / (len(ranking) - 1) if len(ranking) > 1 else values + 1  # one ranked head: 1
@@ -118,8 +120,6 @@ def _rank_values(ranking: list[Head], n_layers: int, n_heads: int) -> Tensor:
 
 def _head_map(name: str, source, field: str, metric: str | None = None) -> _HeadMap:
     """Read a HeadScores, FocusDirections or ``(ranking, n_layers, n_heads)``."""
-    from focuslens.directions import FocusDirections
-    from focuslens.scoring import HeadScores
 
     if isinstance(source, HeadScores):
         if not source.mean:
@@ -166,7 +166,6 @@ def _ranking_only(source, field: str, metric: str | None) -> tuple[list[Head], t
 
 def _as_directions(directions, field: str = "directions") -> dict:
     """A FocusDirections (named by its model) or a dict of them."""
-    from focuslens.directions import FocusDirections
 
     if isinstance(directions, FocusDirections):
         directions = {directions.model or "directions": directions}
@@ -262,7 +261,6 @@ def cosine_matrix(directions, heads=None, *, vector: str = "q") -> pd.DataFrame:
     indexed by ``L{layer}H{head}`` labels. ``heads``: a list of (layer, head), an int
     (top-k of the ranking) or None (top-20 of the ranking, else every head). A zero
     vector has no direction: its row and column are NaN."""
-    from focuslens.directions import FocusDirections
 
     if not isinstance(directions, FocusDirections):
         raise DataError(f"directions is a {type(directions).__name__}: pass one FocusDirections.")
@@ -280,7 +278,6 @@ def cosine_matrix(directions, heads=None, *, vector: str = "q") -> pd.DataFrame:
 def _select_heads(d, heads) -> list[Head]:
     """None: the top 20 of the ranking, else every head; otherwise
     :func:`~focuslens.steering.resolve_heads` (k: the top k of the ranking)."""
-    from focuslens.steering import resolve_heads
 
     if heads is None:
         return _default_heads(d)

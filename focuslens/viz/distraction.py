@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
 from focuslens.viz.export import Figure
 
@@ -19,9 +21,6 @@ def plot_distraction(results: pd.DataFrame, *, title: str | None = None):
     Left: accuracy (± 1 binomial s.e.) vs the number of documents, gold at random
     positions. Right: accuracy with the largest number of documents by gold position.
     """
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
-
     rand = results[results.setting == "random"]
     n_max = int(results.n_documents.max())
     pos = results[(results.setting != "random") & (results.n_documents == n_max)]
@@ -34,6 +33,15 @@ def plot_distraction(results: pd.DataFrame, *, title: str | None = None):
             f"{n_max} documents, by gold position",
         ),
     )
+    _add_accuracy_curves(fig, rand)
+    _add_position_bars(fig, pos, n_max)
+    _style_distraction(fig, rand, title)
+    return Figure(fig)
+
+
+def _add_accuracy_curves(fig, rand: pd.DataFrame) -> None:
+    """Left panel: top-1 (solid) and candidate (dotted) accuracy per number of documents,
+    with ± 1 binomial s.e. error bars."""
     for metric, name, dash in (("correct", "top-1 accuracy", "solid"), ("candidate_correct", "candidate accuracy", "dot")):
         g = rand.groupby("n_documents")[metric].agg(["mean", "size"]).reset_index()
         fig.add_trace(
@@ -48,6 +56,11 @@ def plot_distraction(results: pd.DataFrame, *, title: str | None = None):
             row=1,
             col=1,
         )
+
+
+def _add_position_bars(fig, pos: pd.DataFrame, n_max: int) -> None:
+    """Right panel: top-1 accuracy with ``n_max`` documents for each gold position present
+    (first, middle, last), with error bars and the value written above each."""
     order = [p for p in ("first", "middle", "last") if p in set(pos.setting)]
     g = pos.groupby("setting")["correct"].agg(["mean", "size"]).reindex(order)
     se = [_binomial_se(m, n) for m, n in zip(g["mean"], g["size"])]
@@ -64,6 +77,11 @@ def plot_distraction(results: pd.DataFrame, *, title: str | None = None):
     )
     for x, m, e in zip(order, g["mean"], se):  # value labels above the error bars, not on them
         fig.add_annotation(x=x, y=m + e, text=f"{m:.2f}", showarrow=False, yshift=12, row=1, col=2)
+
+
+def _style_distraction(fig, rand: pd.DataFrame, title: str | None) -> None:
+    """Axes (a log document axis ticked at the counts run), legend, and a title giving the
+    number of prompts per point (the fewest over the document counts)."""
     n = int(rand.groupby("n_documents").size().min())
     fig.update_xaxes(title_text="number of documents (1 relevant + distractors)", type="log",
                      tickvals=sorted(rand.n_documents.unique()), row=1, col=1)
@@ -76,4 +94,3 @@ def plot_distraction(results: pd.DataFrame, *, title: str | None = None):
         legend=dict(orientation="h", y=-0.2),
         margin=dict(t=90),
     )
-    return Figure(fig)

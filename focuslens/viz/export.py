@@ -35,7 +35,6 @@ class Figure(go.Figure):
 
 
 def _browser() -> str | None:
-    import os
 
     return os.environ.get("BROWSER_PATH") or next(
         (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import plotly.graph_objects as go
+import torch
+
 from focuslens.viz.compare import topk_overlap
 from focuslens.viz.export import Figure, wrap_label
 
@@ -16,7 +19,6 @@ def plot_head_map(scores, metric: str = "gold", *, title: str | None = None, top
 
     Layers run bottom (0) to top, heads left to right; colour is the mean attention mass.
     """
-    import plotly.graph_objects as go
 
     values = scores[metric].float()
     n_layers, n_heads = values.shape
@@ -54,8 +56,6 @@ def plot_head_map(scores, metric: str = "gold", *, title: str | None = None, top
 
 def plot_rank_agreement(x, y, *, x_label: str, y_label: str, title: str, highlight=()):
     """Scatter of two per-head quantities ([layer, head] tensors), one point per head."""
-    import plotly.graph_objects as go
-    import torch
 
     n_heads = x.shape[1]
     mask = ~(torch.isnan(x) | torch.isnan(y))
@@ -89,7 +89,6 @@ def plot_topk_overlap(
     """Top-k overlap between the contextual-head sets of several scoring settings of one
     model (e.g. answer rows from the prefix vs the greedy answer): cell = ``|A ∩ B| / k``,
     annotated with the count of shared heads."""
-    import plotly.graph_objects as go
 
     table = topk_overlap(results, k, metric=metric)
     names = list(table.columns)

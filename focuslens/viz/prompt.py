@@ -27,8 +27,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
+import plotly.graph_objects as go
 import torch
 from jaxtyping import Float
+from plotly.subplots import make_subplots
 from torch import Tensor
 
 from focuslens.data.render import Prompt, Span
@@ -129,7 +131,6 @@ def plot_document_attention(masses: pd.DataFrame, prompt: Prompt, *, title: str 
     spans (mean over the answer rows of the attention mass, summed over each part's
     tokens). The gold document's column is starred and boxed in red.
     """
-    import plotly.graph_objects as go
 
     heads = _heads_of(masses, "masses")
     columns = _part_labels(prompt)
@@ -254,7 +255,6 @@ def plot_key_bias(bias: pd.DataFrame, prompt: Prompt, tokenizer, *, title: str |
     gold document boxed. Bottom: the bias averaged over each document's tokens (and the
     sink's and question's), mean over the heads ± s.d. across heads, gold bar highlighted.
     """
-    from plotly.subplots import make_subplots
 
     heads = _heads_of(bias, "bias")
     if _positions(bias, "bias", prompt) != list(range(prompt.n_tokens)):
@@ -288,7 +288,6 @@ def _add_bias_heatmap(
     fig, shown: Tensor, heads: list[tuple[int, int]], first: int, tokens: list[str]
 ) -> None:
     """Row 1: heads × key positions ``first …``, diverging colours centred at 0."""
-    import plotly.graph_objects as go
 
     heat_bottom, heat_top = fig.layout.yaxis.domain
     limit = max(float(shown.abs().max()), 1e-6)
@@ -328,7 +327,6 @@ def _add_bias_heatmap(
 def _add_part_bars(fig, prompt: Prompt, bias: Tensor) -> None:
     """Row 2: mean bias over each part's tokens (sink, every document, question), mean ±
     s.d. over the heads; the gold document's bar in gold with a red outline."""
-    import plotly.graph_objects as go
 
     n_docs = len(prompt.documents)
     parts = {

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import pandas as pd
+import plotly.colors as pc
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
 
 from focuslens.viz.export import Figure
 
@@ -28,8 +31,6 @@ def plot_split_softmax_sweep(sweep: pd.DataFrame, *, references: dict[str, float
     (solid) against random heads (dashed, mean ± s.d. over draws), from
     :func:`focuslens.steering.split_softmax_sweep` rows. ``references``: horizontal lines,
     e.g. ``{"gold_only": …, "baseline": …, "no_gold": …}``."""
-    import plotly.colors as pc
-    import plotly.graph_objects as go
 
     steered = sweep[sweep.group != "none"]
     taus = sorted(steered.tau.unique(), reverse=True)
@@ -64,9 +65,6 @@ def plot_focus_sweep(sweep: pd.DataFrame, *, references: dict[str, float] | None
     """Two panels from :func:`focuslens.focusing.focus_sweep` rows: accuracy vs α and
     the steered heads' attention mass on the gold document vs α, one line per k.
     ``chosen`` (``{"k": …, "alpha": …}``) is circled."""
-    import plotly.colors as pc
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
 
     ks = sorted(sweep.k.unique())
     colours = pc.sample_colorscale("Plasma", [0.85 * i / max(1, len(ks) - 1) for i in range(len(ks))])
@@ -108,8 +106,6 @@ def plot_focus_conditions(cells: pd.DataFrame, mechanism: pd.DataFrame | None = 
     validation; the negative-α control as crosses. Right: where the steered heads'
     attention from the answer rows lands, unsteered vs steered, per task × layout
     (:func:`focuslens.experiments.gold_breakdown`)."""
-    import plotly.graph_objects as go
-    from plotly.subplots import make_subplots
 
     cells = cells.reset_index(drop=True)
     labels = [f"{c.task.replace('synthetic_', '')} · {c.layout} · {c.ranking} · {c.rows}" for c in cells.itertuples()]
