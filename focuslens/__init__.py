@@ -15,8 +15,9 @@ Relevant Contexts* (Zhu et al., 2025) on TransformerLens' ``TransformerBridge``.
 
 from focuslens.data import Document, Prompt, QAExample, Span, make_synthetic_qa, render
 from focuslens.directions import FocusDirections, import_release
+from focuslens.distraction import distraction
 from focuslens.errors import DataError, FocusLensError, ModelError
-from focuslens.eval import distraction, evaluate_generation, evaluate_next_token
+from focuslens.eval import evaluate_generation, evaluate_next_token
 from focuslens.focusing import focus
 from focuslens.models import load_model
 from focuslens.scoring import HeadScores, score_heads

@@ -21,7 +21,6 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from focuslens.data.examples import QAExample
 from focuslens.data.render import Prompt, render
@@ -39,6 +38,7 @@ from focuslens.headpatch import (
 from focuslens.kvcache import PrefixCache
 from focuslens.models import model_id
 from focuslens.patching import PatchingResult
+from focuslens.progress import tqdm
 
 __all__ = ["ablate_heads", "ablate_head_groups", "mean_answer_z", "ABLATIONS"]
 
@@ -71,10 +71,14 @@ def _prepare_example(model, prompt: Prompt) -> _ExampleRun:
 
 
 def _margin_and_correct(logits: Tensor, run: _ExampleRun) -> tuple[Tensor, Tensor, Tensor]:
-    """Gold-minus-best-other-candidate margin, top-1 correctness, candidate correctness."""
+    """Gold-minus-best-other-candidate margin, top-1 correctness (bool), candidate
+    correctness (1.0 / 0.0); margin and candidate correctness are NaN without candidates."""
     gold = logits[..., run.gold]
-    best_other = logits[..., run.others].max(-1).values if run.others else torch.full_like(gold, -math.inf)
-    return gold - best_other, logits.argmax(-1) == run.gold, gold > best_other
+    correct = logits.argmax(-1) == run.gold
+    if not run.others:
+        return torch.full_like(gold, math.nan), correct, torch.full_like(gold, math.nan)
+    best_other = logits[..., run.others].max(-1).values
+    return gold - best_other, correct, (gold > best_other).float()
 
 
 def mean_answer_z(model, prompts: Sequence[Prompt]) -> Float[Tensor, "layer head d_head"]:
@@ -180,7 +184,7 @@ def ablate_head_groups(
         run.pc = None
         m, c, cc = _margin_and_correct(logits.cpu(), run)
         margin.append(m), correct.append(c.float()), cand.append(cc.float())
-    margin, correct, cand = (torch.stack(x).mean(0) for x in (margin, correct, cand))
+    margin, correct, cand = (torch.stack(x).nanmean(0) for x in (margin, correct, cand))  # NaN: no candidates
     rows = [
         {
             **({"ranking": name} if isinstance(ranking, dict) else {}),

@@ -104,8 +104,8 @@ def _parser() -> argparse.ArgumentParser:
     steer.add_argument("--seed", type=int, default=4, help="data seed")
     steer.add_argument("--out", default="runs/steer", help="output folder")
 
-    figs = _command(sub, "figures", "redraw every figure in --out from the saved results (runs the demo first if "
-                    "they are missing); the model only names the tokens of the prompt views",
+    figs = _command(sub, "figures", "redraw every figure in --out from the saved results (runs the quick demo "
+                    "first if --out has no summary.json); the model only names the tokens of the prompt views",
                     "focuslens figures --out runs/demo")
     figs.add_argument("--out", default="runs/demo", help="a folder written by `focuslens demo`")
     figs.add_argument("--release", help="the paper's release folder, for the cross-family figures")
@@ -236,22 +236,26 @@ def _steer(args) -> None:
 
 
 def _figures(args) -> None:
+    """Redraw from the saved results; the quick demo runs only into a folder with no
+    summary.json at all (never over a user's results: a broken one is an error, exit 2)."""
+    from pathlib import Path
+
     from focuslens.errors import DataError
     from focuslens.figures import draw_all
     from focuslens.models import load_model
-    from focuslens.pipeline import load_release, load_results, run_demo
+    from focuslens.pipeline import DemoSettings, load_release, load_results, run_demo
 
-    try:
-        results = load_results(args.out)
-    except DataError as err:
-        results = {}
-        print(f"cannot redraw from {args.out} ({err})")
-    if not {"distraction", "contextual_heads", "patching", "split_softmax", "focus_directions"} <= set(results):
-        print(f"results missing in {args.out}: running the quick demo first")
-        from focuslens.pipeline import DemoSettings
-
+    summary = Path(args.out) / "summary.json"
+    if not summary.exists():
+        print(f"no results in {args.out} (no summary.json): running the quick demo first")
         run_demo(args.model, settings=DemoSettings.quick(), out_dir=args.out, release_dir=args.release, quiet=args.quiet)
         return
+    results = load_results(args.out)  # an unreadable file raises DataError naming it
+    missing = [s for s in ("distraction", "contextual_heads", "patching", "split_softmax", "focus_directions")
+               if s not in results]
+    if missing:
+        raise DataError(f"{summary} has no {', '.join(missing)} section(s): run `focuslens demo --out {args.out}` "
+                        "to compute them (it rewrites that folder), or pass another --out.")
     draw_all(results, args.out, tokenizer=load_model(args.model).tokenizer, released=load_release(args.release))
 
 

@@ -39,8 +39,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata as md
-import json
 import math
+import operator
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +48,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 from jaxtyping import Float
+from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import Tensor
@@ -57,6 +58,7 @@ from focuslens.errors import DataError, ModelError
 from focuslens.hooks import attn_hook
 from focuslens.io import write_atomic, write_json
 from focuslens.models import model_id
+from focuslens.results import read_json
 from focuslens.scoring import HeadScores
 from focuslens.steering import Head, resolve_heads
 
@@ -125,7 +127,7 @@ class FocusDirections:
                 layer, head = bad.any(-1).nonzero()[0].tolist()
                 raise DataError(f"directions {name}: {int(bad.sum())} non-finite values (first at layer {layer}, "
                                 f"head {head}); NaN directions would turn every steered logit into NaN.")
-        self.ranking = [(int(layer), int(head)) for layer, head in self.ranking]
+        self.ranking = _checked_ranking(self.ranking, self.shape[:2])
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -162,10 +164,10 @@ class FocusDirections:
         df = self.norms()
         top = df[df["rank"] < top_k] if self.ranking else df.iloc[:0]
         out = {}
-        for col in ("q_norm", "k_norm"):
-            out[col] = {"median": float(df[col].median()), "max": float(df[col].max())}
+        for col in ("q_norm", "k_norm"):  # skipna=False: a NaN norm shows, it is not skipped
+            out[col] = {"median": float(df[col].median(skipna=False)), "max": float(df[col].max(skipna=False))}
             if len(top):
-                out[col][f"median_top{top_k}"] = float(top[col].median())
+                out[col][f"median_top{top_k}"] = float(top[col].median(skipna=False))
         return out
 
     # ---------------------------------------------------------------- what a direction does
@@ -246,17 +248,12 @@ class FocusDirections:
         for f in (meta_file, tensor_file):
             if not f.exists():
                 raise DataError(f"{f} is missing: {path} is not a directory written by FocusDirections.save.")
-        blob = json.loads(meta_file.read_text())
-        if blob.get("format") != ARTIFACT_FORMAT:
-            raise DataError(f"{meta_file} has format {blob.get('format')!r}, expected {ARTIFACT_FORMAT!r}.")
-        raw = tensor_file.read_bytes()
-        if "sha256" in blob and hashlib.sha256(raw).hexdigest() != blob["sha256"]:
-            raise DataError(f"{tensor_file} does not match the sha256 in {meta_file.name}: the two files come from "
-                            f"different saves (an interrupted save?). Save the directions again.")
-        tensors = load_safetensors(raw)
-        if list(tensors["q"].shape) != blob["shape"]:
-            raise DataError(f"{tensor_file}: q has shape {list(tensors['q'].shape)}, the metadata says {blob['shape']}.")
-        out = cls(tensors["q"], tensors["k"], [tuple(h) for h in blob["ranking"]], blob["metadata"])
+        blob = _read_meta(meta_file)
+        q, k = _read_tensors(tensor_file, blob, meta_file)
+        try:
+            out = cls(q, k, blob["ranking"], blob["metadata"])
+        except DataError as e:
+            raise DataError(f"{meta_file}: {e}") from None
         if model is not None:
             out.check_model(model, strict=strict)
         return out
@@ -270,6 +267,81 @@ class FocusDirections:
         return (f"<div><b>FocusDirections</b> for {self.model!r}: {self.shape[0]} layers × {self.shape[1]} heads × "
                 f"{self.shape[2]}; median ‖d_q‖ {s['q_norm']['median']:.3g}, median ‖d_k‖ {s['k_norm']['median']:.3g}; "
                 f"ranking of {len(self.ranking)} heads; top 5: {self.ranking[:5]}</div>")
+
+
+def _checked_ranking(ranking, shape: tuple[int, int]) -> list[Head]:
+    """``ranking`` as (layer, head) int pairs, each inside ``shape`` (layers, heads)."""
+    out = []
+    for i, h in enumerate(ranking):
+        pair = tuple(h) if isinstance(h, list | tuple) else ()
+        try:
+            if len(pair) != 2 or any(isinstance(v, bool) for v in pair):
+                raise TypeError
+            layer, head = operator.index(pair[0]), operator.index(pair[1])
+        except TypeError:
+            raise DataError(f"ranking entry {i} ({h!r}) is not a (layer, head) pair of ints.") from None
+        if not (0 <= layer < shape[0] and 0 <= head < shape[1]):
+            raise DataError(f"ranking entry {i} ({layer}, {head}) is outside the directions' "
+                            f"{shape[0]} layers × {shape[1]} heads.")
+        out.append((layer, head))
+    return out
+
+
+def _read_meta(meta_file: Path) -> dict:
+    """The parsed ``focus_directions.json``, checked for its format and required keys."""
+    blob = read_json(meta_file, "FocusDirections metadata")
+    if not isinstance(blob, dict) or blob.get("format") != ARTIFACT_FORMAT:
+        found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
+        raise DataError(f"{meta_file} has format {found!r}, expected {ARTIFACT_FORMAT!r}.")
+    for key, kind in (("shape", list), ("ranking", list), ("metadata", dict)):
+        if key not in blob:
+            raise DataError(f"{meta_file}: key {key!r} is missing.")
+        if not isinstance(blob[key], kind):
+            raise DataError(f"{meta_file}: key {key!r} is a {type(blob[key]).__name__}, not a {kind.__name__}.")
+    return blob
+
+
+def _read_tensors(tensor_file: Path, blob: dict, meta_file: Path) -> tuple[Tensor, Tensor]:
+    """``q`` and ``k`` from ``focus_directions.safetensors``, checked against the metadata."""
+    raw = tensor_file.read_bytes()
+    if "sha256" in blob and hashlib.sha256(raw).hexdigest() != blob["sha256"]:
+        raise DataError(f"{tensor_file} does not match the sha256 in {meta_file.name}: the two files come from "
+                        f"different saves (an interrupted save?). Save the directions again.")
+    try:
+        tensors = load_safetensors(raw)
+    except SafetensorError as e:
+        raise DataError(f"{tensor_file}: not a readable safetensors file ({e}); truncated or corrupt?") from None
+    for key in ("q", "k"):
+        if key not in tensors:
+            raise DataError(f"{tensor_file}: tensor {key!r} is missing (found {sorted(tensors)}).")
+        if list(tensors[key].shape) != blob["shape"]:
+            raise DataError(f"{tensor_file}: {key} has shape {list(tensors[key].shape)}, key 'shape' of "
+                            f"{meta_file.name} says {blob['shape']}.")
+    return tensors["q"], tensors["k"]
+
+
+_LFS_POINTER = b"version https://git-lfs"
+
+
+def _read_release_tensor(f: Path) -> Tensor:
+    """One ``head_{q,k}_directions_<layer>.pth`` as a float ``[n_heads, head_dim]`` tensor."""
+    try:
+        with open(f, "rb") as fh:
+            start = fh.read(len(_LFS_POINTER))
+    except OSError as e:
+        raise DataError(f"cannot read {f}: {e}") from None
+    if start == _LFS_POINTER:
+        raise DataError(f"{f} is a Git LFS pointer, not the tensor: run `git lfs pull` in the release "
+                        "repository to download the real files.")
+    try:
+        t = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- torch.load fails on a damaged file with many types
+        raise DataError(f"{f}: not a readable torch tensor file ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}).") from None
+    t = t.detach().float() if isinstance(t, Tensor) else None
+    if t is None or t.ndim != 2:
+        raise DataError(f"{f} does not hold a [n_heads, head_dim] tensor.")
+    return t
 
 
 # ------------------------------------------------------------------ the paper's release
@@ -303,15 +375,8 @@ def import_release(
         if missing:
             raise DataError(f"{directory}: head_{kind}_directions_<layer>.pth missing for layers {missing}.")
 
-    def read(f: Path) -> Tensor:
-        t = torch.load(f, map_location="cpu", weights_only=True)
-        t = t.detach().float() if isinstance(t, Tensor) else None
-        if t is None or t.ndim != 2:
-            raise DataError(f"{f} does not hold a [n_heads, head_dim] tensor.")
-        return t
-
-    q = [read(found["q"][layer]) for layer in range(n_layers)]
-    k = [read(found["k"][layer]) for layer in range(n_layers)]
+    q = [_read_release_tensor(found["q"][layer]) for layer in range(n_layers)]
+    k = [_read_release_tensor(found["k"][layer]) for layer in range(n_layers)]
     shapes = {tuple(t.shape) for t in q + k}
     if len(shapes) != 1:
         raise DataError(f"{directory}: the per-layer tensors differ in shape: {sorted(shapes)}.")

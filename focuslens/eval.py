@@ -3,10 +3,12 @@
 Two ways to score a multi-document QA prompt:
 
 * **One forward pass** (:func:`evaluate_next_token`): the prompt ends where the answer
-  starts (the answer prefix, e.g. ``"Varnex Motors is based in"``), so the next-token
-  logits decide. ``correct`` = the gold answer's first token is the top-1 token over the
-  vocabulary; ``candidate_correct`` = it beats the first tokens of the other documents'
-  answers (the example's ``candidates`` that appear in the prompt).
+  starts (the answer prefix, e.g. ``"Varnex Motors is based in"``, then any whitespace-only
+  tokens the answer starts with: :func:`~focuslens.data.render.answer_lead`), so the
+  next-token logits decide. ``correct`` = the gold answer's first visible token is the
+  top-1 token over the vocabulary; ``candidate_correct`` = it beats the tokens the other
+  documents' answers (the example's ``candidates`` that appear in the prompt) need at that
+  position (NaN when there is none to beat).
 * **Greedy generation** (:func:`evaluate_generation`) scored with Lost-in-the-Middle's
   ``best_subspan_em``: 1 if any SQuAD-normalised gold answer is a substring of the
   normalised prediction.
@@ -18,20 +20,20 @@ number of documents or gold position.
 from __future__ import annotations
 
 import math
-import random
+import warnings
 from collections.abc import Callable, Iterable, Sequence
 
 import numpy as np
 import pandas as pd
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from focuslens.data.examples import QAExample, normalize_answer
-from focuslens.data.render import Prompt, render
+from focuslens.data.render import Prompt, candidate_token_ids, first_token_id, render, scored_tokens
 from focuslens.errors import DataError
 from focuslens.hooks import attn_hook, key_indicator, mass_on
 from focuslens.kvcache import PrefixCache
+from focuslens.progress import tqdm
 
 __all__ = [
     "normalize_answer",
@@ -39,6 +41,8 @@ __all__ = [
     "spearman",
     "first_token_id",
     "candidate_token_ids",
+    "scored_tokens",
+    "warn_unscorable",
     "next_token_logits",
     "evaluate_next_token",
     "evaluate_generation",
@@ -46,8 +50,8 @@ __all__ = [
     "greedy_generate",
     "position_label",
     "accuracy_by",
-    "distraction",
-    "distraction_summary",
+    "check_context",
+    "to_prompts",
 ]
 
 
@@ -90,20 +94,29 @@ def spearman(x, y) -> float:
     return float(round(rx.corr(ry), 12))
 
 
-def first_token_id(tokenizer, answer: str, *, leading_space: bool = True) -> int:
-    """The id of the first token of ``answer`` as it would follow the answer prefix."""
-    ids = tokenizer((" " if leading_space else "") + answer, add_special_tokens=False)["input_ids"]
-    if not ids:
-        raise DataError(f"answer {answer!r} tokenizes to nothing.")
-    return ids[0]
-
-
-def candidate_token_ids(tokenizer, example: QAExample) -> tuple[int, list[int]]:
-    """The gold answer's first token, and the first tokens of the other candidates that
-    appear in the prompt's documents (the competitors of candidate accuracy)."""
-    gold = first_token_id(tokenizer, example.answers[0])
-    in_prompt = [c for c in example.candidates if any(c in d.text for d in example.documents)]
-    return gold, sorted({first_token_id(tokenizer, c) for c in in_prompt} - {gold})
+def warn_unscorable(tokenizer, examples: Sequence[QAExample]) -> None:
+    """Warn (once per call, a ``UserWarning``) about examples that one forward pass cannot
+    score as intended: without an ``answer_prefix`` the only answer row is the newline after
+    the assistant header; a candidate sharing the gold's scored token (``"1987"`` and
+    ``"1992"`` both start with '1') is indistinguishable from it for top-1 and candidate
+    accuracy."""
+    bare = [ex.qid or ex.question for ex in examples if not ex.answer_prefix]
+    if bare:
+        warnings.warn(f"{len(bare)} of {len(examples)} examples have no answer_prefix (e.g. {bare[0]!r}): the "
+                      "only answer row is the newline after the assistant header, and the score is the "
+                      "model's first response token. Set QAExample.answer_prefix (e.g. \"The answer is\") so "
+                      "that the next token is the answer.", UserWarning, stacklevel=3)
+    shared = []
+    for ex in examples:
+        gold, rivals = scored_tokens(tokenizer, ex)
+        golds = {normalize_answer(a) for a in ex.answers}
+        shared += [f"{ex.answers[0]!r} and {c!r} ({tokenizer.decode([gold])!r})" for c, t in rivals.items()
+                   if t == gold and normalize_answer(c) not in golds]
+    if shared:
+        warnings.warn(f"{len(shared)} gold answer / candidate pairs share the scored first token: "
+                      f"{'; '.join(shared[:5])}{' …' if len(shared) > 5 else ''}. Top-1 and candidate accuracy "
+                      "cannot tell them apart (such candidates are left out of candidate_correct and margin).",
+                      UserWarning, stacklevel=3)
 
 
 def position_label(gold_index: int | None, n_documents: int) -> str:
@@ -202,15 +215,40 @@ def _shared_prefix_logits(model, prompts: Sequence[Prompt], out: torch.Tensor, b
         bar.update(1)
 
 
-def _render_all(model, examples: Sequence[QAExample]) -> list[Prompt]:
-    if not examples:
+def check_context(model, items: Sequence) -> None:
+    """Every pre-rendered :class:`Prompt` in ``items`` must fit the model's context: a
+    longer one would run past ``n_ctx`` (examples are refused when rendered, with
+    ``max_length``). The one check of every entry point that accepts Prompts."""
+    n_ctx = model.cfg.n_ctx
+    for i, item in enumerate(items):
+        if isinstance(item, Prompt) and item.n_tokens > n_ctx:
+            raise DataError(f"examples[{i}]: the prompt has {item.n_tokens} tokens, more than the model's context "
+                            f"of n_ctx={n_ctx}; use fewer or shorter documents.")
+
+
+def to_prompts(model, items: Sequence[QAExample | Prompt]) -> list[Prompt]:
+    """Rendered prompts of ``items``: examples rendered for ``model`` (refused past its
+    context, ``max_length=n_ctx``), pre-rendered prompts checked to fit it."""
+    if not items:
         raise DataError("the example list is empty: nothing to evaluate.")
-    return [render(ex, model.tokenizer, max_length=model.cfg.n_ctx) for ex in examples]
+    check_context(model, items)
+    return [item if isinstance(item, Prompt) else render(item, model.tokenizer, max_length=model.cfg.n_ctx)
+            for item in items]
+
+
+def check_finite(logits: Tensor, i: int) -> None:
+    """Refuse NaN/inf logits of example ``i`` (``[vocab]`` or ``[variant, vocab]``): they
+    are a broken model or intervention, never a wrong answer."""
+    broken = ~torch.isfinite(logits)
+    if bool(broken.any()):
+        where = f" (variants {broken.any(-1).nonzero().flatten().tolist()[:5]})" if logits.dim() > 1 else ""
+        raise DataError(f"examples[{i}]: the logits are not finite{where}; check the model's weights and "
+                        "the intervention's settings (alpha, tau, directions).")
 
 
 def evaluate_next_token(
     model,
-    examples: Sequence[QAExample],
+    examples: Sequence[QAExample | Prompt],
     *,
     batch_size: int | None = None,
     hooks: Sequence[tuple[str, Callable]] = (),
@@ -219,33 +257,34 @@ def evaluate_next_token(
 ) -> pd.DataFrame:
     """Score every example from one forward pass; one row per example.
 
-    Columns: ``correct`` (gold first token is top-1 over the vocabulary),
-    ``candidate_correct`` (gold beats the in-prompt candidates), ``gold_logit``,
-    ``margin`` (gold logit minus the best other candidate), ``prediction`` (top-1 token),
-    ``n_documents``, ``gold_index``, ``position``, ``qid``.
+    Columns: ``correct`` (gold first visible token is top-1 over the vocabulary),
+    ``candidate_correct`` (1.0 / 0.0: gold beats the in-prompt candidates; NaN without
+    any), ``gold_logit``, ``margin`` (gold logit minus the best other candidate; NaN without
+    any), ``prediction`` (top-1 token), ``n_documents``, ``gold_index``, ``position``, ``qid``.
+    Warns about examples it cannot score as intended (:func:`warn_unscorable`).
     """
     tok = model.tokenizer
-    prompts = _render_all(model, examples)
+    prompts = to_prompts(model, examples)
+    examples = [p.example for p in prompts]
+    warn_unscorable(tok, examples)
     logits = next_token_logits(model, prompts, batch_size=batch_size, hooks=hooks, quiet=quiet, desc=desc)
     rows = []
-    for ex, lg in zip(examples, logits):
+    for i, (ex, lg) in enumerate(zip(examples, logits)):
+        check_finite(lg, i)
         gold, others = candidate_token_ids(tok, ex)
-        best_other = lg[others].max().item() if others else float("-inf")
+        best_other = lg[others].max().item() if others else math.nan
         top = int(lg.argmax())
-        rows.append(
-            {
-                "qid": ex.qid,
-                "n_documents": ex.n_documents,
-                "gold_index": ex.gold_index,
-                "position": position_label(ex.gold_index, ex.n_documents),
-                "correct": top == gold,
-                "candidate_correct": lg[gold].item() > best_other,
-                "gold_logit": lg[gold].item(),
-                "margin": lg[gold].item() - best_other,
-                "prediction": tok.decode([top]),
-            }
-        )
+        rows.append({**example_columns(ex), "correct": top == gold,
+                     "candidate_correct": float(lg[gold].item() > best_other) if others else math.nan,
+                     "gold_logit": lg[gold].item(), "margin": lg[gold].item() - best_other,
+                     "prediction": tok.decode([top])})
     return pd.DataFrame(rows)
+
+
+def example_columns(ex: QAExample) -> dict:
+    """The columns that say which example a result row is about."""
+    return {"qid": ex.qid, "n_documents": ex.n_documents, "gold_index": ex.gold_index,
+            "position": position_label(ex.gold_index, ex.n_documents)}
 
 
 @torch.no_grad()
@@ -276,27 +315,15 @@ def evaluate_generation(
     """Greedy answers scored with ``best_subspan_em``; one row per example."""
     rows = []
     for ex, prompt in tqdm(
-        list(zip(examples, _render_all(model, examples))), desc="generate", disable=quiet, leave=False
+        [(p.example, p) for p in to_prompts(model, examples)], desc="generate", disable=quiet, leave=False
     ):
         answer = greedy_generate(model, prompt, max_new_tokens=max_new_tokens)
-        rows.append(
-            {
-                "qid": ex.qid,
-                "n_documents": ex.n_documents,
-                "gold_index": ex.gold_index,
-                "position": position_label(ex.gold_index, ex.n_documents),
-                "prediction": answer,
-                "correct": bool(best_subspan_em((ex.answer_prefix or "") + answer, ex.answers)),
-            }
-        )
+        rows.append({**example_columns(ex), "prediction": answer,
+                     "correct": bool(best_subspan_em((ex.answer_prefix or "") + answer, ex.answers))})
     return pd.DataFrame(rows)
 
 
 # ------------------------------------------------------------------ interventions
-def _prompt(model, item: QAExample | Prompt) -> Prompt:
-    return item if isinstance(item, Prompt) else render(item, model.tokenizer, max_length=model.cfg.n_ctx)
-
-
 def probe_hooks(prompt: Prompt, offset: int, probe_heads: Tensor, store: dict) -> list:
     """``hook_pattern`` reductions: per variant, the mean attention mass of its probe heads
     at the answer rows on the gold document and on the sink (summed over layers into
@@ -368,12 +395,11 @@ def run_in_chunks(model, prompt: Prompt, n_variants: int, hooks_for, probe_heads
 def _variant_rows(i: int, ex, logits: Tensor, candidates, store: dict, n_probe) -> list[dict]:
     """One result row per variant of example ``i`` (accuracy columns and probe masses)."""
     gold, others = candidates
-    best_other = logits[:, others].max(-1).values if others else torch.full((len(logits),), float("-inf"))
+    best_other = logits[:, others].max(-1).values if others else torch.full((len(logits),), math.nan)
     rows = []
     for v in range(len(logits)):
-        row = {"example": i, "qid": ex.qid, "n_documents": ex.n_documents, "gold_index": ex.gold_index,
-               "position": position_label(ex.gold_index, ex.n_documents), "variant": v,
-               "correct": bool(logits[v].argmax() == gold), "candidate_correct": bool(logits[v, gold] > best_other[v]),
+        row = {"example": i, **example_columns(ex), "variant": v, "correct": bool(logits[v].argmax() == gold),
+               "candidate_correct": float(logits[v, gold] > best_other[v]) if others else math.nan,
                "gold_logit": float(logits[v, gold]), "margin": float(logits[v, gold] - best_other[v])}
         row.update({name: float(total[v] / n_probe[v]) for name, total in store.items()})
         rows.append(row)
@@ -413,20 +439,21 @@ def evaluate_variants(
             the same prompts (``rows="answer"``): each prompt is prefilled once in all.
 
     Returns one row per (example, variant): ``example`` (its index in ``examples``),
-    ``variant``, the columns of :func:`evaluate_next_token`, and the probe masses.
+    ``variant``, the columns of :func:`evaluate_next_token`, and the probe masses. Warns
+    like :func:`evaluate_next_token`.
     """
-    if not examples:
-        raise DataError("the example list is empty: nothing to evaluate.")
     if probe_heads is not None and probe_heads.shape[0] != n_variants:
         raise DataError(f"probe_heads has {probe_heads.shape[0]} variants, not n_variants={n_variants}.")
     tok = model.tokenizer
+    prompts = to_prompts(model, examples)
+    warn_unscorable(tok, [p.example for p in prompts])
     rows_out, all_logits = [], []
-    for i, item in enumerate(tqdm(examples, desc=desc, disable=quiet, leave=False)):
-        prompt = _prompt(model, item)
+    for i, prompt in enumerate(tqdm(prompts, desc=desc, disable=quiet, leave=False)):
         ex = prompt.example
         store: dict = {}
         with torch.no_grad():
             logits = _run_variants(model, prompt, n_variants, hooks_for, rows, probe_heads, store, prefills)
+        check_finite(logits, i)
         if return_logits:
             all_logits.append(logits)
         n_probe = probe_heads.sum((1, 2)).clamp_min(1) if probe_heads is not None else None
@@ -438,55 +465,3 @@ def evaluate_variants(
 def accuracy_by(results: pd.DataFrame, column: str, metric: str = "correct") -> dict:
     """Mean of ``metric`` grouped by ``column`` (e.g. 'n_documents' or 'position')."""
     return {k: float(v) for k, v in results.groupby(column)[metric].mean().items()}
-
-
-# ------------------------------------------------------------------ distraction
-def distraction(
-    model,
-    examples: Sequence[QAExample],
-    *,
-    n_documents: Sequence[int] = (1, 5, 10, 20),
-    positions: Sequence[str] = ("first", "middle", "last"),
-    seed: int = 0,
-    batch_size: int | None = None,
-    quiet: bool = False,
-) -> pd.DataFrame:
-    """The distraction experiment: the same questions with 1, 5, 10, … documents.
-
-    For each ``n`` in ``n_documents`` every example keeps its gold document and its first
-    ``n - 1`` distractors, with the gold at a seeded random position (``setting="random"``).
-    For the largest ``n`` the gold is also placed first, in the middle and last
-    (``setting=<position>``). Returns one row per (example, setting, n) with the columns of
-    :func:`evaluate_next_token` plus ``setting``.
-    """
-
-    rng = random.Random(seed)
-    runs: list[tuple[str, int, list[QAExample]]] = []
-    for n in n_documents:
-        runs.append(("random", n, [ex.with_n_documents(n, rng.randrange(n)) for ex in examples]))
-    n_max = max(n_documents)
-    for pos in positions:
-        index = {"first": 0, "middle": (n_max - 1) // 2, "last": n_max - 1}[pos]
-        runs.append((pos, n_max, [ex.with_n_documents(n_max, index) for ex in examples]))
-    # one call for every setting: variants of one example share their leading documents,
-    # so on CPU each prompt re-uses the KV cache of the prefix it shares with another
-    everything = [ex for _, _, exs in runs for ex in exs]
-    df = evaluate_next_token(model, everything, batch_size=batch_size, quiet=quiet, desc="distraction")
-    df["setting"] = [setting for setting, _, exs in runs for _ in exs]
-    return df
-
-
-def distraction_summary(results: pd.DataFrame) -> dict:
-    """The ``"distraction"`` section of ``summary.json`` from :func:`distraction` rows."""
-    rand = results[results.setting == "random"]
-    n_max = int(results.n_documents.max())
-    pos = results[(results.setting != "random") & (results.n_documents == n_max)]
-    return {
-        "n_prompts": int(rand.groupby("n_documents").size().min()),
-        "metric": "top-1 next-token accuracy of the gold answer's first token",
-        "accuracy": {str(k): v for k, v in accuracy_by(rand, "n_documents").items()},
-        "candidate_accuracy": {
-            str(k): v for k, v in accuracy_by(rand, "n_documents", "candidate_correct").items()
-        },
-        f"by_gold_position_{n_max}": accuracy_by(pos, "setting"),
-    }

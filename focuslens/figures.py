@@ -29,6 +29,7 @@ from focuslens.viz import (
     plot_topk_overlap,
     token_view,
 )
+from focuslens.viz.steering import _draws_phrase
 
 __all__ = [
     "FIGURES",
@@ -107,7 +108,8 @@ def draw_patching(stage, heads_stage, out: str | Path) -> list[Path]:
         x_label="contextual score (attention mass on the gold document)",
         y_label="causal effect (attribution patching, 0 = corrupted, 1 = clean)",
         title=f"Contextual score vs causal effect per head ({result.metadata.get('model')})<br>"
-        f"<sup>Spearman {stage.summary['spearman']:+.2f} over all heads; red: top 10 contextual heads</sup>",
+        f"<sup>Spearman {stage.summary['spearman']:+.2f} over all heads; red: top 10 contextual heads; "
+        "grey labels: top 5 heads by causal effect</sup>",
         highlight=scores.top_k(10),
     )
     return _save(fig, out, "patching_agreement")
@@ -122,7 +124,7 @@ def draw_split_softmax(stage, out: str | Path) -> list[Path]:
     fig = plot_split_softmax_sweep(
         sweep, references=refs,
         title=f"Split-softmax on {_model(stage)}: contextual vs random heads<br><sup>{sweep.example.nunique()} held-out "
-        f"{int(sweep.n_documents.iloc[0])}-document prompts; random: mean ± s.d. over {n_draws} draws; "
+        f"{int(sweep.n_documents.iloc[0])}-document prompts; random: {_draws_phrase(n_draws)}; "
         "smaller τ = stronger boost of the gold document</sup>",
     )
     return _save(fig, out, "split_softmax", width=900, height=560)
@@ -137,9 +139,9 @@ def draw_focus_directions(stage, out: str | Path) -> list[Path]:
         test, references=refs, chosen={"k": s["best"]["k"], "alpha": s["best"]["alpha"]},
         title=f"Focus directions on {_model(stage)}: held-out accuracy vs α<br><sup>{test.example.nunique()} prompts, "
         f"{int(test.n_documents.iloc[0])} documents; α·d_q on the top-k contextual heads at the {s['rows']} rows, no "
-        "label of the relevant document; circle: (k, α) chosen on validation</sup>",
+        "label of the relevant document; bars: Wilson 95% CI; circle: (k, α) chosen on validation</sup>",
     )
-    return _save(fig, out, stage.section, width=1100, height=520)
+    return _save(fig, out, stage.section)
 
 
 def draw_prompt_views(stage, out: str | Path, tokenizer) -> list[Path]:

@@ -25,7 +25,7 @@ from torch import Tensor
 from focuslens.data.render import Prompt
 from focuslens.directions import FocusDirections, attention_scaling
 from focuslens.errors import DataError, ModelError
-from focuslens.eval import evaluate_variants
+from focuslens.eval import check_context, evaluate_variants
 from focuslens.generate import generate_variants
 from focuslens.hooks import attn_hook
 from focuslens.steering import (
@@ -36,6 +36,8 @@ from focuslens.steering import (
     require_heads,
     resolve_rows,
     rows_mask,
+    rows_past_end,
+    rows_reach,
     variant_masks,
 )
 
@@ -53,14 +55,16 @@ def _rope_frequency(model) -> tuple[float, int]:
     raise ModelError("the model has no rotary embedding (inv_freq): rows other than 'all' need one to locate positions.")
 
 
-def _position_hooks(model, state: dict) -> list[HookSpec]:
+def _position_hooks(model, state: dict, where=None, rows=None) -> list[HookSpec]:
     """Hooks that record the absolute position of every query of the running forward pass.
 
     The bridge computes RoPE's ``cos``/``sin`` once per forward, before block 0, from the
     true position ids (offset by the KV cache in generation, shared by the packed variants
     of a :class:`~focuslens.kvcache.PrefixCache`). On the lowest frequency ``f`` the angle
     ``p·f`` stays below π over the whole context, so ``p = atan2(sin, cos) / f`` exactly
-    (rounded), whatever positive rescaling the model applies to both.
+    (rounded), whatever positive rescaling the model applies to both. A pass from position
+    0 (no KV cache) that the resolved rows ``where`` do not reach raises
+    (:func:`~focuslens.steering.rows_past_end`): the steering would change nothing.
     """
     freq, channel = _rope_frequency(model)
     if freq * model.cfg.n_ctx >= math.pi:
@@ -71,7 +75,10 @@ def _position_hooks(model, state: dict) -> list[HookSpec]:
 
     def positions(sin, hook):
         angle = torch.atan2(sin[..., channel].float(), state.pop("cos"))
-        state["positions"] = torch.round(angle / freq).long()  # [batch or 1, pos]
+        state["positions"] = pos = torch.round(angle / freq).long()  # [batch or 1, pos]
+        # no sync unless the rows miss a pass of this length: then is it a pass from 0?
+        if not rows_reach(where, pos.shape[-1]) and int(pos[..., 0].min()) == 0:
+            raise rows_past_end(rows, pos.shape[-1])
 
     return [("rotary_emb.hook_cos", keep_cos), ("rotary_emb.hook_sin", positions)]
 
@@ -140,7 +147,7 @@ def focus_hooks(
     alphas = per_variant(alpha, masks.shape[0], "alpha")
     scale = attention_scaling(model)
     state: dict = {}
-    hooks: list[HookSpec] = [] if where is None else _position_hooks(model, state)
+    hooks: list[HookSpec] = [] if where is None else _position_hooks(model, state, where, rows)
     row_gate = _row_gate(where, state)
     for layer in masks.any(0).any(-1).nonzero().flatten().tolist():
         gate = alphas[:, None, None] * masks[:, layer, :, None]  # [variant, head, 1]
@@ -230,6 +237,7 @@ def focus_sweep(
     :class:`~focuslens.kvcache.PrefillStore` shared with other answer-row sweeps.
     """
 
+    check_context(model, examples)
     grid, masks = focus_variants(model, directions, ks, alphas, rankings)
     alpha = torch.tensor([a for _, _, a in grid])
 

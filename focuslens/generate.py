@@ -22,12 +22,12 @@ from collections.abc import Callable, Sequence
 import pandas as pd
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
 
-from focuslens.data.render import Prompt, render
+from focuslens.data.render import Prompt
 from focuslens.errors import DataError
-from focuslens.eval import best_subspan_em, position_label, probe_hooks, run_in_chunks
+from focuslens.eval import best_subspan_em, example_columns, probe_hooks, run_in_chunks, to_prompts
 from focuslens.kvcache import PrefixCache
+from focuslens.progress import tqdm
 
 __all__ = ["generate_variants"]
 
@@ -81,18 +81,14 @@ def generate_variants(
     One row per (example, variant) with ``prediction``."""
     if rows not in ("answer", "all"):
         raise DataError(f"rows={rows!r}: generation runs rows='all' or rows='answer'.")
-    if not examples:
-        raise DataError("the example list is empty: nothing to generate.")
     out = []
-    for i, item in enumerate(tqdm(examples, desc=desc, disable=quiet, leave=False)):
-        prompt = item if isinstance(item, Prompt) else render(item, model.tokenizer, max_length=model.cfg.n_ctx)
+    for i, prompt in enumerate(tqdm(to_prompts(model, examples), desc=desc, disable=quiet, leave=False)):
         store: dict = {}
         texts = _prompt_variants(model, prompt, n_variants, hooks_for, rows, max_new_tokens, probe_heads, store)
         ex = prompt.example
         n_probe = probe_heads.sum((1, 2)).clamp_min(1) if probe_heads is not None else None
         for v, text in enumerate(texts):
-            row = {"example": i, "qid": ex.qid, "n_documents": ex.n_documents, "gold_index": ex.gold_index,
-                   "position": position_label(ex.gold_index, ex.n_documents), "variant": v, "prediction": text,
+            row = {"example": i, **example_columns(ex), "variant": v, "prediction": text,
                    "correct": bool(best_subspan_em((ex.answer_prefix or "") + text, ex.answers))}
             row.update({name: float(total[v] / n_probe[v]) for name, total in store.items()})
             out.append(row)

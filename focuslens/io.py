@@ -14,7 +14,9 @@ import math
 import os
 from pathlib import Path
 
-__all__ = ["write_atomic", "write_json", "write_csv", "json_safe", "update_summary"]
+from focuslens.errors import DataError
+
+__all__ = ["write_atomic", "write_json", "write_csv", "json_safe", "read_summary", "update_summary"]
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
@@ -58,7 +60,22 @@ def update_summary(path: str | Path, section: str, data) -> dict:
     """Merge ``{section: data}`` (any JSON-able value) into the JSON file at ``path``
     (created if missing), atomically; returns the whole summary."""
     path = Path(path)
-    summary = json.loads(path.read_text()) if path.exists() else {}
+    summary = read_summary(path)
     summary[section] = data
     write_json(path, summary, indent=2)
+    return summary
+
+
+def read_summary(path: str | Path) -> dict:
+    """The summary at ``path`` (``{}`` when there is no file); a ``DataError`` naming the
+    file when it is not a readable JSON object (it is never silently replaced)."""
+    path = Path(path)
+    if not path.exists():
+        return {}
+    try:
+        summary = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: cannot read a summary file ({e}): fix or delete it.") from e
+    if not isinstance(summary, dict):
+        raise DataError(f"{path}: a summary file holds a JSON object of sections, not a {type(summary).__name__}.")
     return summary

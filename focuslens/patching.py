@@ -29,8 +29,9 @@ is approximated: the tests check this path against TransformerLens'
 >>> pairs = make_counterfactual_pairs(model, make_synthetic_qa(8))         # doctest: +SKIP
 >>> exact = activation_patching(model, pairs, heads=scores.top_k(40))       # doctest: +SKIP
 >>> attrib = attribution_patching(model, pairs)                             # doctest: +SKIP
->>> rank_agreement(exact["exact"], attrib["attribution"], k=10)             # doctest: +SKIP
+>>> rank_agreement(exact, attrib, k=10)                                     # doctest: +SKIP
 {'spearman': ..., 'top_k_overlap': ..., 'n': 40, 'k': 10}
+>>> rank_agreement(scores, (patched, "attribution"), k=20)                  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -41,11 +42,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
-import numpy as np
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from focuslens.data.examples import Document, QAExample
 from focuslens.data.render import Prompt, render
@@ -63,7 +62,8 @@ from focuslens.headpatch import (
 )
 from focuslens.kvcache import PrefixCache
 from focuslens.models import model_id
-from focuslens.results import HeadResult
+from focuslens.progress import tqdm
+from focuslens.results import HeadResult, head_values, rank_heads
 
 __all__ = [
     "CounterfactualPair",
@@ -366,28 +366,29 @@ class PatchingResult(HeadResult):
 
 
 # ------------------------------------------------------------------ agreement
-def rank_agreement(
-    scores_a: Float[Tensor, "layer head"],
-    scores_b: Float[Tensor, "layer head"],
-    k: int = 20,
-    *,
-    absolute: bool = False,
-) -> dict:
-    """Spearman correlation and top-k overlap of two per-head score maps, over the heads
-    where both are finite. ``top_k_overlap`` = |top-k(a) ∩ top-k(b)| / k."""
-    a = scores_a.detach().float().flatten().cpu().numpy()
-    b = scores_b.detach().float().flatten().cpu().numpy()
+def rank_agreement(scores_a, scores_b, k: int = 20, *, absolute: bool = False) -> dict:
+    """Spearman correlation and top-k overlap of two per-head maps, over the heads where
+    both are finite. ``top_k_overlap`` = |top-k(a) ∩ top-k(b)| / k, each top k taken with
+    :func:`~focuslens.results.rank_heads` among those shared heads.
+
+    Each side is anything :func:`~focuslens.results.head_values` reads: a ``[layer, head]``
+    tensor, a HeadScores (``"gold"``), a PatchingResult (its first method) or
+    ``(result, name)``, so ``rank_agreement(scores, (patched, "attribution"))`` works.
+    ``absolute``: compare magnitudes (a strongly negative effect counts as important).
+    """
+    a = head_values(scores_a, field="scores_a").detach().float().cpu()
+    b = head_values(scores_b, field="scores_b").detach().float().cpu()
     if a.shape != b.shape:
-        raise DataError(f"score maps differ in shape: {tuple(scores_a.shape)} vs {tuple(scores_b.shape)}.")
-    keep = np.isfinite(a) & np.isfinite(b)
-    a, b = a[keep], b[keep]
+        raise DataError(f"score maps differ in shape: scores_a {tuple(a.shape)} vs scores_b {tuple(b.shape)}.")
     if absolute:
-        a, b = np.abs(a), np.abs(b)
+        a, b = a.abs(), b.abs()
+    keep = a.isfinite() & b.isfinite()
     n = int(keep.sum())
     if n < 2:
         return {"spearman": float("nan"), "top_k_overlap": float("nan"), "n": n, "k": k}
-    rho = spearman(a, b)
+    rho = spearman(a[keep].numpy(), b[keep].numpy())
     k_eff = min(k, n)
-    top_a = set(np.argsort(-a, kind="stable")[:k_eff].tolist())
-    top_b = set(np.argsort(-b, kind="stable")[:k_eff].tolist())
+    nan = torch.tensor(float("nan"))
+    top_a = set(rank_heads(a.where(keep, nan))[:k_eff])
+    top_b = set(rank_heads(b.where(keep, nan))[:k_eff])
     return {"spearman": rho, "top_k_overlap": len(top_a & top_b) / k_eff, "n": n, "k": k_eff}

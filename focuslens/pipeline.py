@@ -11,7 +11,6 @@ run back, for ``make figures``.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +21,7 @@ from focuslens.directions import import_release
 from focuslens.eval import wilson_interval
 from focuslens.experiments import run_demo_cell
 from focuslens.figures import draw_all
-from focuslens.io import update_summary
+from focuslens.io import read_summary, update_summary
 from focuslens.kvcache import PrefillStore
 from focuslens.models import load_model
 from focuslens.stages import (
@@ -96,8 +95,7 @@ def load_release(release_dir: str | Path | None) -> dict:
 def load_results(out_dir: str | Path = "figures") -> dict[str, StageResult]:
     """Every stage saved under ``out_dir`` by :func:`run_demo` (those present)."""
 
-    path = Path(out_dir) / "summary.json"
-    saved = json.loads(path.read_text()) if path.exists() else {}
+    saved = read_summary(Path(out_dir) / "summary.json")
     return {section: load_stage(out_dir, section) for section in STAGES if section in saved}
 
 

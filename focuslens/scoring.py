@@ -11,6 +11,14 @@ are the *contextual heads*. We also report the mass on the irrelevant documents 
 sum and their max), the sink (first tokens), the question and the instruction, so every
 row's mass is accounted for (they sum to at most 1).
 
+**Chance level.** A head that attends uniformly to every key it can see (causal) gives
+the span S the share ``|S ∩ [0, i]| / (i + 1)`` at answer row i — for the gold document,
+which precedes the answer, ``|gold| / (i + 1)``. Averaged over answer rows and prompts
+like the score itself, that is the metric's *chance level*
+(:func:`chance_metrics`; ``HeadScores.chance``). Layer-0 heads often sit near it: a gold
+score of 0.06 at chance 0.05 is no contextual head. ``HeadScores.times_chance`` divides
+by it (1 = chance).
+
 The reduction happens inside the ``hook_pattern`` hooks: only ``[heads, spans]`` numbers
 per layer and example are kept, never an attention pattern, so memory stays that of a
 plain forward pass (the eager attention transient itself is unavoidable in the bridge).
@@ -25,7 +33,6 @@ Answer rows come from one of three sources, recorded in the metadata:
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,20 +41,21 @@ import pandas as pd
 import torch
 from jaxtyping import Float
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from focuslens.data.examples import QAExample
 from focuslens.data.render import Prompt, Span, render
 from focuslens.errors import DataError
-from focuslens.eval import first_token_id, greedy_generate, next_token_logits
+from focuslens.eval import candidate_token_ids, check_context, greedy_generate, next_token_logits
 from focuslens.hooks import attn_hook, key_indicator, mass_on
 from focuslens.io import write_json
 from focuslens.models import model_id
-from focuslens.results import HeadResult
+from focuslens.progress import tqdm
+from focuslens.results import HeadResult, is_head_ranking, read_json
 from focuslens.steering import resolve_heads
 
-__all__ = ["HeadScores", "score_heads", "scores_from_patterns", "head_metrics", "prepare_prompts", "span_masses",
-           "prompt_span_masses", "part_spans", "token_window", "token_masses", "METRICS"]
+__all__ = ["HeadScores", "score_heads", "scores_from_patterns", "head_metrics", "chance_metrics",
+           "uniform_pattern", "prepare_prompts", "span_masses", "prompt_span_masses", "part_spans", "token_window",
+           "token_masses", "METRICS"]
 
 #: The metrics of a :class:`HeadScores`, in order.
 METRICS = ("gold", "irrelevant_sum", "irrelevant_max", "sink", "question", "instruction")
@@ -65,15 +73,20 @@ class HeadScores(HeadResult):
         mean: metric -> mean over examples.
         ci_low, ci_high: metric -> bootstrap 95 % confidence bounds (may be empty).
         metadata: model, data, setting, answer-row source, n_examples, seed, ...
+        chance: metric -> its chance level, the score of a head with uniform causal
+            attention (module docstring), one number for every head. Empty for rankings
+            and for files saved before it existed: :meth:`chance_level` is then NaN.
     """
 
     VALUES, TENSORS, KIND, DEFAULT = "mean", ("mean", "ci_low", "ci_high"), "metric", "gold"
+    EXTRAS = ("chance",)
     FORMAT = "focuslens.HeadScores/1"
 
     mean: dict[str, Float[Tensor, "layer head"]]
     ci_low: dict[str, Float[Tensor, "layer head"]] = field(default_factory=dict)
     ci_high: dict[str, Float[Tensor, "layer head"]] = field(default_factory=dict)
     metadata: dict = field(default_factory=dict)
+    chance: dict[str, float] = field(default_factory=dict)
 
     @property
     def metrics(self) -> list[str]:
@@ -81,6 +94,27 @@ class HeadScores(HeadResult):
 
     def fraction_above(self, threshold: float, metric: str = "gold") -> float:
         return float((self[metric] > threshold).float().mean())
+
+    # ---------------------------------------------------------------- chance level
+    def chance_level(self, metric: str | None = None) -> float:
+        """The chance level of ``metric`` (default ``"gold"``); NaN if unknown."""
+        value = self.chance.get(self._name(metric))
+        return float("nan") if value is None else float(value)
+
+    def times_chance(self, metric: str | None = None) -> Float[Tensor, "layer head"]:
+        """Each head's score over its chance level: 1 = what uniform attention gives,
+        3 = three times that; NaN where the chance level is unknown."""
+        return self.tensor(metric) / self.chance_level(metric)
+
+    def to_dataframe(self) -> pd.DataFrame:
+        """:meth:`HeadResult.to_dataframe` plus ``chance`` (the metric's chance level) and
+        ``times_chance`` (value / chance; ≤ 1: no better than uniform attention), NaN
+        where unknown; ``attrs["chance"]`` holds the levels."""
+        df = super().to_dataframe()
+        df["chance"] = [self.chance_level(m) for m in df["metric"]]
+        df["times_chance"] = df["value"] / df["chance"]
+        df.attrs["chance"] = dict(self.chance)
+        return df
 
     # ---------------------------------------------------------------- the paper's format
     def to_ranking_json(self, path: str | Path, metric: str = "gold") -> Path:
@@ -95,10 +129,22 @@ class HeadScores(HeadResult):
         cls, path: str | Path, *, n_layers: int | None = None, n_heads: int | None = None, model: str | None = None
     ) -> HeadScores:
         """Load a ranking file (the paper's ``relevant_heads.json``) with :meth:`from_ranking`."""
-        ranking = json.loads(Path(path).read_text())
-        if not ranking or not all(isinstance(h, list) and len(h) == 2 for h in ranking):
-            raise DataError(f"{path}: expected a JSON list of [layer, head] pairs.")
+        ranking = read_json(Path(path), "head ranking")
+        if not is_head_ranking(ranking):
+            raise DataError(f"{path}: expected a JSON list of [layer, head] pairs of ints, best first.")
         return cls.from_ranking(ranking, n_layers=n_layers, n_heads=n_heads, model=model, source=str(path))
+
+    @classmethod
+    def _from_blob(cls, blob, path: Path, model=None) -> HeadScores:
+        """:meth:`load` reads both formats: a :meth:`save` file, or a ranking file (a JSON
+        list of [layer, head], best first, as :meth:`to_ranking_json` writes it) that
+        becomes :meth:`from_ranking` scores (metric ``"rank_score"``, shaped like ``model``
+        when given, since a top-k ranking need not reach the last layer)."""
+        if not is_head_ranking(blob):
+            return super()._from_blob(blob, path, model)
+        shape = (model.cfg.n_layers, model.cfg.n_heads) if model is not None else (None, None)
+        return cls.from_ranking(blob, n_layers=shape[0], n_heads=shape[1],
+                                model=model_id(model) if model is not None else None, source=str(path))
 
     @classmethod
     def from_ranking(
@@ -107,6 +153,13 @@ class HeadScores(HeadResult):
     ) -> HeadScores:
         """A ranking of heads as scores: the best head gets ``n - 1``, the worst ``0``
         (metric ``"rank_score"``; unranked heads NaN), so ``top_k`` reproduces it."""
+        if not ranking:
+            raise DataError(f"{source}: the ranking is empty; list at least one [layer, head].")
+        seen = set()
+        for layer, head in ranking:
+            if (layer, head) in seen:
+                raise DataError(f"{source}: head [{layer}, {head}] is ranked more than once.")
+            seen.add((layer, head))
         n_layers = n_layers or 1 + max(h[0] for h in ranking)
         n_heads = n_heads or 1 + max(h[1] for h in ranking)
         values = torch.full((n_layers, n_heads), float("nan"))
@@ -126,6 +179,23 @@ def span_masses(
     columns = [[s] for s in prompt.documents] + [[prompt.sink], list(prompt.questions or [prompt.question]),
                                                   [prompt.instruction]]
     return mass_on(pattern_rows, key_indicator(pattern_rows.shape[-1], columns))
+
+
+def uniform_pattern(prompt: Prompt) -> Float[Tensor, "1 row key"]:
+    """The attention pattern of a head with no preference, at the answer rows: row i
+    spreads its mass evenly over the ``i + 1`` keys it can see (causal mask)."""
+    rows = torch.arange(prompt.answer.start, prompt.answer.end)[:, None]
+    keys = torch.arange(prompt.n_tokens)[None]
+    return ((keys <= rows).float() / (rows + 1))[None]
+
+
+def chance_metrics(prompt: Prompt) -> Float[Tensor, "metric"]:
+    """One prompt's chance level of each of :data:`METRICS`: :func:`head_metrics` of the
+    :func:`uniform_pattern` (for gold, the mean over answer rows of |gold| / (i + 1)).
+
+    >>> chance_metrics(prompt)[METRICS.index("gold")]      # doctest: +SKIP
+    """
+    return head_metrics(uniform_pattern(prompt), prompt)[0]
 
 
 def _check_prompt(prompt: Prompt, i: int) -> None:
@@ -150,7 +220,8 @@ def prepare_prompts(
     max_new_tokens: int = 8,
     quiet: bool = False,
 ) -> list[Prompt]:
-    """Render examples for scoring: pick the setting and where the answer rows come from."""
+    """Render examples for scoring: pick the setting and where the answer rows come from.
+    Prompts pass through, checked against the model's context (:func:`~focuslens.eval.check_context`)."""
 
     if setting not in SETTINGS:
         raise DataError(f"setting={setting!r}: use one of {SETTINGS}.")
@@ -158,6 +229,7 @@ def prepare_prompts(
         raise DataError(f"answer_rows={answer_rows!r}: use one of {ANSWER_ROWS}.")
     if not examples:
         raise DataError("the example list is empty: nothing to score.")
+    check_context(model, examples)
     prompts = []
     for i, ex in enumerate(tqdm(examples, desc="prepare", disable=quiet or answer_rows == "prefix", leave=False)):
         if isinstance(ex, Prompt):
@@ -226,7 +298,7 @@ def score_heads(
     logits = next_token_logits(model, prompts, batch_size=batch_size, hooks=hooks_for, quiet=quiet, desc="score heads")
     accuracy = None
     if all(p.example.answer_prefix and p.answer.end == p.n_tokens for p in prompts):
-        gold = torch.tensor([first_token_id(model.tokenizer, p.example.answers[0]) for p in prompts])
+        gold = torch.tensor([candidate_token_ids(model.tokenizer, p.example)[0] for p in prompts])
         accuracy = float((logits.argmax(-1) == gold).float().mean())
     metadata = {"model": model_id(model), "setting": setting, "answer_rows": answer_rows, "data": data,
                 "accuracy": accuracy}
@@ -279,7 +351,9 @@ def _head_scores(per_example: Tensor, prompts: Sequence[Prompt], metadata: dict,
             ci_low[m], ci_high[m] = torch.quantile(boot, 0.025, dim=0), torch.quantile(boot, 0.975, dim=0)
     metadata = {**metadata, "n_examples": len(prompts), "n_documents": sorted({len(p.documents) for p in prompts}),
                 "seed": seed, "n_bootstrap": n_bootstrap}
-    return HeadScores(mean=mean, ci_low=ci_low, ci_high=ci_high, metadata=metadata)
+    chance = torch.stack([chance_metrics(p) for p in prompts]).mean(0)  # from the prompts: no forward pass
+    return HeadScores(mean=mean, ci_low=ci_low, ci_high=ci_high, metadata=metadata,
+                      chance={m: float(chance[j]) for j, m in enumerate(METRICS)})
 
 
 # ------------------------------------------------------------------ one prompt, any spans

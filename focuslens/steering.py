@@ -40,7 +40,7 @@ from torch import Tensor
 
 from focuslens.data.render import Span
 from focuslens.errors import DataError, ModelError
-from focuslens.eval import evaluate_variants
+from focuslens.eval import check_context, evaluate_variants
 from focuslens.hooks import attn_hook
 
 __all__ = [
@@ -155,14 +155,19 @@ def per_variant(value, n: int, name: str) -> Float[Tensor, "variant"]:
 #: answer rows and every position after them (generated tokens), nothing before: the
 #: prompt up to the answer rows is then the unsteered model's and one prefill can serve a
 #: whole sweep (:class:`~focuslens.kvcache.PrefixCache`). Explicit rows: an ``int`` (that
-#: position and every later one), a :class:`Span`, or a sequence of positions.
+#: position and every later one), a :class:`Span`, or a sequence of positions. Explicit rows
+#: must select at least one position of ``prompt`` when one is given, and of every forward
+#: pass that starts at position 0 (no KV cache: a plain forward, generation's prefill):
+#: rows all past its end raise :class:`~focuslens.errors.DataError` instead of steering
+#: nothing. Later cached passes (generated tokens) may lie wholly past the prompt.
 ROWS = ("all", "answer")
 Rows = str | Span | int | Sequence[int] | None
 
 
 def resolve_rows(rows: Rows, prompt=None) -> Span | int | Tensor | None:
     """``rows`` as absolute positions: None (every position), an int (from there on), a
-    Span, or a tensor of positions. ``"answer"`` needs the ``prompt`` it refers to."""
+    Span, or a tensor of positions. ``"answer"`` needs the ``prompt`` it refers to; with a
+    ``prompt``, explicit rows must select at least one of its positions."""
     if rows is None or (isinstance(rows, str) and rows == "all"):
         return None
     if isinstance(rows, str):
@@ -171,9 +176,16 @@ def resolve_rows(rows: Rows, prompt=None) -> Span | int | Tensor | None:
         if prompt is None:
             raise DataError("rows='answer' needs the prompt whose answer rows it means: pass prompt=<Prompt>.")
         return int(prompt.answer.start)
+    where = _explicit_rows(rows)
+    if prompt is not None and not rows_reach(where, prompt.n_tokens):
+        raise rows_past_end(rows, prompt.n_tokens, "prompt")
+    return where
+
+
+def _explicit_rows(rows) -> Span | int | Tensor:
+    """A start position, a Span or a list of positions, checked (:func:`resolve_rows`)."""
     if isinstance(rows, Span):
-        if rows.start < 0 or len(rows) <= 0:
-            raise DataError(f"rows={rows}: a row span must be non-empty and start at a position >= 0.")
+        check_span(rows, "rows")
         return rows
     if isinstance(rows, bool) or not isinstance(rows, (int, Sequence, Tensor)):
         raise DataError(f"rows={rows!r}: use 'all', 'answer', a start position, a Span or a list of positions.")
@@ -187,6 +199,34 @@ def resolve_rows(rows: Rows, prompt=None) -> Span | int | Tensor | None:
     return pos
 
 
+def check_span(span: Span, name: str) -> None:
+    """A :class:`Span` argument (``name``: ``"span"`` or ``"rows"``) must be a non-empty
+    range from a position >= 0 (a reversed one is refused when the Span is made)."""
+    if span.end == span.start or span.start < 0:
+        raise DataError(f"span {span} is empty or starts before the prompt: nothing to boost." if name == "span"
+                        else f"rows={span}: a row span must be non-empty and start at a position >= 0.")
+
+
+def rows_reach(where: Span | int | Tensor | None, n: int) -> bool:
+    """Whether resolved rows select any of the positions ``0..n-1`` (no device sync)."""
+    if where is None:
+        return n > 0
+    if isinstance(where, Span):
+        return where.start < n
+    if isinstance(where, int):
+        return where < n
+    return bool((where < n).any())
+
+
+def rows_past_end(rows, n: int, what: str = "forward pass") -> DataError:
+    """The error for explicit ``rows`` that select none of the ``n`` positions of a prompt
+    or of a forward pass from position 0 (the intervention would change nothing)."""
+    shown = rows.tolist() if isinstance(rows, Tensor) else rows
+    return DataError(f"rows={shown!r} selects none of the {n} positions (0..{n - 1}) of the {what}: the "
+                     f"intervention would leave it unchanged. Rows are absolute positions < {n}; to steer only "
+                     f"the generated tokens start at the last one (rows={n - 1}), whose row predicts the first.")
+
+
 def rows_mask(rows: Span | int | Tensor | None, positions: Tensor) -> Bool[Tensor, "..."]:
     """Which of the absolute ``positions`` (any shape) lie in resolved ``rows``."""
     if rows is None:
@@ -198,16 +238,27 @@ def rows_mask(rows: Span | int | Tensor | None, positions: Tensor) -> Bool[Tenso
     return torch.isin(positions, rows.to(positions.device))
 
 
-def _span_mask(span, n_keys: int) -> Bool[Tensor, "... key"]:
+def _check_span_arg(span) -> None:
+    """``span`` of :func:`split_softmax_hooks`, checked before any forward pass."""
     if isinstance(span, Span):
-        if len(span) == 0 or span.start < 0:
-            raise DataError(f"span {span} is empty or starts before the prompt: nothing to boost.")
+        check_span(span, "span")
+    elif torch.as_tensor(span).ndim not in (1, 2):
+        raise DataError(f"span mask of shape {tuple(torch.as_tensor(span).shape)}: expected (n_keys,) or "
+                        "(1 or batch, n_keys).")
+
+
+def _span_mask(span, n_keys: int, batch: int) -> Bool[Tensor, "... key"]:
+    if isinstance(span, Span):
         if span.start >= n_keys:
             raise DataError(f"span {span} starts after the {n_keys} keys of the prompt: nothing to boost.")
         mask = torch.zeros(n_keys, dtype=torch.bool)
         mask[span.start : span.end] = True
         return mask
     mask = torch.as_tensor(span).bool()
+    if mask.ndim == 2 and mask.shape[0] not in (1, batch):
+        rows = "1" if batch == 1 else f"1 or {batch}"
+        raise DataError(f"span mask of shape {tuple(mask.shape)} for a batch of {batch}: expected "
+                        f"({mask.shape[-1]},) or ({rows}, {mask.shape[-1]}): one row, or one per batch row.")
     if mask.shape[-1] < n_keys:  # a mask over the prompt; later (generated) keys are outside
         mask = torch.cat([mask, mask.new_zeros(*mask.shape[:-1], n_keys - mask.shape[-1])], dim=-1)
     return mask[..., :n_keys]
@@ -265,6 +316,7 @@ def split_softmax_hooks(
         prompt: the :class:`~focuslens.data.render.Prompt` that ``rows="answer"`` refers to.
     """
     where = resolve_rows(rows, prompt)
+    _check_span_arg(span)
     masks = variant_masks(model, heads)
     taus = per_variant(tau, masks.shape[0], "tau")
     if (taus <= 0).any():
@@ -279,9 +331,11 @@ def split_softmax_hooks(
             t = layer_tau.to(pattern.device)
             if t.shape[0] not in (1, b):
                 raise DataError(f"{t.shape[0]} head selections for a batch of {b}: give one, or one per row.")
+            if q == k and not rows_reach(where, k):  # a pass from position 0 that no row reaches
+                raise rows_past_end(rows, k)
             edit = rows_mask(where, torch.arange(k - q, k, device=pattern.device))
             t = torch.where(edit[None, None, :], t[:, :, None], torch.ones(()))  # [variant, head, query]
-            return split_softmax_pattern(pattern, _span_mask(span, k), t)
+            return split_softmax_pattern(pattern, _span_mask(span, k, b), t)
 
         hooks.append((attn_hook(layer, "pattern"), hook))
     return hooks
@@ -335,6 +389,7 @@ def split_softmax_sweep(
     """
 
 
+    check_context(model, examples)
     ranking = [(int(layer), int(head)) for layer, head in ranking]
     everyone = [(layer, head) for layer in range(model.cfg.n_layers) for head in range(model.cfg.n_heads)]
     rng = random.Random(seed)

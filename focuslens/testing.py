@@ -74,6 +74,8 @@ def tiny_model(
 
     if arch not in ARCHITECTURES:
         raise ModelError(f"arch={arch!r} is not one of {ARCHITECTURES}.")
+    if isinstance(n_kv_heads, bool) or not isinstance(n_kv_heads, int) or n_kv_heads < 1:
+        raise ModelError(f"n_kv_heads={n_kv_heads!r} must be a positive integer (1 for multi-query attention).")
     if n_heads % n_kv_heads:
         raise ModelError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}.")
     tok = tokenizer or tiny_tokenizer()

@@ -11,6 +11,7 @@ with AdamW and per-head early stopping on validation gold mass.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,7 +19,6 @@ from dataclasses import dataclass
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
-from tqdm.auto import tqdm
 
 from focuslens.data.examples import QAExample
 from focuslens.data.render import Prompt
@@ -26,6 +26,7 @@ from focuslens.directions import FocusDirections, architecture_of, attention_sca
 from focuslens.errors import DataError
 from focuslens.hooks import attn_hook
 from focuslens.models import model_id
+from focuslens.progress import tqdm
 from focuslens.scoring import prepare_prompts
 from focuslens.steering import Head
 
@@ -255,6 +256,23 @@ def _attention_caches(model, train_p, val_p, inputs, quiet):
     return train_in, val_in
 
 
+def _checked_settings(**settings) -> dict:
+    """The training settings for the metadata, after checking each (``DataError`` naming it):
+    ``epochs``, ``batch_size``, ``patience`` integers ≥ 1, ``lr`` > 0, ``weight_decay`` and
+    ``init_std`` ≥ 0, all finite."""
+    for name in ("epochs", "batch_size", "patience"):
+        value = settings[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise DataError(f"train_directions: {name}={value!r} must be an integer of at least 1.")
+    for name, low in (("lr", "> 0"), ("weight_decay", ">= 0"), ("init_std", ">= 0")):
+        value = settings[name]
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or (value <= 0 if low == "> 0" else value < 0):
+            raise DataError(f"train_directions: {name}={value!r} must be a finite number {low}.")
+    return settings | {"optimizer": "AdamW",
+                       "objective": "maximise mean attention mass from the answer rows onto the gold document"}
+
+
 def train_directions(
     model,
     train: Sequence[QAExample | Prompt],
@@ -291,12 +309,11 @@ def train_directions(
             they were already collected for these prompts (e.g. to score heads from the same
             forward passes); ``train``/``validation`` must then be those rendered prompts.
     """
+    settings = _checked_settings(epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
+                                 init_std=init_std, patience=patience, seed=seed)
     train_p = prepare_prompts(model, train, answer_rows=answer_rows, quiet=quiet)
     val_p = prepare_prompts(model, validation, answer_rows=answer_rows, quiet=quiet) if validation else None
     train_in, val_in = _attention_caches(model, train_p, val_p, inputs, quiet)
-    settings = {"epochs": epochs, "lr": lr, "weight_decay": weight_decay, "batch_size": batch_size,
-                "init_std": init_std, "patience": patience, "seed": seed, "optimizer": "AdamW",
-                "objective": "maximise mean attention mass from the answer rows onto the gold document"}
     t0 = time.perf_counter()
     dq, dk, info = _train_on_inputs(train_in, val_in, epochs=epochs, lr=lr, weight_decay=weight_decay,
                                     batch_size=batch_size, init_std=init_std, patience=patience, seed=seed, quiet=quiet)

@@ -9,6 +9,7 @@ import pytest
 from plotly.offline import get_plotlyjs_version
 
 from focuslens.cli import main
+from focuslens.io import update_summary
 
 PLOTLY_JS = f"plotly.js v{get_plotlyjs_version()}"  # the banner of the inlined bundle
 
@@ -41,7 +42,7 @@ def test_distraction_writes_summary_and_offline_html(tmp_path, tiny_llama_dir, c
     assert section["model"] == tiny_llama_dir.name and section["task"] == "synthetic" and section["seed"] == 0
     assert section["n_prompts"] == 3
     assert set(section["accuracy"]) == set(section["candidate_accuracy"]) == {"1", "3"}
-    assert section["candidate_accuracy"]["1"] == 1.0  # one document: no competing candidate
+    assert section["candidate_accuracy"]["1"] is None  # one document: no candidate to beat (NaN, saved as null)
     assert all(0.0 <= a <= 1.0 for a in section["accuracy"].values())
     assert set(section["by_gold_position_3"]) == {"first", "middle", "last"}
 
@@ -135,3 +136,35 @@ def test_counts_are_not_rounded_and_help_shows_defaults_and_an_example(capsys):
         text = capsys.readouterr().out
         assert "example: focuslens " + command.split()[0] in text, command
         assert "(default: smollm2-135m-instruct)" in text, command  # every option shows its default
+
+
+@pytest.mark.parametrize("content", ["{\"distraction\": {\"files\": {}", "[1, 2]", "\udcff"])
+def test_figures_on_a_corrupt_summary_is_one_line_and_runs_no_demo(tmp_path, capsys, content):
+    summary = tmp_path / "summary.json"
+    summary.write_bytes(content.encode("utf-8", "surrogateescape"))
+    (tmp_path / "distraction.csv").write_text("kept,as,is\n")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert main(["figures", "--model", "no-such-model", "--out", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    err = captured.err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("focuslens: error:") and str(summary) in err[0]
+    assert "unexpected" not in err[0] and "running the quick demo" not in captured.out
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # the user's folder is untouched
+
+
+def test_figures_on_a_partial_summary_names_the_missing_sections(tmp_path, capsys):
+    update_summary(tmp_path / "summary.json", "distraction", {"files": {}})
+    before = (tmp_path / "summary.json").read_text()
+    assert main(["figures", "--model", "no-such-model", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "has no contextual_heads, patching, split_softmax, focus_directions section(s)" in err
+    assert f"focuslens demo --out {tmp_path}" in err and (tmp_path / "summary.json").read_text() == before
+
+
+def test_a_corrupt_summary_is_never_replaced_by_the_next_stage(tmp_path, tiny_llama_dir, capsys):
+    (tmp_path / "summary.json").write_text("{\"contextual_heads\": ")
+    argv = ["distraction", "--model", str(tiny_llama_dir), "--n-prompts", "2", "--n-documents", "1", "--quiet"]
+    assert main([*argv, "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "summary.json: cannot read a summary file" in err and "unexpected" not in err
+    assert (tmp_path / "summary.json").read_text() == "{\"contextual_heads\": "

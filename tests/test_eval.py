@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import math
+import warnings
+
 import pytest
 import torch
+from conftest import get_tiny
 
 from focuslens import evaluate_next_token, make_synthetic_qa, render
-from focuslens.data.examples import normalize_answer
+from focuslens.data import Document, QAExample
+from focuslens.data.examples import LITM_INSTRUCTION, normalize_answer
+from focuslens.data.render import answer_lead, split_visible
+from focuslens.distraction import distraction, distraction_summary
 from focuslens.eval import (
     accuracy_by,
     best_subspan_em,
-    distraction,
-    distraction_summary,
+    candidate_token_ids,
+    evaluate_variants,
     first_token_id,
     greedy_generate,
     next_token_logits,
     position_label,
+    scored_tokens,
+    warn_unscorable,
 )
 
 EVAL_COLUMNS = [
@@ -238,7 +247,8 @@ def test_distraction_runs_every_setting(tiny_tok):
     assert set(summary["by_gold_position_6"]) == {"first", "middle", "last"}
     ones = rows[(rows.setting == "random") & (rows.n_documents == 1)]
     assert summary["accuracy"]["1"] == pytest.approx(ones.correct.mean())
-    assert summary["candidate_accuracy"]["1"] == 1.0  # one document, no competing candidate
+    assert math.isnan(summary["candidate_accuracy"]["1"])  # one document: no candidate to beat, no evidence
+    assert ones.candidate_correct.isna().all() and ones.margin.isna().all()
 
 
 @pytest.mark.slow
@@ -267,3 +277,144 @@ def test_shared_prefix_path_equals_full_forwards(arch, kv):
     with torch.no_grad():
         full = torch.stack([model(p.input_ids[None])[0, -1] for p in prompts])
     torch.testing.assert_close(shared, full, atol=1e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- hand-written examples
+def _founded(*years, candidates=None) -> QAExample:
+    """A hand-written year question: one document per year, the first company's is gold;
+    the candidates are the years unless given."""
+    names = ["Varnex Motors", "Kolber Foods", "Trenix Labs"][: len(years)]
+    docs = tuple(Document(n, f"{n} was founded in {y}.") for n, y in zip(names, years))
+    return QAExample(instruction=LITM_INSTRUCTION, documents=docs, gold_index=0,
+                     question="In which year was Varnex Motors founded?", answers=(years[0],),
+                     answer_prefix="Varnex Motors was founded in",
+                     candidates=years if candidates is None else candidates, qid="founded")
+
+
+def _no_warnings(fn, *args, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        return fn(*args, **kwargs)
+
+
+def test_smollm2_year_scores_the_first_digit_after_a_teacher_forced_space(smol_tokenizer):
+    tok = smol_tokenizer
+    ids, k, lead = split_visible(tok, " 1987")
+    assert tok.convert_ids_to_tokens(ids) == ["Ġ", "1", "9", "8", "7"] and (k, lead) == (1, " ")
+    assert tok.decode([first_token_id(tok, "1987")]) == "1"  # not the bare space 'Ġ'
+    ex = _founded("1987")
+    prompt, prefix_only = render(ex, tok), render(ex, tok, response=ex.answer_prefix)
+    assert prompt.text == prefix_only.text + " " and prompt.n_tokens == prefix_only.n_tokens + 1
+    assert prompt.input_ids[:-1].tolist() == prefix_only.input_ids.tolist()
+    assert tok.convert_ids_to_tokens(prompt.input_ids[-2:].tolist()) == ["Ġin", "Ġ"]
+    # the lead is an answer row, right after the answer prefix
+    assert prompt.answer.start == prefix_only.answer.start and prompt.answer.end == prompt.n_tokens
+    assert prompt.span_text(prompt.answer) == ex.answer_prefix + " "
+    # the prompt is the canonical tokenization of the answered text, cut right before '1'
+    answered = tok(prefix_only.text + " 1987", add_special_tokens=False)["input_ids"]
+    assert answered[: prompt.n_tokens] == prompt.input_ids.tolist()
+    assert answered[prompt.n_tokens] == candidate_token_ids(tok, ex)[0] == first_token_id(tok, "1987")
+
+
+@torch.no_grad()
+def test_smollm2_gold_only_year_prompt_is_scored_at_the_digit(smollm2):
+    tok = smollm2.tokenizer
+    ex = _founded("1987")
+    row = evaluate_next_token(smollm2, [ex], quiet=True).iloc[0]
+    prompt = render(ex, tok)
+    logits = smollm2(prompt.input_ids[None].to(smollm2.cfg.device))[0, -1].float().cpu()
+    gold = first_token_id(tok, "1987")
+    assert row.correct == (int(logits.argmax()) == gold) and row.prediction == tok.decode([int(logits.argmax())])
+    assert row.gold_logit == pytest.approx(logits[gold].item(), abs=1e-3)
+    assert row.correct and row.prediction == "1"  # the document says 1987: the model writes '1' after the space
+    # at the answer prefix itself the model's top-1 is the bare space, the token the old scoring took as gold
+    before = smollm2(render(ex, tok, response=ex.answer_prefix).input_ids[None].to(smollm2.cfg.device))[0, -1]
+    assert tok.decode([int(before.argmax())]) == " "
+    assert math.isnan(row.candidate_correct) and math.isnan(row.margin)  # no other year in the prompt
+
+
+def test_smollm2_multi_token_name_has_no_lead(smol_tokenizer):
+    tok = smol_tokenizer
+    name = "Wilhelm Conrad Röntgen"
+    assert len(tok(" " + name, add_special_tokens=False)["input_ids"]) > 3
+    docs = (Document("X-rays", f"X-rays were discovered by {name}."),
+            Document("Radium", "Radium was discovered by Marie Curie."))
+    ex = QAExample(instruction=LITM_INSTRUCTION, documents=docs, gold_index=0, question="Who discovered X-rays?",
+                   answers=(name,), answer_prefix="X-rays were discovered by", candidates=(name, "Marie Curie"))
+    assert answer_lead(tok, ex) == "" and render(ex, tok).text.endswith(ex.answer_prefix)
+    gold, others = _no_warnings(candidate_token_ids, tok, ex)
+    assert tok.decode([gold]) == " Wilhelm" and [tok.decode([o]) for o in others] == [" Marie"]
+    wien = ex.replace(documents=docs + (Document("Wien", "Wilhelm Wien studied radiation."),),
+                      candidates=(name, "Marie Curie", "Wilhelm Wien"))
+    with pytest.warns(UserWarning, match="'Wilhelm Conrad Röntgen' and 'Wilhelm Wien' \\(' Wilhelm'\\)"):
+        warn_unscorable(tok, [wien])
+    assert candidate_token_ids(tok, wien) == (gold, others)  # Wilhelm Wien cannot compete with Wilhelm
+
+
+def test_smollm2_candidates_are_compared_at_the_scored_position(smol_tokenizer):
+    tok = smol_tokenizer
+    # gold "1987" is scored at '1' after a forced space: "Paris" (['ĠParis']) parts from it
+    # before that position and is no competitor there; "2001" needs '2' there.
+    base = _founded("1987", "2001")
+    ex = base.replace(documents=base.documents + (Document("Lyon", "Paris."),), candidates=("1987", "2001", "Paris"))
+    gold, rivals = scored_tokens(tok, ex)
+    assert tok.decode([gold]) == "1" and {c: tok.decode([t]) for c, t in rivals.items()} == {"1987": "1", "2001": "2"}
+    # gold "Paris" is scored at 'ĠParis' after "in": a year needs the bare space there
+    city = ex.replace(answers=("Paris",), candidates=("Paris", "2001"))
+    gold, rivals = scored_tokens(tok, city)
+    assert tok.decode([gold]) == " Paris" and tok.decode([rivals["2001"]]) == " "
+    # without an answer prefix the answer opens the assistant turn: no leading space
+    assert tok.decode([candidate_token_ids(tok, city.replace(answer_prefix=None))[0]]) == "Paris"
+
+
+def test_shared_first_tokens_warn_and_leave_candidates_out(tiny_tok):
+    model = get_tiny("llama", 2)
+    ex = _founded("1987", "1992")
+    gold, others = candidate_token_ids(tiny_tok, ex)
+    assert tiny_tok.decode([gold]) == "1" and others == []  # '1' of 1992 cannot compete with '1' of 1987
+    with pytest.warns(UserWarning, match=r"'1987' and '1992' \('1'\)") as caught:
+        row = evaluate_next_token(model, [ex, ex.with_gold_at(1)], quiet=True).iloc[0]
+    assert len([w for w in caught if "share the scored first token" in str(w.message)]) == 1
+    assert math.isnan(row.candidate_correct) and math.isnan(row.margin)
+    # a year with another first digit still competes, and no warning is given
+    df = _no_warnings(evaluate_next_token, model, [_founded("1987", "2001")], quiet=True)
+    assert df.candidate_correct.iloc[0] in (0.0, 1.0) and math.isfinite(df.margin.iloc[0])
+
+
+def test_missing_answer_prefix_warns_once_per_call(tiny_tok):
+    model = get_tiny("qwen2", 2)
+    examples = make_synthetic_qa(3, n_documents=3, seed=4, answer_prefix=False)
+    for run in (lambda: evaluate_next_token(model, examples, quiet=True),
+                lambda: evaluate_variants(model, examples, 2, lambda prompt, v: [], quiet=True)):
+        with pytest.warns(UserWarning, match="answer_prefix") as caught:
+            run()
+        messages = [str(w.message) for w in caught if "answer_prefix" in str(w.message)]
+        assert len(messages) == 1 and "3 of 3 examples" in messages[0] and "newline" in messages[0]
+    _no_warnings(evaluate_next_token, model, make_synthetic_qa(3, n_documents=3, seed=4), quiet=True)
+
+
+@torch.no_grad()
+def test_no_candidates_give_nan_and_means_skip_it(tiny_tok):
+    model = get_tiny("mistral", 1)
+    lonely = _founded("1987", "2001", candidates=())
+    rival = _founded("1987", "2001")
+    df = evaluate_next_token(model, [lonely, rival], quiet=True)
+    assert math.isnan(df.candidate_correct[0]) and math.isnan(df.margin[0]) and not math.isnan(df.gold_logit[0])
+    assert df.candidate_correct[1] in (0.0, 1.0) and math.isfinite(df.margin[1])
+    assert (df.candidate_correct[1] == 1.0) == (df.margin[1] > 0)
+    var = evaluate_variants(model, [lonely, rival], 2, lambda prompt, v: [], quiet=True)
+    assert var[var.example == 0].candidate_correct.isna().all() and var[var.example == 0].margin.isna().all()
+    torch.testing.assert_close(torch.tensor(var[var.example == 1].margin.to_numpy()),
+                               torch.tensor([df.margin[1]] * 2, dtype=torch.float64), atol=1e-4, rtol=1e-4)
+    df["group"] = ["a", "a"]
+    assert accuracy_by(df, "group", "candidate_correct") == {"a": df.candidate_correct[1]}  # the NaN is skipped
+
+
+def test_smollm2_synthetic_answers_have_no_lead(smol_tokenizer):
+    for ex in make_synthetic_qa(10, n_documents=5, seed=0):
+        assert answer_lead(smol_tokenizer, ex) == ""
+        prompt = render(ex, smol_tokenizer)
+        assert prompt.text.endswith(ex.answer_prefix)
+        answered = smol_tokenizer(prompt.text + " " + ex.answers[0], add_special_tokens=False)["input_ids"]
+        assert answered[: prompt.n_tokens] == prompt.input_ids.tolist()
+        assert answered[prompt.n_tokens] == first_token_id(smol_tokenizer, ex.answers[0])

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import importlib.metadata
 import json
+import os
+import shutil
 
 import pytest
 import torch
@@ -176,3 +178,166 @@ def test_smollm2_knows_the_capital_of_france(smollm2):
     )
     completion = tok.decode(out[0, tokens.shape[1] :])
     assert "Paris" in completion
+
+
+# ---------------------------------------------------------------- local folders: one clear error each
+def test_a_folder_without_config_or_weights_or_tokenizer_is_named(tmp_path, tiny_llama_dir):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelError, match=r"empty has no config\.json"):
+        load_model(tmp_path / "empty")
+    (tmp_path / "readme").mkdir()
+    (tmp_path / "readme" / "README.md").write_text("# a model card, nothing else\n")
+    with pytest.raises(ModelError, match=r"readme has no config\.json"):
+        load_model(tmp_path / "readme")
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    shutil.copy(tiny_llama_dir / "config.json", config_only)
+    with pytest.raises(ModelError, match=r"config-only has a config\.json but no weights") as err:
+        load_model(config_only)
+    assert "Hugging Face hub" not in str(err.value)
+    no_tokenizer = tmp_path / "no-tokenizer"
+    no_tokenizer.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_llama_dir / name, no_tokenizer)
+    with pytest.raises(ModelError, match=r"no-tokenizer has no tokenizer"):
+        load_model(no_tokenizer)
+
+
+def test_zero_kv_heads_is_a_model_error_naming_n_kv_heads(tmp_path, tiny_llama_dir):
+    with pytest.raises(ModelError, match="n_kv_heads=0"):
+        tiny_model("llama", n_kv_heads=0)
+    folder = shutil.copytree(tiny_llama_dir, tmp_path / "kv0")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "num_key_value_heads": 0}))
+    with pytest.raises(ModelError, match=r"n_kv_heads=0 \(num_key_value_heads"):
+        load_model(folder)
+
+
+# ---------------------------------------------------------------- the embedded model's cache folder
+NAME = "smollm2-135m-instruct"
+
+
+def fake_dequantize(name, folder):
+    """Stands in for the ~65 s dequantization: a small but well-formed cache folder."""
+    from safetensors.torch import save_file
+
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "name": name}))
+    (folder / "tokenizer.json").write_text(json.dumps({"vocab": list(range(1000))}))
+    save_file({"w": torch.arange(4096, dtype=torch.float32)}, str(folder / "model.safetensors"))
+
+
+@pytest.fixture
+def fake_cache(monkeypatch, tmp_path):
+    """``FOCUSLENS_CACHE`` in tmp_path, dequantized by :func:`fake_dequantize`; returns
+    ``(folder, calls)`` where ``calls`` counts the (re)builds."""
+    calls = []
+    monkeypatch.setenv("FOCUSLENS_CACHE", str(tmp_path))
+    monkeypatch.setattr(focuslens.models, "_dequantize", lambda n, f: calls.append(f) or fake_dequantize(n, f))
+    return tmp_path / NAME, calls
+
+
+def _leftovers(cache) -> list[str]:
+    return sorted(p.name for p in cache.iterdir() if p.name != NAME)
+
+
+def test_cache_is_built_once_with_a_manifest(fake_cache):
+    folder, calls = fake_cache
+    assert focuslens.models._dequantized_dir(NAME) == folder and len(calls) == 1
+    manifest = json.loads((folder / "manifest.json").read_text())["files"]
+    assert set(manifest) == {"config.json", "tokenizer.json", "model.safetensors"}
+    assert manifest["tokenizer.json"]["size"] == (folder / "tokenizer.json").stat().st_size
+    assert len(manifest["model.safetensors"]["sha256"]) == 64
+    assert focuslens.models._dequantized_dir(NAME) == folder and len(calls) == 1  # trusted: no rebuild
+    assert _leftovers(folder.parent) == []
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[:-100])
+
+
+def _same_size_edit(path):
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 1
+    path.write_bytes(bytes(data))
+
+
+DAMAGE = {
+    "tokenizer deleted": lambda f: (f / "tokenizer.json").unlink(),
+    "weights truncated": lambda f: _truncate(f / "model.safetensors"),
+    "tokenizer edited, same size": lambda f: _same_size_edit(f / "tokenizer.json"),
+    "manifest corrupt": lambda f: (f / "manifest.json").write_text("{not json"),
+    "manifest lists no weights": lambda f: (f / "manifest.json").write_text('{"files": {}}'),
+    "no manifest, weights truncated": lambda f: ((f / "manifest.json").unlink(), _truncate(f / "model.safetensors")),
+    "no manifest, tokenizer truncated": lambda f: ((f / "manifest.json").unlink(), _truncate(f / "tokenizer.json")),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_broken_cache_is_rebuilt_once_and_swapped_in(fake_cache, damage):
+    folder, calls = fake_cache
+    focuslens.models._dequantized_dir(NAME)
+    DAMAGE[damage](folder)
+    assert focuslens.models._cache_problem(folder) is not None
+    (folder / "stray.txt").write_text("the broken folder is replaced whole")
+    assert focuslens.models._dequantized_dir(NAME) == folder and len(calls) == 2
+    assert focuslens.models._cache_problem(folder) is None and not (folder / "stray.txt").exists()
+    assert _leftovers(folder.parent) == []
+
+
+def test_an_unlisted_whole_folder_is_kept_and_given_a_manifest(fake_cache):
+    folder, calls = fake_cache
+    focuslens.models._dequantized_dir(NAME)
+    (folder / "manifest.json").unlink()  # as an older focuslens left it
+    assert focuslens.models._dequantized_dir(NAME) == folder and len(calls) == 1
+    assert focuslens.models._cache_problem(folder) is None
+
+
+def test_a_failed_rebuild_is_one_model_error_and_leaves_nothing(monkeypatch, tmp_path):
+    def crash(name, folder):
+        (folder / "config.json").write_text("{}")
+        raise RuntimeError("disk full")
+
+    monkeypatch.setenv("FOCUSLENS_CACHE", str(tmp_path))
+    monkeypatch.setattr(focuslens.models, "_dequantize", crash)
+    with pytest.raises(ModelError) as err:
+        focuslens.models._dequantized_dir(NAME)
+    assert str(tmp_path / NAME) in str(err.value) and "delete the folder" in str(err.value)
+    assert "disk full" in str(err.value) and list(tmp_path.iterdir()) == []
+    # a rebuild that writes a broken folder again is refused too, naming it
+    monkeypatch.setattr(focuslens.models, "_dequantize", lambda n, f: (fake_dequantize(n, f),
+                                                                        _truncate(f / "model.safetensors")))
+    with pytest.raises(ModelError, match=r"still broken .*model\.safetensors is \d+ bytes.*delete the folder"):
+        focuslens.models._dequantized_dir(NAME)
+    assert _leftovers(tmp_path) == []
+
+
+def test_leftovers_of_dead_processes_go_those_of_live_ones_stay(fake_cache):
+    folder, _ = fake_cache
+    cache = folder.parent
+    dead, live = cache / f".{NAME}.999999999.abc.tmp", cache / f".{NAME}.{os.getpid()}.abc.tmp"
+    for path in (dead, live, cache / f"{NAME}.tmp", cache / f".{NAME}.999999999.abc.old"):
+        path.mkdir()
+        (path / "config.json").write_text("{}")
+    focuslens.models._dequantized_dir(NAME)
+    assert _leftovers(cache) == [live.name]
+
+
+@pytest.mark.slow
+def test_the_real_cache_with_a_deleted_tokenizer_is_rebuilt(monkeypatch, tmp_path):
+    """The one real rebuild (30–65 s): a copy of the cache, never the cache itself."""
+    real = focuslens.models.cache_dir() / NAME
+    if not (real / "model.safetensors").is_file():
+        pytest.skip(f"no embedded model cached in {real}")
+    before = {p.name: p.stat().st_mtime_ns for p in real.iterdir()}
+    copy = shutil.copytree(real, tmp_path / NAME, ignore=shutil.ignore_patterns("manifest.json"))
+    (copy / "tokenizer.json").unlink()
+    (tmp_path / f"{NAME}.tmp").mkdir()  # what the old code left behind
+    monkeypatch.setenv("FOCUSLENS_CACHE", str(tmp_path))
+    model = load_model(NAME, device="cpu")
+    assert model.cfg.n_layers == 30 and (copy / "tokenizer.json").is_file()
+    assert focuslens.models._cache_problem(copy) is None and _leftovers(tmp_path) == []
+    weights = copy / "model.safetensors"
+    assert weights.stat().st_ino != (real / "model.safetensors").stat().st_ino  # a file of the copy
+    os.truncate(weights, weights.stat().st_size - 4096)
+    assert "model.safetensors is" in focuslens.models._cache_problem(copy)
+    assert {p.name: p.stat().st_mtime_ns for p in real.iterdir() if p.name in before} == before

@@ -28,6 +28,7 @@ from focuslens.patching import (
     patch_heads,
     rank_agreement,
 )
+from focuslens.scoring import HeadScores
 
 # llama with GQA, qwen2 with MQA (1 KV head) and GQA (2 KV heads)
 ARCHS = [("llama", 2), ("qwen2", 1), ("qwen2", 2)]
@@ -334,6 +335,25 @@ def test_rank_agreement_known_values():
     c = torch.tensor([[float("nan"), 2.0], [3.0, 4.0]])
     out = rank_agreement(c, torch.tensor([[9.0, 1.0], [2.0, 3.0]]), k=1)
     assert out["n"] == 3 and out["spearman"] == pytest.approx(1.0) and out["top_k_overlap"] == 1.0
+
+
+def test_rank_agreement_takes_any_per_head_result():
+    effects = _result()  # exact: NaN except 3 heads; attribution: every head
+    gold = torch.tensor([[0.3, 0.2], [0.9, 0.1], [0.5, 0.4]])
+    scores = HeadScores(mean={"sink": -gold, "gold": gold})  # "gold" is the default, not the first metric
+    by_tensor = rank_agreement(gold, effects["exact"], k=2)
+    assert rank_agreement(scores, effects, k=2) == by_tensor  # defaults: "gold" and the first method "exact"
+    assert by_tensor["n"] == 3 and by_tensor["k"] == 2
+    # exact heads (0,1)=0.9, (2,0)=0.5, (1,1)=-0.7 vs gold 0.2, 0.5, 0.1: top-2 {(0,1),(2,0)} vs {(2,0),(0,1)}
+    assert by_tensor["top_k_overlap"] == 1.0 and by_tensor["spearman"] == pytest.approx(0.5)
+    assert rank_agreement(scores, (effects, "attribution"), k=3) == rank_agreement(gold, effects["attribution"], k=3)
+    assert rank_agreement((scores, "sink"), scores, k=3)["spearman"] == pytest.approx(-1.0)
+    with pytest.raises(DataError, match="scores_b: PatchingResult has no method 'gold'"):
+        rank_agreement(scores, (effects, "gold"))
+    with pytest.raises(DataError, match="scores_a is a list"):
+        rank_agreement([(0, 1)], effects)
+    with pytest.raises(DataError, match=r"scores_a \(3, 2\) vs scores_b \(2, 2\)"):
+        rank_agreement(scores, torch.zeros(2, 2))
 
 
 # ---------------------------------------------------------------- the real model

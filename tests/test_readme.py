@@ -1,5 +1,5 @@
 """Every ```python block of README.md runs as pasted: in order, in one namespace, with its
-one size knob turned down (``N = 100`` -> ``N = 8``), in a scratch folder."""
+one size knob turned down (``N = 100`` -> ``N = 4``), in a scratch folder."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def test_readme_python_blocks_run_as_pasted(tmp_path, monkeypatch, shared_data):
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "no PNG", UserWarning)  # a machine without chromium: HTML only
         for i, block in enumerate(python_blocks(README.read_text()), 1):
-            code = compile(block.replace(SIZE, "N = 8 "), f"README.md python block {i}", "exec")
+            code = compile(block.replace(SIZE, "N = 4 "), f"README.md python block {i}", "exec")
             exec(code, namespace)  # noqa: S102 - the README's own code
     assert (tmp_path / "my_directions" / "focus_directions.json").exists()
     assert (tmp_path / "figures" / "tokens.html").exists()

@@ -15,6 +15,7 @@ from focuslens import DataError, ModelError
 from focuslens.directions import FocusDirections
 from focuslens.io import write_atomic, write_json
 from focuslens.patching import PatchingResult
+from focuslens.results import head_values, rank_heads
 from focuslens.scoring import HeadScores
 from focuslens.steering import resolve_heads
 
@@ -35,6 +36,25 @@ def test_both_results_rank_alike_and_leave_nan_heads_out(make, tmp_path):
     assert torch.equal(loaded["gold"].isnan(), values.isnan())
     assert "NaN" not in (tmp_path / "r.json").read_text()  # valid JSON: null, not NaN
     assert "<table>" in r._repr_html_() and type(r).__name__ in repr(r)
+
+
+def test_one_helper_turns_any_per_head_result_into_a_tensor():
+    t = torch.tensor([[0.2, NAN, 0.9], [0.9, -0.5, 0.4]])
+    scores = HeadScores(mean={"sink": -t, "gold": t})
+    patched = PatchingResult(scores={"exact": t, "attribution": -t})
+    assert head_values(t) is t and head_values(scores) is scores["gold"] and head_values(patched) is t
+    assert head_values((scores, "sink")) is scores["sink"]
+    assert head_values((patched, "attribution")) is patched["attribution"]
+    assert scores.default_name == "gold" and patched.default_name == "exact"
+    # one ranking rule: largest first, ties in (layer, head) order, NaN left out
+    assert rank_heads(t) == [(0, 2), (1, 0), (1, 2), (0, 0), (1, 1)] == scores.ranking() == patched.ranking()
+    assert rank_heads(t, absolute=True)[:3] == [(0, 2), (1, 0), (1, 1)]
+    with pytest.raises(DataError, match="effects: HeadScores has no metric 'exact'"):
+        head_values((scores, "exact"), field="effects")
+    with pytest.raises(DataError, match=r"x is a tensor of shape \(6,\)"):
+        head_values(t.flatten(), field="x")
+    with pytest.raises(DataError, match="x is a dict"):
+        head_values({"gold": t}, field="x")
 
 
 def test_a_ranking_file_round_trips_through_scores_without_rereading_it():

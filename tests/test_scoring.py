@@ -4,14 +4,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
 
 from focuslens.data import Span, make_synthetic_qa, render
 from focuslens.errors import DataError, ModelError
-from focuslens.scoring import METRICS, HeadScores, score_heads
+from focuslens.patching import PatchingResult
+from focuslens.scoring import (
+    METRICS,
+    HeadScores,
+    chance_metrics,
+    score_heads,
+    scores_from_patterns,
+    uniform_pattern,
+)
 from focuslens.testing import tiny_model
+from focuslens.viz import plot_head_map
 
 ARCH_KV = [("llama", 4), ("llama", 2), ("qwen2", 1), ("qwen2", 2), ("mistral", 2), ("mistral", 1)]
 
@@ -155,3 +165,117 @@ def test_smollm2_has_sparse_mid_to_late_contextual_heads(smollm2):
     # sparse: the best head is far above the median head
     assert float(scores["gold"].max()) > 3 * float(scores["gold"].median())
     assert sum(layer >= 5 for layer, _ in top) >= 6
+
+
+# ------------------------------------------------------------------ chance level
+def _hand_prompt():
+    """A 12-token prompt with spans set by hand: sink 0, instruction 1-2, documents 3-4 and
+    5-7 (gold: the second, 3 tokens), question 8-9, answer rows 10 and 11."""
+    model = tiny_model("llama", n_kv_heads=2)
+    prompt = render(make_synthetic_qa(1, n_documents=2)[0], model.tokenizer)
+    return dataclasses.replace(prompt, input_ids=prompt.input_ids[:12], sink=Span(0, 1), instruction=Span(1, 3),
+                               documents=(Span(3, 5), Span(5, 8)), gold_index=1, question=Span(8, 10),
+                               questions=(), answer=Span(10, 12))
+
+
+def test_chance_level_is_the_share_of_uniform_causal_attention():
+    # row 10 sees 11 keys, row 11 sees 12: a span of n tokens gets n/11 and n/12
+    chance = dict(zip(METRICS, chance_metrics(_hand_prompt()).tolist()))
+    assert chance["gold"] == pytest.approx((3 / 11 + 3 / 12) / 2)
+    assert chance["irrelevant_sum"] == chance["irrelevant_max"] == pytest.approx((2 / 11 + 2 / 12) / 2)
+    assert chance["sink"] == pytest.approx((1 / 11 + 1 / 12) / 2)
+    assert chance["question"] == chance["instruction"] == pytest.approx((2 / 11 + 2 / 12) / 2)
+
+
+def test_score_heads_records_the_chance_level_of_its_prompts(tmp_path):
+    model = tiny_model("llama", n_kv_heads=2)
+    examples = make_synthetic_qa(2, n_documents=3, seed=4) + make_synthetic_qa(1, n_documents=5, seed=5)
+    scores = score_heads(model, examples, n_bootstrap=0, quiet=True)
+    prompts = [render(ex, model.tokenizer) for ex in examples]
+    # by hand: mean over prompts of the mean over answer rows i of |gold| / (i + 1)
+    expected = sum(sum(len(p.gold) / (i + 1) for i in p.answer) / len(p.answer) for p in prompts) / len(prompts)
+    assert scores.chance["gold"] == pytest.approx(expected, rel=1e-6)
+    assert scores.chance_level() == scores.chance_level("gold") == pytest.approx(expected, rel=1e-6)
+    torch.testing.assert_close(scores.times_chance(), scores["gold"] / expected)
+    # a random tiny model attends almost uniformly: every head sits at chance (within 3 %)
+    assert ((scores.times_chance() - 1).abs() < 0.03).all()
+    df = scores.to_dataframe()
+    gold = df[df.metric == "gold"]
+    assert list(gold.chance) == pytest.approx([expected] * 8, rel=1e-6) and df.attrs["chance"] == scores.chance
+    assert list(gold.times_chance) == pytest.approx(list(gold.value / expected))
+    assert f"chance {expected:.3f}" in scores._repr_html_()
+    loaded = HeadScores.load(scores.save(tmp_path / "s.json"), model=model)
+    assert loaded.chance == pytest.approx(scores.chance)
+
+
+def test_uniform_attention_scores_exactly_at_chance():
+    model = tiny_model("qwen2", n_kv_heads=1)
+    prompts = [render(ex, model.tokenizer) for ex in make_synthetic_qa(2, n_documents=3, seed=1)]
+    n_rows, n_keys = max(len(p.answer) for p in prompts), max(p.n_tokens for p in prompts)
+    pattern = torch.zeros(len(prompts), model.cfg.n_layers, model.cfg.n_heads, n_rows, n_keys)
+    for i, p in enumerate(prompts):
+        pattern[i, :, :, : len(p.answer), : p.n_tokens] = uniform_pattern(p)
+    scores = scores_from_patterns(model, prompts, pattern)
+    for m in METRICS:
+        torch.testing.assert_close(scores[m], torch.full((2, 4), scores.chance[m]))
+
+
+def test_old_files_and_rankings_have_no_chance_level(tmp_path):
+    scores = HeadScores(mean={"gold": torch.tensor([[0.9, 0.4]])}, metadata={"model": "m"})
+    path = scores.save(tmp_path / "old.json")
+    blob = json.loads(path.read_text())
+    assert blob["chance"] == {}
+    del blob["chance"]  # a file written before the chance level existed
+    path.write_text(json.dumps(blob))
+    old = HeadScores.load(path)
+    assert old.chance == {} and math.isnan(old.chance_level()) and old.times_chance().isnan().all()
+    assert old.to_dataframe().chance.isna().all() and "chance" not in old._repr_html_()
+    assert math.isnan(HeadScores.from_ranking([(0, 1)]).chance_level("rank_score"))
+
+
+def test_heads_at_or_below_chance_are_marked():
+    scores = HeadScores(mean={"gold": torch.tensor([[0.9, 0.4], [0.5, 0.7]])}, chance={"gold": 0.5})
+    html = scores._repr_html_()
+    assert "chance 0.500" in html and "L0H1 (0.400, ≤ chance)" in html and "L1H0 (0.500, ≤ chance)" in html
+    assert "L0H0 (0.900)</td>" in html
+    fig = plot_head_map(scores)
+    marks = [t for t in fig.data if t.type == "scatter"]
+    assert len(marks) == 1 and sorted(zip(marks[0].y, marks[0].x)) == [(0, 1), (1, 0)]  # (layer, head)
+    assert "chance 0.500" in fig.data[0].colorbar.title.text and "chance 0.500" in fig.layout.title.text
+    unknown = plot_head_map(HeadScores(mean={"gold": torch.tensor([[0.9, 0.4]])}))
+    assert [t.type for t in unknown.data] == ["heatmap"] and "chance" not in unknown.layout.title.text
+
+
+# ------------------------------------------------------------------ load reads rankings too
+def test_load_reads_a_ranking_file_as_rank_scores(tmp_path):
+    model = tiny_model("llama", n_kv_heads=2)  # 2 layers x 4 heads
+    path = tmp_path / "relevant_heads.json"
+    path.write_text(json.dumps([[0, 2], [0, 1], [0, 3]]))  # a top-3: never reaches layer 1
+    plain = HeadScores.load(path)
+    assert plain.shape == (1, 4) and plain.ranking() == [(0, 2), (0, 1), (0, 3)]
+    assert plain.metadata["kind"] == "ranking" and plain.names == ["rank_score"]
+    shaped = HeadScores.load(path, model=model)  # the model gives the shape
+    assert shaped.shape == (2, 4) and shaped.ranking() == [(0, 2), (0, 1), (0, 3)]
+    assert shaped.metadata["model"] == "tiny-llama-L2H4KV2"
+    scores = score_heads(model, make_synthetic_qa(2, n_documents=3), n_bootstrap=0, quiet=True)
+    written = scores.to_ranking_json(tmp_path / "all.json")
+    assert HeadScores.load(written, model=model).ranking() == scores.ranking()
+
+
+def test_ranking_files_that_cannot_be_read_say_why(tmp_path):
+    model = tiny_model("llama", n_kv_heads=2)
+    bad = tmp_path / "r.json"
+    bad.write_text(json.dumps([[0, 1], [2, 0]]))
+    with pytest.raises(DataError, match=r"head \[2, 0\] is outside 2 layers × 4 heads"):
+        HeadScores.load(bad, model=model)
+    bad.write_text(json.dumps([[0, 1], [0, 1]]))
+    with pytest.raises(DataError, match=r"head \[0, 1\] is ranked more than once"):
+        HeadScores.load(bad)
+    bad.write_text(json.dumps([[0, 1], [1, 2]]))
+    with pytest.raises(DataError, match="looks like a head ranking.*HeadScores.load"):
+        PatchingResult.load(bad)
+    bad.write_text(json.dumps([[0, 1.5]]))
+    with pytest.raises(DataError, match="format='list'"):
+        HeadScores.load(bad)
+    with pytest.raises(DataError, match="pairs of ints"):
+        HeadScores.from_ranking_json(bad)

@@ -12,6 +12,7 @@ from plotly.offline import get_plotlyjs_version
 from focuslens.directions import FocusDirections
 from focuslens.errors import DataError, ModelError
 from focuslens.eval import spearman
+from focuslens.patching import PatchingResult
 from focuslens.scoring import HeadScores
 from focuslens.viz import compare as C
 from focuslens.viz import cross_model as X
@@ -192,6 +193,27 @@ def test_topk_overlap_table():
     assert fig.data[0].text[0][1] == "0.33<br>(1/3)" and fig.data[0].text[1][1] == "1.00<br>(3/3)"
 
 
+def test_topk_overlap_reads_every_per_head_result_through_one_ranking_rule():
+    nan = float("nan")
+    gold = torch.tensor([[0.9, 0.1, 0.5], [0.3, 0.8, 0.0]])  # ranking (0,0) (1,1) (0,2) (1,0) ...
+    scores = HeadScores(mean={"gold": gold}, metadata={"model": "m"})
+    exact = torch.tensor([[nan, 0.7, 0.6], [0.2, nan, 0.9]])  # (1,2) (0,1) (0,2) (1,0); NaN heads never ranked
+    patched = PatchingResult(scores={"exact": exact, "attribution": gold.flip(1)})  # first method: "exact"
+    dirs = FocusDirections(torch.zeros(2, 3, 4), torch.zeros(2, 3, 4), [(1, 2), (0, 0), (0, 2), (1, 1)], {})
+    table = C.topk_overlap({"gold": scores, "exact": patched, "attribution": (patched, "attribution"),
+                            "tensor": exact, "dirs": dirs, "list": [(0, 0), (1, 1), (0, 2)]}, k=3)
+    assert table.loc["gold", "exact"] == pytest.approx(1 / 3)  # only (0, 2)
+    assert table.loc["gold", "list"] == 1.0 and table.loc["exact", "tensor"] == 1.0
+    # attribution = gold mirrored by head: (0,2) (1,1) (0,0)
+    assert table.loc["gold", "attribution"] == 1.0
+    assert table.loc["dirs", "exact"] == pytest.approx(2 / 3)  # (1, 2) and (0, 2)
+    assert table.loc["dirs", "gold"] == pytest.approx(2 / 3)  # (0, 0) and (0, 2)
+    with pytest.raises(DataError, match=r"results\['p'\]: metric='gold' is not one of its methods"):
+        C.topk_overlap({"p": patched, "s": scores}, k=2, metric="gold")
+    with pytest.raises(DataError, match=r"results\['p'\] ranks 4 heads, fewer than k=5"):
+        C.topk_overlap({"p": patched, "s": scores}, k=5)
+
+
 # ---------------------------------------------------------------- bad input
 def test_bad_input_raises_data_error_naming_the_field():
     with pytest.raises(DataError, match="models"):
@@ -293,3 +315,30 @@ def test_release_query_norms_far_above_key_norms(release):
     # the other figures accept the release too
     assert len(C.top_heads_table(release, top_k=20)) == 20 * len(release)
     assert len(X.plot_norm_vs_rank(release).data) == len(release)
+
+
+# ---------------------------------------------------------------- one rank encoding
+def _heat(fig: Figure, name: str):
+    return next(t for t in fig.data if t.type == "heatmap" and t.name == name)
+
+
+def test_a_released_ranking_gets_the_best_colour_for_its_best_head():
+    ranking = [(3, 1), (0, 2), (5, 0), (2, 3), (1, 1), (4, 2)]
+    released = HeadScores.from_ranking(ranking, n_layers=6, n_heads=4)  # rank_score runs 5 (best) … 0
+    assert float(released["rank_score"][3, 1]) == 5  # what from_ranking stores: not a "1 = best" score
+    dirs = random_directions((6, 4, 8), seed=3)
+    ours = random_scores(6, 4, seed=4)
+    # mixed: our scores (own colour bar) next to two rankings of different kinds
+    fig = X.plot_head_locations({"ours": ours, "released": released, "dirs": dirs}, top_k=3)
+    for name, best, last in (("released", ranking[0], ranking[-1]), ("dirs", dirs.ranking[0], dirs.ranking[-1])):
+        heat = _heat(fig, name)
+        z = np.asarray(heat.z, dtype=float)
+        assert z[best] == 1.0 == heat.zmax and z[last] == 0.0 == heat.zmin, name  # best head: the top colour
+        assert "1 = best" in heat.colorbar.title.text and "0 = last ranked" in heat.colorbar.title.text
+    assert _heat(fig, "ours").zmax is None  # scores keep their own range
+    # rankings only: one shared colour axis, 0 to 1, and both best heads at its top
+    fig = X.plot_head_locations({"released": released, "dirs": dirs}, top_k=3)
+    axis = fig.layout.coloraxis
+    assert (axis.cmin, axis.cmax) == (0, 1) and "1 = best" in axis.colorbar.title.text
+    for name, best in (("released", ranking[0]), ("dirs", dirs.ranking[0])):
+        assert np.asarray(_heat(fig, name).z, dtype=float)[best] == axis.cmax

@@ -9,6 +9,7 @@ token is the answer. Everything downstream (rendering, spans, scoring, steering)
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import random
 import re
 import string
@@ -72,6 +73,7 @@ class QAExample:
     meta: dict[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
+        self._check_types()
         object.__setattr__(self, "documents", tuple(self.documents))
         object.__setattr__(self, "answers", tuple(self.answers))
         object.__setattr__(self, "candidates", tuple(self.candidates))
@@ -91,6 +93,25 @@ class QAExample:
             raise DataError("QAExample.answers must hold at least one non-empty string.")
         if not self.question.strip():
             raise DataError("QAExample.question is empty.")
+        if not self.instruction.strip():
+            raise DataError("QAExample.instruction is empty: the prompt opens with it (give the task, e.g. "
+                            "focuslens.data.examples.LITM_INSTRUCTION).")
+
+    def _check_types(self) -> None:
+        """Wrong types are refused by name (a string of answers would become its letters)."""
+        for name in ("instruction", "question"):
+            if not isinstance(getattr(self, name), str):
+                raise DataError(f"QAExample.{name} is a {type(getattr(self, name)).__name__}, not a str.")
+        for name in ("answers", "candidates"):
+            if isinstance(getattr(self, name), str):
+                raise DataError(f"QAExample.{name} is a str; give a list of strings, e.g. [{getattr(self, name)!r}].")
+        if self.answer_prefix is not None and not isinstance(self.answer_prefix, str):
+            raise DataError(f"QAExample.answer_prefix is a {type(self.answer_prefix).__name__}, not a str or None.")
+        gold = self.gold_index
+        if gold is not None:
+            if isinstance(gold, bool) or not isinstance(gold, numbers.Integral):
+                raise DataError(f"QAExample.gold_index={gold!r} is a {type(gold).__name__}, not an int (or None).")
+            object.__setattr__(self, "gold_index", int(gold))
 
     @property
     def n_documents(self) -> int:

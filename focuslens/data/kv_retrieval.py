@@ -23,18 +23,36 @@ accuracy asks whether the model picks the right value among those it was shown.
 from __future__ import annotations
 
 import random
+import re
 import uuid
 from pathlib import Path
 
 from focuslens.data.examples import Document, QAExample
-from focuslens.data.lost_in_the_middle import _numbered_records
-from focuslens.data.synthetic import _resolve_position
+from focuslens.data.lost_in_the_middle import numbered_records
+from focuslens.data.synthetic import count, resolve_position
 from focuslens.errors import DataError
 
 __all__ = ["KV_INSTRUCTION", "load_kv_file", "make_kv_examples"]
 
 #: The instruction of Lost-in-the-Middle's ``kv_retrieval.prompt``.
 KV_INSTRUCTION = "Extract the value corresponding to the specified key in the JSON object below."
+
+
+#: what JSON must escape: the kv layout writes keys and values between quotes as they are
+_NEEDS_ESCAPE = re.compile(r'["\\\x00-\x1f]')
+
+
+def _check_unescaped(records: list[tuple[str, str]], where: str) -> None:
+    """Refuse a key or value the kv layout cannot write as JSON without escaping."""
+    for k, v in records:
+        for name, text in (("key", k), ("value", v)):
+            bad = _NEEDS_ESCAPE.search(text)
+            if bad:
+                raise DataError(
+                    f"{where}: field 'ordered_kv_records': the {name} {text!r}"
+                    f"{'' if name == 'key' else f' (of key {k!r})'} contains "
+                    f"{bad[0]!r}, which the prompt's JSON object would show unescaped."
+                )
 
 
 def _kv_example(
@@ -47,6 +65,7 @@ def _kv_example(
         raise DataError(f"{where}: field 'ordered_kv_records' repeats the key {dup!r}.")
     if key not in keys:
         raise DataError(f"{where}: field 'key' {key!r} is not a key of 'ordered_kv_records'.")
+    _check_unescaped(records, where)
     gold = keys.index(key)
     if records[gold][1] != value:
         raise DataError(
@@ -89,7 +108,7 @@ def load_kv_file(
     keeping the others' order), ``qid=f"kv-{line}"`` and ``meta={"source", "line", "layout"}``.
     """
     examples = []
-    for n, line in _numbered_records(path):
+    for n, line in numbered_records(path):
         if limit is not None and len(examples) >= limit:
             break
         where = f"{path}, line {n}"
@@ -131,15 +150,13 @@ def make_kv_examples(
             ``"middle"``, ``"last"``.
         seed: the generator seed (the same seed gives the same examples).
     """
-    if n_examples < 1:
-        raise DataError(f"n_examples={n_examples} must be at least 1.")
-    if n_pairs < 1:
-        raise DataError(f"n_pairs={n_pairs} must be at least 1.")
+    count("n_examples", n_examples)
+    count("n_pairs", n_pairs)
     rng = random.Random(seed)
     examples = []
     for i in range(n_examples):
         records = [(_random_uuid(rng), _random_uuid(rng)) for _ in range(n_pairs)]
-        pos = _resolve_position(gold_position, n_pairs, rng)
+        pos = resolve_position(gold_position, n_pairs, rng)
         key, value = records[pos]
         meta = {"source": "kv-synthetic", "seed": seed, "gold_position": pos}
         examples.append(

@@ -24,6 +24,7 @@ import json
 import math
 import random
 import re
+import zlib
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -40,29 +41,51 @@ PathLike = str | Path
 
 
 # ---------------------------------------------------------------- reading files
-def _numbered_records(path: PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(1-based line number, object) for every non-blank line of a .jsonl[.gz] file."""
+def numbered_records(path: PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(1-based line number, object) for every non-blank line of a .jsonl[.gz] file.
+
+    Every fault is a ``DataError`` naming the file (and the line where known): unreadable,
+    truncated or corrupt gzip, not UTF-8, not JSON, not an object, or no records at all.
+    """
     path = Path(path)
     opener = gzip.open if path.suffix == ".gz" else open
+    n, found = 0, False
     try:
-        with opener(path, "rt", encoding="utf-8") as f:
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}, line {n}: not valid JSON ({e.msg}).") from None
-                if not isinstance(record, dict):
-                    raise DataError(f"{path}, line {n}: expected a JSON object, got {type(record).__name__}.")
-                yield n, record
+        with opener(path, "rb") as f:
+            for n, raw in enumerate(f, start=1):
+                line = _decoded(raw, path, n)
+                if line.strip():
+                    found = True
+                    yield n, _parsed(line, path, n)
+    except (EOFError, zlib.error) as e:
+        at = f"after line {n}" if n else "before line 1"
+        raise DataError(f"{path}, {at}: the gzip stream is truncated or corrupt ({e}).") from None
     except OSError as e:
         raise DataError(f"cannot read {path}: {e}") from None
+    if not found:
+        raise DataError(f"{path}: no records (the file has no non-blank lines).")
+
+
+def _decoded(raw: bytes, path: Path, n: int) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}, line {n}: not UTF-8 text ({e.reason} at byte {e.start} of the line).") from None
+
+
+def _parsed(line: str, path: Path, n: int) -> dict[str, Any]:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}, line {n}: not valid JSON ({e.msg}).") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}, line {n}: expected a JSON object, got {type(record).__name__}.")
+    return record
 
 
 def read_jsonl(path: PathLike) -> Iterator[dict[str, Any]]:
     """Iterate the JSON objects of a ``.jsonl`` or ``.jsonl.gz`` file (blank lines skipped)."""
-    for _, record in _numbered_records(path):
+    for _, record in numbered_records(path):
         yield record
 
 
@@ -128,7 +151,7 @@ def load_qa_file(
     if n_documents is not None and n_documents < 1:
         raise DataError(f"n_documents={n_documents} must be at least 1.")
     examples: list[QAExample] = []
-    for n, record in _numbered_records(path):
+    for n, record in numbered_records(path):
         if limit is not None and len(examples) >= limit:
             break
         where = f"{path}, line {n}"
@@ -241,7 +264,7 @@ class _OracleQuestion(NamedTuple):
 def _oracle_questions(path: PathLike) -> list[_OracleQuestion]:
     """Every question of the oracle file, with its gold passage (see :func:`_oracle_gold`)."""
     questions = []
-    for n, record in _numbered_records(path):
+    for n, record in numbered_records(path):
         where = f"{path}, line {n}"
         question, answers, docs, gold = _parse_line(record, where)
         questions.append(_OracleQuestion(n, question, answers, _oracle_gold(record, docs, gold, where)))

@@ -45,7 +45,8 @@ from focuslens.data.examples import QAExample
 from focuslens.errors import DataError
 
 __all__ = ["Span", "Prompt", "render", "render_user_text", "format_qa", "format_kv", "format_closedbook",
-           "with_layout", "LAYOUTS"]
+           "with_layout", "LAYOUTS", "answer_separator", "split_visible", "answer_lead", "first_token_id",
+           "scored_tokens", "candidate_token_ids"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,10 @@ class Span:
 
     start: int
     end: int
+
+    def __post_init__(self) -> None:
+        if self.end < self.start:
+            raise DataError(f"Span({self.start}, {self.end}) ends before it starts.")
 
     def __len__(self) -> int:
         return self.end - self.start
@@ -70,14 +75,16 @@ class Prompt:
     """A rendered example: text, token ids, and exact token spans of its parts.
 
     Attributes:
-        text: the full prompt string (chat template applied, answer prefix appended).
+        text: the full prompt string (chat template applied, answer prefix appended, then
+            the gold answer's whitespace lead, if any: :func:`answer_lead`).
         input_ids: token ids of ``text`` (1-D tensor).
         documents: one span per document (the whole ``Document [i](Title: …) …`` line).
         gold_index: which of ``documents`` is relevant (None if none is).
         instruction, question: spans of those parts of the user turn.
         answer: the answer rows, i.e. the query positions whose next-token predictions
-            produce the answer (the answer-prefix tokens, or the response tokens, or the
-            last prompt token when the assistant turn is empty).
+            produce the answer (the answer-prefix tokens and the answer's whitespace lead,
+            or the response tokens, or the last prompt token when the assistant turn is
+            empty).
         sink: the first tokens of the sequence (attention sink).
         char_offsets: per-token (start, end) character offsets into ``text``.
         example: the example that was rendered.
@@ -312,6 +319,87 @@ def _assistant_turn(example: QAExample, response: str | None) -> str:
     return prefix if response is None else response
 
 
+# ---------------------------------------------------------------- the answer's first token
+def answer_separator(example: QAExample) -> str:
+    """What joins the assistant text and the answer: a space after an answer prefix that does
+    not end in whitespace (``"… is based in" + " Paris"``), else nothing: without a prefix the
+    answer opens the assistant turn right after its header's newline (``"Paris"``, which
+    SmolLM2 writes as the token 'Paris', not 'ĠParis')."""
+    prefix = example.answer_prefix or ""
+    return " " if prefix and not prefix[-1].isspace() else ""
+
+
+def split_visible(tokenizer, text: str, what: str = "answer") -> tuple[list[int], int, str]:
+    """``(ids, k, lead_text)``: the token ids of ``text`` (an answer with its separator)
+    tokenized alone, the index ``k`` of the first token that writes a visible character, and
+    the characters of the whitespace-only tokens before it (the *lead*).
+
+    SmolLM2 splits digits one by one, so ``" 1987"`` is ['Ġ', '1', '9', '8', '7']: ``k = 1``,
+    lead ``" "``; ``" Paris"`` is the single token 'ĠParis': ``k = 0``, no lead.
+    A tokenizer without whitespace tokens (the word-level test one) never has a lead.
+    """
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+    for k, (a, b) in enumerate(offsets):
+        if text[a:b].strip():
+            return list(enc["input_ids"]), k, text[: offsets[k - 1][1]] if k else ""
+    raise DataError(f"the {what} {text!r} writes no visible character: it has no token to score.")
+
+
+def answer_lead(tokenizer, example: QAExample) -> str:
+    """The whitespace the gold answer's tokenization starts with, as it follows the answer
+    prefix (``" "`` for ``" 1987"`` under SmolLM2; ``""`` for ``" Paris"``).
+
+    :func:`render` appends it to the assistant turn (teacher-forced, inside the answer span):
+    the model must write those tokens before the answer's first visible token, and that
+    token, the one :func:`first_token_id` scores, is predicted only after them.
+    Tokenizing ``"… based in 1987"`` gives [… 'Ġin', 'Ġ', '1', …], and ``"… based in "``
+    [… 'Ġin', 'Ġ']: the prompt is the canonical tokenization of the answered text cut right
+    before '1'. Scoring '1' at 'Ġin' instead would ask for "in1987"; scoring 'Ġ' there would
+    count any number (or a stray space) as correct.
+    """
+    sep = answer_separator(example)
+    return split_visible(tokenizer, sep + example.answers[0], "QAExample.answers[0]")[2]
+
+
+def first_token_id(tokenizer, answer: str, *, leading_space: bool = True) -> int:
+    """The id of the first *visible* token of ``answer`` as it would follow the answer
+    prefix (after a space unless ``leading_space=False``), the token that one forward pass
+    scores. Whitespace-only tokens before it are skipped: :func:`render` writes them into the
+    prompt. SmolLM2 splits ``" 1987"`` into 'Ġ', '1', '9', '8', '7': the id of '1', not of
+    the bare space 'Ġ' (top-1 'Ġ' would be "correct" whatever number, or nothing, follows)."""
+    ids, k, _ = split_visible(tokenizer, (" " if leading_space else "") + answer, f"answer {answer!r}")
+    return ids[k]
+
+
+def scored_tokens(tokenizer, example: QAExample) -> tuple[int, dict[str, int]]:
+    """The gold answer's scored token, and the token each in-prompt candidate needs at that
+    same position: the one after the gold's whitespace lead in the candidate's own
+    tokenization (both after :func:`answer_separator`).
+
+    With the gold ``"1987"`` (['Ġ', '1', …], scored at '1' after a teacher-forced 'Ġ') the
+    candidate ``"1992"`` needs '1' there too; ``"Paris"`` (['ĠParis']) is left out: it parts
+    from the gold before the scored position, where the prompt already wrote the space.
+    """
+    sep = answer_separator(example)
+    ids, k, _ = split_visible(tokenizer, sep + example.answers[0], "QAExample.answers[0]")
+    rivals = {}
+    for c in example.candidates:
+        if any(c in d.text for d in example.documents):
+            theirs = tokenizer(sep + c, add_special_tokens=False)["input_ids"]
+            if len(theirs) > k and theirs[:k] == ids[:k]:
+                rivals[c] = theirs[k]
+    return ids[k], rivals
+
+
+def candidate_token_ids(tokenizer, example: QAExample) -> tuple[int, list[int]]:
+    """The gold answer's scored token, and the distinct other tokens the in-prompt candidates
+    need at that position (the competitors of candidate accuracy; :func:`scored_tokens`).
+    A candidate that shares the gold's token cannot compete and is left out."""
+    gold, rivals = scored_tokens(tokenizer, example)
+    return gold, sorted(set(rivals.values()) - {gold})
+
+
 def _encode(tokenizer, chat: str, text: str, max_length: int | None) -> tuple[list[int], list[tuple[int, int]]]:
     """Token ids and character offsets of ``text`` (no second BOS if the template wrote one),
     refused if longer than ``max_length``."""
@@ -352,14 +440,17 @@ def render(
         example: the example.
         tokenizer: a Hugging Face fast tokenizer (needs ``return_offsets_mapping``).
         response: optional assistant text to append (e.g. the model's own answer). If the
-            example has an answer prefix, the response must start with it.
+            example has an answer prefix, the response must start with it. Without a
+            response the assistant turn is the answer prefix and the gold answer's
+            whitespace lead (:func:`answer_lead`): the next token is the answer's first
+            visible one.
         n_sink: how many leading tokens form the ``sink`` span (the paper uses keys 0:2).
         max_length: the model's context length; longer prompts raise ``DataError``.
     """
     user, instr_c, doc_cs, question_cs = _layout(example)(example)
     chat = _chat_text(tokenizer, user)
     user_at = _user_turn_at(chat, user)
-    assistant = _assistant_turn(example, response)
+    assistant = _assistant_turn(example, response) + (answer_lead(tokenizer, example) if response is None else "")
     _refuse_control_tokens(tokenizer, user, assistant, instr_c, question_cs, doc_cs)
     text = chat + assistant
     ids, offsets = _encode(tokenizer, chat, text, max_length)

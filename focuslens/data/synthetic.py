@@ -113,12 +113,11 @@ def make_synthetic_qa(
 
     Each example's ``candidates`` are the cities of all its documents (gold first); use
     :meth:`QAExample.gold_only` or truncation (``documents[:k]``-style helpers in
-    :func:`focuslens.eval.distraction_table`) for fewer documents with the same question.
+    :func:`focuslens.distraction.distraction`) for fewer documents with the same question.
     """
-    if not 1 <= n_documents <= len(CITIES):
+    count("n_examples", n_examples)
+    if count("n_documents", n_documents) > len(CITIES):
         raise DataError(f"n_documents={n_documents} must be in 1..{len(CITIES)}.")
-    if n_examples < 1:
-        raise DataError(f"n_examples={n_examples} must be at least 1.")
     if distractors not in DISTRACTORS:
         raise DataError(f"distractors={distractors!r}: use one of {DISTRACTORS}.")
     rng = random.Random(seed)
@@ -133,7 +132,7 @@ def make_synthetic_qa(
         ]
         gold_doc, others = docs[0], docs[1:]
         rng.shuffle(others)
-        pos = _resolve_position(gold_position, n_documents, rng)
+        pos = resolve_position(gold_position, n_documents, rng)
         docs = others[:pos] + [gold_doc] + others[pos:]
         name = gold_doc.title
         examples.append(
@@ -152,7 +151,15 @@ def make_synthetic_qa(
     return examples
 
 
-def _resolve_position(gold_position: int | str, n: int, rng: random.Random) -> int:
+def count(name: str, value) -> int:
+    """``value`` if it is an int ≥ 1 (not a bool), else a ``DataError`` naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise DataError(f"{name}={value!r} must be an integer of at least 1.")
+    return value
+
+
+def resolve_position(gold_position: int | str, n: int, rng: random.Random) -> int:
+    """The index ``gold_position`` names among ``n`` documents (``"random"`` draws from ``rng``)."""
     named = {"first": 0, "middle": (n - 1) // 2, "last": n - 1}
     if gold_position == "random":
         return rng.randrange(n)
@@ -162,6 +169,8 @@ def _resolve_position(gold_position: int | str, n: int, rng: random.Random) -> i
                 f"gold_position={gold_position!r}: use an int, 'random', 'first', 'middle' or 'last'."
             )
         return named[gold_position]
+    if isinstance(gold_position, bool) or not isinstance(gold_position, int):
+        raise DataError(f"gold_position={gold_position!r}: use an int, 'random', 'first', 'middle' or 'last'.")
     if not 0 <= gold_position < n:
         raise DataError(f"gold_position={gold_position} is out of range for {n} documents.")
     return gold_position

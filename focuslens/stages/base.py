@@ -12,7 +12,6 @@ for the user to keep, and :func:`load_stage` reads a saved stage back (``make fi
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,7 @@ import pandas as pd
 
 from focuslens.directions import FocusDirections
 from focuslens.errors import DataError
-from focuslens.io import update_summary, write_atomic
+from focuslens.io import read_summary, update_summary, write_atomic
 from focuslens.patching import PatchingResult
 from focuslens.scoring import HeadScores
 
@@ -81,26 +80,48 @@ def load_stage(out_dir: str | Path, section: str) -> StageResult:
     """A stage saved by :meth:`StageResult.save` under ``out_dir``, read back."""
     out = Path(out_dir)
     path = out / "summary.json"
-    summary = json.loads(path.read_text()) if path.exists() else {}
+    summary = read_summary(path)
     if section not in summary:
         raise DataError(f"{path} has no {section!r} section: run `make demo` (or the stage that writes it) first.")
+    if not isinstance(summary[section], dict):
+        raise DataError(f"{path}: section {section!r} is a {type(summary[section]).__name__}, not an object.")
     summary = dict(summary[section])
     if "files" not in summary:
         raise DataError(f"{path}: section {section!r} lists no files (written by an older focuslens?): "
                         "run `make demo` again.")
-    files = summary.pop("files")
+    files = _file_specs(path, section, summary.pop("files"))
     result, loaders = StageResult(section, summary), _loaders()
     for name, spec in files.items():
         target = out / name
         if spec["kind"] == "table":
-            csv = target.with_suffix(".csv")
-            if not csv.exists():
-                raise DataError(f"{csv} is missing: run `make demo` (or the stage that writes it) first.")
-            frame = pd.read_csv(csv, keep_default_na=False, na_values=[""])  # text "NA" / "None" stays text
-            frame.columns = [int(c) if c.isdigit() else c for c in frame.columns]  # token positions
-            result.tables[name] = frame.set_index(spec["index"]) if spec["index"] else frame
+            result.tables[name] = _read_table(target.with_suffix(".csv"), spec["index"])
         else:
             result.artifacts[name] = loaders[spec["kind"]](target)
     return result
 
 
+def _file_specs(path: Path, section: str, files) -> dict:
+    """The ``"files"`` of a section, checked: name -> ``{"kind": ...}`` with a known kind
+    (a table also has its ``"index"`` columns)."""
+    kinds = ["table", *_loaders()]
+    if not isinstance(files, dict):
+        raise DataError(f"{path}: section {section!r}: \"files\" is a {type(files).__name__}, not an object.")
+    for name, spec in files.items():
+        kind = spec.get("kind") if isinstance(spec, dict) else None
+        if kind not in kinds or (kind == "table" and not isinstance(spec.get("index"), list)):
+            raise DataError(f"{path}: section {section!r}: files[{name!r}] = {spec!r} is not one of the kinds "
+                            f"{kinds} (a table with its \"index\" list).")
+    return files
+
+
+def _read_table(csv: Path, index: list) -> pd.DataFrame:
+    """A table saved by :meth:`StageResult.save`; a ``DataError`` naming the CSV when it is
+    missing or unreadable."""
+    if not csv.exists():
+        raise DataError(f"{csv} is missing: run `make demo` (or the stage that writes it) first.")
+    try:
+        frame = pd.read_csv(csv, keep_default_na=False, na_values=[""])  # text "NA" / "None" stays text
+        frame.columns = [int(c) if c.isdigit() else c for c in frame.columns]  # token positions
+        return frame.set_index(index) if index else frame
+    except (OSError, ValueError, KeyError) as e:  # pandas' parser errors are ValueErrors
+        raise DataError(f"{csv}: cannot read a saved table ({type(e).__name__}: {e}): run the stage again.") from e

@@ -8,7 +8,7 @@ import pandas as pd
 
 from focuslens.ablation import ablate_head_groups
 from focuslens.data import make_synthetic_qa
-from focuslens.eval import distraction, distraction_summary
+from focuslens.distraction import distraction, distraction_summary
 from focuslens.models import model_id
 from focuslens.patching import all_heads, make_counterfactual_pairs, patch_heads, rank_agreement
 from focuslens.scoring import score_heads

@@ -17,7 +17,6 @@ checked and reused: :func:`top_heads_table`, :func:`norm_profile`, :func:`cosine
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -28,6 +27,7 @@ from torch import Tensor
 
 from focuslens.directions import FocusDirections
 from focuslens.errors import DataError
+from focuslens.results import HeadResult, head_values, rank_heads
 from focuslens.scoring import HeadScores
 from focuslens.steering import resolve_heads
 
@@ -111,6 +111,11 @@ def _check_ranking(
     return heads
 
 
+#: The label of a ranking read as per-head values (:func:`_rank_values`): one encoding for a
+#: FocusDirections, a bare ranking and ``HeadScores.from_ranking``.
+RANK_LABEL = "rank score<br>(1 = best, 0 = last ranked)"
+
+
 def _rank_values(ranking: list[Head], n_layers: int, n_heads: int) -> Tensor:
     """Rank score in [0, 1]: 1 for the best head, 0 for the last ranked, NaN unranked."""
 
@@ -118,20 +123,34 @@ def _rank_values(ranking: list[Head], n_layers: int, n_heads: int) -> Tensor:
     return values / (len(ranking) - 1) if len(ranking) > 1 else values + 1  # one ranked head: 1
 
 
-def _head_map(name: str, source, field: str, metric: str | None = None) -> _HeadMap:
-    """Read a HeadScores, FocusDirections or ``(ranking, n_layers, n_heads)``."""
+def _per_head(name: str, source, field: str, metric: str | None) -> _HeadMap:
+    """A per-head result — HeadScores, PatchingResult, ``(result, name)`` or a tensor — via
+    :func:`~focuslens.results.head_values`, ranked by :func:`~focuslens.results.rank_heads`.
+    ``metric`` picks the name of a bare result (default: its own default name)."""
+    if isinstance(source, HeadResult):
+        if not source.values:
+            raise DataError(f"{field} has no {source.KIND}s.")
+        metric = source.default_name if metric is None else metric
+        if metric not in source.names:
+            raise DataError(f"{field}: metric={metric!r} is not one of its {source.KIND}s {source.names}; "
+                            f"pass (result, name) to choose per entry.")
+        source = (source, metric)
+    values = head_values(source, field=field).detach().float().cpu()
+    used = source[1] if isinstance(source, tuple) else "value"
+    ranking = rank_heads(values)
+    if used == "rank_score":  # HeadScores.from_ranking: n - 1 (best) ... 0, re-encoded as every ranking is
+        return _HeadMap(name, _rank_values(ranking, *values.shape), ranking, RANK_LABEL)
+    return _HeadMap(name, values, ranking, used.replace("_", " "))
 
-    if isinstance(source, HeadScores):
-        if not source.mean:
-            raise DataError(f"{field} has no metrics.")
-        if metric is None:
-            metric = next((m for m in ("gold", "rank_score") if m in source.mean), source.metrics[0])
-        if metric not in source.mean:
-            raise DataError(f"{field}: metric={metric!r} is not one of its metrics {source.metrics}.")
-        values = source[metric].float().cpu()
-        ranking = [h for h in source.ranking(metric) if math.isfinite(float(values[h]))]
-        label = "rank score<br>(1 = best)" if metric == "rank_score" else metric.replace("_", " ")
-        return _HeadMap(name, values, ranking, label)
+
+def _head_map(name: str, source, field: str, metric: str | None = None) -> _HeadMap:
+    """Read a per-head result (:func:`_per_head`), a FocusDirections or ``(ranking,
+    n_layers, n_heads)``."""
+
+    if isinstance(source, (HeadResult, Tensor)) or (
+        isinstance(source, tuple) and len(source) == 2 and isinstance(source[0], HeadResult)
+    ):
+        return _per_head(name, source, field, metric)
     if isinstance(source, FocusDirections):
         if not source.ranking:
             raise DataError(
@@ -139,7 +158,7 @@ def _head_map(name: str, source, field: str, metric: str | None = None) -> _Head
             )
         n_layers, n_heads, _ = source.shape
         ranking = _check_ranking(source.ranking, f"{field}.ranking", n_layers, n_heads)
-        return _HeadMap(name, _rank_values(ranking, n_layers, n_heads), ranking, "rank score<br>(1 = best)")
+        return _HeadMap(name, _rank_values(ranking, n_layers, n_heads), ranking, RANK_LABEL)
     if isinstance(source, tuple) and len(source) == 3:
         ranking, n_layers, n_heads = source
         if not all(isinstance(v, (int, np.integer)) and v > 0 for v in (n_layers, n_heads)):
@@ -148,11 +167,11 @@ def _head_map(name: str, source, field: str, metric: str | None = None) -> _Head
         if not ranking:
             raise DataError(f"{field}: the ranking is empty.")
         return _HeadMap(
-            name, _rank_values(ranking, int(n_layers), int(n_heads)), ranking, "rank score<br>(1 = best)"
+            name, _rank_values(ranking, int(n_layers), int(n_heads)), ranking, RANK_LABEL
         )
     raise DataError(
-        f"{field} is a {type(source).__name__}: pass a HeadScores, a FocusDirections with a ranking, "
-        "or a tuple (ranking, n_layers, n_heads)."
+        f"{field} is a {type(source).__name__}: pass a HeadScores or PatchingResult (or (result, name)), "
+        "a [layer, head] tensor, a FocusDirections with a ranking, or a tuple (ranking, n_layers, n_heads)."
     )
 
 
@@ -306,11 +325,14 @@ def norm_rank_table(directions) -> pd.DataFrame:
 
 
 def topk_overlap(results: Mapping, k: int = 20, *, metric: str | None = None) -> pd.DataFrame:
-    """Top-k overlap ``|A ∩ B| / k`` between the head sets of several scoring settings of
-    one model, as a symmetric DataFrame (1 on the diagonal). ``results``: name →
-    HeadScores (its ``metric``, default "gold"), FocusDirections, ranking list or
-    ``(ranking, n_layers, n_heads)``. Every ranking needs at least k heads."""
-    _require_mapping(results, "results", "HeadScores | ranking list")
+    """Top-k overlap ``|A ∩ B| / k`` between the head sets of several rankings of one
+    model's heads (scoring settings, causal effects), as a symmetric DataFrame (1 on the
+    diagonal). ``results``: name → HeadScores or PatchingResult (its ``metric``, default
+    "gold" / its first method), ``(result, name)`` to choose per entry, a ``[layer, head]``
+    tensor, a FocusDirections with a ranking, a ranking list or ``(ranking, n_layers,
+    n_heads)``. Values are ranked by one rule (:func:`~focuslens.results.rank_heads`,
+    NaN heads left out); every ranking needs at least k heads."""
+    _require_mapping(results, "results", "HeadScores | PatchingResult | ranking list")
     _check_k(k, "k")
     sets, shapes = {}, {}
     for name, src in results.items():

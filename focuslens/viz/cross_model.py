@@ -68,15 +68,17 @@ def plot_head_locations(
     """Where each model's contextual heads sit, on a common relative-depth axis.
 
     One heatmap per model (heads across, relative depth ``layer / (L − 1)`` up, so models
-    of different depth line up; colour: the score, or a rank score 1 = best for a bare
-    ranking), the top-k heads boxed (numbered by rank where the cells are wide enough).
+    of different depth line up; colour: the score, or for any ranking — FocusDirections,
+    bare ranking, ``HeadScores.from_ranking`` — one rank score, 1 = best and 0 = last
+    ranked: :data:`~focuslens.viz.compare.RANK_LABEL`), the top-k heads boxed
+    (numbered by rank where the cells are wide enough).
     The last panel puts every model's top-k heads side by side on the same depth axis:
     marker colour and size show the rank; heads of one layer are spread sideways.
 
     ``models``: name → HeadScores (``metric``; default "gold", then "rank_score", then its
     first), FocusDirections (its ranking) or ``(ranking, n_layers, n_heads)``.
     """
-    maps = _head_maps(models, metric)
+    maps = _head_maps(models, metric)  # every kind of ranking read with one rank encoding
     _check_k(top_k, "top_k")
     top = _top_table(maps, top_k)
     widths, x_px = _location_widths(maps)

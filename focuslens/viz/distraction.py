@@ -16,7 +16,7 @@ def _binomial_se(p: float, n: int) -> float:
 
 
 def plot_distraction(results: pd.DataFrame, *, title: str | None = None):
-    """Two panels from :func:`focuslens.eval.distraction` rows.
+    """Two panels from :func:`focuslens.distraction.distraction` rows.
 
     Left: accuracy (± 1 binomial s.e.) vs the number of documents, gold at random
     positions. Right: accuracy with the largest number of documents by gold position.
@@ -43,7 +43,7 @@ def _add_accuracy_curves(fig, rand: pd.DataFrame) -> None:
     """Left panel: top-1 (solid) and candidate (dotted) accuracy per number of documents,
     with ± 1 binomial s.e. error bars."""
     for metric, name, dash in (("correct", "top-1 accuracy", "solid"), ("candidate_correct", "candidate accuracy", "dot")):
-        g = rand.groupby("n_documents")[metric].agg(["mean", "size"]).reset_index()
+        g = rand.groupby("n_documents")[metric].agg(["mean", "count"]).reset_index()
         fig.add_trace(
             go.Scatter(
                 x=g.n_documents,
@@ -51,7 +51,7 @@ def _add_accuracy_curves(fig, rand: pd.DataFrame) -> None:
                 mode="lines+markers",
                 name=name,
                 line=dict(dash=dash),
-                error_y=dict(type="data", array=[_binomial_se(m, n) for m, n in zip(g["mean"], g["size"])]),
+                error_y=dict(type="data", array=[_binomial_se(m, n) for m, n in zip(g["mean"], g["count"])]),
             ),
             row=1,
             col=1,
@@ -62,8 +62,8 @@ def _add_position_bars(fig, pos: pd.DataFrame, n_max: int) -> None:
     """Right panel: top-1 accuracy with ``n_max`` documents for each gold position present
     (first, middle, last), with error bars and the value written above each."""
     order = [p for p in ("first", "middle", "last") if p in set(pos.setting)]
-    g = pos.groupby("setting")["correct"].agg(["mean", "size"]).reindex(order)
-    se = [_binomial_se(m, n) for m, n in zip(g["mean"], g["size"])]
+    g = pos.groupby("setting")["correct"].agg(["mean", "count"]).reindex(order)
+    se = [_binomial_se(m, n) for m, n in zip(g["mean"], g["count"])]
     fig.add_trace(
         go.Bar(
             x=order,

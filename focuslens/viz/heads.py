@@ -14,24 +14,41 @@ from focuslens.viz.export import Figure, wrap_label
 __all__ = ["plot_head_map", "plot_rank_agreement", "plot_topk_overlap"]
 
 
+def _at_chance_marks(values, chance: float) -> go.Scatter:
+    """A white × on every head whose value is at or below ``chance`` (none if it is NaN)."""
+    layers, heads = torch.nonzero(values <= chance, as_tuple=True)
+    return go.Scatter(x=heads.tolist(), y=layers.tolist(), mode="markers", name="at or below chance",
+                      marker=dict(symbol="x-thin", size=7, line=dict(color="white", width=1.5)),
+                      showlegend=False, hovertemplate=f"layer %{{y}}, head %{{x}}<br>≤ chance {chance:.3f}"
+                                                      "<extra></extra>")
+
+
 def plot_head_map(scores, metric: str = "gold", *, title: str | None = None, top_k: int = 10):
     """Heatmap of a :class:`~focuslens.scoring.HeadScores` metric; the top-k heads boxed.
 
     Layers run bottom (0) to top, heads left to right; colour is the mean attention mass.
+    When the metric's chance level is known (``scores.chance_level(metric)``: uniform
+    attention over the visible keys) it is written on the colour bar and in the subtitle,
+    and every head at or below it gets a white ×: such a head is no evidence of focus.
     """
 
     values = scores[metric].float()
     n_layers, n_heads = values.shape
+    chance = scores.chance_level(metric)
+    known = bool(torch.isfinite(torch.tensor(chance)))  # NaN: no chance level is known
     fig = go.Figure(
         go.Heatmap(
             z=values.numpy(),
             x=list(range(n_heads)),
             y=list(range(n_layers)),
             colorscale="Viridis",
-            colorbar=dict(title=dict(text="attention mass<br>on span", side="right")),
+            colorbar=dict(title=dict(text="attention mass<br>on span" + (f"<br>(chance {chance:.3f})" if known
+                                                                          else ""), side="right")),
             hovertemplate="layer %{y}, head %{x}<br>score %{z:.3f}<extra></extra>",
         )
     )
+    if known:
+        fig.add_trace(_at_chance_marks(values, chance))
     for rank, (layer, head) in enumerate(scores.top_k(top_k, metric)):
         fig.add_shape(type="rect", x0=head - 0.5, x1=head + 0.5, y0=layer - 0.5, y1=layer + 0.5,
                       line=dict(color="red", width=2))
@@ -43,8 +60,10 @@ def plot_head_map(scores, metric: str = "gold", *, title: str | None = None, top
         title=title or f"Contextual heads of {meta.get('model', 'the model')}<br>"
         f"<sup>colour: attention mass from the answer rows to the {label}, mean over "
         f"{meta.get('n_examples', '?')} prompts<br>setting: {meta.get('setting', '')}, answer rows: "
-        f"{meta.get('answer_rows', '')}; red boxes: top {top_k}, numbered by rank</sup>",
-        margin=dict(t=130),
+        f"{meta.get('answer_rows', '')}; red boxes: top {top_k}, numbered by rank"
+        + (f"<br>chance {chance:.3f} (uniform attention over the visible keys); ×: at or below chance"
+           if known else "") + "</sup>",
+        margin=dict(t=150 if known else 130),
         xaxis=dict(title="head", dtick=1),
         yaxis=dict(title="layer", dtick=max(1, n_layers // 15)),
         template="plotly_white",
@@ -54,8 +73,12 @@ def plot_head_map(scores, metric: str = "gold", *, title: str | None = None, top
     return Figure(fig)
 
 
-def plot_rank_agreement(x, y, *, x_label: str, y_label: str, title: str, highlight=()):
-    """Scatter of two per-head quantities ([layer, head] tensors), one point per head."""
+def plot_rank_agreement(x, y, *, x_label: str, y_label: str, title: str, highlight=(), label_top: int = 5):
+    """Scatter of two per-head quantities ([layer, head] tensors), one point per head.
+    The ``highlight`` heads are red and labelled ``L{layer}H{head}`` in red; the
+    ``label_top`` heads with the largest ``y`` (e.g. the strongest causal heads) are
+    labelled too (dark grey unless highlighted), so the outliers of either axis are
+    named; labels are placed apart from each other (:func:`_place_labels`)."""
 
     n_heads = x.shape[1]
     mask = ~(torch.isnan(x) | torch.isnan(y))
@@ -72,15 +95,52 @@ def plot_rank_agreement(x, y, *, x_label: str, y_label: str, title: str, highlig
             marker=dict(color=["crimson" if lab in hl else "steelblue" for lab in labels], size=8, opacity=0.8),
         )
     )
-    # label highlighted heads with arrows whose lengths alternate in x order, so that
-    # neighbouring (or coinciding) points get labels at different heights
-    marked = sorted((float(xv), float(yv), lab) for xv, yv, lab in zip(xs, ys, labels) if lab in hl)
-    for i, (xv, yv, lab) in enumerate(marked):
-        fig.add_annotation(x=xv, y=yv, text=lab, showarrow=True, arrowhead=0, arrowcolor="crimson",
-                           ax=0, ay=(-25, 25, -50, 50)[i % 4], font=dict(size=11, color="crimson"))
     fig.update_layout(title=title, xaxis_title=x_label, yaxis_title=y_label, template="plotly_white",
                       width=800, height=600)
+    top = [int(i) for i in torch.argsort(ys, descending=True)[:max(label_top, 0)]]
+    marked = top + sorted((i for i, lab in enumerate(labels) if lab in hl and i not in top), key=lambda i: -ys[i])
+    _place_labels(fig, xs, ys, labels, marked, hl)
     return Figure(fig)
+
+
+#: Where a label may go, relative to its point (px; y down): beside, then above/below.
+_OFFSETS = ((28, -8), (28, 10), (-28, -8), (-28, 10), (0, -24), (0, 24), (28, -30), (-28, -30), (28, 30),
+            (-28, 30), (0, -48), (0, 48))
+
+
+def _place_labels(fig, xs, ys, labels: list[str], marked: list[int], highlight) -> None:
+    """``L{layer}H{head}`` beside each ``marked`` point (red for ``highlight``, else dark
+    grey), in order, each at the first of :data:`_OFFSETS` whose box, estimated in pixels,
+    clears the labels placed so far and every marked point; points in the right sixth
+    try the left side first."""
+    if not marked:
+        return
+    plot_w, plot_h = (fig.layout.width or 800) - 160, (fig.layout.height or 600) - 180  # default margins
+    to_px = _pixel_map(xs, ys, plot_w, plot_h)
+    boxes = [(px - 6, py - 6, px + 6, py + 6) for px, py in (to_px(xs[i], ys[i]) for i in marked)]
+    for i in marked:
+        (px, py), w = to_px(xs[i], ys[i]), 7 * len(labels[i]) + 4
+        offsets = sorted(_OFFSETS, key=lambda o: o[0] > 0) if px > 5 / 6 * plot_w else _OFFSETS
+        for ax, ay in offsets:
+            x0 = px + ax if ax > 0 else px + ax - w if ax < 0 else px - w / 2
+            box = (x0, py + ay - 8, x0 + w, py + ay + 8)
+            if not any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in boxes):
+                break
+        boxes.append(box)
+        colour = "crimson" if labels[i] in highlight else "#333"
+        fig.add_annotation(x=float(xs[i]), y=float(ys[i]), text=labels[i], showarrow=True, arrowhead=0,
+                           arrowcolor=colour, arrowwidth=1, ax=ax, ay=ay, standoff=4,
+                           xanchor="left" if ax > 0 else "right" if ax < 0 else "center",
+                           font=dict(size=11, color=colour))
+
+
+def _pixel_map(xs, ys, width: float, height: float):
+    """Data → approximate pixel position (y down) in a plot area ``width`` × ``height``
+    that spans the data with 5 % padding, as plotly's autorange does."""
+    x_lo, x_hi, y_lo, y_hi = float(xs.min()), float(xs.max()), float(ys.min()), float(ys.max())
+    x_pad, y_pad = 0.05 * (x_hi - x_lo or 1), 0.05 * (y_hi - y_lo or 1)
+    return lambda x, y: ((float(x) - x_lo + x_pad) / (x_hi - x_lo + 2 * x_pad) * width,
+                         (y_hi + y_pad - float(y)) / (y_hi - y_lo + 2 * y_pad) * height)
 
 
 def plot_topk_overlap(

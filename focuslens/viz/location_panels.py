@@ -11,8 +11,12 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from focuslens.viz.compare import relative_depth
+from focuslens.viz.compare import RANK_LABEL, relative_depth
 from focuslens.viz.export import wrap_label
+
+
+def _is_rank(label: str) -> bool:
+    return label == RANK_LABEL
 
 
 def _nice_dtick(n: int, max_ticks: int = 10) -> int:
@@ -107,7 +111,8 @@ def _heatmap(fig, m, col: int, shared_scale: bool):
     )
     if shared_scale:
         return go.Heatmap(**heat, coloraxis="coloraxis")
-    return go.Heatmap(**heat, colorscale="Viridis", colorbar=_column_colorbar(fig, col, m.label))
+    bounds = dict(zmin=0, zmax=1) if _is_rank(m.label) else {}  # the best head: the top colour
+    return go.Heatmap(**heat, **bounds, colorscale="Viridis", colorbar=_column_colorbar(fig, col, m.label))
 
 
 def _column_colorbar(fig, col: int, label: str) -> dict:
@@ -202,7 +207,7 @@ def _rank_coloraxis(top_k: int) -> dict:
         cmin=1,
         cmax=max(top_k, 2),
         colorbar=dict(
-            title=dict(text="rank", side="top"),
+            title=dict(text="rank<br>(1 = best)", side="top"),
             thickness=12,
             len=0.6,
             x=1.01,
@@ -213,8 +218,10 @@ def _rank_coloraxis(top_k: int) -> dict:
 
 
 def _score_coloraxis(label: str) -> dict:
-    """The heatmaps' shared colour axis, a horizontal bar under the left panels."""
+    """The heatmaps' shared colour axis, a horizontal bar under the left panels (0 to 1
+    for rank scores, so the best head gets the top colour)."""
     return dict(
+        **(dict(cmin=0, cmax=1) if _is_rank(label) else {}),
         colorscale="Viridis",
         colorbar=dict(
             title=dict(text=label, side="top"),

@@ -7,6 +7,7 @@ import plotly.colors as pc
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from focuslens.eval import wilson_interval
 from focuslens.viz.export import Figure
 
 __all__ = ["plot_split_softmax_sweep", "plot_focus_sweep", "plot_focus_conditions"]
@@ -18,11 +19,56 @@ _REFERENCE_STYLE = {
 }
 
 
-def _reference_lines(fig, references: dict[str, float] | None, **where) -> None:
-    for name, value in (references or {}).items():
+def _merged_references(references: dict[str, float] | None, tol: float = 0.005) -> list[tuple[str, float, str]]:
+    """``(label, value, colour)`` per reference line, highest first; references whose
+    values lie within ``tol`` of each other (they would print the same number and draw
+    one line) share one label, e.g. ``"unsteered, gold document removed (0.00)"``, in the
+    colour of the first."""
+    order = list(references or {})
+    groups: list[list[tuple[int, str, float, str]]] = []
+    for name, value in sorted((references or {}).items(), key=lambda kv: -kv[1]):
         label, colour = _REFERENCE_STYLE.get(name, (name, "#7f7f7f"))
-        fig.add_hline(y=value, line=dict(color=colour, dash="dot", width=1.5), annotation_text=f"{label} ({value:.2f})",
-                      annotation_position="top left", annotation_font=dict(size=11, color=colour), **where)
+        if groups and abs(groups[-1][0][2] - value) <= tol:
+            groups[-1].append((order.index(name), label, value, colour))
+        else:
+            groups.append([(order.index(name), label, value, colour)])
+    groups = [sorted(g) for g in groups]  # one label names them in the caller's order
+    return [(", ".join(e[1] for e in g) + f" ({g[0][2]:.2f})", g[0][2], g[0][3]) for g in groups]
+
+
+def _reference_lines(fig, references: dict[str, float] | None, y_range=None, **where) -> None:
+    """Dotted horizontal lines at the ``references``, labelled in the legend (never over
+    the data), highest first, close values merged (:func:`_merged_references`). A value
+    outside ``y_range`` gets no line and is marked "above/below the axis" in its label."""
+    for i, (label, value, colour) in enumerate(_merged_references(references)):
+        line = dict(color=colour, dash="dot", width=1.5)
+        if y_range is not None and not y_range[0] <= value <= y_range[1]:
+            label += ", above the axis" if value > y_range[1] else ", below the axis"
+        else:
+            fig.add_hline(y=value, line=line, **where)
+        fig.add_trace(go.Scatter(x=[None], y=[None], mode="lines", line=line, name=label, legendgroup="references",
+                                 legendgrouptitle_text="references" if i == 0 else None, legendrank=2000 + i,
+                                 hoverinfo="skip"), **where)
+
+
+def _draws_phrase(n_draws: int) -> str:
+    """How the random heads are summarised: ``"mean ± s.d. over 3 draws"``, ``"1 draw"``
+    (no s.d., no error bar) or ``"no draws"``."""
+    if n_draws == 1:
+        return "1 draw of k heads (no s.d.)"
+    return f"mean ± s.d. over {n_draws} draws of k heads" if n_draws > 1 else "no draws"
+
+
+def _fitted_range(low, high, references: dict[str, float] | None) -> list[float]:
+    """A y range around the data's ``low``..``high`` (e.g. the CI bounds) that also takes
+    in the references within one data span of it (at least 0.1), padded by 6 %; farther
+    references are left off the axis so they cannot squash the data into a strip."""
+    lo, hi = float(min(low)), float(max(high))
+    reach = max(hi - lo, 0.1)
+    near = [v for v in (references or {}).values() if lo - reach <= v <= hi + reach]
+    lo, hi = min([lo, *near]), max([hi, *near])
+    pad = 0.06 * max(hi - lo, 0.05)
+    return [lo - pad, hi + pad]
 
 
 def plot_split_softmax_sweep(sweep: pd.DataFrame, *, references: dict[str, float] | None = None,
@@ -41,17 +87,18 @@ def plot_split_softmax_sweep(sweep: pd.DataFrame, *, references: dict[str, float
         fig.add_trace(go.Scatter(x=ctx.index, y=ctx.values, mode="lines+markers", name=f"contextual, τ={tau:g}",
                                  line=dict(color=colour, width=2.5), legendgroup=f"{tau}"))
         per_draw = steered[(steered.group == "random") & (steered.tau == tau)].groupby(["k", "draw"]).correct.mean()
-        rnd = per_draw.groupby("k").agg(["mean", "std"]).fillna(0)
-        if len(rnd):
+        rnd = per_draw.groupby("k").agg(["mean", "std", "count"])
+        if len(rnd):  # one draw has no s.d.: no error bar
+            bars = dict(type="data", array=rnd["std"].fillna(0), thickness=1) if rnd["count"].max() > 1 else None
             fig.add_trace(go.Scatter(x=rnd.index, y=rnd["mean"], mode="lines+markers", name=f"random, τ={tau:g}",
                                      line=dict(color=colour, dash="dash", width=1.5), marker=dict(symbol="x"),
-                                     error_y=dict(type="data", array=rnd["std"], thickness=1), legendgroup=f"{tau}"))
+                                     error_y=bars, legendgroup=f"{tau}"))
     _reference_lines(fig, references)
     n = sweep.example.nunique()
     n_draws = steered[steered.group == "random"].draw.nunique()
     fig.update_layout(
         title=title or "Split-softmax on contextual vs random heads<br>"
-        f"<sup>accuracy on {n} held-out prompts; random: mean ± s.d. over {n_draws} draws of k heads; "
+        f"<sup>accuracy on {n} held-out prompts; random: {_draws_phrase(n_draws)}; "
         "smaller τ = stronger boost of the gold document</sup>",
         xaxis=dict(title="number of heads steered (k)", type="log", tickvals=sorted(steered.k.unique())),
         yaxis=dict(title="top-1 accuracy (fraction of prompts)", range=[-0.02, 1.05]),
@@ -60,38 +107,55 @@ def plot_split_softmax_sweep(sweep: pd.DataFrame, *, references: dict[str, float
     return Figure(fig)
 
 
+def _accuracy_ci(rows: pd.DataFrame) -> pd.DataFrame:
+    """Per α: ``acc`` (mean of ``correct``), ``n`` prompts and the Wilson 95 % interval
+    ``lo``..``hi`` (:func:`~focuslens.eval.wilson_interval`)."""
+    g = rows.groupby("alpha").correct.agg(acc="mean", n="count")
+    ci = [wilson_interval(a, n) for a, n in zip(g.acc, g.n)]
+    return g.assign(lo=[c[0] for c in ci], hi=[c[1] for c in ci])
+
+
 def plot_focus_sweep(sweep: pd.DataFrame, *, references: dict[str, float] | None = None,
                      title: str | None = None, chosen: dict | None = None):
-    """Two panels from :func:`focuslens.focusing.focus_sweep` rows: accuracy vs α and
-    the steered heads' attention mass on the gold document vs α, one line per k.
-    ``chosen`` (``{"k": …, "alpha": …}``) is circled."""
+    """Two panels from :func:`focuslens.focusing.focus_sweep` rows: accuracy vs α (bars:
+    Wilson 95 % CIs over the prompts; y axis fitted to the data, :func:`_fitted_range`)
+    and the steered heads' attention mass on the gold document vs α, one line per k.
+    ``chosen`` (``{"k": …, "alpha": …}``) is circled; ``references`` are dotted lines
+    labelled in the legend."""
 
     ks = sorted(sweep.k.unique())
     colours = pc.sample_colorscale("Plasma", [0.85 * i / max(1, len(ks) - 1) for i in range(len(ks))])
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1, subplot_titles=(
-        "accuracy", "attention mass on the gold document (steered heads)"))
-    n_all = max(ks)
+        "accuracy (bars: Wilson 95% CI)", "attention mass on the gold document (steered heads)"))
+    n_all, cis = max(ks), []
     for k, colour in zip(ks, colours):
-        g = sweep[sweep.k == k].groupby("alpha")[["correct", "gold_mass"]].mean()
+        acc, mass = _accuracy_ci(sweep[sweep.k == k]), sweep[sweep.k == k].groupby("alpha").gold_mass.mean()
+        cis.append(acc)
         name = f"k = {k}" + (" (all heads)" if k == n_all and len(ks) > 1 else "")
-        fig.add_trace(go.Scatter(x=g.index, y=g.correct, mode="lines+markers", name=name,
-                                 line=dict(color=colour), legendgroup=name), row=1, col=1)
-        fig.add_trace(go.Scatter(x=g.index, y=g.gold_mass, mode="lines+markers", name=name, showlegend=False,
+        fig.add_trace(go.Scatter(x=acc.index, y=acc.acc, mode="lines+markers", name=name, line=dict(color=colour),
+                                 legendgroup=name, customdata=acc[["lo", "hi", "n"]].to_numpy(),
+                                 error_y=dict(type="data", symmetric=False, array=acc.hi - acc.acc,
+                                              arrayminus=acc.acc - acc.lo, thickness=1, width=3,
+                                              color=colour.replace("rgb(", "rgba(").replace(")", ", 0.5)")),
+                                 hovertemplate="α %{x}<br>accuracy %{y:.3f} [%{customdata[0]:.3f}, "
+                                 "%{customdata[1]:.3f}] over %{customdata[2]} prompts"), row=1, col=1)
+        fig.add_trace(go.Scatter(x=mass.index, y=mass.values, mode="lines+markers", name=name, showlegend=False,
                                  line=dict(color=colour), legendgroup=name), row=1, col=2)
     if chosen:
         acc = sweep[(sweep.k == chosen["k"]) & (sweep.alpha == chosen["alpha"])].correct.mean()
         fig.add_trace(go.Scatter(x=[chosen["alpha"]], y=[acc], mode="markers", name="chosen on validation",
                                  marker=dict(size=16, symbol="circle-open", color="black", line=dict(width=2))),
                       row=1, col=1)
-    _reference_lines(fig, references, row=1, col=1)
-    n = sweep.example.nunique()
+    y_range = _fitted_range(pd.concat(cis).lo, pd.concat(cis).hi, references)
+    _reference_lines(fig, references, y_range, row=1, col=1)
     fig.update_xaxes(title_text="α (steering strength; α < 0 reverses the direction)")
-    fig.update_yaxes(title_text="top-1 accuracy (fraction of prompts)", range=[-0.02, 1.05], row=1, col=1)
+    fig.update_yaxes(title_text="top-1 accuracy (fraction of prompts)", range=y_range, row=1, col=1)
     fig.update_yaxes(title_text="mean attention mass from the answer rows", row=1, col=2)
     fig.update_layout(
-        title=title or f"Focus directions on the top-k contextual heads<br><sup>{n} prompts; α·d_q added to the "
-        "queries at the answer rows, no label of the relevant document</sup>",
-        template="plotly_white", margin=dict(t=110), width=1100, height=520,
+        title=title or f"Focus directions on the top-k contextual heads<br><sup>{sweep.example.nunique()} prompts; "
+        "α·d_q added to the queries at the answer rows, no label of the relevant document</sup>",
+        template="plotly_white", margin=dict(t=110, b=150), width=1100, height=620,
+        legend=dict(orientation="h", x=0, y=-0.2, yanchor="top", font=dict(size=11)),
     )
     return Figure(fig)
 
