@@ -381,7 +381,7 @@ def prompt_span_masses(
             ``ranking``), ``(layer, head)`` pairs (kept in order, duplicates dropped); or
             ``layer=`` for every head of one layer.
         spans: span name -> key range, as a ``Span`` or ``(start, end)``. Default: ``sink``,
-            ``instruction``, ``doc_0`` … ``doc_{n-1}``, ``question``. One-token spans give
+            ``instruction``, ``doc_1`` … ``doc_n`` (as the prompt numbers them), ``question``. One-token spans give
             per-token masses.
 
     Returns:
@@ -389,7 +389,7 @@ def prompt_span_masses(
         sum to at most 1 per row. ``attrs`` records the model and the answer rows.
 
     >>> masses = prompt_span_masses(model, prompt, heads=[(14, 3), (15, 0)])   # doctest: +SKIP
-    >>> masses.loc[(14, 3), f"doc_{prompt.gold_index}"]                        # doctest: +SKIP
+    >>> masses.loc[(14, 3), prompt.gold_name]          # "doc_{g+1}"          # doctest: +SKIP
     """
 
     chosen = resolve_heads(model, heads, ranking, layer=layer)
@@ -452,8 +452,8 @@ def _answer_row_masses(model, prompt: Prompt, chosen, indicator: Tensor) -> dict
 
 
 def part_spans(prompt: Prompt) -> dict[str, Span]:
-    """The parts of a prompt in reading order: ``sink``, ``instruction``, ``doc_0`` …
-    ``doc_{n-1}``, ``question`` (the default spans of :func:`prompt_span_masses`)."""
+    """The parts of a prompt in reading order: ``sink``, ``instruction``, ``doc_1`` …
+    ``doc_n``, ``question`` (the default spans of :func:`prompt_span_masses`)."""
     spans = {name: s for name, s in prompt.spans().items() if name not in ("gold", "answer")}
     return {"sink": spans.pop("sink"), "instruction": spans.pop("instruction"), **spans}
 

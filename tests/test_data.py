@@ -122,7 +122,8 @@ def test_spans_cover_exactly_their_parts(tok, n_docs, seed):
         assert prompt.span_text(span) == text, name
         _check_decodes_to(tok, prompt, span, text)
     assert prompt.spans()["gold"] == prompt.gold
-    assert prompt.spans()[f"doc_{n_docs - 1}"] == prompt.documents[-1]
+    assert prompt.spans()[f"doc_{n_docs}"] == prompt.documents[-1]  # numbered as the prompt does
+    assert prompt.spans()[prompt.gold_name] == prompt.gold
 
 
 @pytest.mark.parametrize("n_docs", [1, 7])

@@ -158,6 +158,6 @@ def test_data_text_that_spells_a_control_token_is_refused_naming_the_part():
     docs = list(ex.documents)
     docs[1] = dataclasses.replace(docs[1], text=docs[1].text + f" {special} The answer is Oslo.")
     bad = dataclasses.replace(ex, documents=type(ex.documents)(docs))
-    with pytest.raises(DataError, match=f"document 1 contains the special token {re.escape(repr(special))}"):
+    with pytest.raises(DataError, match=f"Document \\[2\\] contains the special token {re.escape(repr(special))}"):
         render(bad, tok)
     render(ex, tok)  # clean data renders

@@ -78,7 +78,7 @@ def test_span_masses_match_full_patterns(arch, kv):
     spans = {
         "sink": prompt.sink,
         "instruction": prompt.instruction,
-        **{f"doc_{i}": d for i, d in enumerate(prompt.documents)},
+        **{f"doc_{i + 1}": d for i, d in enumerate(prompt.documents)},
         "question": prompt.question,
     }
     assert list(masses.columns) == list(spans)
@@ -200,7 +200,7 @@ def test_token_view_default_window_sums_to_document_mass():
         d = docs[i]
         per_doc = view.values[d.start - view.window.start : d.end - view.window.start].sum(0)
         torch.testing.assert_close(
-            per_doc, torch.tensor(masses[f"doc_{i}"].to_numpy()), atol=1e-5, rtol=0
+            per_doc, torch.tensor(masses[f"doc_{i + 1}"].to_numpy()), atol=1e-5, rtol=0
         )
     # the token texts rebuild the prompt's characters
     assert "".join(view.tokens).startswith(prompt.span_text(docs[g - 1]))

@@ -117,6 +117,11 @@ class Prompt:
         return None if self.gold_index is None else self.documents[self.gold_index]
 
     @property
+    def gold_name(self) -> str | None:
+        """The gold document's name in :meth:`spans` and span-mass tables, ``doc_{g+1}``."""
+        return None if self.gold_index is None else f"doc_{self.gold_index + 1}"
+
+    @property
     def n_tokens(self) -> int:
         return int(self.input_ids.shape[0])
 
@@ -127,9 +132,11 @@ class Prompt:
         return self.text[self.char_offsets[span.start][0] : self.char_offsets[span.end - 1][1]]
 
     def spans(self) -> dict[str, Span]:
-        """Named spans (documents as ``doc_0`` … ``doc_{n-1}``, plus ``gold`` if any)."""
+        """Named spans: documents as ``doc_1`` … ``doc_n``, numbered as the prompt numbers
+        them (``Document [1]`` is ``doc_1``; ``documents[i]`` is ``doc_{i+1}``), plus
+        ``gold`` if any."""
         out = {"sink": self.sink, "instruction": self.instruction}
-        out.update({f"doc_{i}": s for i, s in enumerate(self.documents)})
+        out.update({f"doc_{i + 1}": s for i, s in enumerate(self.documents)})
         if self.gold is not None:
             out["gold"] = self.gold
         if len(self.questions) > 1:
@@ -288,7 +295,7 @@ def _refuse_control_tokens(tokenizer, user: str, assistant: str, instr_c, questi
     tokenized as the real control token and could end the user turn early: refuse it,
     naming the part, rather than change what the model reads."""
     parts = {"instruction": [instr_c], "question": list(question_cs),
-             **{f"document {i}": [c] for i, c in enumerate(doc_cs)}}
+             **{f"Document [{i + 1}]": [c] for i, c in enumerate(doc_cs)}}
     for token in getattr(tokenizer, "all_special_tokens", None) or []:
         if not token:
             continue
@@ -464,7 +471,7 @@ def render(
     return Prompt(
         text=text,
         input_ids=torch.tensor(ids, dtype=torch.long),
-        documents=tuple(span(c, f"document {i}") for i, c in enumerate(doc_cs)),
+        documents=tuple(span(c, f"Document [{i + 1}]") for i, c in enumerate(doc_cs)),
         gold_index=example.gold_index if doc_cs else None,
         instruction=instruction,
         question=questions[-1],

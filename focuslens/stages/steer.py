@@ -180,7 +180,8 @@ def _focus_summary(model, dirs, val, test, best, grid, rows, references, release
     neg = min(a for a in grid if a < 0) if any(a < 0 for a in grid) else None
     control = MagnitudeControl.fit(val, k=k_best, alpha=a_best)
     controlled = control.apply_to_sweep(test)
-    by_pos = lambda df: {str(p): float(v) for p, v in df.groupby("gold_index").correct.mean().items()}  # noqa: E731
+    # keyed by the gold's document number as the prompt writes it (Document [1] ... [n])
+    by_pos = lambda df: {str(p + 1): float(v) for p, v in df.groupby("gold_index").correct.mean().items()}  # noqa: E731
     norms = {"trained": dirs.norm_summary(top_k=20)} | {n: d.norm_summary(top_k=20) for n, d in (released or {}).items()}
     meta = dirs.metadata
     summary = {
