@@ -75,7 +75,7 @@ def test_train_directions_then_steer_with_them(tmp_path, tiny_llama_dir, capsys)
     fd = json.loads((out / "summary.json").read_text())["focus_directions"]
     assert fd["n_test"] == 5 and fd["best"]["k"] in (1, 8) and fd["best"]["alpha"] in (-0.5, 0.0, 1.0, 0.6, 0.8, 1.25, 1.5)
     assert set(fd["test_accuracy_grid"]) == {"1", "8"}
-    assert set(fd["by_gold_position_test"]["baseline"]) == {"0", "1", "2", "3", "4"}
+    assert set(fd["by_gold_position_test"]["baseline"]) == {"1", "2", "3", "4", "5"}  # Document [1] … [5], as the prompt numbers them
     assert (out / "focus_directions.html").exists()
 
     argv = ["steer", "split-softmax", *model, "--scores", str(tmp_path / "contextual_heads.json"), "--n-test", "5",
