@@ -56,9 +56,8 @@ from torch import Tensor
 from focuslens.data.render import Prompt
 from focuslens.errors import DataError, ModelError
 from focuslens.hooks import attn_hook
-from focuslens.io import write_atomic, write_json
+from focuslens.io import read_json, write_atomic, write_json
 from focuslens.models import model_id
-from focuslens.results import read_json
 from focuslens.scoring import HeadScores
 from focuslens.steering import Head, resolve_heads
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from focuslens.errors import DataError
 
-__all__ = ["write_atomic", "write_json", "write_csv", "json_safe", "read_summary", "update_summary"]
+__all__ = ["write_atomic", "write_json", "write_csv", "json_safe", "read_json", "read_summary", "update_summary"]
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
@@ -66,16 +66,22 @@ def update_summary(path: str | Path, section: str, data) -> dict:
     return summary
 
 
+def read_json(path: str | Path, what: str):
+    """The parsed JSON at ``path``; a ``DataError`` naming the file and ``what`` it should
+    hold if it cannot be read."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{path}: cannot read a {what} file ({e}).") from e
+
+
 def read_summary(path: str | Path) -> dict:
     """The summary at ``path`` (``{}`` when there is no file); a ``DataError`` naming the
     file when it is not a readable JSON object (it is never silently replaced)."""
     path = Path(path)
     if not path.exists():
         return {}
-    try:
-        summary = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: cannot read a summary file ({e}): fix or delete it.") from e
+    summary = read_json(path, "summary")
     if not isinstance(summary, dict):
         raise DataError(f"{path}: a summary file holds a JSON object of sections, not a {type(summary).__name__}.")
     return summary

@@ -21,7 +21,6 @@ means none is known; a :class:`~focuslens.scoring.HeadScores` knows one per span
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 from typing import ClassVar
 
@@ -31,21 +30,12 @@ import torch
 from torch import Tensor
 
 from focuslens.errors import DataError, ModelError
-from focuslens.io import write_json
+from focuslens.io import read_json, write_json
 from focuslens.models import model_id
 
-__all__ = ["HeadResult", "head_values", "rank_heads", "read_json", "is_head_ranking"]
+__all__ = ["HeadResult", "head_values", "rank_heads", "is_head_ranking"]
 
 Head = tuple[int, int]
-
-
-def read_json(path: Path, what: str):
-    """The parsed JSON at ``path``; a ``DataError`` naming the file and ``what`` it should
-    hold if it cannot be read."""
-    try:
-        return json.loads(Path(path).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: cannot read a {what} file ({e}).") from e
 
 
 def is_head_ranking(blob) -> bool:

@@ -47,10 +47,10 @@ from focuslens.data.render import Prompt, Span, render
 from focuslens.errors import DataError
 from focuslens.eval import candidate_token_ids, check_context, greedy_generate, next_token_logits
 from focuslens.hooks import attn_hook, key_indicator, mass_on
-from focuslens.io import write_json
+from focuslens.io import read_json, write_json
 from focuslens.models import model_id
 from focuslens.progress import tqdm
-from focuslens.results import HeadResult, is_head_ranking, read_json
+from focuslens.results import HeadResult, is_head_ranking
 from focuslens.steering import resolve_heads
 
 __all__ = ["HeadScores", "score_heads", "scores_from_patterns", "head_metrics", "chance_metrics",
