@@ -12,6 +12,9 @@ Directions (``--only directions``):
 * steering overhead: a forward pass with ``focus(...)`` hooks (top-20 heads) vs the same
   forward without hooks, interleaved prompt by prompt.
 
+Scale (``--only scale``, benchmarks/scale.py): the disk-streamed training cache vs the
+in-memory one; peak RSS at N and 10·N prompts, time per prompt.
+
 Scoring:
 * time: ``score_heads`` (reduction inside ``hook_pattern`` hooks) vs the evaluation
   forward ``next_token_logits`` over the same prompts (not the same code path: it batches
@@ -291,7 +294,8 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2000)
     ap.add_argument("--out", default=str(ROOT / "figures" / "bench.json"))
     ap.add_argument("--memory-child")
-    ap.add_argument("--only", choices=["scoring", "directions"], help="run one benchmark (default: all)")
+    ap.add_argument("--only", choices=["scoring", "directions", "scale"], help="run one benchmark (default: all)")
+    ap.add_argument("--scale-prompts", type=int, default=100, help="N of the scale benchmark (also run at 10·N)")
     ap.add_argument("--direction-prompts", type=int, default=200)
     ap.add_argument("--direction-epochs", type=int, default=2)
     args = ap.parse_args()
@@ -303,6 +307,16 @@ def main() -> None:
         bench["scoring"] = bench_scoring(args.n_prompts, args.tokens)
     if args.only in (None, "directions"):
         bench["directions"] = bench_directions(args.direction_prompts, args.direction_epochs, (8, 17, 26))
+    if args.only in (None, "scale"):
+        from scale import bench_parallel, bench_scale  # benchmarks/scale.py
+
+        eager = {}
+        for tokens in (2000, 4000, 8000):  # the bridge's eager attention: H·T² per layer (docs/scaling.md)
+            eager[str(tokens)] = _peak("forward", tokens, repeats=1)
+            print(f"  eager forward at {eager[str(tokens)]['seq_len']} tokens: peak +{eager[str(tokens)]['peak_mib']:.0f} MiB",
+                  flush=True)
+        bench["scale"] = bench_scale(args.scale_prompts) | {"data_parallel": bench_parallel(args.n_prompts),
+                                                            "eager_attention_peak": eager}
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(bench, indent=2) + "\n")
     print(f"wrote {out}")

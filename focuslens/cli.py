@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     score.add_argument("--seed", type=int, default=1, help="data seed")
     score.add_argument("--top", type=int, default=20, help="how many heads to print")
     score.add_argument("--out", default="runs/score", help="output folder (contextual_heads.json + figure)")
+    score.add_argument("--processes", type=int, default=1,
+                       help="data parallel: N processes share the prompts (accelerate launch; same scores)")
 
     ranking_help = "a HeadScores JSON (contextual_heads.json from `focuslens score`); default: score now"
     patch = _command(sub, "patch", "causal importance of heads: patching, ablation, agreement",
@@ -138,20 +140,49 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _relaunch(argv: list[str], processes: int) -> None:
+    """Run this same command line in ``processes`` processes under accelerate (torchrun;
+    gloo on CPU), without ``--processes``; returns when they are done."""
+    import os
+    import subprocess
+
+    from focuslens.errors import DataError
+
+    argv = list(argv)
+    if "--processes" in argv:
+        i = argv.index("--processes")
+        del argv[i : i + 2]
+    argv = [a for a in argv if not a.startswith("--processes=")]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "focuslens.cli", *argv]
+    if subprocess.run(cmd, env=os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}).returncode:
+        raise DataError(f"the {processes} processes of `{' '.join(argv)}` failed (their errors are above).")
+
+
 def _score(args) -> None:
+    import os
     from pathlib import Path
 
     from focuslens.data import make_synthetic_qa
     from focuslens.models import load_model
+    from focuslens.parallel import is_main
     from focuslens.scoring import score_heads
     from focuslens.viz import plot_head_map, save_figure
 
+    if args.processes < 1:
+        from focuslens.errors import DataError
+
+        raise DataError(f"--processes {args.processes}: use 1 or more.")
+    if args.processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return _relaunch(args.argv, args.processes)
     model = load_model(args.model)
     examples = make_synthetic_qa(args.n_prompts, n_documents=args.n_documents, seed=args.seed)
     scores = score_heads(
         model, examples, setting=args.setting, answer_rows=args.answer_rows, quiet=args.quiet,
         data=f"synthetic n_documents={args.n_documents} seed={args.seed}",
     )
+    if not is_main():  # every process holds the scores; one writes them
+        return
     out = Path(args.out)
     scores.save(out / "contextual_heads.json")  # what `patch/steer/train-directions --scores` read
     scores.to_ranking_json(out / "relevant_heads.json")  # the paper's ranking format
@@ -349,6 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the command; an error prints one line ``focuslens: error: …`` and exits 2 (a
     bug: 1); ``--debug`` shows the traceback instead."""
     args = _parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # for --processes, which runs it again
     from focuslens.errors import FocusLensError
 
     try:

@@ -33,6 +33,7 @@ from focuslens.data.render import Prompt, candidate_token_ids, first_token_id, r
 from focuslens.errors import DataError
 from focuslens.hooks import attn_hook, key_indicator, mass_on
 from focuslens.kvcache import PrefixCache
+from focuslens.parallel import combine, share
 from focuslens.progress import tqdm
 
 __all__ = [
@@ -246,6 +247,18 @@ def check_finite(logits: Tensor, i: int) -> None:
                         "the intervention's settings (alpha, tau, directions).")
 
 
+def shared_logits(model, prompts: Sequence[Prompt], *, hooks=(), **kwargs) -> torch.Tensor:
+    """:func:`next_token_logits` with the prompts shared over processes
+    (:mod:`focuslens.parallel`; one process: the same call), the whole result on each."""
+    mine = share(len(prompts))
+    if len(mine) == len(prompts):
+        return next_token_logits(model, prompts, hooks=hooks, **kwargs)
+    local = (lambda batch: hooks([mine[i] for i in batch])) if callable(hooks) else hooks
+    out = torch.zeros(len(prompts), model.cfg.d_vocab)
+    out[mine.start : mine.stop] = next_token_logits(model, [prompts[i] for i in mine], hooks=local, **kwargs)
+    return combine(out)
+
+
 def evaluate_next_token(
     model,
     examples: Sequence[QAExample | Prompt],
@@ -267,7 +280,7 @@ def evaluate_next_token(
     prompts = to_prompts(model, examples)
     examples = [p.example for p in prompts]
     warn_unscorable(tok, examples)
-    logits = next_token_logits(model, prompts, batch_size=batch_size, hooks=hooks, quiet=quiet, desc=desc)
+    logits = shared_logits(model, prompts, batch_size=batch_size, hooks=hooks, quiet=quiet, desc=desc)
     rows = []
     for i, (ex, lg) in enumerate(zip(examples, logits)):
         check_finite(lg, i)

@@ -139,7 +139,7 @@ def draw_focus_directions(stage, out: str | Path) -> list[Path]:
         test, references=refs, chosen={"k": s["best"]["k"], "alpha": s["best"]["alpha"]},
         title=f"Focus directions on {_model(stage)}: held-out accuracy vs α<br><sup>{test.example.nunique()} prompts, "
         f"{int(test.n_documents.iloc[0])} documents; α·d_q on the top-k contextual heads at the {s['rows']} rows, no "
-        "label of the relevant document; bars: Wilson 95% CI; circle: (k, α) chosen on validation</sup>",
+        "label of the relevant document</sup><br><sup>bars: Wilson 95% CI; circle: (k, α) chosen on validation</sup>",
     )
     return _save(fig, out, stage.section)
 

@@ -302,6 +302,8 @@ def load_model(
     device: str | None = None,
     dtype: torch.dtype | str | None = None,
     tokenizer: Any = None,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
 ):
     """Return a frozen, eval-mode ``TransformerBridge`` with its tokenizer attached.
 
@@ -311,6 +313,12 @@ def load_model(
         device: defaults to CUDA when available, else CPU.
         dtype: defaults to float32 on CPU and bfloat16 on CUDA.
         tokenizer: the tokenizer for an in-memory model (optional otherwise).
+        device_map, max_memory: spread a model larger than one device over several
+            (Hugging Face / accelerate conventions: ``"auto"``, ``"balanced"`` or
+            ``{"model.layers.0": 0, …}``; ``max_memory={0: "20GiB", 1: "20GiB"}``), passed
+            to ``TransformerBridge.boot_transformers``; not with ``device`` (the map says
+            where each part goes) nor with an in-memory model (dispatch it yourself).
+            focuslens' hooks move their tensors to the device of the activation they edit.
 
     >>> model = load_model("smollm2-135m-instruct")          # doctest: +SKIP
     >>> model.cfg.n_layers, model.cfg.n_heads, model.cfg.n_key_value_heads  # doctest: +SKIP
@@ -318,7 +326,15 @@ def load_model(
     """
     from transformer_lens.model_bridge import TransformerBridge
 
+    if device_map is not None or max_memory is not None:
+        if device is not None:
+            raise ModelError(f"device={device!r} and device_map={device_map!r}: give one (the map places each part).")
+        if isinstance(spec, torch.nn.Module):
+            raise ModelError("device_map/max_memory need a model that load_model loads itself (a name or a folder); "
+                             "dispatch an in-memory model with accelerate before passing it.")
     device, dtype = _default_device_dtype(device, dtype)
+    placement = {"device_map": device_map, "max_memory": max_memory} if device_map is not None or max_memory is not None \
+        else {"device": device}
     if isinstance(spec, torch.nn.Module):
         if tokenizer is None:
             raise ModelError("an in-memory model needs its tokenizer: load_model(model, tokenizer=tok).")
@@ -328,13 +344,13 @@ def load_model(
             label, hf_model=spec, tokenizer=_prepare_tokenizer(tokenizer), device=device, dtype=dtype
         )
     elif isinstance(spec, (str, Path)):
-        label, bridge = _load_named(str(spec), device, dtype, tokenizer)
+        label, bridge = _load_named(str(spec), placement, dtype, tokenizer)
     else:
         raise ModelError(f"unknown model spec of type {type(spec).__name__}: pass a name, a path or a model.")
     return _frozen(bridge, dtype, label)
 
 
-def _load_named(name: str, device: str, dtype: torch.dtype, tokenizer) -> tuple[str, Any]:
+def _load_named(name: str, placement: dict, dtype: torch.dtype, tokenizer) -> tuple[str, Any]:
     """``(label, bridge)`` of a model named by a string (see :func:`_label_and_path`)."""
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import AutoConfig
@@ -346,7 +362,7 @@ def _load_named(name: str, device: str, dtype: torch.dtype, tokenizer) -> tuple[
     try:
         _check_config(AutoConfig.from_pretrained(path))
         logging.getLogger("transformer_lens").setLevel(logging.ERROR)
-        return label, TransformerBridge.boot_transformers(path, device=device, dtype=dtype, tokenizer=tokenizer)
+        return label, TransformerBridge.boot_transformers(path, **placement, dtype=dtype, tokenizer=tokenizer)
     except OSError as err:
         if Path(path).is_dir():
             raise ModelError(f"could not load the model folder {path} ({type(err).__name__}: {err}): "

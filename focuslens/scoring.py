@@ -45,10 +45,16 @@ from torch import Tensor
 from focuslens.data.examples import QAExample
 from focuslens.data.render import Prompt, Span, render
 from focuslens.errors import DataError
-from focuslens.eval import candidate_token_ids, check_context, greedy_generate, next_token_logits
+from focuslens.eval import (
+    candidate_token_ids,
+    check_context,
+    greedy_generate,
+    shared_logits,
+)
 from focuslens.hooks import attn_hook, key_indicator, mass_on
 from focuslens.io import read_json, write_json
 from focuslens.models import model_id
+from focuslens.parallel import combine
 from focuslens.progress import tqdm
 from focuslens.results import HeadResult, is_head_ranking
 from focuslens.steering import resolve_heads
@@ -295,7 +301,9 @@ def score_heads(
             for layer in range(n_layers)
         ]
 
-    logits = next_token_logits(model, prompts, batch_size=batch_size, hooks=hooks_for, quiet=quiet, desc="score heads")
+    # prompts shared over processes under a launcher (focuslens.parallel); each fills its rows
+    logits = shared_logits(model, prompts, batch_size=batch_size, hooks=hooks_for, quiet=quiet, desc="score heads")
+    per_example = combine(per_example)
     accuracy = None
     if all(p.example.answer_prefix and p.answer.end == p.n_tokens for p in prompts):
         gold = torch.tensor([candidate_token_ids(model.tokenizer, p.example)[0] for p in prompts])

@@ -15,6 +15,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -59,6 +60,16 @@ class AttentionInputs:
 
     def __len__(self) -> int:
         return self.q.shape[0]
+
+    @property
+    def n_layers(self) -> int:
+        return self.q.shape[1]
+
+    def batch(self, index, layers: slice) -> AttentionInputs:
+        """Prompts ``index`` and ``layers``, as :class:`~focuslens.streamed.ShardedInputs` gives them."""
+        part = self.select(index)
+        return AttentionInputs(part.q[:, layers], part.k[:, layers], part.pattern[:, layers], part.row_pos,
+                               part.n_keys, part.gold, part.sink, part.scaling)
 
     def select(self, index) -> AttentionInputs:
         """A subset of prompts (a slice is a view), cropped to its longest prompt."""
@@ -167,76 +178,81 @@ def span_attention(
 
 
 # ------------------------------------------------------------------ training
-def _gold_mass(inputs: AttentionInputs, dq: Tensor, dk: Tensor, chunk: int = 16) -> Tensor:
-    """``[layer, head]``: mean gold mass over the cached prompts under directions (dq, dk)."""
+def _gold_mass(inputs, dq: Tensor, dk: Tensor, layers: slice, chunk: int = 16) -> Tensor:
+    """``[layer, head]`` of ``layers``: mean gold mass over the cached prompts under (dq, dk)."""
     with torch.no_grad():
-        return torch.cat([span_attention(inputs.select(slice(i, i + chunk)), dq, dk)["gold"]
+        return torch.cat([span_attention(inputs.batch(range(i, min(i + chunk, len(inputs))), layers), dq, dk)["gold"]
                           for i in range(0, len(inputs), chunk)]).mean(0)
 
 
-def _epoch(train: AttentionInputs, order: Tensor, batch_size: int, dq, dk, opt) -> float:
-    """One pass over the training cache in ``order``; returns the mean gold mass per head it saw."""
-    n_heads = dq.shape[0] * dq.shape[1]
-    losses = []
-    for start in range(0, len(train), batch_size):
-        chunk = order[start : start + batch_size]
-        batch = train.select(int(chunk) if len(chunk) == 1 else chunk)
-        # sum over heads of each head's mean gold mass: each head gets its own gradient
-        loss = -span_attention(batch, dq, dk)["gold"].mean(0).sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item() / n_heads)
-    return -sum(losses) / len(losses)
+def _epoch(train, order: Tensor, batch_size: int, groups, params, opts) -> float:
+    """One pass over the training cache in ``order``, one layer group after the other (the
+    objective is a sum of per-head terms and AdamW is per element, so the groups are
+    independent and the result equals one pass over all layers). Returns the mean gold
+    mass per head it saw."""
+    n_heads = sum(dq.shape[0] * dq.shape[1] for dq, _ in params)
+    losses = torch.zeros(-(-len(train) // batch_size), dtype=torch.float64)
+    for layers, (dq, dk), opt in zip(groups, params, opts):
+        for b, start in enumerate(range(0, len(train), batch_size)):
+            batch = train.batch(order[start : start + batch_size], layers)
+            # sum over heads of each head's mean gold mass: each head gets its own gradient
+            loss = -span_attention(batch, dq, dk)["gold"].mean(0).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[b] += loss.item()
+    return float(-(losses / n_heads).mean())
 
 
-def _train_on_inputs(
-    train: AttentionInputs,
-    validation: AttentionInputs | None,
-    *,
-    epochs: int,
-    lr: float,
-    weight_decay: float,
-    batch_size: int,
-    init_std: float,
-    patience: int,
-    seed: int,
-    quiet: bool,
-) -> tuple[Tensor, Tensor, dict]:
-    """AdamW on every head at once; per-head early stopping on validation gold mass."""
-    _, L, H, _, d = train.q.shape
+def _layer_groups(n_layers: int, layers_per_group: int | None) -> list[slice]:
+    size = layers_per_group or n_layers
+    return [slice(a, min(a + size, n_layers)) for a in range(0, n_layers, size)]
+
+
+def _train_on_inputs(train, validation, *, epochs: int, lr: float, weight_decay: float, batch_size: int,
+                     init_std: float, patience: int, seed: int, quiet: bool,
+                     layers_per_group: int | None = None) -> tuple[Tensor, Tensor, dict]:
+    """AdamW on every head, one optimizer per layer group (all layers: one group); per-head
+    early stopping on validation gold mass. ``train``/``validation``: an
+    :class:`AttentionInputs` or a :class:`~focuslens.streamed.ShardedInputs`."""
+    first = train.batch([0], slice(0, 1))
+    L, H, d = train.n_layers, first.q.shape[2], first.q.shape[-1]
     g = torch.Generator().manual_seed(seed)
-    dq = torch.nn.Parameter(torch.randn(L, H, d, generator=g) * init_std)
-    dk = torch.nn.Parameter(torch.randn(L, H, d, generator=g) * init_std)
-    opt = torch.optim.AdamW([dq, dk], lr=lr, weight_decay=weight_decay)
+    q0, k0 = torch.randn(L, H, d, generator=g) * init_std, torch.randn(L, H, d, generator=g) * init_std
+    groups = _layer_groups(L, layers_per_group)
+    params = [(torch.nn.Parameter(q0[s].clone()), torch.nn.Parameter(k0[s].clone())) for s in groups]
+    opts = [torch.optim.AdamW([dq, dk], lr=lr, weight_decay=weight_decay) for dq, dk in params]
+
+    def current() -> tuple[Tensor, Tensor]:
+        return torch.cat([dq.detach() for dq, _ in params]), torch.cat([dk.detach() for _, dk in params])
 
     def val_mass() -> Tensor | None:
-        return None if validation is None else _gold_mass(validation, dq, dk)
+        return None if validation is None else torch.cat(
+            [_gold_mass(validation, dq, dk, s) for s, (dq, dk) in zip(groups, params)])
 
-    best_q, best_k = dq.detach().clone(), dk.detach().clone()
+    best_q, best_k = current()
     before = val_mass()
     best = before.clone() if before is not None else None
-    best_epoch = torch.zeros(L, H, dtype=torch.long)
-    waiting = torch.zeros(L, H, dtype=torch.long)
+    best_epoch, waiting = torch.zeros(L, H, dtype=torch.long), torch.zeros(L, H, dtype=torch.long)
     history = []
     bar = tqdm(range(epochs), desc="train directions", disable=quiet, leave=False)
     for epoch in bar:
         order = torch.randperm(len(train), generator=g)
-        entry = {"epoch": epoch + 1, "train_gold_mass": _epoch(train, order, batch_size, dq, dk, opt)}
-        current = val_mass()
-        if current is not None:
-            better = current > best
-            best = torch.where(better, current, best)
-            best_q[better], best_k[better] = dq.detach()[better], dk.detach()[better]
+        entry = {"epoch": epoch + 1, "train_gold_mass": _epoch(train, order, batch_size, groups, params, opts)}
+        mass = val_mass()
+        if mass is not None:
+            better, (dq, dk) = mass > best, current()
+            best = torch.where(better, mass, best)
+            best_q[better], best_k[better] = dq[better], dk[better]
             best_epoch[better] = epoch + 1
             waiting = torch.where(better, torch.zeros_like(waiting), waiting + 1)
-            entry |= {"val_gold_mass": float(current.mean()), "heads_improved": int(better.sum())}
+            entry |= {"val_gold_mass": float(mass.mean()), "heads_improved": int(better.sum())}
         history.append(entry)
         bar.set_postfix({k: round(v, 4) for k, v in entry.items() if isinstance(v, float)})
-        if current is not None and bool((waiting >= patience).all()):
+        if mass is not None and bool((waiting >= patience).all()):
             break
     if validation is None:
-        best_q, best_k = dq.detach().clone(), dk.detach().clone()
+        best_q, best_k = current()
     info = {"history": history, "epochs_run": len(history)}
     if before is not None:
         info |= {"val_gold_mass_before": before.tolist(), "val_gold_mass_after": best.tolist(),
@@ -244,8 +260,15 @@ def _train_on_inputs(
     return best_q, best_k, info
 
 
-def _attention_caches(model, train_p, val_p, inputs, quiet):
-    """The (train, validation) attention-input caches: collected here, or checked against the prompts."""
+def _attention_caches(model, train_p, val_p, inputs, quiet, cache_dir=None, cache_dtype="float32"):
+    """The (train, validation) attention-input caches: collected here (in memory, or streamed
+    to ``cache_dir``/train and /validation, resumed if there), or checked against the prompts."""
+    if inputs is None and cache_dir is not None:
+        from focuslens.streamed import cache_to_disk  # streamed builds on this module
+
+        train_in = cache_to_disk(model, train_p, Path(cache_dir) / "train", dtype=cache_dtype, quiet=quiet)
+        val_in = cache_to_disk(model, val_p, Path(cache_dir) / "validation", dtype=cache_dtype, quiet=quiet) if val_p else None
+        return train_in, val_in
     if inputs is None:
         train_in = collect_attention_inputs(model, train_p, quiet=quiet)
         return train_in, collect_attention_inputs(model, val_p, quiet=quiet) if val_p else None
@@ -260,7 +283,9 @@ def _checked_settings(**settings) -> dict:
     """The training settings for the metadata, after checking each (``DataError`` naming it):
     ``epochs``, ``batch_size``, ``patience`` integers ≥ 1, ``lr`` > 0, ``weight_decay`` and
     ``init_std`` ≥ 0, all finite."""
-    for name in ("epochs", "batch_size", "patience"):
+    for name in ("epochs", "batch_size", "patience", "layers_per_group"):
+        if name not in settings:
+            continue
         value = settings[name]
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise DataError(f"train_directions: {name}={value!r} must be an integer of at least 1.")
@@ -271,6 +296,22 @@ def _checked_settings(**settings) -> dict:
             raise DataError(f"train_directions: {name}={value!r} must be a finite number {low}.")
     return settings | {"optimizer": "AdamW",
                        "objective": "maximise mean attention mass from the answer rows onto the gold document"}
+
+
+def _metadata(model, train_p, val_p, answer_rows, data, settings, cache) -> dict:
+    """What a trained direction artifact records about its model, data and settings."""
+    return {
+        "model": model_id(model),
+        "source": "trained",
+        "architecture": architecture_of(model),
+        "hook_points": {"q": attn_hook("{layer}", "rot_q"), "k": attn_hook("{layer}", "rot_k")},
+        "data": {"description": data, "n_train": len(train_p), "n_validation": len(val_p or []),
+                 "answer_rows": answer_rows, "qids_train": [p.example.qid for p in train_p]},
+        "settings": settings,
+        "cache": {k: v for k, v in cache.items() if k != "seconds"},
+        "cache_seconds": cache["seconds"],
+        "versions": library_versions(),
+    }
 
 
 def train_directions(
@@ -289,6 +330,9 @@ def train_directions(
     ranking: Sequence[Head] | None = None,
     data: str | None = None,
     inputs: tuple[AttentionInputs, AttentionInputs | None] | None = None,
+    cache_dir: str | Path | None = None,
+    cache_dtype: str = "float32",
+    layers_per_group: int | None = None,
     quiet: bool = False,
 ) -> FocusDirections:
     """Learn focus directions for every head with the model frozen (module docstring).
@@ -308,26 +352,25 @@ def train_directions(
         inputs: the ``(train, validation)`` caches of :func:`collect_attention_inputs` if
             they were already collected for these prompts (e.g. to score heads from the same
             forward passes); ``train``/``validation`` must then be those rendered prompts.
+            :class:`~focuslens.streamed.ShardedInputs` (on disk) are accepted too.
+        cache_dir, cache_dtype: stream the caches to this folder instead of memory
+            (:func:`focuslens.streamed.cache_to_disk`: resumable; "bfloat16" halves them).
+        layers_per_group: train this many layers at a time (the same directions): with a
+            disk cache, memory is then bounded by one batch of one group.
     """
     settings = _checked_settings(epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
                                  init_std=init_std, patience=patience, seed=seed)
     train_p = prepare_prompts(model, train, answer_rows=answer_rows, quiet=quiet)
     val_p = prepare_prompts(model, validation, answer_rows=answer_rows, quiet=quiet) if validation else None
-    train_in, val_in = _attention_caches(model, train_p, val_p, inputs, quiet)
+    if layers_per_group is not None:
+        _checked_settings(**settings, layers_per_group=layers_per_group)  # names it if it is not an integer ≥ 1
+    train_in, val_in = _attention_caches(model, train_p, val_p, inputs, quiet, cache_dir, cache_dtype)
     t0 = time.perf_counter()
     dq, dk, info = _train_on_inputs(train_in, val_in, epochs=epochs, lr=lr, weight_decay=weight_decay,
-                                    batch_size=batch_size, init_std=init_std, patience=patience, seed=seed, quiet=quiet)
-    meta = {
-        "model": model_id(model),
-        "source": "trained",
-        "architecture": architecture_of(model),
-        "hook_points": {"q": attn_hook("{layer}", "rot_q"), "k": attn_hook("{layer}", "rot_k")},
-        "data": {"description": data, "n_train": len(train_p), "n_validation": len(val_p or []),
-                 "answer_rows": answer_rows, "qids_train": [p.example.qid for p in train_p]},
-        "settings": settings,
-        "cache_seconds": train_in.seconds + (val_in.seconds if val_in else 0.0),
-        "train_seconds": time.perf_counter() - t0,
-        "versions": library_versions(),
-        **info,
-    }
+                                    batch_size=batch_size, init_std=init_std, patience=patience, seed=seed,
+                                    quiet=quiet, layers_per_group=layers_per_group)
+    cache = {"where": "disk" if hasattr(train_in, "folder") else "memory", "dtype": cache_dtype,
+             "layers_per_group": layers_per_group, "seconds": train_in.seconds + (val_in.seconds if val_in else 0)}
+    meta = _metadata(model, train_p, val_p, answer_rows, data, settings, cache) | {
+        "train_seconds": time.perf_counter() - t0, **info}
     return FocusDirections(dq, dk, list(ranking or []), meta)

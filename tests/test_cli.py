@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
+import torch
 from plotly.offline import get_plotlyjs_version
 
 from focuslens.cli import main
 from focuslens.io import update_summary
+from focuslens.scoring import HeadScores
 
 PLOTLY_JS = f"plotly.js v{get_plotlyjs_version()}"  # the banner of the inlined bundle
 
@@ -123,6 +126,18 @@ def test_every_command_runs_small_and_score_writes_what_patch_reads(tmp_path, ti
     assert "prefills per test prompt: 1.00" in capsys.readouterr().out
     assert main(["figures", *model, "--out", str(runs / "demo")]) == 0  # redrawn from the saved stages
     assert "running the quick demo first" not in capsys.readouterr().out
+
+
+def test_score_with_two_processes_writes_the_scores_of_one(tmp_path, tiny_llama_dir, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    model = ["--model", str(tiny_llama_dir), "--quiet", "--n-prompts", "5", "--n-documents", "3"]
+    assert main(["score", *model, "--out", str(tmp_path / "one")]) == 0
+    assert main(["score", *model, "--processes", "2", "--out", str(tmp_path / "two")]) == 0
+    one, two = (HeadScores.load(tmp_path / d / "contextual_heads.json") for d in ("one", "two"))
+    for metric in one.mean:
+        torch.testing.assert_close(two.mean[metric], one.mean[metric], rtol=0, atol=1e-6)
+    assert main(["score", *model, "--processes", "0"]) == 2
 
 
 def test_counts_are_not_rounded_and_help_shows_defaults_and_an_example(capsys):

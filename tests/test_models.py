@@ -341,3 +341,37 @@ def test_the_real_cache_with_a_deleted_tokenizer_is_rebuilt(monkeypatch, tmp_pat
     os.truncate(weights, weights.stat().st_size - 4096)
     assert "model.safetensors is" in focuslens.models._cache_problem(copy)
     assert {p.name: p.stat().st_mtime_ns for p in real.iterdir() if p.name in before} == before
+
+
+# ---------------------------------------------------------------- device maps
+CPU_MAP = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1": "cpu", "model.norm": "cpu",
+           "model.rotary_emb": "cpu", "lm_head": "cpu"}
+
+
+def test_a_device_map_loads_the_same_model_and_steering_and_scoring_run_on_it(tiny_llama_dir):
+    from focuslens.directions import FocusDirections
+    from focuslens.focusing import focus
+    from focuslens.scoring import score_heads
+
+    mapped, plain = load_model(tiny_llama_dir, device_map=CPU_MAP), load_model(tiny_llama_dir, device="cpu")
+    prompt = render(make_synthetic_qa(1, n_documents=3, seed=4)[0], plain.tokenizer)
+    ids = prompt.input_ids[None]
+    torch.testing.assert_close(mapped(ids), plain(ids))
+    g = torch.Generator().manual_seed(0)
+    shape = (plain.cfg.n_layers, plain.cfg.n_heads, plain.cfg.d_head)
+    dirs = FocusDirections(torch.randn(shape, generator=g) * 3, torch.zeros(shape), [(1, 0), (0, 2)],
+                           {"model": focuslens.models.model_id(plain)})
+    with focus(mapped, dirs, alpha=1.0, heads=2):
+        steered = mapped(ids)
+    with focus(plain, dirs, alpha=1.0, heads=2):
+        torch.testing.assert_close(steered, plain(ids))
+    assert not torch.allclose(steered, plain(ids))  # the hooks did something, and were removed
+    a, b = (score_heads(m, [prompt], n_bootstrap=0, quiet=True) for m in (mapped, plain))
+    torch.testing.assert_close(a.mean["gold"], b.mean["gold"])
+
+
+def test_a_device_map_is_refused_with_a_device_or_an_in_memory_model(tiny_llama_dir):
+    with pytest.raises(ModelError, match="give one"):
+        load_model(tiny_llama_dir, device="cpu", device_map="cpu")
+    with pytest.raises(ModelError, match="in-memory"):
+        load_model(pristine_hf(get_tiny("llama", 2)), tokenizer=tiny_tokenizer(), device_map="cpu")

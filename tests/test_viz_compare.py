@@ -87,6 +87,17 @@ def test_head_locations_shared_panel_has_every_top_k_head_at_its_depth(top_k):
     assert any("qwen-like" in t and "28 layers × 28 heads" in t for t in titles)
 
 
+def test_head_locations_of_one_small_model_say_how_many_heads_and_keep_the_subtitle_inside():
+    ranking = [(layer, head) for layer in range(2) for head in range(4)]  # 8 heads in all
+    fig = X.plot_head_locations({"tiny-llama": (ranking, 2, 4)}, top_k=20)
+    title = fig.layout.title.text
+    assert "top 8" in title and "top 20" not in title
+    assert any(a.text.startswith("<b>top 8 heads") for a in fig.layout.annotations)
+    lines = re.findall(r"<sup>(.*?)</sup>", title)
+    assert len(lines) >= 2 and max(len(x) for x in lines) * 6.5 <= fig.layout.width  # wrapped to the width
+    assert fig.layout.margin.t >= 130 + 18 * len(lines)  # the lines above the panels, not over them
+
+
 def test_top_heads_table_and_metric_choice():
     scores = HeadScores(mean={"sink": torch.rand(3, 2), "gold": torch.arange(6.0).reshape(3, 2)})
     table = C.top_heads_table({"m": scores}, top_k=3)

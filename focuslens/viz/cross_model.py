@@ -80,6 +80,7 @@ def plot_head_locations(
     """
     maps = _head_maps(models, metric)  # every kind of ranking read with one rank encoding
     _check_k(top_k, "top_k")
+    top_k = min(top_k, max(len(m.ranking) for m in maps))  # "top 20" of 8 ranked heads says top 8
     top = _top_table(maps, top_k)
     widths, x_px = _location_widths(maps)
     fig = _location_subplots(maps, widths, top_k)

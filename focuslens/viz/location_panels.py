@@ -187,15 +187,16 @@ def _style_locations(fig, maps, top_k: int, *, shared_scale: bool, title: str | 
     if shared_scale:
         layout["coloraxis"] = _score_coloraxis(maps[0].label)
     what = "score" if not shared_scale else maps[0].label.replace("<br>", " ")
+    width = int(x_px + 80 + 90 + 40 * len(maps))
+    note = (f"colour: {what} per head; red boxes: each model's top {top_k}; right: the same heads of all "
+            "models on one depth axis (colour and size: rank)")
+    lines = wrap_label(note, max(40, int(width / 6.5))).split("<br>")  # ~6.5 px per character at 12 px
     fig.update_layout(
         **layout,
-        title=title
-        or "Where the contextual heads sit, by relative depth"
-        f"<br><sup>colour: {what} per head; red boxes: each model's top {top_k}; "
-        "right: the same heads of all models on one depth axis (colour and size: rank)</sup>",
+        title=title or "Where the contextual heads sit, by relative depth" + "".join(f"<br><sup>{x}</sup>" for x in lines),
         template="plotly_white",
-        margin=dict(t=150, b=130, l=80, r=90),
-        width=int(x_px + 80 + 90 + 40 * len(maps)),
+        margin=dict(t=130 + 18 * len(lines), b=130, l=80, r=90),
+        width=width,
         height=760,
     )
 

@@ -154,7 +154,7 @@ def plot_focus_sweep(sweep: pd.DataFrame, *, references: dict[str, float] | None
     fig.update_layout(
         title=title or f"Focus directions on the top-k contextual heads<br><sup>{sweep.example.nunique()} prompts; "
         "α·d_q added to the queries at the answer rows, no label of the relevant document</sup>",
-        template="plotly_white", margin=dict(t=110, b=150), width=1100, height=620,
+        template="plotly_white", margin=dict(t=130, b=150), width=1100, height=620,
         legend=dict(orientation="h", x=0, y=-0.2, yanchor="top", font=dict(size=11)),
     )
     return Figure(fig)

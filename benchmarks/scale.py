@@ -1,0 +1,138 @@
+"""`make bench` → ``"scale"``: the direction-training cache on disk vs in memory.
+
+Each case runs in a fresh process (peak RSS is a per-process high-water mark) on the same
+synthetic prompts (SmolLM2, 5 documents, seed 0), one after the other in one bench run:
+
+* ``memory`` at N: :func:`collect_attention_inputs` + training in memory (today's path);
+* ``streamed`` at N and at 10·N: :func:`cache_to_disk` (per-layer shards, chunks of 16)
+  + training a layer group at a time (``layers_per_group``) from the shards.
+
+Reported: peak RSS (VmHWM, the whole process: model included) and its growth over the
+RSS after the model is loaded; caching and training seconds per prompt and epoch.
+Targets (issue 13): peak RSS at 10·N ≤ 1.2 × at N (streamed); streamed training time
+per prompt ≤ 1.3 × the in-memory trainer's.
+
+Data parallel (:func:`bench_parallel`): SmolLM2 scoring of 100 prompts, 2 processes × 1
+thread (accelerate launch, gloo) vs 1 process × 1 thread, timed between barriers after
+the model is loaded; the scores must agree (target: speedup ≥ 1.7).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def _rss(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(field)
+
+
+def child(case: str, n: int, epochs: int, layers_per_group: int) -> dict:
+    """One case in this process (see the module docstring); returns its measurements."""
+    from focuslens.data.synthetic import make_synthetic_qa
+    from focuslens.models import load_model
+    from focuslens.scoring import prepare_prompts
+    from focuslens.training import train_directions
+
+    model = load_model("smollm2-135m-instruct")
+    examples = make_synthetic_qa(n + 20, n_documents=5, seed=0)
+    train, val = prepare_prompts(model, examples[:n], quiet=True), prepare_prompts(model, examples[n:], quiet=True)
+    base = _rss("VmRSS:")
+    kw = dict(epochs=epochs, patience=epochs, seed=0, quiet=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        if case == "memory":
+            dirs = train_directions(model, train, val, **kw)
+        else:
+            dirs = train_directions(model, train, val, cache_dir=tmp, layers_per_group=layers_per_group, **kw)
+        wall = time.perf_counter() - t0
+        disk = sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
+    meta = dirs.metadata
+    return {"case": case, "n_prompts": n, "epochs": epochs, "layers_per_group": layers_per_group if case != "memory" else None,
+            "peak_rss_mib": _rss("VmHWM:") / 2**20, "rss_growth_mib": (_rss("VmHWM:") - base) / 2**20,
+            "cache_s_per_prompt": meta["cache_seconds"] / (n + len(val)),
+            "train_s_per_prompt_epoch": meta["train_seconds"] / (n * meta["epochs_run"]),
+            "wall_s": wall, "disk_mib": disk / 2**20, "q_norm_median": float(dirs.q.norm(dim=-1).median())}
+
+
+def bench_scale(n: int = 100, factor: int = 10, epochs: int = 1, layers_per_group: int = 6) -> dict:
+    """The three cases in fresh processes, then the two ratios of the targets."""
+    env = os.environ | {"TQDM_DISABLE": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+    runs = {}
+    for case, size in (("memory", n), ("streamed", n), ("streamed", factor * n)):
+        cmd = [sys.executable, __file__, case, str(size), str(epochs), str(layers_per_group)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+        runs[f"{case}_{size}"] = r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"  scale {case:8s} n={size:5d}: peak RSS {r['peak_rss_mib']:.0f} MiB (+{r['rss_growth_mib']:.0f}), "
+              f"cache {r['cache_s_per_prompt']:.3f} s/prompt, train {r['train_s_per_prompt_epoch']:.4f} s/prompt/epoch",
+              flush=True)
+    small, big, mem = runs[f"streamed_{n}"], runs[f"streamed_{factor * n}"], runs[f"memory_{n}"]
+    return {"runs": runs,
+            "peak_rss_ratio": big["peak_rss_mib"] / small["peak_rss_mib"], "peak_rss_target": 1.2,
+            "rss_growth_ratio": big["rss_growth_mib"] / max(small["rss_growth_mib"], 1.0),
+            "train_time_ratio": small["train_s_per_prompt_epoch"] / mem["train_s_per_prompt_epoch"],
+            "train_time_target": 1.3,
+            "cache_time_ratio": small["cache_s_per_prompt"] / mem["cache_s_per_prompt"],
+            "memory_growth_vs_streamed_at_n": mem["rss_growth_mib"] / max(small["rss_growth_mib"], 1.0)}
+
+
+def dp_child(n: int, out: str) -> None:
+    """One process of the data-parallel case: score ``n`` prompts (10 documents), 1 thread,
+    timed between barriers after the model is loaded; rank 0 saves the time and the scores."""
+    import torch
+
+    from focuslens import parallel
+    from focuslens.data.synthetic import make_synthetic_qa
+    from focuslens.models import load_model
+    from focuslens.scoring import score_heads
+
+    torch.set_num_threads(1)
+    model = load_model("smollm2-135m-instruct")
+    examples = make_synthetic_qa(n, n_documents=10, seed=1)
+    rank, size = parallel.world()
+    sync = torch.distributed.barrier if size > 1 else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    scores = score_heads(model, examples, n_bootstrap=0, quiet=True)
+    sync()
+    if rank == 0:
+        torch.save(scores.mean, f"{out}.pt")
+        Path(f"{out}.json").write_text(json.dumps({"seconds": time.perf_counter() - t0, "processes": size}))
+
+
+def bench_parallel(n: int = 100) -> dict:
+    """Scoring ``n`` prompts on SmolLM2: 2 processes × 1 thread (accelerate launch) vs 1 × 1."""
+    import torch
+
+    env = os.environ | {"TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    with tempfile.TemporaryDirectory() as tmp:
+        runs = {}
+        for name, cmd in (("one", [sys.executable]), ("two", launch)):
+            subprocess.run([*cmd, __file__, "dp", str(n), f"{tmp}/{name}"], check=True, env=env, capture_output=True)
+            runs[name] = json.loads(Path(f"{tmp}/{name}.json").read_text())
+        a, b = torch.load(f"{tmp}/one.pt"), torch.load(f"{tmp}/two.pt")
+        diff = max(float((a[m] - b[m]).abs().max()) for m in a)
+    speedup = runs["one"]["seconds"] / runs["two"]["seconds"]
+    print(f"  data parallel scoring of {n} prompts: 1 process {runs['one']['seconds']:.1f} s, 2 processes "
+          f"{runs['two']['seconds']:.1f} s, speedup {speedup:.2f} (target 1.7), max |Δ| {diff:.1e}", flush=True)
+    return {"n_prompts": n, "n_documents": 10, "seconds_1_process": runs["one"]["seconds"],
+            "seconds_2_processes": runs["two"]["seconds"], "speedup": speedup, "speedup_target": 1.7,
+            "max_abs_difference": diff}
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    if sys.argv[1] == "dp":
+        dp_child(int(sys.argv[2]), sys.argv[3])
+    else:
+        print(json.dumps(child(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))))

@@ -1,0 +1,203 @@
+"""The direction-training cache on disk: per-layer safetensors shards written as prompts
+stream through the model, read back a batch and a group of layers at a time.
+
+Why: the in-memory cache (:class:`~focuslens.training.AttentionInputs`) holds, for every
+prompt and layer, the answer-row queries, every key and the answer-row pattern:
+``L·(H·R·d + kv·T·d + H·R·T)`` numbers per prompt, ≈ 70 MB for SmolLM2 at T ≈ 3k and
+≈ 460 GB for the paper's 6.6k NQ prompts. On disk, memory is bounded by one chunk of
+prompts while caching and by one batch of one layer group while training.
+
+Layout of a cache folder::
+
+    meta.json                      what was cached (model, prompt fingerprint, dtype, chunk)
+    layer_000/chunk_00000.safetensors   q [c, H, R_c, d], k [c, kv, T_c, d], pattern [c, H, R_c, T_c]
+    ...
+    chunk_00000.index.safetensors  row_pos [c, R_c], n_keys [c], gold, sink [c, T_c]
+
+A chunk's index file is written last, each file atomically (:func:`focuslens.io.write_atomic`):
+a chunk is complete exactly when its index exists, so a killed caching run resumes at the
+first chunk without one and the finished shards are byte-identical to an uninterrupted run.
+The objective is computed from these tensors in float32/float64 as in memory; the shards may
+be stored in float16/bfloat16 (``dtype``) to halve the disk and read volume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+from torch import Tensor
+
+from focuslens.data.render import Prompt
+from focuslens.directions import attention_scaling
+from focuslens.errors import DataError
+from focuslens.io import read_json, write_atomic, write_json
+from focuslens.models import model_id
+from focuslens.parallel import is_main, share, world
+from focuslens.progress import tqdm
+from focuslens.training import AttentionInputs, collect_attention_inputs
+
+__all__ = ["ShardedInputs", "cache_to_disk"]
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _fingerprint(prompts: Sequence[Prompt]) -> str:
+    """A hash of what the cache depends on in each prompt: its tokens and its spans."""
+    h = hashlib.sha256()
+    for p in prompts:
+        h.update(p.input_ids.to(torch.int64).numpy().tobytes())
+        spans = (p.answer, p.gold, p.sink)
+        h.update(json.dumps([(s.start, s.end) if s is not None else None for s in spans]).encode())
+    return h.hexdigest()
+
+
+def _chunk_name(c: int) -> str:
+    return f"chunk_{c:05d}"
+
+
+class ShardedInputs:
+    """A training cache on disk (module docstring), read like an :class:`AttentionInputs`:
+    ``len``, ``n_layers`` and :meth:`batch` (the trainer's only accessors)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder)
+        meta = read_json(self.folder / "meta.json", "the training cache's meta.json")
+        self.meta, self.n_layers, self.chunk = meta, int(meta["n_layers"]), int(meta["chunk"])
+        self.scaling = float(meta["scaling"])
+        self._n = int(meta["n_prompts"])
+        missing = [c for c in range(self.n_chunks) if not self._index_path(c).is_file()]
+        if missing:
+            raise DataError(f"{self.folder}: chunks {missing[:5]} of {self.n_chunks} were never finished; run "
+                            "cache_to_disk again on the same prompts to resume.")
+        self._index = [self._read(self._index_path(c)) for c in range(self.n_chunks)]  # small: [c, T] masks
+        self.seconds = 0.0
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self._n // self.chunk)
+
+    def _index_path(self, c: int) -> Path:
+        return self.folder / f"{_chunk_name(c)}.index.safetensors"
+
+    def _shard(self, layer: int, c: int) -> Path:
+        return self.folder / f"layer_{layer:03d}" / f"{_chunk_name(c)}.safetensors"
+
+    @staticmethod
+    def _read(path: Path) -> dict[str, Tensor]:
+        with safe_open(path, framework="pt") as f:
+            return {name: f.get_tensor(name) for name in f.keys()}
+
+    def batch(self, index: Tensor | Sequence[int], layers: slice) -> AttentionInputs:
+        """Prompts ``index`` (dataset positions, in that order) and ``layers`` as an
+        :class:`AttentionInputs` in float32, padded like the in-memory cache and cropped to
+        the longest prompt of the batch. Only those slices are read from the shards."""
+        index = [int(i) for i in torch.as_tensor(index).reshape(-1)]
+        where = [(i // self.chunk, i % self.chunk) for i in index]
+        n_keys = torch.stack([self._index[c]["n_keys"][j] for c, j in where])
+        T = int(n_keys.max())
+        R = max(int((self._index[c]["row_pos"][j] >= 0).sum()) for c, j in where)
+        parts = {"q": [], "k": [], "pattern": []}
+        for layer in range(*layers.indices(self.n_layers)):
+            per_layer = {name: [] for name in parts}
+            for c, j in where:
+                with safe_open(self._shard(layer, c), framework="pt") as f:  # reads only these slices
+                    q, k, pat = f.get_slice("q"), f.get_slice("k"), f.get_slice("pattern")
+                    r, t = min(R, q.get_shape()[2]), min(T, k.get_shape()[2])
+                    per_layer["q"].append(_pad(q[j : j + 1, :, :r].float(), {2: R}))
+                    per_layer["k"].append(_pad(k[j : j + 1, :, :t].float(), {2: T}))
+                    per_layer["pattern"].append(_pad(pat[j : j + 1, :, :r, :t].float(), {2: R, 3: T}, pattern=True))
+            for name in parts:
+                parts[name].append(torch.cat(per_layer[name]))
+        stack = {name: torch.stack(v, dim=1) for name, v in parts.items()}  # layer axis 1
+        small = {name: torch.stack([_pad(self._index[c][name][j : j + 1], {1: R if name == "row_pos" else T},
+                                         fill=-1 if name == "row_pos" else 0)[0] for c, j in where])
+                 for name in ("row_pos", "gold", "sink")}
+        return AttentionInputs(stack["q"], stack["k"], stack["pattern"], small["row_pos"], n_keys,
+                               small["gold"], small["sink"], self.scaling)
+
+
+def _pad(x: Tensor, sizes: dict[int, int], *, fill=0, pattern: bool = False) -> Tensor:
+    """``x`` padded with ``fill`` (or cropped) to ``sizes[dim]`` along each dim; new pattern rows
+    put all weight on key 0, as the in-memory cache's padding rows do."""
+    for dim, size in sizes.items():
+        have = x.shape[dim]
+        if have >= size:
+            x = x.narrow(dim, 0, size)
+            continue
+        shape = list(x.shape)
+        shape[dim] = size - have
+        extra = torch.full(shape, fill, dtype=x.dtype)
+        if pattern and dim == 2:
+            extra[..., 0] = 1
+        x = torch.cat([x, extra], dim=dim)
+    return x
+
+
+def cache_to_disk(model, prompts: Sequence[Prompt], folder: str | Path, *, chunk: int = 16,
+                  dtype: str = "float32", quiet: bool = False) -> ShardedInputs:
+    """Stream ``prompts`` through the frozen model ``chunk`` at a time (one forward pass
+    each, :func:`~focuslens.training.collect_attention_inputs`) and write each chunk's
+    per-layer shards into ``folder``; resume when ``folder`` holds a cache of the same
+    prompts, model and settings (finished chunks are not run again). Returns the cache."""
+    if dtype not in _DTYPES:
+        raise DataError(f"dtype={dtype!r}: use one of {sorted(_DTYPES)}.")
+    if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+        raise DataError(f"chunk={chunk!r} must be an integer of at least 1.")
+    if not prompts:
+        raise DataError("no prompts: directions need training data.")
+    folder = Path(folder)
+    meta = {"model": model_id(model), "n_prompts": len(prompts), "n_layers": model.cfg.n_layers,
+            "chunk": chunk, "dtype": dtype, "fingerprint": _fingerprint(prompts),
+            "scaling": attention_scaling(model), "format": "focuslens training cache 1"}
+    if is_main():
+        _claim(folder, meta)
+        for stale in folder.rglob(".*.tmp"):  # a killed run's half-written file (io.write_atomic)
+            stale.unlink(missing_ok=True)
+    if world()[1] > 1:
+        torch.distributed.barrier()
+        _claim(folder, meta)  # checked by every process
+    n_chunks = -(-len(prompts) // chunk)
+    mine = share(n_chunks)  # under a launcher each process writes its block of chunks
+    todo = [c for c in mine if not (folder / f"{_chunk_name(c)}.index.safetensors").is_file()]
+    seconds = 0.0
+    for c in tqdm(todo, desc="cache q/k to disk", disable=quiet, leave=False):
+        part = collect_attention_inputs(model, prompts[c * chunk : (c + 1) * chunk], quiet=True)
+        _write_chunk(folder, c, part, _DTYPES[dtype])
+        seconds += part.seconds
+    if world()[1] > 1:
+        torch.distributed.barrier()  # every chunk written before anyone reads
+    cache = ShardedInputs(folder)
+    cache.seconds = seconds  # the forward passes of this call (0 when everything was on disk)
+    return cache
+
+
+def _claim(folder: Path, meta: dict) -> None:
+    """Write ``meta.json``, or check that the cache already there is of the same prompts and
+    settings (a ``DataError`` naming the field that differs)."""
+    path = folder / "meta.json"
+    if path.is_file():
+        old = read_json(path, "the training cache's meta.json")
+        for key in ("format", "model", "n_prompts", "n_layers", "chunk", "dtype", "fingerprint"):
+            if old.get(key) != meta[key]:
+                raise DataError(f"{folder} holds a training cache with {key}={old.get(key)!r}, not {meta[key]!r}; "
+                                "use another folder or delete this one.")
+        return
+    write_json(path, meta, indent=1)
+
+
+def _write_chunk(folder: Path, c: int, part: AttentionInputs, dtype: torch.dtype) -> None:
+    """Chunk ``c``'s shards, one file per layer, then its index (the completion mark)."""
+    for layer in range(part.q.shape[1]):
+        tensors = {name: getattr(part, name)[:, layer].to(dtype).contiguous() for name in ("q", "k", "pattern")}
+        write_atomic(folder / f"layer_{layer:03d}" / f"{_chunk_name(c)}.safetensors", save(tensors))
+    index = {"row_pos": part.row_pos, "n_keys": part.n_keys, "gold": part.gold, "sink": part.sink}
+    write_atomic(folder / f"{_chunk_name(c)}.index.safetensors", save({k: v.contiguous() for k, v in index.items()}))

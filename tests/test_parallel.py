@@ -1,0 +1,72 @@
+"""Data parallel over 2 CPU processes (gloo), launched with accelerate: scoring, evaluation
+and the disk training cache give the same results as one process, in input order."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from focuslens import parallel
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = textwrap.dedent("""
+    import sys, torch
+    from focuslens import parallel
+    from focuslens.data.synthetic import make_synthetic_qa
+    from focuslens.eval import evaluate_next_token
+    from focuslens.scoring import prepare_prompts, score_heads
+    from focuslens.streamed import cache_to_disk
+    from focuslens.testing import tiny_model
+
+    model = tiny_model("llama", n_heads=4, n_kv_heads=2, seed=0)
+    examples = make_synthetic_qa(7, n_documents=3, seed=1) + make_synthetic_qa(4, n_documents=5, seed=2)
+    scores = score_heads(model, examples, n_bootstrap=50, quiet=True)
+    rows = evaluate_next_token(model, examples, quiet=True)
+    cache_to_disk(model, prepare_prompts(model, examples, quiet=True), sys.argv[1] + ".cache", chunk=3, quiet=True)
+    rank, size = parallel.world()
+    torch.save({"mean": scores.mean, "lo": scores.ci_low, "acc": scores.metadata["accuracy"], "size": size,
+                "share": list(parallel.share(len(examples))), "gold_logit": rows.gold_logit.tolist(),
+                "qid": rows.qid.tolist()}, f"{sys.argv[1]}.{rank}.pt")
+""")
+
+
+def _launch(tmp_path, n: int) -> list[dict]:
+    script = tmp_path / "score.py"
+    script.write_text(SCRIPT)
+    env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
+    cmd = ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"] if n > 1 else [sys.executable])
+    out = subprocess.run([*cmd, str(script), str(tmp_path / f"n{n}")], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return [torch.load(tmp_path / f"n{n}.{r}.pt") for r in range(n)]
+
+
+def test_two_processes_score_like_one_in_input_order(tmp_path):
+    one, (r0, r1) = _launch(tmp_path, 1)[0], _launch(tmp_path, 2)
+    assert one["size"] == 1 and r0["size"] == r1["size"] == 2
+    assert r0["share"] == list(range(0, 5)) and r1["share"] == list(range(5, 11))  # contiguous blocks
+    for got in (r0, r1):  # every process holds the whole result
+        for metric in one["mean"]:
+            torch.testing.assert_close(got["mean"][metric], one["mean"][metric], rtol=0, atol=1e-6)
+            torch.testing.assert_close(got["lo"][metric], one["lo"][metric], rtol=0, atol=1e-6)
+        assert got["acc"] == one["acc"] and got["qid"] == one["qid"]  # evaluation rows in input order
+        assert max(abs(a - b) for a, b in zip(got["gold_logit"], one["gold_logit"])) <= 1e-6
+    # the training cache: each process wrote its chunks; the same files as one process
+    files = lambda d: {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}  # noqa: E731
+    assert files(tmp_path / "n2.cache") == files(tmp_path / "n1.cache") and len(files(tmp_path / "n1.cache")) > 8
+
+
+def test_one_process_is_the_identity():
+    if os.environ.get("WORLD_SIZE", "1") != "1":
+        pytest.skip("running under a launcher")
+    assert parallel.world() == (0, 1) and parallel.share(5) == range(5) and parallel.is_main()
+    x = torch.arange(6.0)
+    assert parallel.combine(x) is x
