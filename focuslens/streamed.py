@@ -105,19 +105,23 @@ class ShardedInputs:
         n_keys = torch.stack([self._index[c]["n_keys"][j] for c, j in where])
         T = int(n_keys.max())
         R = max(int((self._index[c]["row_pos"][j] >= 0).sum()) for c, j in where)
-        parts = {"q": [], "k": [], "pattern": []}
-        for layer in range(*layers.indices(self.n_layers)):
-            per_layer = {name: [] for name in parts}
-            for c, j in where:
+        layer_ids = range(*layers.indices(self.n_layers))
+        out = None
+        for g, layer in enumerate(layer_ids):
+            for b, (c, j) in enumerate(where):
                 with safe_open(self._shard(layer, c), framework="pt") as f:  # reads only these slices
                     q, k, pat = f.get_slice("q"), f.get_slice("k"), f.get_slice("pattern")
-                    r, t = min(R, q.get_shape()[2]), min(T, k.get_shape()[2])
-                    per_layer["q"].append(_pad(q[j : j + 1, :, :r].float(), {2: R}))
-                    per_layer["k"].append(_pad(k[j : j + 1, :, :t].float(), {2: T}))
-                    per_layer["pattern"].append(_pad(pat[j : j + 1, :, :r, :t].float(), {2: R, 3: T}, pattern=True))
-            for name in parts:
-                parts[name].append(torch.cat(per_layer[name]))
-        stack = {name: torch.stack(v, dim=1) for name, v in parts.items()}  # layer axis 1
+                    (_, H, r, d), kv = q.get_shape(), k.get_shape()[1]
+                    r, t = min(R, r), min(T, k.get_shape()[2])
+                    if out is None:  # float32, padded like the in-memory cache (padding rows on key 0)
+                        out = {"q": torch.zeros(len(where), len(layer_ids), H, R, d),
+                               "k": torch.zeros(len(where), len(layer_ids), kv, T, d),
+                               "pattern": torch.zeros(len(where), len(layer_ids), H, R, T)}
+                    out["q"][b, g, :, :r] = q[j : j + 1, :, :r][0]
+                    out["k"][b, g, :, :t] = k[j : j + 1, :, :t][0]
+                    out["pattern"][b, g, :, :r, :t] = pat[j : j + 1, :, :r, :t][0]
+                    out["pattern"][b, g, :, r:, 0] = 1
+        stack = out
         small = {name: torch.stack([_pad(self._index[c][name][j : j + 1], {1: R if name == "row_pos" else T},
                                          fill=-1 if name == "row_pos" else 0)[0] for c, j in where])
                  for name in ("row_pos", "gold", "sink")}
