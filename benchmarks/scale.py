@@ -113,8 +113,9 @@ def bench_parallel(n: int = 100) -> dict:
     import torch
 
     env = os.environ | {"TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    from focuslens.parallel import launch_command
+
+    launch = launch_command(2)
     with tempfile.TemporaryDirectory() as tmp:
         runs = {}
         for name, cmd in (("one", [sys.executable]), ("two", launch)):

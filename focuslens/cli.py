@@ -153,19 +153,19 @@ def _relaunch(argv: list[str], processes: int) -> None:
         i = argv.index("--processes")
         del argv[i : i + 2]
     argv = [a for a in argv if not a.startswith("--processes=")]
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "focuslens.cli", *argv]
+    from focuslens.parallel import launch_command
+
+    cmd = [*launch_command(processes), "-m", "focuslens.cli", *argv]
     if subprocess.run(cmd, env=os.environ | {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}).returncode:
         raise DataError(f"the {processes} processes of `{' '.join(argv)}` failed (their errors are above).")
 
 
 def _score(args) -> None:
-    import os
     from pathlib import Path
 
     from focuslens.data import make_synthetic_qa
     from focuslens.models import load_model
-    from focuslens.parallel import is_main
+    from focuslens.parallel import is_main, world
     from focuslens.scoring import score_heads
     from focuslens.viz import plot_head_map, save_figure
 
@@ -173,7 +173,7 @@ def _score(args) -> None:
         from focuslens.errors import DataError
 
         raise DataError(f"--processes {args.processes}: use 1 or more.")
-    if args.processes > 1 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if args.processes > 1 and world()[1] == 1:  # not yet under the launcher
         return _relaunch(args.argv, args.processes)
     model = load_model(args.model)
     examples = make_synthetic_qa(args.n_prompts, n_documents=args.n_documents, seed=args.seed)

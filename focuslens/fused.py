@@ -69,11 +69,10 @@ def split_softmax_attention(
 ) -> Float[Tensor, "batch head query d"]:
     """The heads' outputs under split-softmax (span mass π → π^τ), from two masked SDPA
     calls and the span mass, never forming the steered pattern (module docstring)."""
-    H = q.shape[1]
-    k, v = _expand(k, H).float(), _expand(v, H).float()
-    on, off = _masks(q.shape[2], k.shape[2], span)
-    q = q.float()
     pi = span_mass_lse(q, k, span, scale)[..., None]  # [b, h, q, 1]
+    H = q.shape[1]
+    q, k, v = q.float(), _expand(k, H).float(), _expand(v, H).float()
+    on, off = _masks(q.shape[2], k.shape[2], span)
     o_in = F.scaled_dot_product_attention(q, k, v, attn_mask=on, scale=scale)
     o_out = F.scaled_dot_product_attention(q, k, v, attn_mask=off, scale=scale)
     tau = torch.as_tensor(tau, dtype=torch.float32).reshape(-1, 1, 1)  # per head (or one)

@@ -24,12 +24,13 @@ process the result equals one process's (tests/test_parallel.py).
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["world", "share", "combine", "is_main"]
+__all__ = ["world", "share", "combine", "is_main", "launch_command"]
 
 
 def world() -> tuple[int, int]:
@@ -61,3 +62,10 @@ def combine(block: Tensor) -> Tensor:
     out = block.clone()
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
     return out
+
+
+def launch_command(processes: int) -> list[str]:
+    """The command prefix that starts ``processes`` processes of a script (append the script,
+    or ``-m module``, and its arguments): accelerate's launcher, torchrun underneath."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]

@@ -63,12 +63,13 @@ def _chunk_name(c: int) -> str:
 
 class ShardedInputs:
     """A training cache on disk (module docstring), read like an :class:`AttentionInputs`:
-    ``len``, ``n_layers`` and :meth:`batch` (the trainer's only accessors)."""
+    ``len``, ``n_layers``, ``n_heads``, ``d_head`` and :meth:`batch` (the trainer's only accessors)."""
 
     def __init__(self, folder: str | Path):
         self.folder = Path(folder)
         meta = read_json(self.folder / "meta.json", "the training cache's meta.json")
         self.meta, self.n_layers, self.chunk = meta, int(meta["n_layers"]), int(meta["chunk"])
+        self.n_heads, self.d_head = int(meta["n_heads"]), int(meta["d_head"])
         self.scaling = float(meta["scaling"])
         self._n = int(meta["n_prompts"])
         missing = [c for c in range(self.n_chunks) if not self._index_path(c).is_file()]
@@ -106,44 +107,26 @@ class ShardedInputs:
         T = int(n_keys.max())
         R = max(int((self._index[c]["row_pos"][j] >= 0).sum()) for c, j in where)
         layer_ids = range(*layers.indices(self.n_layers))
-        out = None
+        B, G, m = len(where), len(layer_ids), self.meta
+        q_out = torch.zeros(B, G, self.n_heads, R, self.d_head)
+        k_out = torch.zeros(B, G, m["n_kv_heads"], T, self.d_head)
+        p_out = torch.zeros(B, G, self.n_heads, R, T)
+        p_out[..., 0] = 1  # padding rows: all weight on key 0, as in memory (real rows are overwritten)
         for g, layer in enumerate(layer_ids):
             for b, (c, j) in enumerate(where):
                 with safe_open(self._shard(layer, c), framework="pt") as f:  # reads only these slices
                     q, k, pat = f.get_slice("q"), f.get_slice("k"), f.get_slice("pattern")
-                    (_, H, r, d), kv = q.get_shape(), k.get_shape()[1]
-                    r, t = min(R, r), min(T, k.get_shape()[2])
-                    if out is None:  # float32, padded like the in-memory cache (padding rows on key 0)
-                        out = {"q": torch.zeros(len(where), len(layer_ids), H, R, d),
-                               "k": torch.zeros(len(where), len(layer_ids), kv, T, d),
-                               "pattern": torch.zeros(len(where), len(layer_ids), H, R, T)}
-                    out["q"][b, g, :, :r] = q[j : j + 1, :, :r][0]
-                    out["k"][b, g, :, :t] = k[j : j + 1, :, :t][0]
-                    out["pattern"][b, g, :, :r, :t] = pat[j : j + 1, :, :r, :t][0]
-                    out["pattern"][b, g, :, r:, 0] = 1
-        stack = out
-        small = {name: torch.stack([_pad(self._index[c][name][j : j + 1], {1: R if name == "row_pos" else T},
-                                         fill=-1 if name == "row_pos" else 0)[0] for c, j in where])
-                 for name in ("row_pos", "gold", "sink")}
-        return AttentionInputs(stack["q"], stack["k"], stack["pattern"], small["row_pos"], n_keys,
-                               small["gold"], small["sink"], self.scaling)
-
-
-def _pad(x: Tensor, sizes: dict[int, int], *, fill=0, pattern: bool = False) -> Tensor:
-    """``x`` padded with ``fill`` (or cropped) to ``sizes[dim]`` along each dim; new pattern rows
-    put all weight on key 0, as the in-memory cache's padding rows do."""
-    for dim, size in sizes.items():
-        have = x.shape[dim]
-        if have >= size:
-            x = x.narrow(dim, 0, size)
-            continue
-        shape = list(x.shape)
-        shape[dim] = size - have
-        extra = torch.full(shape, fill, dtype=x.dtype)
-        if pattern and dim == 2:
-            extra[..., 0] = 1
-        x = torch.cat([x, extra], dim=dim)
-    return x
+                    r, t = min(R, q.get_shape()[2]), min(T, k.get_shape()[2])
+                    q_out[b, g, :, :r] = q[j : j + 1, :, :r][0]
+                    k_out[b, g, :, :t] = k[j : j + 1, :, :t][0]
+                    p_out[b, g, :, :r, :t] = pat[j : j + 1, :, :r, :t][0]
+        row_pos = torch.full((B, R), -1, dtype=torch.long)
+        gold, sink = torch.zeros(B, T, dtype=torch.bool), torch.zeros(B, T, dtype=torch.bool)
+        for b, (c, j) in enumerate(where):
+            index = self._index[c]
+            r, t = min(R, index["row_pos"].shape[1]), min(T, index["gold"].shape[1])
+            row_pos[b, :r], gold[b, :t], sink[b, :t] = index["row_pos"][j, :r], index["gold"][j, :t], index["sink"][j, :t]
+        return AttentionInputs(q_out, k_out, p_out, row_pos, n_keys, gold, sink, self.scaling)
 
 
 def cache_to_disk(model, prompts: Sequence[Prompt], folder: str | Path, *, chunk: int = 16,
@@ -159,7 +142,9 @@ def cache_to_disk(model, prompts: Sequence[Prompt], folder: str | Path, *, chunk
     if not prompts:
         raise DataError("no prompts: directions need training data.")
     folder = Path(folder)
-    meta = {"model": model_id(model), "n_prompts": len(prompts), "n_layers": model.cfg.n_layers,
+    cfg = model.cfg
+    meta = {"model": model_id(model), "n_prompts": len(prompts), "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
+            "n_kv_heads": cfg.n_key_value_heads or cfg.n_heads, "d_head": cfg.d_head,
             "chunk": chunk, "dtype": dtype, "fingerprint": _fingerprint(prompts),
             "scaling": attention_scaling(model), "format": "focuslens training cache 1"}
     if is_main():

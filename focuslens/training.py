@@ -65,6 +65,14 @@ class AttentionInputs:
     def n_layers(self) -> int:
         return self.q.shape[1]
 
+    @property
+    def n_heads(self) -> int:
+        return self.q.shape[2]
+
+    @property
+    def d_head(self) -> int:
+        return self.q.shape[-1]
+
     def batch(self, index, layers: slice) -> AttentionInputs:
         """Prompts ``index`` and ``layers``, as :class:`~focuslens.streamed.ShardedInputs` gives them."""
         part = self.select(index)
@@ -215,8 +223,7 @@ def _train_on_inputs(train, validation, *, epochs: int, lr: float, weight_decay:
     """AdamW on every head, one optimizer per layer group (all layers: one group); per-head
     early stopping on validation gold mass. ``train``/``validation``: an
     :class:`AttentionInputs` or a :class:`~focuslens.streamed.ShardedInputs`."""
-    first = train.batch([0], slice(0, 1))
-    L, H, d = train.n_layers, first.q.shape[2], first.q.shape[-1]
+    L, H, d = train.n_layers, train.n_heads, train.d_head
     g = torch.Generator().manual_seed(seed)
     q0, k0 = torch.randn(L, H, d, generator=g) * init_std, torch.randn(L, H, d, generator=g) * init_std
     groups = _layer_groups(L, layers_per_group)

@@ -41,8 +41,7 @@ def _launch(tmp_path, n: int) -> list[dict]:
     script = tmp_path / "score.py"
     script.write_text(SCRIPT)
     env = os.environ | {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "TQDM_DISABLE": "1"}
-    cmd = ([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(n),
-            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"] if n > 1 else [sys.executable])
+    cmd = parallel.launch_command(n) if n > 1 else [sys.executable]
     out = subprocess.run([*cmd, str(script), str(tmp_path / f"n{n}")], env=env, capture_output=True, text=True,
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
