@@ -5,7 +5,10 @@ synthetic prompts (SmolLM2, 5 documents, seed 0), one after the other in one ben
 
 * ``memory`` at N: :func:`collect_attention_inputs` + training in memory (today's path);
 * ``streamed`` at N and at 10·N: :func:`cache_to_disk` (per-layer shards, chunks of 16)
-  + training a layer group at a time (``layers_per_group``) from the shards.
+  + training from the shards, all layers per batch (the default: memory bounded by one
+  batch);
+* ``streamed`` at N in layer groups of 6 (``layers_per_group``: memory bounded by one
+  batch of one group, for batches whose layers do not fit at once).
 
 Reported: peak RSS (VmHWM, the whole process: model included) and its growth over the
 RSS after the model is loaded; caching and training seconds per prompt and epoch.
@@ -35,7 +38,7 @@ def _rss(field: str) -> int:
     raise RuntimeError(field)
 
 
-def child(case: str, n: int, epochs: int, layers_per_group: int) -> dict:
+def child(case: str, n: int, epochs: int, layers_per_group: int | None) -> dict:
     """One case in this process (see the module docstring); returns its measurements."""
     from focuslens.data.synthetic import make_synthetic_qa
     from focuslens.models import load_model
@@ -63,22 +66,26 @@ def child(case: str, n: int, epochs: int, layers_per_group: int) -> dict:
             "wall_s": wall, "disk_mib": disk / 2**20, "q_norm_median": float(dirs.q.norm(dim=-1).median())}
 
 
-def bench_scale(n: int = 100, factor: int = 10, epochs: int = 1, layers_per_group: int = 6) -> dict:
-    """The three cases in fresh processes, then the two ratios of the targets."""
+def bench_scale(n: int = 100, factor: int = 10, epochs: int = 3, groups: int = 6) -> dict:
+    """The four cases in fresh processes, then the ratios of the targets."""
     env = os.environ | {"TQDM_DISABLE": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
     runs = {}
-    for case, size in (("memory", n), ("streamed", n), ("streamed", factor * n)):
-        cmd = [sys.executable, __file__, case, str(size), str(epochs), str(layers_per_group)]
+    for name, case, size, per_group in (("memory", "memory", n, 0), ("streamed", "streamed", n, 0),
+                                        (f"streamed_groups_of_{groups}", "streamed", n, groups),
+                                        ("streamed_x10", "streamed", factor * n, 0)):
+        cmd = [sys.executable, __file__, case, str(size), str(epochs), str(per_group)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
-        runs[f"{case}_{size}"] = r = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"  scale {case:8s} n={size:5d}: peak RSS {r['peak_rss_mib']:.0f} MiB (+{r['rss_growth_mib']:.0f}), "
+        runs[name] = r = json.loads(out.stdout.strip().splitlines()[-1])
+        print(f"  scale {name:20s} n={size:5d}: peak RSS {r['peak_rss_mib']:.0f} MiB (+{r['rss_growth_mib']:.0f}), "
               f"cache {r['cache_s_per_prompt']:.3f} s/prompt, train {r['train_s_per_prompt_epoch']:.4f} s/prompt/epoch",
               flush=True)
-    small, big, mem = runs[f"streamed_{n}"], runs[f"streamed_{factor * n}"], runs[f"memory_{n}"]
+    small, big, mem = runs["streamed"], runs["streamed_x10"], runs["memory"]
+    grouped = runs[f"streamed_groups_of_{groups}"]
     return {"runs": runs,
             "peak_rss_ratio": big["peak_rss_mib"] / small["peak_rss_mib"], "peak_rss_target": 1.2,
             "rss_growth_ratio": big["rss_growth_mib"] / max(small["rss_growth_mib"], 1.0),
             "train_time_ratio": small["train_s_per_prompt_epoch"] / mem["train_s_per_prompt_epoch"],
+            "train_time_ratio_groups": grouped["train_s_per_prompt_epoch"] / mem["train_s_per_prompt_epoch"],
             "train_time_target": 1.3,
             "cache_time_ratio": small["cache_s_per_prompt"] / mem["cache_s_per_prompt"],
             "memory_growth_vs_streamed_at_n": mem["rss_growth_mib"] / max(small["rss_growth_mib"], 1.0)}
@@ -136,4 +143,4 @@ if __name__ == "__main__":
     if sys.argv[1] == "dp":
         dp_child(int(sys.argv[2]), sys.argv[3])
     else:
-        print(json.dumps(child(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))))
+        print(json.dumps(child(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]) or None)))

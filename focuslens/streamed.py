@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -45,6 +46,8 @@ from focuslens.training import AttentionInputs, collect_attention_inputs
 __all__ = ["ShardedInputs", "cache_to_disk"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_TENSORS = ("q", "k", "pattern")
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
 
 def _fingerprint(prompts: Sequence[Prompt]) -> str:
@@ -77,6 +80,10 @@ class ShardedInputs:
             raise DataError(f"{self.folder}: chunks {missing[:5]} of {self.n_chunks} were never finished; run "
                             "cache_to_disk again on the same prompts to resume.")
         self._index = [self._read(self._index_path(c)) for c in range(self.n_chunks)]  # small: [c, T] masks
+        self._n_keys = torch.cat([index["n_keys"] for index in self._index]).tolist()
+        self._n_rows = torch.cat([(index["row_pos"] >= 0).sum(1) for index in self._index]).tolist()
+        self._headers: dict[tuple[int, int], tuple[int, dict]] = {}
+        self._stage = torch.empty(0, dtype=torch.uint8)  # the read buffer (:meth:`_read_chunk`)
         self.seconds = 0.0
 
     def __len__(self) -> int:
@@ -89,37 +96,86 @@ class ShardedInputs:
     def _index_path(self, c: int) -> Path:
         return self.folder / f"{_chunk_name(c)}.index.safetensors"
 
-    def _shard(self, layer: int, c: int) -> Path:
-        return self.folder / f"layer_{layer:03d}" / f"{_chunk_name(c)}.safetensors"
+    def _shard(self, layer: int, c: int) -> str:
+        return f"{self.folder}/layer_{layer:03d}/{_chunk_name(c)}.safetensors"
 
     @staticmethod
     def _read(path: Path) -> dict[str, Tensor]:
         with safe_open(path, framework="pt") as f:
             return {name: f.get_tensor(name) for name in f.keys()}
 
+    def _layout(self, layer: int, c: int) -> tuple[int, dict]:
+        """Where a shard's tensors start and its safetensors header (read once, then kept:
+        a few hundred bytes per file)."""
+        key = (layer, c)
+        if key not in self._headers:
+            with open(self._shard(layer, c), "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                self._headers[key] = (8 + n, json.loads(f.read(n)))
+        return self._headers[key]
+
+    def _read_chunk(self, c: int, rows: list[int], layer_ids: range) -> list[dict[str, Tensor]]:
+        """Prompts ``rows`` of chunk ``c`` at ``layer_ids``: per prompt, ``q [G, H, R_c, d]``,
+        ``k`` and ``pattern`` in the shards' dtype and chunk padding, as views of one staging
+        buffer that the next call overwrites. In a shard each prompt's slice of a tensor is
+        one contiguous block, read by position straight into its place (no memory map, so no
+        file pages count in this process's RSS; the page cache still serves repeated reads)."""
+        G = len(layer_ids)
+        _, header = self._layout(layer_ids[0], c)
+        dtype = _SAFETENSORS_DTYPES[header["q"]["dtype"]]
+        shapes = {name: header[name]["shape"][1:] for name in _TENSORS}
+        sizes = {name: math.prod(shape) * dtype.itemsize for name, shape in shapes.items()}  # bytes per prompt
+        need = len(rows) * G * sum(sizes.values())
+        if self._stage.numel() < need:  # grows to the largest batch, then is reused (no fresh pages)
+            self._stage = torch.empty(need, dtype=torch.uint8)
+        stage, out, at, offset = self._stage.numpy(), [], {}, 0
+        for j in rows:  # layout of the buffer: prompt, tensor, layer
+            part = {}
+            for name in _TENSORS:
+                at[j, name] = offset
+                part[name] = self._stage[offset : offset + G * sizes[name]].view(dtype).view(G, *shapes[name])
+                offset += G * sizes[name]
+            out.append(part)
+        for g, layer in enumerate(layer_ids):
+            base, header = self._layout(layer, c)
+            path = self._shard(layer, c)
+            with open(path, "rb", buffering=0) as f:
+                for name in _TENSORS:
+                    start, size = base + header[name]["data_offsets"][0], sizes[name]
+                    for j in rows:
+                        f.seek(start + j * size)
+                        block = stage[at[j, name] + g * size : at[j, name] + (g + 1) * size]
+                        if f.readinto(block) != size:
+                            raise DataError(f"{path} is shorter than its header says; delete the cache folder "
+                                            "and cache again.")
+        return out
+
     def batch(self, index: Tensor | Sequence[int], layers: slice) -> AttentionInputs:
         """Prompts ``index`` (dataset positions, in that order) and ``layers`` as an
         :class:`AttentionInputs` in float32, padded like the in-memory cache and cropped to
-        the longest prompt of the batch. Only those slices are read from the shards."""
+        the longest prompt of the batch. Only those prompts' bytes are read from the shards."""
         index = [int(i) for i in torch.as_tensor(index).reshape(-1)]
         where = [(i // self.chunk, i % self.chunk) for i in index]
-        n_keys = torch.stack([self._index[c]["n_keys"][j] for c, j in where])
-        T = int(n_keys.max())
-        R = max(int((self._index[c]["row_pos"][j] >= 0).sum()) for c, j in where)
+        n_keys = torch.tensor([self._n_keys[i] for i in index], dtype=torch.long)
+        T, R = int(n_keys.max()), max(self._n_rows[i] for i in index)
         layer_ids = range(*layers.indices(self.n_layers))
         B, G, m = len(where), len(layer_ids), self.meta
-        q_out = torch.zeros(B, G, self.n_heads, R, self.d_head)
-        k_out = torch.zeros(B, G, m["n_kv_heads"], T, self.d_head)
-        p_out = torch.zeros(B, G, self.n_heads, R, T)
-        p_out[..., 0] = 1  # padding rows: all weight on key 0, as in memory (real rows are overwritten)
-        for g, layer in enumerate(layer_ids):
-            for b, (c, j) in enumerate(where):
-                with safe_open(self._shard(layer, c), framework="pt") as f:  # reads only these slices
-                    q, k, pat = f.get_slice("q"), f.get_slice("k"), f.get_slice("pattern")
-                    r, t = min(R, q.get_shape()[2]), min(T, k.get_shape()[2])
-                    q_out[b, g, :, :r] = q[j : j + 1, :, :r][0]
-                    k_out[b, g, :, :t] = k[j : j + 1, :, :t][0]
-                    p_out[b, g, :, :r, :t] = pat[j : j + 1, :, :r, :t][0]
+        q_out = torch.empty(B, G, self.n_heads, R, self.d_head)  # every entry is written below
+        k_out = torch.empty(B, G, m["n_kv_heads"], T, self.d_head)
+        p_out = torch.empty(B, G, self.n_heads, R, T)
+        by_chunk: dict[int, list[int]] = {}
+        for b, (c, _) in enumerate(where):
+            by_chunk.setdefault(c, []).append(b)
+        for c, bs in by_chunk.items():  # one open per shard and batch
+            for b, part in zip(bs, self._read_chunk(c, [where[b][1] for b in bs], layer_ids)):
+                q, k, pat = part["q"], part["k"], part["pattern"]
+                r, t = min(R, q.shape[2]), min(T, k.shape[2])
+                q_out[b, :, :, :r], k_out[b, :, :, :t], p_out[b, :, :, :r, :t] = q[:, :, :r], k[:, :, :t], pat[:, :, :r, :t]
+                if r < R:  # padding rows beyond the chunk's: zero queries, all weight on key 0 (as in memory)
+                    q_out[b, :, :, r:], p_out[b, :, :, r:] = 0, 0
+                    p_out[b, :, :, r:, 0] = 1
+                if t < T:
+                    k_out[b, :, :, t:], p_out[b, :, :, :r, t:] = 0, 0
         row_pos = torch.full((B, R), -1, dtype=torch.long)
         gold, sink = torch.zeros(B, T, dtype=torch.bool), torch.zeros(B, T, dtype=torch.bool)
         for b, (c, j) in enumerate(where):

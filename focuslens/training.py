@@ -74,21 +74,22 @@ class AttentionInputs:
         return self.q.shape[-1]
 
     def batch(self, index, layers: slice) -> AttentionInputs:
-        """Prompts ``index`` and ``layers``, as :class:`~focuslens.streamed.ShardedInputs` gives them."""
-        part = self.select(index)
-        return AttentionInputs(part.q[:, layers], part.k[:, layers], part.pattern[:, layers], part.row_pos,
-                               part.n_keys, part.gold, part.sink, part.scaling)
-
-    def select(self, index) -> AttentionInputs:
-        """A subset of prompts (a slice is a view), cropped to its longest prompt."""
+        """Prompts ``index`` and ``layers``, as :class:`~focuslens.streamed.ShardedInputs` gives
+        them: cropped to the longest of these prompts; the layers and the crop are sliced
+        before the prompts are gathered, so only what is returned is copied (a slice of
+        prompts is a view)."""
         if isinstance(index, int):
             index = slice(index, index + 1)
         if not isinstance(index, slice):
             index = torch.as_tensor(index)
         T = int(self.n_keys[index].max())
-        return AttentionInputs(self.q[index], self.k[index][..., :T, :], self.pattern[index][..., :T],
-                               self.row_pos[index], self.n_keys[index], self.gold[index][:, :T],
-                               self.sink[index][:, :T], self.scaling)
+        return AttentionInputs(self.q[:, layers][index], self.k[:, layers, :, :T][index],
+                               self.pattern[:, layers, ..., :T][index], self.row_pos[index], self.n_keys[index],
+                               self.gold[:, :T][index], self.sink[:, :T][index], self.scaling)
+
+    def select(self, index) -> AttentionInputs:
+        """A subset of prompts, all layers (see :meth:`batch`)."""
+        return self.batch(index, slice(None))
 
 
 @torch.no_grad()

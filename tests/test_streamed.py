@@ -39,6 +39,19 @@ def test_a_disk_batch_equals_the_in_memory_batch(arch, tmp_path):
             torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
         torch.testing.assert_close(b.k, a.k)
         assert torch.equal(b.gold, a.gold) and torch.equal(b.n_keys, a.n_keys)
+    # a batch owns its tensors: reading the next one (through the same read buffer) leaves it be
+    first = disk.batch([8, 1], slice(0, 2))
+    disk.batch([0, 2, 3, 5], slice(0, 2))
+    torch.testing.assert_close(first.k, memory.batch([8, 1], slice(0, 2)).k, rtol=0, atol=0)
+
+
+def test_a_truncated_shard_is_named(tmp_path):
+    model = get_tiny("llama", 2)
+    disk = S.cache_to_disk(model, _prompts(model, 2), tmp_path / "c", chunk=2, quiet=True)
+    shard = tmp_path / "c" / "layer_001" / "chunk_00001.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-64])
+    with pytest.raises(DataError, match=r"layer_001/chunk_00001\.safetensors is shorter than its header"):
+        disk.batch([2], slice(0, 2))
 
 
 @pytest.mark.parametrize("layers_per_group", [None, 1])
