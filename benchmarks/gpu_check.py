@@ -23,6 +23,17 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def gpu_result(summary: dict, *, device: str, dtype: str, size: str, load_seconds: float, peak_bytes: int) -> dict:
+    """The ``"gpu"`` entry of figures/bench.json from a demo run's summary.json."""
+    run = summary["demo_run"]
+    return {"device": device, "dtype": dtype, "size": size, "load_seconds": round(load_seconds, 1),
+            "seconds": run["seconds"], "stage_seconds": run["stage_seconds"],
+            "peak_gpu_memory_gib": peak_bytes / 2**30, "prefills_per_test_prompt": run["prefills_per_test_prompt"],
+            "accuracy": {"distraction": summary["distraction"]["accuracy"],
+                         "focus_directions_unsteered": summary["focus_directions"]["baseline_test"],
+                         "focus_directions_best": summary["focus_directions"]["best"]}}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", choices=["quick", "full"], default="full")
@@ -46,13 +57,8 @@ def main() -> None:
         release = args.release if Path(args.release).is_dir() else None
         run_demo(model, settings=settings, out_dir=tmp, release_dir=release, quiet=True)
         summary = read_json(Path(tmp) / "summary.json", "the GPU run's summary")
-    result = {"device": torch.cuda.get_device_name(0), "dtype": args.dtype, "size": args.size,
-              "load_seconds": round(load_s, 1), "seconds": summary["demo_run"]["seconds"],
-              "stage_seconds": summary["demo_run"]["stage_seconds"],
-              "peak_gpu_memory_gib": torch.cuda.max_memory_allocated() / 2**30,
-              "prefills_per_test_prompt": summary["demo_run"]["prefills_per_test_prompt"],
-              "accuracy": {k: summary[k].get("baseline_test", summary[k].get("accuracy"))
-                           for k in ("distraction", "focus_directions") if k in summary}}
+    result = gpu_result(summary, device=torch.cuda.get_device_name(0), dtype=args.dtype, size=args.size,
+                        load_seconds=load_s, peak_bytes=torch.cuda.max_memory_allocated())
     out = Path(args.out)
     bench = read_json(out, "figures/bench.json") if out.exists() else {}
     write_json(out, bench | {"gpu": result}, indent=2)

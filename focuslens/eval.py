@@ -33,7 +33,7 @@ from focuslens.data.render import Prompt, candidate_token_ids, first_token_id, r
 from focuslens.errors import DataError
 from focuslens.hooks import attn_hook, key_indicator, mass_on
 from focuslens.kvcache import PrefixCache
-from focuslens.parallel import combine, share
+from focuslens.parallel import cat, gather, is_main, share
 from focuslens.progress import tqdm
 
 __all__ = [
@@ -253,10 +253,9 @@ def shared_logits(model, prompts: Sequence[Prompt], *, hooks=(), **kwargs) -> to
     mine = share(len(prompts))
     if len(mine) == len(prompts):
         return next_token_logits(model, prompts, hooks=hooks, **kwargs)
+    kwargs["quiet"] = kwargs.get("quiet", False) or not is_main()  # one progress bar, rank 0's
     local = (lambda batch: hooks([mine[i] for i in batch])) if callable(hooks) else hooks
-    out = torch.zeros(len(prompts), model.cfg.d_vocab)
-    out[mine.start : mine.stop] = next_token_logits(model, [prompts[i] for i in mine], hooks=local, **kwargs)
-    return combine(out)
+    return cat(next_token_logits(model, [prompts[i] for i in mine], hooks=local, **kwargs), len(prompts))
 
 
 def evaluate_next_token(
@@ -453,7 +452,8 @@ def evaluate_variants(
 
     Returns one row per (example, variant): ``example`` (its index in ``examples``),
     ``variant``, the columns of :func:`evaluate_next_token`, and the probe masses. Warns
-    like :func:`evaluate_next_token`.
+    like :func:`evaluate_next_token`. Under a launcher each process runs its share of the
+    examples and every process gets every row, in input order (:mod:`focuslens.parallel`).
     """
     if probe_heads is not None and probe_heads.shape[0] != n_variants:
         raise DataError(f"probe_heads has {probe_heads.shape[0]} variants, not n_variants={n_variants}.")
@@ -461,18 +461,21 @@ def evaluate_variants(
     prompts = to_prompts(model, examples)
     warn_unscorable(tok, [p.example for p in prompts])
     rows_out, all_logits = [], []
-    for i, prompt in enumerate(tqdm(prompts, desc=desc, disable=quiet, leave=False)):
-        ex = prompt.example
+    n_probe = probe_heads.sum((1, 2)).clamp_min(1) if probe_heads is not None else None
+    for i in tqdm(share(len(prompts)), desc=desc, disable=quiet or not is_main(), leave=False):
+        ex = prompts[i].example  # under a launcher: this process's share (focuslens.parallel)
         store: dict = {}
         with torch.no_grad():
-            logits = _run_variants(model, prompt, n_variants, hooks_for, rows, probe_heads, store, prefills)
+            logits = _run_variants(model, prompts[i], n_variants, hooks_for, rows, probe_heads, store, prefills)
         check_finite(logits, i)
         if return_logits:
             all_logits.append(logits)
-        n_probe = probe_heads.sum((1, 2)).clamp_min(1) if probe_heads is not None else None
-        rows_out += _variant_rows(i, ex, logits, candidate_token_ids(tok, ex), store, n_probe)
-    df = pd.DataFrame(rows_out)
-    return (df, torch.stack(all_logits)) if return_logits else df
+        rows_out.append(_variant_rows(i, ex, logits, candidate_token_ids(tok, ex), store, n_probe))
+    df = pd.DataFrame([row for rows_i in gather(rows_out) for row in rows_i])
+    if not return_logits:
+        return df
+    block = torch.stack(all_logits) if all_logits else torch.zeros(0, n_variants, model.cfg.d_vocab)
+    return df, cat(block, len(prompts))
 
 
 def accuracy_by(results: pd.DataFrame, column: str, metric: str = "correct") -> dict:

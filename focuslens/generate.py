@@ -27,6 +27,7 @@ from focuslens.data.render import Prompt
 from focuslens.errors import DataError
 from focuslens.eval import best_subspan_em, example_columns, probe_hooks, run_in_chunks, to_prompts
 from focuslens.kvcache import PrefixCache
+from focuslens.parallel import gather, is_main, share
 from focuslens.progress import tqdm
 
 __all__ = ["generate_variants"]
@@ -81,18 +82,18 @@ def generate_variants(
     One row per (example, variant) with ``prediction``."""
     if rows not in ("answer", "all"):
         raise DataError(f"rows={rows!r}: generation runs rows='all' or rows='answer'.")
-    out = []
-    for i, prompt in enumerate(tqdm(to_prompts(model, examples), desc=desc, disable=quiet, leave=False)):
-        store: dict = {}
-        texts = _prompt_variants(model, prompt, n_variants, hooks_for, rows, max_new_tokens, probe_heads, store)
-        ex = prompt.example
-        n_probe = probe_heads.sum((1, 2)).clamp_min(1) if probe_heads is not None else None
+    out, prompts = [], to_prompts(model, examples)
+    n_probe = probe_heads.sum((1, 2)).clamp_min(1) if probe_heads is not None else None
+    for i in tqdm(share(len(prompts)), desc=desc, disable=quiet or not is_main(), leave=False):
+        store: dict = {}  # under a launcher: this process's share of the prompts (focuslens.parallel)
+        texts = _prompt_variants(model, prompts[i], n_variants, hooks_for, rows, max_new_tokens, probe_heads, store)
+        ex = prompts[i].example
         for v, text in enumerate(texts):
             row = {"example": i, **example_columns(ex), "variant": v, "prediction": text,
                    "correct": bool(best_subspan_em((ex.answer_prefix or "") + text, ex.answers))}
             row.update({name: float(total[v] / n_probe[v]) for name, total in store.items()})
             out.append(row)
-    return pd.DataFrame(out)
+    return pd.DataFrame(gather(out))
 
 
 def _prompt_variants(model, prompt, n, hooks_for, rows, max_new_tokens, probe_heads, store) -> list[str]:

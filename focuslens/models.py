@@ -241,7 +241,9 @@ def _prepare_tokenizer(tok):
 def _default_device_dtype(device, dtype) -> tuple[str, torch.dtype]:
     """The device and dtype to load with, checked: a CUDA device must exist, a dtype must be
     a floating ``torch.dtype`` (or its name, e.g. ``"bfloat16"``)."""
-    device = str(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device is None and torch.cuda.is_available():  # under a launcher: this process's GPU
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "cuda"
+    device = str(device or "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelError(f"device={device!r}, but this machine has no CUDA device: use device='cpu'.")
     if isinstance(dtype, str):

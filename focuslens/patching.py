@@ -62,6 +62,7 @@ from focuslens.headpatch import (
 )
 from focuslens.kvcache import PrefixCache
 from focuslens.models import model_id
+from focuslens.parallel import cat, gather, is_main, share
 from focuslens.progress import tqdm
 from focuslens.results import HeadResult, head_values, rank_heads
 
@@ -199,8 +200,8 @@ def _normalise(delta: Tensor, gap: float) -> Tensor:
     return delta / gap if abs(gap) > 1e-6 else torch.full_like(delta, float("nan"))
 
 
-def _warn_small_gaps(runs: Sequence[_PairRun]) -> None:
-    bad = [i for i, r in enumerate(runs) if r.gap <= 0]
+def _warn_small_gaps(gaps: Sequence[float]) -> None:
+    bad = [i for i, gap in enumerate(gaps) if gap <= 0]
     if bad:
         warnings.warn(
             f"pairs {bad} have LD_clean ≤ LD_corrupt: the clean document does not move the model "
@@ -215,23 +216,25 @@ def _patch_pairs(model, pairs, methods, *, batch_size, quiet) -> PatchingResult:
     if not pairs:
         raise DataError("pairs is empty: build them with make_counterfactual_pairs.")
     L, H = model.cfg.n_layers, model.cfg.n_heads
-    per_pair = {name: torch.full((len(pairs), L, H), float("nan")) for name in methods}
-    runs = []
-    for i, pair in enumerate(tqdm(pairs, desc=" + ".join(methods), disable=quiet, leave=False)):
-        run = _prepare_pair(model, pair)
+    mine = share(len(pairs))  # under a launcher: this process's pairs (focuslens.parallel)
+    per_pair = {name: torch.full((len(mine), L, H), float("nan")) for name in methods}
+    lds = []
+    for b, i in enumerate(tqdm(mine, desc=" + ".join(methods), disable=quiet or not is_main(), leave=False)):
+        run = _prepare_pair(model, pairs[i])
         for name, (fn, heads) in methods.items():
-            per_pair[name][i] = fn(run, heads, batch_size=batch_size, shape=(L, H))
-        run.pc = None  # free the KV cache before the next pair
-        runs.append(run)
-    _warn_small_gaps(runs)
+            per_pair[name][b] = fn(run, heads, batch_size=batch_size, shape=(L, H))
+        lds.append((run.ld_clean, run.ld_corrupt))  # the KV cache is freed with run
+    per_pair = {name: cat(block, len(pairs)) for name, block in per_pair.items()}
+    lds = gather(lds)
+    _warn_small_gaps([clean - corrupt for clean, corrupt in lds])
     meta = {
         "model": model_id(model),
         "n_pairs": len(pairs),
         "seed": pairs[0].seed,
         "metric": "normalised logit difference (LD_patched − LD_corrupt) / (LD_clean − LD_corrupt)",
         "intervention": "hook_z at the answer rows, clean → corrupted (denoising)",
-        "ld_clean": [r.ld_clean for r in runs],
-        "ld_corrupt": [r.ld_corrupt for r in runs],
+        "ld_clean": [clean for clean, _ in lds],
+        "ld_corrupt": [corrupt for _, corrupt in lds],
         "qids": [p.example.qid for p in pairs],
     }
     return PatchingResult(

@@ -54,7 +54,7 @@ from focuslens.eval import (
 from focuslens.hooks import attn_hook, key_indicator, mass_on
 from focuslens.io import read_json, write_json
 from focuslens.models import model_id
-from focuslens.parallel import combine
+from focuslens.parallel import cat, share
 from focuslens.progress import tqdm
 from focuslens.results import HeadResult, is_head_ranking
 from focuslens.steering import resolve_heads
@@ -303,7 +303,8 @@ def score_heads(
 
     # prompts shared over processes under a launcher (focuslens.parallel); each fills its rows
     logits = shared_logits(model, prompts, batch_size=batch_size, hooks=hooks_for, quiet=quiet, desc="score heads")
-    per_example = combine(per_example)
+    mine = share(len(prompts))
+    per_example = cat(per_example[mine.start : mine.stop], len(prompts))
     accuracy = None
     if all(p.example.answer_prefix and p.answer.end == p.n_tokens for p in prompts):
         gold = torch.tensor([candidate_token_ids(model.tokenizer, p.example)[0] for p in prompts])

@@ -214,8 +214,8 @@ def cache_to_disk(model, prompts: Sequence[Prompt], folder: str | Path, *, chunk
     mine = share(n_chunks)  # under a launcher each process writes its block of chunks
     todo = [c for c in mine if not (folder / f"{_chunk_name(c)}.index.safetensors").is_file()]
     seconds = 0.0
-    for c in tqdm(todo, desc="cache q/k to disk", disable=quiet, leave=False):
-        part = collect_attention_inputs(model, prompts[c * chunk : (c + 1) * chunk], quiet=True)
+    for c in tqdm(todo, desc="cache q/k to disk", disable=quiet or not is_main(), leave=False):
+        part = collect_attention_inputs(model, prompts[c * chunk : (c + 1) * chunk], quiet=True, shared=False)
         _write_chunk(folder, c, part, _DTYPES[dtype])
         seconds += part.seconds
     if world()[1] > 1:

@@ -27,6 +27,7 @@ from focuslens.directions import FocusDirections, architecture_of, attention_sca
 from focuslens.errors import DataError
 from focuslens.hooks import attn_hook
 from focuslens.models import model_id
+from focuslens.parallel import cat, is_main, share
 from focuslens.progress import tqdm
 from focuslens.scoring import prepare_prompts
 from focuslens.steering import Head
@@ -93,28 +94,45 @@ class AttentionInputs:
 
 
 @torch.no_grad()
-def collect_attention_inputs(model, prompts: Sequence[Prompt], *, quiet: bool = False) -> AttentionInputs:
+def collect_attention_inputs(model, prompts: Sequence[Prompt], *, quiet: bool = False,
+                             shared: bool = True) -> AttentionInputs:
     """One forward pass per prompt through the frozen model, keeping the post-RoPE
-    queries at the answer rows (``hook_rot_q``) and the keys (``hook_rot_k``) of every layer."""
+    queries at the answer rows (``hook_rot_q``) and the keys (``hook_rot_k``) of every layer.
+    Under a launcher each process runs its share of the prompts (:mod:`focuslens.parallel`)
+    and every process gets the whole cache; ``shared=False``: this process runs them all
+    (:func:`~focuslens.streamed.cache_to_disk` shares chunks instead)."""
     if not prompts:
         raise DataError("no prompts: directions need training data.")
     for i, p in enumerate(prompts):
         if p.gold is None or len(p.gold) == 0:
             raise DataError(f"prompt {i} has no gold document span: directions are trained to attend to it.")
-    c = model.cfg
-    n, L, H, d = len(prompts), c.n_layers, c.n_heads, c.d_head
-    kv = c.n_key_value_heads or H
-    R = max(len(p.answer) for p in prompts)
-    T = max(p.n_tokens for p in prompts)
-    q = torch.zeros(n, L, H, R, d)
-    k = torch.zeros(n, L, kv, T, d)
-    pattern = torch.zeros(n, L, H, R, T)
-    pattern[..., 0] = 1  # padding rows: all weight on key 0 (they are dropped from every mean)
+    n, R, T = len(prompts), max(len(p.answer) for p in prompts), max(p.n_tokens for p in prompts)
+    t0 = time.perf_counter()
+    if not shared:
+        q, k, pattern = _forward_block(model, prompts, R, T, quiet)
+    else:
+        q, k, pattern = (cat(x, n) for x in _forward_block(model, [prompts[i] for i in share(n)], R, T, quiet))
     row_pos = torch.full((n, R), -1, dtype=torch.long)
     gold = torch.zeros(n, T, dtype=torch.bool)
     sink = torch.zeros(n, T, dtype=torch.bool)
-    t0 = time.perf_counter()
-    for i, p in enumerate(tqdm(prompts, desc="cache q/k", disable=quiet, leave=False)):
+    for i, p in enumerate(prompts):
+        row_pos[i, : len(p.answer)] = torch.arange(p.answer.start, p.answer.end)
+        gold[i, p.gold.start : p.gold.end] = True
+        sink[i, p.sink.start : p.sink.end] = True
+    n_keys = torch.tensor([p.n_tokens for p in prompts])
+    return AttentionInputs(q, k, pattern, row_pos, n_keys, gold, sink, attention_scaling(model), time.perf_counter() - t0)
+
+
+def _forward_block(model, prompts: Sequence[Prompt], R: int, T: int, quiet: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """``q``, ``k`` and ``pattern`` of :class:`AttentionInputs` for ``prompts``, padded to
+    ``R`` answer rows and ``T`` keys."""
+    c = model.cfg
+    n, L, H, d = len(prompts), c.n_layers, c.n_heads, c.d_head
+    q = torch.zeros(n, L, H, R, d)
+    k = torch.zeros(n, L, c.n_key_value_heads or H, T, d)
+    pattern = torch.zeros(n, L, H, R, T)
+    pattern[..., 0] = 1  # padding rows: all weight on key 0 (they are dropped from every mean)
+    for i, p in enumerate(tqdm(prompts, desc="cache q/k", disable=quiet or not is_main(), leave=False)):
         rows = p.answer.to_slice()
 
         def keep(x, hook, i=i, rows=rows, n_tok=p.n_tokens):
@@ -129,11 +147,7 @@ def collect_attention_inputs(model, prompts: Sequence[Prompt], *, quiet: bool = 
         hooks = [(attn_hook(layer, point), keep) for layer in range(L) for point in ("rot_q", "rot_k", "pattern")]
         hooks.append(("unembed.hook_in", lambda resid, hook: resid[:, -1:]))
         model.run_with_hooks(p.input_ids[None].to(c.device), fwd_hooks=hooks)
-        row_pos[i, : len(p.answer)] = torch.arange(p.answer.start, p.answer.end)
-        gold[i, p.gold.start : p.gold.end] = True
-        sink[i, p.sink.start : p.sink.end] = True
-    n_keys = torch.tensor([p.n_tokens for p in prompts])
-    return AttentionInputs(q, k, pattern, row_pos, n_keys, gold, sink, attention_scaling(model), time.perf_counter() - t0)
+    return q, k, pattern
 
 
 def span_attention(

@@ -1,5 +1,6 @@
-"""Data parallel over 2 CPU processes (gloo), launched with accelerate: scoring, evaluation
-and the disk training cache give the same results as one process, in input order."""
+"""Data parallel over 2 CPU processes (gloo), launched with accelerate: scoring, evaluation,
+both sweeps (next-token and generated), patching and the training caches (in memory and on
+disk) give the same results as one process, in input order."""
 
 from __future__ import annotations
 
@@ -21,19 +22,35 @@ SCRIPT = textwrap.dedent("""
     from focuslens import parallel
     from focuslens.data.synthetic import make_synthetic_qa
     from focuslens.eval import evaluate_next_token
+    from focuslens.focusing import focus_sweep
+    from focuslens.patching import make_counterfactual_pairs, patch_heads
     from focuslens.scoring import prepare_prompts, score_heads
+    from focuslens.steering import split_softmax_sweep
     from focuslens.streamed import cache_to_disk
     from focuslens.testing import tiny_model
+    from focuslens.training import collect_attention_inputs, train_directions
 
     model = tiny_model("llama", n_heads=4, n_kv_heads=2, seed=0)
     examples = make_synthetic_qa(7, n_documents=3, seed=1) + make_synthetic_qa(4, n_documents=5, seed=2)
     scores = score_heads(model, examples, n_bootstrap=50, quiet=True)
     rows = evaluate_next_token(model, examples, quiet=True)
     cache_to_disk(model, prepare_prompts(model, examples, quiet=True), sys.argv[1] + ".cache", chunk=3, quiet=True)
+    prompts = prepare_prompts(model, examples, quiet=True)
+    cache = collect_attention_inputs(model, prompts, quiet=True)
+    patched = patch_heads(model, make_counterfactual_pairs(model, examples[:5], seed=3), quiet=True)
+    ss, ss_logits = split_softmax_sweep(model, examples, [(0, 1), (1, 2)], ks=(1, 2), taus=(0.5,), n_random=1,
+                                        rows="answer", return_logits=True, quiet=True)
+    dirs = train_directions(model, examples[:4], examples[4:6], epochs=2, lr=0.1, seed=0, quiet=True,
+                            ranking=[(1, 2), (0, 1), (1, 0)])
+    fs = focus_sweep(model, dirs, examples, ks=(1, None), alphas=(0.5, 2.0), quiet=True)
+    gen = focus_sweep(model, dirs, examples[:3], ks=(1,), alphas=(1.0,), max_new_tokens=2, quiet=True)
     rank, size = parallel.world()
     torch.save({"mean": scores.mean, "lo": scores.ci_low, "acc": scores.metadata["accuracy"], "size": size,
                 "share": list(parallel.share(len(examples))), "gold_logit": rows.gold_logit.tolist(),
-                "qid": rows.qid.tolist()}, f"{sys.argv[1]}.{rank}.pt")
+                "qid": rows.qid.tolist(), "cache": [cache.q, cache.k, cache.pattern, cache.row_pos, cache.gold],
+                "patched": patched.per_example, "ld": patched.metadata["ld_clean"],
+                "ss": ss.drop(columns=["heads"], errors="ignore").to_dict("list"), "ss_logits": ss_logits,
+                "dq": dirs.q, "fs": fs.to_dict("list"), "gen": gen.to_dict("list")}, f"{sys.argv[1]}.{rank}.pt")
 """)
 
 
@@ -58,6 +75,21 @@ def test_two_processes_score_like_one_in_input_order(tmp_path):
             torch.testing.assert_close(got["lo"][metric], one["lo"][metric], rtol=0, atol=1e-6)
         assert got["acc"] == one["acc"] and got["qid"] == one["qid"]  # evaluation rows in input order
         assert max(abs(a - b) for a, b in zip(got["gold_logit"], one["gold_logit"])) <= 1e-6
+        for a, b in zip(got["cache"], one["cache"]):  # the in-memory training cache, whole on each
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+        for name in one["patched"]:  # exact and attribution patching, pair by pair
+            torch.testing.assert_close(got["patched"][name], one["patched"][name], rtol=0, atol=1e-6, equal_nan=True)
+        assert got["ld"] == pytest.approx(one["ld"], abs=1e-6)
+        torch.testing.assert_close(got["ss_logits"], one["ss_logits"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(got["dq"], one["dq"], rtol=0, atol=1e-6)  # trained on the gathered cache
+        for sweep in ("ss", "fs", "gen"):  # both sweeps, and the generated one, row by row
+            assert got[sweep].keys() == one[sweep].keys() and len(got[sweep]["example"]) == len(one[sweep]["example"])
+            for col, values in one[sweep].items():
+                if isinstance(values[0], float):
+                    assert got[sweep][col] == pytest.approx(values, abs=1e-5, nan_ok=True), (sweep, col)
+                else:
+                    assert got[sweep][col] == values, (sweep, col)
+    assert len(one["fs"]["example"]) % 11 == 0 and len(one["fs"]["example"]) >= 11 * 4 and one["gen"]["prediction"][0] != ""
     # the training cache: each process wrote its chunks; the same files as one process
     files = lambda d: {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}  # noqa: E731
     assert files(tmp_path / "n2.cache") == files(tmp_path / "n1.cache") and len(files(tmp_path / "n1.cache")) > 8
@@ -68,4 +100,4 @@ def test_one_process_is_the_identity():
         pytest.skip("running under a launcher")
     assert parallel.world() == (0, 1) and parallel.share(5) == range(5) and parallel.is_main()
     x = torch.arange(6.0)
-    assert parallel.combine(x) is x
+    assert parallel.cat(x, 6) is x and parallel.gather([1, 2]) == [1, 2]

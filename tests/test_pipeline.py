@@ -83,3 +83,21 @@ def test_a_saved_run_loads_back_equal_and_redraws_without_the_model(demo, tmp_pa
     tokenizer = get_tiny("llama", 2).tokenizer
     written = draw_all(loaded, tmp_path, tokenizer=tokenizer)
     assert {p.stem for p in written} >= set(PICTURES) | {"token_view"}
+
+
+def test_the_gpu_check_reads_a_demo_summary():
+    """benchmarks/gpu_check.py runs only on a GPU; what it reports is taken from the demo's
+    summary.json, checked here on the committed CPU run's."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("gpu_check", root / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    summary = json.loads((root / "figures" / "summary.json").read_text())
+    got = gpu_check.gpu_result(summary, device="H200", dtype="bfloat16", size="full", load_seconds=3.04,
+                               peak_bytes=3 * 2**30)
+    assert got["seconds"] == summary["demo_run"]["seconds"] and got["peak_gpu_memory_gib"] == 3.0
+    assert got["accuracy"]["distraction"]["20"] == summary["distraction"]["accuracy"]["20"]
+    assert set(got["stage_seconds"]) >= {"distraction", "split_softmax", "focus_directions"}
