@@ -294,15 +294,19 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2000)
     ap.add_argument("--out", default=str(ROOT / "figures" / "bench.json"))
     ap.add_argument("--memory-child")
-    ap.add_argument("--only", choices=["scoring", "directions", "scale"], help="run one benchmark (default: all)")
+    ap.add_argument("--only", choices=["scoring", "directions", "scale", "scale-training"],
+                    help="run one benchmark (default: all); scale-training: only the cache/training cases of "
+                         "scale (its data-parallel and eager-attention entries are kept)")
     ap.add_argument("--scale-prompts", type=int, default=100, help="N of the scale benchmark (also run at 10·N)")
     ap.add_argument("--direction-prompts", type=int, default=200)
     ap.add_argument("--direction-epochs", type=int, default=2)
     args = ap.parse_args()
     if args.memory_child:
         return _memory_child(args.memory_child, args.tokens)
+    from focuslens.io import read_summary, write_json
+
     out = Path(args.out)
-    bench = json.loads(out.read_text()) if out.exists() else {}
+    bench = read_summary(out)  # the other sections stay as they were
     if args.only in (None, "scoring"):
         bench["scoring"] = bench_scoring(args.n_prompts, args.tokens)
     if args.only in (None, "directions"):
@@ -317,8 +321,11 @@ def main() -> None:
                   flush=True)
         bench["scale"] = bench_scale(args.scale_prompts) | {"data_parallel": bench_parallel(args.n_prompts),
                                                             "eager_attention_peak": eager}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(bench, indent=2) + "\n")
+    if args.only == "scale-training":
+        from scale import bench_scale
+
+        bench["scale"] = bench.get("scale", {}) | bench_scale(args.scale_prompts)
+    write_json(out, bench, indent=2)  # atomic: a killed run leaves the old file
     print(f"wrote {out}")
 
 

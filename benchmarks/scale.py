@@ -7,8 +7,13 @@ synthetic prompts (SmolLM2, 5 documents, seed 0), one after the other in one ben
 * ``streamed`` at N and at 10·N: :func:`cache_to_disk` (per-layer shards, chunks of 16)
   + training from the shards, all layers per batch (the default: memory bounded by one
   batch);
-* ``streamed`` at N in layer groups of 6 (``layers_per_group``: memory bounded by one
-  batch of one group, for batches whose layers do not fit at once).
+* ``streamed`` and ``memory`` at N in layer groups of 6 (``layers_per_group``: memory
+  bounded by one batch of one group, for batches whose layers do not fit at once); the
+  in-memory grouped case separates what grouping costs from what the disk costs.
+
+* ``interleaved``: the training-time ratio again, in one process on the same cached
+  prompts, one epoch from memory and one from disk in turn, 5 times (median): on a
+  shared machine the separate processes above run minutes apart and drift by ±20 %.
 
 Reported: peak RSS (VmHWM, the whole process: model included) and its growth over the
 RSS after the model is loaded; caching and training seconds per prompt and epoch.
@@ -53,25 +58,59 @@ def child(case: str, n: int, epochs: int, layers_per_group: int | None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
         if case == "memory":
-            dirs = train_directions(model, train, val, **kw)
+            dirs = train_directions(model, train, val, layers_per_group=layers_per_group, **kw)
         else:
             dirs = train_directions(model, train, val, cache_dir=tmp, layers_per_group=layers_per_group, **kw)
         wall = time.perf_counter() - t0
         disk = sum(p.stat().st_size for p in Path(tmp).rglob("*") if p.is_file())
     meta = dirs.metadata
-    return {"case": case, "n_prompts": n, "epochs": epochs, "layers_per_group": layers_per_group if case != "memory" else None,
+    return {"case": case, "n_prompts": n, "epochs": epochs, "layers_per_group": layers_per_group,
             "peak_rss_mib": _rss("VmHWM:") / 2**20, "rss_growth_mib": (_rss("VmHWM:") - base) / 2**20,
             "cache_s_per_prompt": meta["cache_seconds"] / (n + len(val)),
             "train_s_per_prompt_epoch": meta["train_seconds"] / (n * meta["epochs_run"]),
             "wall_s": wall, "disk_mib": disk / 2**20, "q_norm_median": float(dirs.q.norm(dim=-1).median())}
 
 
+def interleaved_child(n: int, repeats: int, groups: int) -> dict:
+    """Training time from disk vs memory in one process, on the same cached prompts, one
+    epoch of each in turn, ``repeats`` times (one layer group and groups of ``groups``):
+    machine drift and neighbours hit both sides alike. The in-memory cache is the disk
+    cache read whole (the same tensors and padding as :func:`collect_attention_inputs`)."""
+    import statistics
+
+    from focuslens.data.synthetic import make_synthetic_qa
+    from focuslens.models import load_model
+    from focuslens.scoring import prepare_prompts
+    from focuslens.streamed import cache_to_disk
+    from focuslens.training import train_directions
+
+    model = load_model("smollm2-135m-instruct")
+    examples = make_synthetic_qa(n + 20, n_documents=5, seed=0)
+    train, val = prepare_prompts(model, examples[:n], quiet=True), prepare_prompts(model, examples[n:], quiet=True)
+    out = {"n_prompts": n, "repeats": repeats}
+    with tempfile.TemporaryDirectory() as tmp:
+        disk = (cache_to_disk(model, train, f"{tmp}/train", quiet=True), cache_to_disk(model, val, f"{tmp}/val", quiet=True))
+        memory = tuple(c.batch(range(len(c)), slice(None)) for c in disk)
+        for per_group in (None, groups):
+            times = {"memory": [], "streamed": []}
+            for _ in range(repeats):
+                for name, inputs in (("memory", memory), ("streamed", disk)):
+                    dirs = train_directions(model, train, val, inputs=inputs, epochs=1, patience=1, seed=0, quiet=True,
+                                            layers_per_group=per_group)
+                    times[name].append(dirs.metadata["train_seconds"] / n)
+            ratios = [a / b for a, b in zip(times["streamed"], times["memory"])]
+            out[f"groups_of_{per_group}" if per_group else "one_group"] = {
+                "train_s_per_prompt_epoch": times, "ratios": ratios, "ratio_median": statistics.median(ratios)}
+    return out
+
+
 def bench_scale(n: int = 100, factor: int = 10, epochs: int = 3, groups: int = 6) -> dict:
-    """The four cases in fresh processes, then the ratios of the targets."""
+    """The five cases in fresh processes, then the ratios of the targets."""
     env = os.environ | {"TQDM_DISABLE": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
     runs = {}
     for name, case, size, per_group in (("memory", "memory", n, 0), ("streamed", "streamed", n, 0),
                                         (f"streamed_groups_of_{groups}", "streamed", n, groups),
+                                        (f"memory_groups_of_{groups}", "memory", n, groups),
                                         ("streamed_x10", "streamed", factor * n, 0)):
         cmd = [sys.executable, __file__, case, str(size), str(epochs), str(per_group)]
         out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
@@ -79,14 +118,27 @@ def bench_scale(n: int = 100, factor: int = 10, epochs: int = 3, groups: int = 6
         print(f"  scale {name:20s} n={size:5d}: peak RSS {r['peak_rss_mib']:.0f} MiB (+{r['rss_growth_mib']:.0f}), "
               f"cache {r['cache_s_per_prompt']:.3f} s/prompt, train {r['train_s_per_prompt_epoch']:.4f} s/prompt/epoch",
               flush=True)
+    cmd = [sys.executable, __file__, "interleaved", str(n), "5", str(groups)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+    inter = json.loads(out.stdout.strip().splitlines()[-1])
+    print(f"  scale interleaved in one process: streamed / memory time per prompt, median of 5: "
+          f"{inter['one_group']['ratio_median']:.2f} (one group), {inter[f'groups_of_{groups}']['ratio_median']:.2f} "
+          f"(groups of {groups})", flush=True)
     small, big, mem = runs["streamed"], runs["streamed_x10"], runs["memory"]
-    grouped = runs[f"streamed_groups_of_{groups}"]
+    grouped, mem_grouped = runs[f"streamed_groups_of_{groups}"], runs[f"memory_groups_of_{groups}"]
     return {"runs": runs,
             "peak_rss_ratio": big["peak_rss_mib"] / small["peak_rss_mib"], "peak_rss_target": 1.2,
             "rss_growth_ratio": big["rss_growth_mib"] / max(small["rss_growth_mib"], 1.0),
             "train_time_ratio": small["train_s_per_prompt_epoch"] / mem["train_s_per_prompt_epoch"],
             "train_time_ratio_groups": grouped["train_s_per_prompt_epoch"] / mem["train_s_per_prompt_epoch"],
+            # the same grouping on both sides: what the disk costs when training walks groups
+            "train_time_ratio_groups_vs_memory_groups": (grouped["train_s_per_prompt_epoch"]
+                                                         / mem_grouped["train_s_per_prompt_epoch"]),
             "train_time_target": 1.3,
+            # the same ratio measured in one process, epochs alternating (robust to drift)
+            "train_time_interleaved": inter,
+            "train_time_ratio_interleaved": inter["one_group"]["ratio_median"],
+            "train_time_ratio_interleaved_groups": inter[f"groups_of_{groups}"]["ratio_median"],
             "cache_time_ratio": small["cache_s_per_prompt"] / mem["cache_s_per_prompt"],
             "memory_growth_vs_streamed_at_n": mem["rss_growth_mib"] / max(small["rss_growth_mib"], 1.0)}
 
@@ -142,5 +194,7 @@ if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     if sys.argv[1] == "dp":
         dp_child(int(sys.argv[2]), sys.argv[3])
+    elif sys.argv[1] == "interleaved":
+        print(json.dumps(interleaved_child(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]))))
     else:
         print(json.dumps(child(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]) or None)))

@@ -83,7 +83,7 @@ class ShardedInputs:
         self._n_keys = torch.cat([index["n_keys"] for index in self._index]).tolist()
         self._n_rows = torch.cat([(index["row_pos"] >= 0).sum(1) for index in self._index]).tolist()
         self._headers: dict[tuple[int, int], tuple[int, dict]] = {}
-        self._stage = torch.empty(0, dtype=torch.uint8)  # the read buffer (:meth:`_read_chunk`)
+        self._stage = torch.empty(0, dtype=torch.uint8)  # the read buffer (:meth:`_staged`)
         self.seconds = 0.0
 
     def __len__(self) -> int:
@@ -114,19 +114,40 @@ class ShardedInputs:
                 self._headers[key] = (8 + n, json.loads(f.read(n)))
         return self._headers[key]
 
-    def _read_chunk(self, c: int, rows: list[int], layer_ids: range) -> list[dict[str, Tensor]]:
-        """Prompts ``rows`` of chunk ``c`` at ``layer_ids``: per prompt, ``q [G, H, R_c, d]``,
-        ``k`` and ``pattern`` in the shards' dtype and chunk padding, as views of one staging
-        buffer that the next call overwrites. In a shard each prompt's slice of a tensor is
-        one contiguous block, read by position straight into its place (no memory map, so no
-        file pages count in this process's RSS; the page cache still serves repeated reads)."""
-        G = len(layer_ids)
+    def _dims(self, c: int) -> tuple[torch.dtype, int, int]:
+        """Chunk ``c``'s shard dtype and padding: answer rows ``R_c`` and keys ``T_c``."""
+        _, header = self._layout(0, c)
+        return _SAFETENSORS_DTYPES[header["q"]["dtype"]], header["q"]["shape"][2], header["k"]["shape"][2]
+
+    def _read_blocks(self, c: int, rows: Sequence[int], layer_ids: range, dest) -> None:
+        """Prompts ``rows`` of chunk ``c`` at ``layer_ids``, read into ``dest(name, j, g)``: a
+        writable buffer of the size of prompt ``j``'s block of tensor ``name`` at the ``g``-th
+        layer. In a shard each prompt's slice of a tensor is one contiguous block, read by
+        position (no memory map, so no file pages count in this process's RSS; the page
+        cache still serves repeated reads); one open per shard."""
+        for g, layer in enumerate(layer_ids):
+            base, header = self._layout(layer, c)
+            path = self._shard(layer, c)
+            with open(path, "rb", buffering=0) as f:
+                for name in _TENSORS:
+                    first, last = header[name]["data_offsets"]
+                    size = (last - first) // header[name]["shape"][0]
+                    for j in rows:
+                        f.seek(base + first + j * size)
+                        if f.readinto(dest(name, j, g)) != size:
+                            raise DataError(f"{path} is shorter than its header says; delete the cache folder "
+                                            "and cache again.")
+
+    def _staged(self, c: int, rows: list[int], layer_ids: range) -> list[dict[str, Tensor]]:
+        """Prompts ``rows`` of chunk ``c`` in the shards' dtype and chunk padding, per prompt
+        ``q [G, H, R_c, d]``, ``k`` and ``pattern``: views of one staging buffer that grows to
+        the largest batch and is reused (the next call overwrites it)."""
+        G, (dtype, _, _) = len(layer_ids), self._dims(c)
         _, header = self._layout(layer_ids[0], c)
-        dtype = _SAFETENSORS_DTYPES[header["q"]["dtype"]]
         shapes = {name: header[name]["shape"][1:] for name in _TENSORS}
         sizes = {name: math.prod(shape) * dtype.itemsize for name, shape in shapes.items()}  # bytes per prompt
         need = len(rows) * G * sum(sizes.values())
-        if self._stage.numel() < need:  # grows to the largest batch, then is reused (no fresh pages)
+        if self._stage.numel() < need:
             self._stage = torch.empty(need, dtype=torch.uint8)
         stage, out, at, offset = self._stage.numpy(), [], {}, 0
         for j in rows:  # layout of the buffer: prompt, tensor, layer
@@ -136,53 +157,62 @@ class ShardedInputs:
                 part[name] = self._stage[offset : offset + G * sizes[name]].view(dtype).view(G, *shapes[name])
                 offset += G * sizes[name]
             out.append(part)
-        for g, layer in enumerate(layer_ids):
-            base, header = self._layout(layer, c)
-            path = self._shard(layer, c)
-            with open(path, "rb", buffering=0) as f:
-                for name in _TENSORS:
-                    start, size = base + header[name]["data_offsets"][0], sizes[name]
-                    for j in rows:
-                        f.seek(start + j * size)
-                        block = stage[at[j, name] + g * size : at[j, name] + (g + 1) * size]
-                        if f.readinto(block) != size:
-                            raise DataError(f"{path} is shorter than its header says; delete the cache folder "
-                                            "and cache again.")
+        self._read_blocks(c, rows, layer_ids,
+                          lambda name, j, g: stage[at[j, name] + g * sizes[name] : at[j, name] + (g + 1) * sizes[name]])
         return out
 
     def batch(self, index: Tensor | Sequence[int], layers: slice) -> AttentionInputs:
         """Prompts ``index`` (dataset positions, in that order) and ``layers`` as an
-        :class:`AttentionInputs` in float32, padded like the in-memory cache and cropped to
-        the longest prompt of the batch. Only those prompts' bytes are read from the shards."""
+        :class:`AttentionInputs` in float32, padded to the largest chunk padding among them
+        (padding keys and rows carry no weight: the objective is the in-memory cache's).
+        Only those prompts' bytes are read; a float32 prompt whose chunk padding is the
+        batch's (every prompt of a one-chunk batch, e.g. batch size 1) is read straight into
+        the returned tensors, the others through a staging buffer."""
         index = [int(i) for i in torch.as_tensor(index).reshape(-1)]
         where = [(i // self.chunk, i % self.chunk) for i in index]
-        n_keys = torch.tensor([self._n_keys[i] for i in index], dtype=torch.long)
-        T, R = int(n_keys.max()), max(self._n_rows[i] for i in index)
-        layer_ids = range(*layers.indices(self.n_layers))
-        B, G, m = len(where), len(layer_ids), self.meta
-        q_out = torch.empty(B, G, self.n_heads, R, self.d_head)  # every entry is written below
-        k_out = torch.empty(B, G, m["n_kv_heads"], T, self.d_head)
-        p_out = torch.empty(B, G, self.n_heads, R, T)
         by_chunk: dict[int, list[int]] = {}
         for b, (c, _) in enumerate(where):
             by_chunk.setdefault(c, []).append(b)
-        for c, bs in by_chunk.items():  # one open per shard and batch
-            for b, part in zip(bs, self._read_chunk(c, [where[b][1] for b in bs], layer_ids)):
-                q, k, pat = part["q"], part["k"], part["pattern"]
-                r, t = min(R, q.shape[2]), min(T, k.shape[2])
-                q_out[b, :, :, :r], k_out[b, :, :, :t], p_out[b, :, :, :r, :t] = q[:, :, :r], k[:, :, :t], pat[:, :, :r, :t]
-                if r < R:  # padding rows beyond the chunk's: zero queries, all weight on key 0 (as in memory)
-                    q_out[b, :, :, r:], p_out[b, :, :, r:] = 0, 0
-                    p_out[b, :, :, r:, 0] = 1
-                if t < T:
-                    k_out[b, :, :, t:], p_out[b, :, :, :r, t:] = 0, 0
+        dims = {c: self._dims(c) for c in by_chunk}
+        R, T = max(r for _, r, _ in dims.values()), max(t for _, _, t in dims.values())
+        layer_ids = range(*layers.indices(self.n_layers))
+        B, G = len(where), len(layer_ids)
+        out = {"q": torch.empty(B, G, self.n_heads, R, self.d_head),  # every entry is written below
+               "k": torch.empty(B, G, self.meta["n_kv_heads"], T, self.d_head),
+               "pattern": torch.empty(B, G, self.n_heads, R, T)}
+        for c, bs in by_chunk.items():
+            if dims[c] == (torch.float32, R, T):
+                views, slot = {name: x.numpy() for name, x in out.items()}, {where[b][1]: b for b in bs}
+                self._read_blocks(c, [where[b][1] for b in bs], layer_ids, lambda name, j, g: views[name][slot[j], g])
+            else:
+                for b, part in zip(bs, self._staged(c, [where[b][1] for b in bs], layer_ids)):
+                    _fill_padded(out, b, part)
+        return AttentionInputs(out["q"], out["k"], out["pattern"], *self._index_rows(where, R, T), self.scaling)
+
+    def _index_rows(self, where: list[tuple[int, int]], R: int, T: int) -> tuple[Tensor, ...]:
+        """``row_pos``, ``n_keys``, ``gold`` and ``sink`` of the prompts at ``where`` (chunk,
+        position), padded to ``R`` rows and ``T`` keys."""
+        B = len(where)
         row_pos = torch.full((B, R), -1, dtype=torch.long)
         gold, sink = torch.zeros(B, T, dtype=torch.bool), torch.zeros(B, T, dtype=torch.bool)
         for b, (c, j) in enumerate(where):
             index = self._index[c]
-            r, t = min(R, index["row_pos"].shape[1]), min(T, index["gold"].shape[1])
-            row_pos[b, :r], gold[b, :t], sink[b, :t] = index["row_pos"][j, :r], index["gold"][j, :t], index["sink"][j, :t]
-        return AttentionInputs(q_out, k_out, p_out, row_pos, n_keys, gold, sink, self.scaling)
+            r, t = index["row_pos"].shape[1], index["gold"].shape[1]
+            row_pos[b, :r], gold[b, :t], sink[b, :t] = index["row_pos"][j], index["gold"][j], index["sink"][j]
+        n_keys = torch.tensor([self._n_keys[self.chunk * c + j] for c, j in where], dtype=torch.long)
+        return row_pos, n_keys, gold, sink
+
+
+def _fill_padded(out: dict[str, Tensor], b: int, part: dict[str, Tensor]) -> None:
+    """Batch row ``b`` of ``out`` from one prompt's tensors at a smaller chunk padding
+    (converted to float32); the padding as in memory: zero queries and keys, padding rows'
+    weight all on key 0."""
+    q, k, pat = part["q"], part["k"], part["pattern"]
+    r, t = q.shape[2], k.shape[2]
+    out["q"][b, :, :, :r], out["k"][b, :, :, :t], out["pattern"][b, :, :, :r, :t] = q, k, pat
+    out["q"][b, :, :, r:], out["k"][b, :, :, t:] = 0, 0
+    out["pattern"][b, :, :, :r, t:], out["pattern"][b, :, :, r:] = 0, 0
+    out["pattern"][b, :, :, r:, 0] = 1
 
 
 def cache_to_disk(model, prompts: Sequence[Prompt], folder: str | Path, *, chunk: int = 16,
