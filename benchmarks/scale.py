@@ -43,16 +43,22 @@ def _rss(field: str) -> int:
     raise RuntimeError(field)
 
 
-def child(case: str, n: int, epochs: int, layers_per_group: int | None) -> dict:
-    """One case in this process (see the module docstring); returns its measurements."""
+def _setup(n: int):
+    """SmolLM2 and the bench's prompts: ``n`` to train on, 20 to validate on (5 documents, seed 0)."""
     from focuslens.data.synthetic import make_synthetic_qa
     from focuslens.models import load_model
     from focuslens.scoring import prepare_prompts
-    from focuslens.training import train_directions
 
     model = load_model("smollm2-135m-instruct")
     examples = make_synthetic_qa(n + 20, n_documents=5, seed=0)
-    train, val = prepare_prompts(model, examples[:n], quiet=True), prepare_prompts(model, examples[n:], quiet=True)
+    return model, prepare_prompts(model, examples[:n], quiet=True), prepare_prompts(model, examples[n:], quiet=True)
+
+
+def child(case: str, n: int, epochs: int, layers_per_group: int | None) -> dict:
+    """One case in this process (see the module docstring); returns its measurements."""
+    from focuslens.training import train_directions
+
+    model, train, val = _setup(n)
     base = _rss("VmRSS:")
     kw = dict(epochs=epochs, patience=epochs, seed=0, quiet=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -78,15 +84,10 @@ def interleaved_child(n: int, repeats: int, groups: int) -> dict:
     cache read whole (the same tensors and padding as :func:`collect_attention_inputs`)."""
     import statistics
 
-    from focuslens.data.synthetic import make_synthetic_qa
-    from focuslens.models import load_model
-    from focuslens.scoring import prepare_prompts
     from focuslens.streamed import cache_to_disk
     from focuslens.training import train_directions
 
-    model = load_model("smollm2-135m-instruct")
-    examples = make_synthetic_qa(n + 20, n_documents=5, seed=0)
-    train, val = prepare_prompts(model, examples[:n], quiet=True), prepare_prompts(model, examples[n:], quiet=True)
+    model, train, val = _setup(n)
     out = {"n_prompts": n, "repeats": repeats}
     with tempfile.TemporaryDirectory() as tmp:
         disk = (cache_to_disk(model, train, f"{tmp}/train", quiet=True), cache_to_disk(model, val, f"{tmp}/val", quiet=True))

@@ -80,8 +80,6 @@ class ShardedInputs:
             raise DataError(f"{self.folder}: chunks {missing[:5]} of {self.n_chunks} were never finished; run "
                             "cache_to_disk again on the same prompts to resume.")
         self._index = [self._read(self._index_path(c)) for c in range(self.n_chunks)]  # small: [c, T] masks
-        self._n_keys = torch.cat([index["n_keys"] for index in self._index]).tolist()
-        self._n_rows = torch.cat([(index["row_pos"] >= 0).sum(1) for index in self._index]).tolist()
         self._headers: dict[tuple[int, int], tuple[int, dict]] = {}
         self._stage = torch.empty(0, dtype=torch.uint8)  # the read buffer (:meth:`_staged`)
         self.seconds = 0.0
@@ -199,7 +197,7 @@ class ShardedInputs:
             index = self._index[c]
             r, t = index["row_pos"].shape[1], index["gold"].shape[1]
             row_pos[b, :r], gold[b, :t], sink[b, :t] = index["row_pos"][j], index["gold"][j], index["sink"][j]
-        n_keys = torch.tensor([self._n_keys[self.chunk * c + j] for c, j in where], dtype=torch.long)
+        n_keys = torch.stack([self._index[c]["n_keys"][j] for c, j in where]).long()
         return row_pos, n_keys, gold, sink
 
 
