@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _naive_scores(model, prompts):
     """What the official code does: keep every attention pattern, then reduce."""
-    from focuslens.scoring import span_masses
+    from focuslens.measure.scoring import span_masses
 
     out = []
     for p in prompts:
@@ -77,9 +77,9 @@ def _long_prompt(model, target_tokens: int):
 
 def _memory_child(method: str, target_tokens: int) -> None:
     """Run one method once in this (fresh) process; print peak RSS growth in MiB."""
-    from focuslens.eval import next_token_logits
-    from focuslens.models import load_model
-    from focuslens.scoring import score_heads
+    from focuslens.measure.evaluate import next_token_logits
+    from focuslens.measure.scoring import score_heads
+    from focuslens.model.load import load_model
 
     torch.set_grad_enabled(False)
     model = load_model("smollm2-135m-instruct")
@@ -121,9 +121,9 @@ def _peak(method: str, target_tokens: int, repeats: int = 3) -> dict:
 
 def bench_scoring(n_prompts: int, target_tokens: int) -> dict:
     from focuslens.data import make_synthetic_qa, render
-    from focuslens.eval import next_token_logits
-    from focuslens.models import load_model
-    from focuslens.scoring import score_heads
+    from focuslens.measure.evaluate import next_token_logits
+    from focuslens.measure.scoring import score_heads
+    from focuslens.model.load import load_model
 
     torch.set_grad_enabled(False)
     model = load_model("smollm2-135m-instruct")
@@ -216,11 +216,11 @@ def _paper_layer_loop(model, layer: int, hidden: list, prompts, *, epochs: int, 
 
 def bench_directions(n_prompts: int, epochs: int, paper_layers: tuple[int, ...]) -> dict:
     from focuslens.data import make_synthetic_qa
-    from focuslens.directions import FocusDirections
-    from focuslens.focusing import focus_hooks
-    from focuslens.models import load_model
-    from focuslens.scoring import prepare_prompts
-    from focuslens.training import _train_on_inputs, collect_attention_inputs
+    from focuslens.directions.artifact import FocusDirections
+    from focuslens.directions.train import _train_on_inputs, collect_attention_inputs
+    from focuslens.measure.scoring import prepare_prompts
+    from focuslens.model.load import load_model
+    from focuslens.steer.focus import focus_hooks
 
     model = load_model("smollm2-135m-instruct")
     prompts = prepare_prompts(model, make_synthetic_qa(n_prompts, n_documents=20, seed=40), quiet=True)
@@ -235,7 +235,7 @@ def bench_directions(n_prompts: int, epochs: int, paper_layers: tuple[int, ...])
     settings = dict(epochs=epochs, lr=1e-3, weight_decay=0.01, batch_size=1, init_std=0.01, patience=epochs,
                     seed=0, quiet=True)
     # both loops optimise the same objective: at the same initial directions, same gold mass
-    from focuslens.training import span_attention
+    from focuslens.directions.train import span_attention
 
     L, H, d = model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_head
     layer0 = paper_layers[0]

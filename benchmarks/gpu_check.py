@@ -44,9 +44,9 @@ def main() -> None:
     if not torch.cuda.is_available():
         sys.exit("gpu_check: no CUDA device here (this check needs one; make test never runs it).")
     sys.path.insert(0, str(ROOT))
+    from focuslens.experiments.pipeline import DemoSettings, run_demo
     from focuslens.io import read_json, write_json
-    from focuslens.models import load_model
-    from focuslens.pipeline import DemoSettings, run_demo
+    from focuslens.model.load import load_model
 
     settings = DemoSettings.quick() if args.size == "quick" else DemoSettings()
     t0 = time.perf_counter()

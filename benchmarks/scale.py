@@ -46,8 +46,8 @@ def _rss(field: str) -> int:
 def _setup(n: int):
     """SmolLM2 and the bench's prompts: ``n`` to train on, 20 to validate on (5 documents, seed 0)."""
     from focuslens.data.synthetic import make_synthetic_qa
-    from focuslens.models import load_model
-    from focuslens.scoring import prepare_prompts
+    from focuslens.measure.scoring import prepare_prompts
+    from focuslens.model.load import load_model
 
     model = load_model("smollm2-135m-instruct")
     examples = make_synthetic_qa(n + 20, n_documents=5, seed=0)
@@ -56,7 +56,7 @@ def _setup(n: int):
 
 def child(case: str, n: int, epochs: int, layers_per_group: int | None) -> dict:
     """One case in this process (see the module docstring); returns its measurements."""
-    from focuslens.training import train_directions
+    from focuslens.directions.train import train_directions
 
     model, train, val = _setup(n)
     base = _rss("VmRSS:")
@@ -84,8 +84,8 @@ def interleaved_child(n: int, repeats: int, groups: int) -> dict:
     cache read whole (the same tensors and padding as :func:`collect_attention_inputs`)."""
     import statistics
 
-    from focuslens.streamed import cache_to_disk
-    from focuslens.training import train_directions
+    from focuslens.directions.streamed import cache_to_disk
+    from focuslens.directions.train import train_directions
 
     model, train, val = _setup(n)
     out = {"n_prompts": n, "repeats": repeats}
@@ -149,10 +149,10 @@ def dp_child(n: int, out: str) -> None:
     timed between barriers after the model is loaded; rank 0 saves the time and the scores."""
     import torch
 
-    from focuslens import parallel
     from focuslens.data.synthetic import make_synthetic_qa
-    from focuslens.models import load_model
-    from focuslens.scoring import score_heads
+    from focuslens.measure.scoring import score_heads
+    from focuslens.model import parallel
+    from focuslens.model.load import load_model
 
     torch.set_num_threads(1)
     model = load_model("smollm2-135m-instruct")
@@ -173,7 +173,7 @@ def bench_parallel(n: int = 100) -> dict:
     import torch
 
     env = os.environ | {"TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
-    from focuslens.parallel import launch_command
+    from focuslens.model.parallel import launch_command
 
     launch = launch_command(2)
     with tempfile.TemporaryDirectory() as tmp:

@@ -14,15 +14,15 @@ Relevant Contexts* (Zhu et al., 2025) on TransformerLens' ``TransformerBridge``.
 """
 
 from focuslens.data import Document, Prompt, QAExample, Span, make_synthetic_qa, render
-from focuslens.directions import FocusDirections, import_release
-from focuslens.distraction import distraction
+from focuslens.directions.artifact import FocusDirections, import_release
+from focuslens.directions.train import train_directions
 from focuslens.errors import DataError, FocusLensError, ModelError
-from focuslens.eval import evaluate_generation, evaluate_next_token
-from focuslens.focusing import focus
-from focuslens.models import load_model
-from focuslens.scoring import HeadScores, score_heads
-from focuslens.steering import split_softmax
-from focuslens.training import train_directions
+from focuslens.measure.distraction import distraction
+from focuslens.measure.evaluate import evaluate_generation, evaluate_next_token
+from focuslens.measure.scoring import HeadScores, score_heads
+from focuslens.model.load import load_model
+from focuslens.steer.focus import focus
+from focuslens.steer.split_softmax import split_softmax
 
 __version__ = "0.1.0"
 

@@ -4,7 +4,7 @@ Each writer puts the bytes in a temporary file beside the target, flushes them t
 renames the file over the target (``os.replace`` is atomic on one file system). A process
 killed at any moment leaves the previous artifact intact. Artifacts of several files tie
 them together with a content hash that their loader checks
-(:meth:`focuslens.directions.FocusDirections.save`).
+(:meth:`focuslens.directions.artifact.FocusDirections.save`).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from focuslens.testing import ARCHITECTURES, tiny_model, tiny_tokenizer
+from focuslens.model.testing import ARCHITECTURES, tiny_model, tiny_tokenizer
 
 # figures as HTML only: a PNG costs seconds of Chromium per figure (tests/test_export.py writes PNGs)
 os.environ.setdefault("FOCUSLENS_FORMATS", "html")

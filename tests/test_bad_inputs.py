@@ -15,14 +15,14 @@ import os
 import pytest
 import torch
 
+from focuslens.causal.patching import PatchingResult
 from focuslens.data.kv_retrieval import load_kv_file, make_kv_examples
 from focuslens.data.lost_in_the_middle import load_qa_file, make_nq_distractor_examples
 from focuslens.data.synthetic import make_synthetic_qa
-from focuslens.directions import FocusDirections, import_release
+from focuslens.directions.artifact import FocusDirections, import_release
+from focuslens.directions.train import train_directions
 from focuslens.errors import DataError
-from focuslens.patching import PatchingResult
-from focuslens.scoring import HeadScores
-from focuslens.training import train_directions
+from focuslens.measure.scoring import HeadScores
 
 QA_LINE = {"question": "who discovered X-rays", "answers": ["Wilhelm Röntgen"],
            "ctxs": [{"title": "Röntgen", "text": "Wilhelm Röntgen discovered X-rays.", "isgold": True},

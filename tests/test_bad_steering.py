@@ -17,13 +17,14 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from focuslens import load_model
 from focuslens.data import Span, make_synthetic_qa, render
-from focuslens.directions import FocusDirections
+from focuslens.directions.artifact import FocusDirections
+from focuslens.directions.train import train_directions
 from focuslens.errors import DataError
-from focuslens.focusing import focus, focus_sweep
-from focuslens.scoring import prepare_prompts, score_heads
-from focuslens.steering import resolve_rows, split_softmax, split_softmax_hooks, split_softmax_sweep
-from focuslens.testing import tiny_tokenizer
-from focuslens.training import train_directions
+from focuslens.measure.scoring import prepare_prompts, score_heads
+from focuslens.model.spans import resolve_rows
+from focuslens.model.testing import tiny_tokenizer
+from focuslens.steer.focus import focus, focus_sweep
+from focuslens.steer.split_softmax import split_softmax, split_softmax_hooks, split_softmax_sweep
 
 HEADS = [(0, 0), (1, 1)]
 

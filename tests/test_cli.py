@@ -10,9 +10,9 @@ import pytest
 import torch
 from plotly.offline import get_plotlyjs_version
 
-from focuslens.cli import main
+from focuslens.experiments.cli import main
 from focuslens.io import update_summary
-from focuslens.scoring import HeadScores
+from focuslens.measure.scoring import HeadScores
 
 PLOTLY_JS = f"plotly.js v{get_plotlyjs_version()}"  # the banner of the inlined bundle
 

@@ -11,8 +11,8 @@ from focuslens import DataError, Document, QAExample, Span, make_synthetic_qa, r
 from focuslens.data import split_by_question
 from focuslens.data.examples import LITM_INSTRUCTION
 from focuslens.data.synthetic import CITIES
-from focuslens.eval import first_token_id
-from focuslens.testing import tiny_tokenizer
+from focuslens.measure.evaluate import first_token_id
+from focuslens.model.testing import tiny_tokenizer
 
 
 def _example(n: int = 3, gold: int | None = 1, answers=("answer",)) -> QAExample:

@@ -11,17 +11,17 @@ import torch
 from conftest import get_tiny
 
 from focuslens import DataError, ModelError, evaluate_next_token, make_synthetic_qa, render
-from focuslens.directions import FocusDirections, import_release
-from focuslens.focusing import MagnitudeControl, best_setting, focus, focus_hooks, focus_sweep
-from focuslens.scoring import prepare_prompts
-from focuslens.steering import head_masks
-from focuslens.training import collect_attention_inputs, span_attention, train_directions
+from focuslens.directions.artifact import FocusDirections, import_release
+from focuslens.directions.train import collect_attention_inputs, span_attention, train_directions
+from focuslens.measure.scoring import prepare_prompts
+from focuslens.model.heads import head_masks
+from focuslens.steer.focus import MagnitudeControl, best_setting, focus, focus_hooks, focus_sweep
 
 
 def _random_directions(model, scale=1.0, seed=0, ranking=None):
     g = torch.Generator().manual_seed(seed)
     shape = (model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_head)
-    from focuslens.models import model_id
+    from focuslens.model.load import model_id
 
     return FocusDirections(torch.randn(shape, generator=g) * scale, torch.randn(shape, generator=g) * scale,
                            ranking or [], {"model": model_id(model)})

@@ -13,8 +13,8 @@ from focuslens import evaluate_next_token, make_synthetic_qa, render
 from focuslens.data import Document, QAExample
 from focuslens.data.examples import LITM_INSTRUCTION, normalize_answer
 from focuslens.data.render import answer_lead, split_visible
-from focuslens.distraction import distraction, distraction_summary
-from focuslens.eval import (
+from focuslens.measure.distraction import distraction, distraction_summary
+from focuslens.measure.evaluate import (
     accuracy_by,
     best_subspan_em,
     candidate_token_ids,
@@ -266,8 +266,8 @@ def test_shared_prefix_path_equals_full_forwards(arch, kv):
     """On CPU, next_token_logits reuses the KV cache of prefixes shared between prompts
     (variants of one example with the gold elsewhere); it must equal plain forwards."""
     from focuslens.data import make_synthetic_qa, render
-    from focuslens.eval import next_token_logits
-    from focuslens.testing import tiny_model
+    from focuslens.measure.evaluate import next_token_logits
+    from focuslens.model.testing import tiny_model
 
     model = tiny_model(arch, n_kv_heads=kv, seed=5)
     examples = make_synthetic_qa(3, n_documents=8, seed=3)

@@ -11,7 +11,7 @@ import torch
 from conftest import get_tiny
 
 from focuslens import DataError, make_synthetic_qa, render
-from focuslens.experiments import (
+from focuslens.experiments.conditions import (
     ConditionSettings,
     _gold_parts,
     head_rankings,
@@ -19,7 +19,7 @@ from focuslens.experiments import (
     run_focus_conditions,
     task_splits,
 )
-from focuslens.focusing import MagnitudeControl
+from focuslens.steer.focus import MagnitudeControl
 
 
 def test_paired_gain_is_the_mean_difference_with_a_bootstrap_ci():
@@ -93,8 +93,8 @@ def test_rankings_differ_and_chance_correction_removes_uniform_heads():
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_scores_from_the_training_cache_equal_score_heads(arch):
-    from focuslens.scoring import prepare_prompts, score_heads, scores_from_patterns
-    from focuslens.training import collect_attention_inputs
+    from focuslens.directions.train import collect_attention_inputs
+    from focuslens.measure.scoring import prepare_prompts, score_heads, scores_from_patterns
 
     model = get_tiny(arch, 2)  # grouped-query attention: 2 query heads per key head
     examples = make_synthetic_qa(5, n_documents=4, seed=3)

@@ -16,10 +16,10 @@ import pandas as pd
 import pytest
 import torch
 
-from focuslens import models
-from focuslens.directions import FocusDirections
+from focuslens.directions.artifact import FocusDirections
 from focuslens.io import update_summary
-from focuslens.scoring import HeadScores
+from focuslens.measure.scoring import HeadScores
+from focuslens.model import load as models
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
 
@@ -27,14 +27,14 @@ pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SI
 CHILD = {
     "scores": """
         import torch, itertools
-        from focuslens.scoring import HeadScores
+        from focuslens.measure.scoring import HeadScores
         for i in itertools.count():
             HeadScores(mean={"gold": torch.full((300, 300), float(i % 2))}, metadata={"i": i}).save(PATH)
             print(i, flush=True)
     """,
     "directions": """
         import torch, itertools
-        from focuslens.directions import FocusDirections
+        from focuslens.directions.artifact import FocusDirections
         for i in itertools.count():
             v = torch.full((30, 9, 512), float(i % 2))
             FocusDirections(v, v, [(i % 2, 0)], {"i": i}).save(PATH)
@@ -145,7 +145,7 @@ CHILD["cache"] = """
 import itertools, json, os, time
 from pathlib import Path
 import torch
-import focuslens.models as models
+import focuslens.model.load as models
 """ + inspect.getsource(fake_dequantize) + """
 os.environ["FOCUSLENS_CACHE"] = PATH
 models._dequantize = fake_dequantize

@@ -7,11 +7,11 @@ import torch
 from conftest import get_tiny
 
 from focuslens import make_synthetic_qa, score_heads
-from focuslens.directions import FocusDirections
+from focuslens.directions.artifact import FocusDirections
 from focuslens.errors import DataError
-from focuslens.figures import FIGURES, draw_cross_family, write_readme
-from focuslens.pipeline import load_release
-from focuslens.stages import load_stage
+from focuslens.experiments.figures import FIGURES, draw_cross_family, write_readme
+from focuslens.experiments.pipeline import load_release
+from focuslens.experiments.stages import load_stage
 
 
 @pytest.mark.filterwarnings("ignore:no PNG")
@@ -65,7 +65,7 @@ def _reference_traces(fig):
 
 
 def test_focus_sweep_fits_the_accuracy_axis_to_the_data_with_wilson_cis():
-    from focuslens.eval import wilson_interval
+    from focuslens.measure.evaluate import wilson_interval
     from focuslens.viz import plot_focus_sweep
 
     sweep = _focus_rows()
@@ -108,8 +108,8 @@ def test_reference_labels_of_close_values_are_merged_not_overprinted(plot):
 
 
 def test_one_random_draw_says_1_draw_and_draws_no_error_bar(monkeypatch, tmp_path):
-    from focuslens import figures
-    from focuslens.stages.base import StageResult
+    from focuslens.experiments import figures
+    from focuslens.experiments.stages.base import StageResult
     from focuslens.viz import plot_split_softmax_sweep
 
     one, three = plot_split_softmax_sweep(_split_rows(1)), plot_split_softmax_sweep(_split_rows(3))

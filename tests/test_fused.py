@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import get_tiny
+from fused_reference import span_mass_lse, split_softmax_attention
 
 from focuslens.data.render import render
 from focuslens.data.synthetic import make_synthetic_qa
-from focuslens.directions import attention_scaling
-from focuslens.fused import span_mass_lse, split_softmax_attention
-from focuslens.hooks import attn_hook
-from focuslens.steering import split_softmax_hooks
+from focuslens.model.hooks import attn_hook
+from focuslens.model.load import attention_scaling
+from focuslens.steer.split_softmax import split_softmax_hooks
 
 LAYER = 1
 

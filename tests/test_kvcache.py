@@ -7,7 +7,7 @@ import torch
 from conftest import get_tiny
 
 from focuslens import make_synthetic_qa, render
-from focuslens.kvcache import PrefixCache
+from focuslens.model.prefix import PrefixCache
 
 ARCHS = [("llama", 2), ("qwen2", 1), ("mistral", 4)]
 
@@ -94,11 +94,11 @@ def test_sliding_window_smaller_than_the_run_falls_back_to_a_batch():
 
 @torch.no_grad()
 def test_a_prefill_store_serves_several_sweeps_with_one_prefill_per_prompt():
-    from focuslens.directions import FocusDirections
-    from focuslens.focusing import focus_sweep
-    from focuslens.kvcache import PrefillStore
-    from focuslens.models import model_id
-    from focuslens.steering import split_softmax_sweep
+    from focuslens.directions.artifact import FocusDirections
+    from focuslens.model.load import model_id
+    from focuslens.model.prefix import PrefillStore
+    from focuslens.steer.focus import focus_sweep
+    from focuslens.steer.split_softmax import split_softmax_sweep
 
     model = get_tiny("llama", 2)
     examples = make_synthetic_qa(3, n_documents=4, seed=2)

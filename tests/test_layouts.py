@@ -12,7 +12,7 @@ import pytest
 from focuslens import DataError, Document, QAExample, make_synthetic_qa, render
 from focuslens.data.examples import LITM_INSTRUCTION
 from focuslens.data.render import LAYOUTS, render_user_text, with_layout
-from focuslens.testing import tiny_tokenizer
+from focuslens.model.testing import tiny_tokenizer
 
 KV_INSTRUCTION = "Extract the value corresponding to the specified key in the JSON object below."
 

@@ -12,9 +12,9 @@ import torch
 from conftest import N_HEADS, get_tiny, pristine_hf
 
 import focuslens as fl
-import focuslens.models
+import focuslens.model.load
 from focuslens import ModelError, load_model, make_synthetic_qa, render
-from focuslens.testing import tiny_model, tiny_tokenizer
+from focuslens.model.testing import tiny_model, tiny_tokenizer
 
 
 def _tokens(model, n_documents: int = 3, seed: int = 0) -> torch.Tensor:
@@ -52,7 +52,7 @@ def test_model_is_frozen_and_in_eval_mode(tiny):
     params = list(tiny.parameters())
     assert params and not any(p.requires_grad for p in params)
     assert not tiny.training and not any(m.training for m in tiny.modules())
-    assert tiny.cfg.model_name == fl.models.model_id(tiny) == tiny.original_model.config.name_or_path
+    assert tiny.cfg.model_name == fl.model.model_id(tiny) == tiny.original_model.config.name_or_path
 
 
 def test_tiny_model_rejects_bad_shapes():
@@ -141,7 +141,7 @@ def test_missing_embedded_wheel_gives_the_install_command(monkeypatch, tmp_path)
     def not_installed(name):
         raise importlib.metadata.PackageNotFoundError(name)
 
-    monkeypatch.setattr(focuslens.models.importlib.metadata, "files", not_installed)
+    monkeypatch.setattr(focuslens.model.load.importlib.metadata, "files", not_installed)
     monkeypatch.setenv("FOCUSLENS_CACHE", str(tmp_path))  # nothing cached: the wheel is needed
     with pytest.raises(ModelError) as err:
         load_model("smollm2-135m-instruct")
@@ -151,9 +151,9 @@ def test_missing_embedded_wheel_gives_the_install_command(monkeypatch, tmp_path)
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("FOCUSLENS_CACHE", str(tmp_path))
-    assert focuslens.models.cache_dir() == tmp_path
+    assert focuslens.model.load.cache_dir() == tmp_path
     monkeypatch.delenv("FOCUSLENS_CACHE")
-    assert focuslens.models.cache_dir().parts[-2:] == (".cache", "focuslens")
+    assert focuslens.model.load.cache_dir().parts[-2:] == (".cache", "focuslens")
 
 
 # ---------------------------------------------------------------- the embedded model
@@ -232,7 +232,7 @@ def fake_cache(monkeypatch, tmp_path):
     ``(folder, calls)`` where ``calls`` counts the (re)builds."""
     calls = []
     monkeypatch.setenv("FOCUSLENS_CACHE", str(tmp_path))
-    monkeypatch.setattr(focuslens.models, "_dequantize", lambda n, f: calls.append(f) or fake_dequantize(n, f))
+    monkeypatch.setattr(focuslens.model.load, "_dequantize", lambda n, f: calls.append(f) or fake_dequantize(n, f))
     return tmp_path / NAME, calls
 
 
@@ -242,12 +242,12 @@ def _leftovers(cache) -> list[str]:
 
 def test_cache_is_built_once_with_a_manifest(fake_cache):
     folder, calls = fake_cache
-    assert focuslens.models._dequantized_dir(NAME) == folder and len(calls) == 1
+    assert focuslens.model.load._dequantized_dir(NAME) == folder and len(calls) == 1
     manifest = json.loads((folder / "manifest.json").read_text())["files"]
     assert set(manifest) == {"config.json", "tokenizer.json", "model.safetensors"}
     assert manifest["tokenizer.json"]["size"] == (folder / "tokenizer.json").stat().st_size
     assert len(manifest["model.safetensors"]["sha256"]) == 64
-    assert focuslens.models._dequantized_dir(NAME) == folder and len(calls) == 1  # trusted: no rebuild
+    assert focuslens.model.load._dequantized_dir(NAME) == folder and len(calls) == 1  # trusted: no rebuild
     assert _leftovers(folder.parent) == []
 
 
@@ -275,21 +275,21 @@ DAMAGE = {
 @pytest.mark.parametrize("damage", DAMAGE)
 def test_a_broken_cache_is_rebuilt_once_and_swapped_in(fake_cache, damage):
     folder, calls = fake_cache
-    focuslens.models._dequantized_dir(NAME)
+    focuslens.model.load._dequantized_dir(NAME)
     DAMAGE[damage](folder)
-    assert focuslens.models._cache_problem(folder) is not None
+    assert focuslens.model.load._cache_problem(folder) is not None
     (folder / "stray.txt").write_text("the broken folder is replaced whole")
-    assert focuslens.models._dequantized_dir(NAME) == folder and len(calls) == 2
-    assert focuslens.models._cache_problem(folder) is None and not (folder / "stray.txt").exists()
+    assert focuslens.model.load._dequantized_dir(NAME) == folder and len(calls) == 2
+    assert focuslens.model.load._cache_problem(folder) is None and not (folder / "stray.txt").exists()
     assert _leftovers(folder.parent) == []
 
 
 def test_an_unlisted_whole_folder_is_kept_and_given_a_manifest(fake_cache):
     folder, calls = fake_cache
-    focuslens.models._dequantized_dir(NAME)
+    focuslens.model.load._dequantized_dir(NAME)
     (folder / "manifest.json").unlink()  # as an older focuslens left it
-    assert focuslens.models._dequantized_dir(NAME) == folder and len(calls) == 1
-    assert focuslens.models._cache_problem(folder) is None
+    assert focuslens.model.load._dequantized_dir(NAME) == folder and len(calls) == 1
+    assert focuslens.model.load._cache_problem(folder) is None
 
 
 def test_a_failed_rebuild_is_one_model_error_and_leaves_nothing(monkeypatch, tmp_path):
@@ -298,16 +298,16 @@ def test_a_failed_rebuild_is_one_model_error_and_leaves_nothing(monkeypatch, tmp
         raise RuntimeError("disk full")
 
     monkeypatch.setenv("FOCUSLENS_CACHE", str(tmp_path))
-    monkeypatch.setattr(focuslens.models, "_dequantize", crash)
+    monkeypatch.setattr(focuslens.model.load, "_dequantize", crash)
     with pytest.raises(ModelError) as err:
-        focuslens.models._dequantized_dir(NAME)
+        focuslens.model.load._dequantized_dir(NAME)
     assert str(tmp_path / NAME) in str(err.value) and "delete the folder" in str(err.value)
     assert "disk full" in str(err.value) and list(tmp_path.iterdir()) == []
     # a rebuild that writes a broken folder again is refused too, naming it
-    monkeypatch.setattr(focuslens.models, "_dequantize", lambda n, f: (fake_dequantize(n, f),
+    monkeypatch.setattr(focuslens.model.load, "_dequantize", lambda n, f: (fake_dequantize(n, f),
                                                                         _truncate(f / "model.safetensors")))
     with pytest.raises(ModelError, match=r"still broken .*model\.safetensors is \d+ bytes.*delete the folder"):
-        focuslens.models._dequantized_dir(NAME)
+        focuslens.model.load._dequantized_dir(NAME)
     assert _leftovers(tmp_path) == []
 
 
@@ -318,14 +318,14 @@ def test_leftovers_of_dead_processes_go_those_of_live_ones_stay(fake_cache):
     for path in (dead, live, cache / f"{NAME}.tmp", cache / f".{NAME}.999999999.abc.old"):
         path.mkdir()
         (path / "config.json").write_text("{}")
-    focuslens.models._dequantized_dir(NAME)
+    focuslens.model.load._dequantized_dir(NAME)
     assert _leftovers(cache) == [live.name]
 
 
 @pytest.mark.slow
 def test_the_real_cache_with_a_deleted_tokenizer_is_rebuilt(monkeypatch, tmp_path):
     """The one real rebuild (30–65 s): a copy of the cache, never the cache itself."""
-    real = focuslens.models.cache_dir() / NAME
+    real = focuslens.model.load.cache_dir() / NAME
     if not (real / "model.safetensors").is_file():
         pytest.skip(f"no embedded model cached in {real}")
     before = {p.name: p.stat().st_mtime_ns for p in real.iterdir()}
@@ -335,11 +335,11 @@ def test_the_real_cache_with_a_deleted_tokenizer_is_rebuilt(monkeypatch, tmp_pat
     monkeypatch.setenv("FOCUSLENS_CACHE", str(tmp_path))
     model = load_model(NAME, device="cpu")
     assert model.cfg.n_layers == 30 and (copy / "tokenizer.json").is_file()
-    assert focuslens.models._cache_problem(copy) is None and _leftovers(tmp_path) == []
+    assert focuslens.model.load._cache_problem(copy) is None and _leftovers(tmp_path) == []
     weights = copy / "model.safetensors"
     assert weights.stat().st_ino != (real / "model.safetensors").stat().st_ino  # a file of the copy
     os.truncate(weights, weights.stat().st_size - 4096)
-    assert "model.safetensors is" in focuslens.models._cache_problem(copy)
+    assert "model.safetensors is" in focuslens.model.load._cache_problem(copy)
     assert {p.name: p.stat().st_mtime_ns for p in real.iterdir() if p.name in before} == before
 
 
@@ -349,9 +349,9 @@ CPU_MAP = {"model.embed_tokens": "cpu", "model.layers.0": "cpu", "model.layers.1
 
 
 def test_a_device_map_loads_the_same_model_and_steering_and_scoring_run_on_it(tiny_llama_dir):
-    from focuslens.directions import FocusDirections
-    from focuslens.focusing import focus
-    from focuslens.scoring import score_heads
+    from focuslens.directions.artifact import FocusDirections
+    from focuslens.measure.scoring import score_heads
+    from focuslens.steer.focus import focus
 
     mapped, plain = load_model(tiny_llama_dir, device_map=CPU_MAP), load_model(tiny_llama_dir, device="cpu")
     prompt = render(make_synthetic_qa(1, n_documents=3, seed=4)[0], plain.tokenizer)
@@ -360,7 +360,7 @@ def test_a_device_map_loads_the_same_model_and_steering_and_scoring_run_on_it(ti
     g = torch.Generator().manual_seed(0)
     shape = (plain.cfg.n_layers, plain.cfg.n_heads, plain.cfg.d_head)
     dirs = FocusDirections(torch.randn(shape, generator=g) * 3, torch.zeros(shape), [(1, 0), (0, 2)],
-                           {"model": focuslens.models.model_id(plain)})
+                           {"model": focuslens.model.load.model_id(plain)})
     with focus(mapped, dirs, alpha=1.0, heads=2):
         steered = mapped(ids)
     with focus(plain, dirs, alpha=1.0, heads=2):

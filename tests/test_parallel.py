@@ -13,22 +13,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from focuslens import parallel
+from focuslens.model import parallel
 
 ROOT = Path(__file__).resolve().parents[1]
 
 SCRIPT = textwrap.dedent("""
     import sys, torch
-    from focuslens import parallel
+    from focuslens.model import parallel
     from focuslens.data.synthetic import make_synthetic_qa
-    from focuslens.eval import evaluate_next_token
-    from focuslens.focusing import focus_sweep
-    from focuslens.patching import make_counterfactual_pairs, patch_heads
-    from focuslens.scoring import prepare_prompts, score_heads
-    from focuslens.steering import split_softmax_sweep
-    from focuslens.streamed import cache_to_disk
-    from focuslens.testing import tiny_model
-    from focuslens.training import collect_attention_inputs, train_directions
+    from focuslens.measure.evaluate import evaluate_next_token
+    from focuslens.steer.focus import focus_sweep
+    from focuslens.causal.patching import make_counterfactual_pairs, patch_heads
+    from focuslens.measure.scoring import prepare_prompts, score_heads
+    from focuslens.steer.split_softmax import split_softmax_sweep
+    from focuslens.directions.streamed import cache_to_disk
+    from focuslens.model.testing import tiny_model
+    from focuslens.directions.train import collect_attention_inputs, train_directions
 
     model = tiny_model("llama", n_heads=4, n_kv_heads=2, seed=0)
     examples = make_synthetic_qa(7, n_documents=3, seed=1) + make_synthetic_qa(4, n_documents=5, seed=2)

@@ -15,11 +15,9 @@ import torch
 from conftest import get_tiny
 
 from focuslens import DataError, ModelError, evaluate_next_token, make_synthetic_qa, render
-from focuslens.ablation import ablate_head_groups, ablate_heads, mean_answer_z
-from focuslens.data import Document
-from focuslens.data.synthetic import CITIES
-from focuslens.headpatch import all_heads, forward_answer_z, run_head_groups
-from focuslens.patching import (
+from focuslens.causal.ablation import ablate_head_groups, ablate_heads, mean_answer_z
+from focuslens.causal.engine import all_heads, forward_answer_z, run_head_groups
+from focuslens.causal.patching import (
     PatchingResult,
     activation_patching,
     attribution_patching,
@@ -28,7 +26,9 @@ from focuslens.patching import (
     patch_heads,
     rank_agreement,
 )
-from focuslens.scoring import HeadScores
+from focuslens.data import Document
+from focuslens.data.synthetic import CITIES
+from focuslens.measure.scoring import HeadScores
 
 # llama with GQA, qwen2 with MQA (1 KV head) and GQA (2 KV heads)
 ARCHS = [("llama", 2), ("qwen2", 1), ("qwen2", 2)]
@@ -94,7 +94,7 @@ def test_pairs_raise_when_no_city_is_left():
 def test_patching_every_head_restores_the_clean_logits(arch, kv):
     """All heads' z at the answer rows from the clean run ⇒ the MLPs there see the clean
     inputs too, so the last-position logits are the clean ones."""
-    from focuslens.patching import _prepare_pair
+    from focuslens.causal.patching import _prepare_pair
 
     model = get_tiny(arch, kv)
     pair = make_counterfactual_pairs(model, _examples(1))[0]
@@ -360,7 +360,7 @@ def test_rank_agreement_takes_any_per_head_result():
 def test_smollm2_patching_is_exact(smollm2):
     """On SmolLM2 (30 layers, GQA 9/3): the every-head patch restores the clean logits and
     a batched prefix-cache patch equals a plain full-forward run_with_hooks patch."""
-    from focuslens.patching import _prepare_pair
+    from focuslens.causal.patching import _prepare_pair
 
     pair = make_counterfactual_pairs(smollm2, make_synthetic_qa(1, n_documents=5, seed=0))[0]
     run = _prepare_pair(smollm2, pair)

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 from conftest import get_tiny
 
-from focuslens.figures import draw_all
+from focuslens.experiments.figures import draw_all
+from focuslens.experiments.pipeline import STAGES, DemoSettings, load_results, run_demo
 from focuslens.io import json_safe
-from focuslens.pipeline import STAGES, DemoSettings, load_results, run_demo
 
 TINY = DemoSettings(n_prompts=4, n_settings=2, n_pairs=2, n_candidates=2, n_ablation=2, ablation_ks=(1, 2),
                     n_train=3, n_validation=2, n_test=5, split_ks=(1, 2), taus=(0.5,), n_random=1, focus_ks=(1, None),

@@ -12,12 +12,12 @@ import torch
 from conftest import get_tiny
 
 from focuslens import DataError, ModelError
-from focuslens.directions import FocusDirections
+from focuslens.causal.patching import PatchingResult
+from focuslens.directions.artifact import FocusDirections
 from focuslens.io import write_atomic, write_json
-from focuslens.patching import PatchingResult
-from focuslens.results import head_values, rank_heads
-from focuslens.scoring import HeadScores
-from focuslens.steering import resolve_heads
+from focuslens.measure.results import head_values, rank_heads
+from focuslens.measure.scoring import HeadScores
+from focuslens.model.heads import resolve_heads
 
 NAN = float("nan")
 
@@ -120,8 +120,8 @@ def test_directions_from_two_different_saves_do_not_load_as_a_pair(tmp_path):
 def test_non_finite_strengths_and_directions_are_refused_by_name():
     from focuslens import make_synthetic_qa, render
     from focuslens.data.render import Span
-    from focuslens.focusing import focus
-    from focuslens.steering import split_softmax
+    from focuslens.steer.focus import focus
+    from focuslens.steer.split_softmax import split_softmax
 
     model = get_tiny("llama", 2)
     prompt = render(make_synthetic_qa(1, n_documents=3, seed=0)[0], model.tokenizer)
@@ -150,7 +150,7 @@ def test_non_finite_strengths_and_directions_are_refused_by_name():
 
 def test_data_text_that_spells_a_control_token_is_refused_naming_the_part():
     from focuslens import make_synthetic_qa, render
-    from focuslens.testing import tiny_tokenizer
+    from focuslens.model.testing import tiny_tokenizer
 
     tok = tiny_tokenizer()
     special = next(t for t in tok.all_special_tokens if t.startswith("<|"))

@@ -16,10 +16,12 @@ from conftest import get_tiny
 
 from focuslens import DataError, make_synthetic_qa, render
 from focuslens.data.render import Span, with_layout
-from focuslens.directions import FocusDirections
-from focuslens.focusing import focus, focus_sweep, focus_variants
-from focuslens.models import model_id
-from focuslens.steering import ROWS, head_masks, resolve_rows, split_softmax, split_softmax_sweep
+from focuslens.directions.artifact import FocusDirections
+from focuslens.model.heads import head_masks
+from focuslens.model.load import model_id
+from focuslens.model.spans import ROWS, resolve_rows
+from focuslens.steer.focus import focus, focus_sweep, focus_variants
+from focuslens.steer.split_softmax import split_softmax, split_softmax_sweep
 
 
 def _directions(model, scale, ranking, seed=0):
@@ -165,7 +167,7 @@ def test_smollm2_sweep_cells_equal_the_context_managers_fp32(smollm2, rows):
 @pytest.mark.parametrize("rows", ROWS)
 @torch.no_grad()
 def test_generated_sweep_cells_equal_greedy_generation_under_the_context_manager(rows):
-    from focuslens.eval import greedy_generate
+    from focuslens.measure.evaluate import greedy_generate
 
     model = get_tiny("qwen2", 2)
     dirs = _directions(model, 4.0, [(1, 1), (0, 2), (1, 3)])

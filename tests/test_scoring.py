@@ -9,10 +9,10 @@ import math
 import pytest
 import torch
 
+from focuslens.causal.patching import PatchingResult
 from focuslens.data import Span, make_synthetic_qa, render
 from focuslens.errors import DataError, ModelError
-from focuslens.patching import PatchingResult
-from focuslens.scoring import (
+from focuslens.measure.scoring import (
     METRICS,
     HeadScores,
     chance_metrics,
@@ -20,7 +20,7 @@ from focuslens.scoring import (
     scores_from_patterns,
     uniform_pattern,
 )
-from focuslens.testing import tiny_model
+from focuslens.model.testing import tiny_model
 from focuslens.viz import plot_head_map
 
 ARCH_KV = [("llama", 4), ("llama", 2), ("qwen2", 1), ("qwen2", 2), ("mistral", 2), ("mistral", 1)]

@@ -10,9 +10,8 @@ from conftest import get_tiny
 
 from focuslens import DataError, ModelError, evaluate_next_token, make_synthetic_qa, render
 from focuslens.data import Span
-from focuslens.steering import (
-    head_mask,
-    head_masks,
+from focuslens.model.heads import head_mask, head_masks
+from focuslens.steer.split_softmax import (
     split_softmax,
     split_softmax_hooks,
     split_softmax_pattern,

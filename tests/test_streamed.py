@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-import focuslens.streamed as S
+import focuslens.directions.streamed as S
 from focuslens.data.synthetic import make_synthetic_qa
+from focuslens.directions.train import collect_attention_inputs, span_attention, train_directions
 from focuslens.errors import DataError
-from focuslens.scoring import prepare_prompts
-from focuslens.training import collect_attention_inputs, span_attention, train_directions
+from focuslens.measure.scoring import prepare_prompts
 from tests.conftest import get_tiny
 
 
@@ -129,9 +129,9 @@ def test_half_precision_shards_are_half_the_size_and_train_nearly_the_same(tmp_p
 KILLED = """
 import sys
 from focuslens.data.synthetic import make_synthetic_qa
-from focuslens.scoring import prepare_prompts
-from focuslens.streamed import cache_to_disk
-from focuslens.testing import tiny_model
+from focuslens.measure.scoring import prepare_prompts
+from focuslens.directions.streamed import cache_to_disk
+from focuslens.model.testing import tiny_model
 model = tiny_model("llama", n_heads=4, n_kv_heads=2, seed=0)
 prompts = prepare_prompts(model, make_synthetic_qa(60, n_documents=4, seed=3), quiet=True)
 print("ready", flush=True)

@@ -9,11 +9,11 @@ import pytest
 import torch
 from plotly.offline import get_plotlyjs_version
 
-from focuslens.directions import FocusDirections
+from focuslens.causal.patching import PatchingResult
+from focuslens.directions.artifact import FocusDirections
 from focuslens.errors import DataError, ModelError
-from focuslens.eval import spearman
-from focuslens.patching import PatchingResult
-from focuslens.scoring import HeadScores
+from focuslens.measure.evaluate import spearman
+from focuslens.measure.scoring import HeadScores
 from focuslens.viz import compare as C
 from focuslens.viz import cross_model as X
 from focuslens.viz.export import Figure
@@ -297,7 +297,7 @@ def test_remote_reference_check_catches_cdn_html(tmp_path):
 # ---------------------------------------------------------------- the released directions
 @pytest.fixture(scope="module")
 def release(shared_data):
-    from focuslens.directions import import_release
+    from focuslens.directions.artifact import import_release
 
     root = shared_data / "focus-direction-release"
     dirs = {p.name: import_release(p) for p in sorted(root.iterdir()) if p.is_dir()}

@@ -15,8 +15,8 @@ from plotly.offline import get_plotlyjs_version
 
 import focuslens
 from focuslens import DataError, ModelError, Span, make_synthetic_qa, render
-from focuslens.directions import FocusDirections
-from focuslens.scoring import prompt_span_masses, token_masses
+from focuslens.directions.artifact import FocusDirections
+from focuslens.measure.scoring import prompt_span_masses, token_masses
 from focuslens.viz import AttentionHTML, plot_document_attention, plot_key_bias, token_view
 
 PLOTLY_JS = f"plotly.js v{get_plotlyjs_version()}"  # the banner of the inlined bundle
@@ -64,7 +64,7 @@ def directions_for(model, seed: int = 0) -> FocusDirections:
         torch.randn(c.n_layers, c.n_heads, c.d_head, generator=g),
         torch.zeros(c.n_layers, c.n_heads, c.d_head),
         ranking,
-        {"model": focuslens.models.model_id(model)},
+        {"model": focuslens.model.load.model_id(model)},
     )
 
 

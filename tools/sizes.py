@@ -3,7 +3,7 @@
     python tools/sizes.py           # list everything over the limits; exit 1 if any
 
 Limits: a module ≤ 500 lines, a function ≤ 60 lines (an argparse table is exempt:
-``cli._parser``). ``tests/test_sizes.py`` holds the ones still over them as a ratchet:
+``experiments/cli._parser``). ``tests/test_sizes.py`` holds the ones still over them as a ratchet:
 each may shrink, none may grow, and no new one may appear.
 """
 
@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 MODULE_LINES, FUNCTION_LINES = 500, 60
-EXEMPT = {"focuslens/cli.py::_parser"}
+EXEMPT = {"focuslens/experiments/cli.py::_parser"}
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -1,4 +1,12 @@
-"""Multi-document QA data: examples, exact-span rendering, and sources."""
+"""Multi-document QA data: examples, exact-span rendering, and sources.
+
+Owns: :class:`QAExample` and :class:`Document` (:mod:`.examples`, with splits by question),
+rendering with exact token spans (:mod:`.render`: :class:`Prompt`, :class:`Span`), and the
+sources — synthetic tasks (:mod:`.synthetic`), Lost-in-the-Middle NQ (:mod:`.lost_in_the_middle`)
+and key-value retrieval (:mod:`.kv_retrieval`).
+
+May import: only the top-level helpers (errors, io, progress); it never runs a model.
+"""
 
 from focuslens.data.examples import LITM_INSTRUCTION, Document, QAExample, split_by_question
 from focuslens.data.kv_retrieval import KV_INSTRUCTION, load_kv_file, make_kv_examples

@@ -113,7 +113,7 @@ def make_synthetic_qa(
 
     Each example's ``candidates`` are the cities of all its documents (gold first); use
     :meth:`QAExample.gold_only` or truncation (``documents[:k]``-style helpers in
-    :func:`focuslens.distraction.distraction`) for fewer documents with the same question.
+    :func:`focuslens.measure.distraction.distraction`) for fewer documents with the same question.
     """
     count("n_examples", n_examples)
     if count("n_documents", n_documents) > len(CITIES):

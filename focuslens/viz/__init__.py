@@ -1,6 +1,12 @@
 """Figures: plotly objects for Jupyter (:class:`Figure`, with ``.save(path)`` writing
 offline HTML and PNG/SVG). The tables behind the cross-model figures are in
-:mod:`focuslens.viz.compare`, the figures drawn from them in :mod:`focuslens.viz.cross_model`."""
+:mod:`focuslens.viz.compare`, the figures drawn from them in :mod:`focuslens.viz.cross_model`.
+
+Owns: drawing. It draws what it is given and never runs a model.
+
+May import: data, model, measure, causal, directions and steer (for their result types);
+never :mod:`focuslens.experiments`, which calls it.
+"""
 
 from focuslens.viz.cross_model import (
     plot_direction_norms,

@@ -25,11 +25,11 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from focuslens.directions import FocusDirections
+from focuslens.directions.artifact import FocusDirections
 from focuslens.errors import DataError
-from focuslens.results import HeadResult, head_values, rank_heads
-from focuslens.scoring import HeadScores
-from focuslens.steering import resolve_heads
+from focuslens.measure.results import HeadResult, head_values, rank_heads
+from focuslens.measure.scoring import HeadScores
+from focuslens.model.heads import resolve_heads
 
 __all__ = [
     "relative_depth",
@@ -125,7 +125,7 @@ def _rank_values(ranking: list[Head], n_layers: int, n_heads: int) -> Tensor:
 
 def _per_head(name: str, source, field: str, metric: str | None) -> _HeadMap:
     """A per-head result — HeadScores, PatchingResult, ``(result, name)`` or a tensor — via
-    :func:`~focuslens.results.head_values`, ranked by :func:`~focuslens.results.rank_heads`.
+    :func:`~focuslens.measure.results.head_values`, ranked by :func:`~focuslens.measure.results.rank_heads`.
     ``metric`` picks the name of a bare result (default: its own default name)."""
     if isinstance(source, HeadResult):
         if not source.values:
@@ -276,7 +276,7 @@ def _default_heads(d, n: int = 20) -> list[Head]:
 
 def cosine_matrix(directions, heads=None, *, vector: str = "q") -> pd.DataFrame:
     """Cosine similarity between the ``vector`` ("q" or "k") directions of ``heads``
-    within one :class:`~focuslens.directions.FocusDirections`, as a square DataFrame
+    within one :class:`~focuslens.directions.artifact.FocusDirections`, as a square DataFrame
     indexed by ``L{layer}H{head}`` labels. ``heads``: a list of (layer, head), an int
     (top-k of the ranking) or None (top-20 of the ranking, else every head). A zero
     vector has no direction: its row and column are NaN."""
@@ -296,7 +296,7 @@ def cosine_matrix(directions, heads=None, *, vector: str = "q") -> pd.DataFrame:
 
 def _select_heads(d, heads) -> list[Head]:
     """None: the top 20 of the ranking, else every head; otherwise
-    :func:`~focuslens.steering.resolve_heads` (k: the top k of the ranking)."""
+    :func:`~focuslens.steer.split_softmax.resolve_heads` (k: the top k of the ranking)."""
 
     if heads is None:
         return _default_heads(d)
@@ -330,7 +330,7 @@ def topk_overlap(results: Mapping, k: int = 20, *, metric: str | None = None) ->
     diagonal). ``results``: name → HeadScores or PatchingResult (its ``metric``, default
     "gold" / its first method), ``(result, name)`` to choose per entry, a ``[layer, head]``
     tensor, a FocusDirections with a ranking, a ranking list or ``(ranking, n_layers,
-    n_heads)``. Values are ranked by one rule (:func:`~focuslens.results.rank_heads`,
+    n_heads)``. Values are ranked by one rule (:func:`~focuslens.measure.results.rank_heads`,
     NaN heads left out); every ranking needs at least k heads."""
     _require_mapping(results, "results", "HeadScores | PatchingResult | ranking list")
     _check_k(k, "k")

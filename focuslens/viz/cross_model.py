@@ -14,7 +14,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from focuslens.errors import DataError
-from focuslens.eval import spearman
+from focuslens.measure.evaluate import spearman
 from focuslens.viz.compare import (
     _PALETTE,
     _as_directions,

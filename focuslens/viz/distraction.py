@@ -16,7 +16,7 @@ def _binomial_se(p: float, n: int) -> float:
 
 
 def plot_distraction(results: pd.DataFrame, *, title: str | None = None):
-    """Two panels from :func:`focuslens.distraction.distraction` rows.
+    """Two panels from :func:`focuslens.measure.distraction.distraction` rows.
 
     Left: accuracy (± 1 binomial s.e.) vs the number of documents, gold at random
     positions. Right: accuracy with the largest number of documents by gold position.

@@ -24,7 +24,7 @@ def _at_chance_marks(values, chance: float) -> go.Scatter:
 
 
 def plot_head_map(scores, metric: str = "gold", *, title: str | None = None, top_k: int = 10):
-    """Heatmap of a :class:`~focuslens.scoring.HeadScores` metric; the top-k heads boxed.
+    """Heatmap of a :class:`~focuslens.measure.scoring.HeadScores` metric; the top-k heads boxed.
 
     Layers run bottom (0) to top, heads left to right; colour is the mean attention mass.
     When the metric's chance level is known (``scores.chance_level(metric)``: uniform

@@ -3,13 +3,13 @@
 Each figure draws a measurement made beforehand (figures never run the model):
 
 * :func:`plot_document_attention` — heads × prompt parts (sink, instruction, each
-  document, question) from :func:`~focuslens.scoring.prompt_span_masses`: attention mass
+  document, question) from :func:`~focuslens.measure.scoring.prompt_span_masses`: attention mass
   from the answer rows, gold document boxed.
 * :func:`token_view` — the same mass token by token over a window of the prompt
-  (:func:`~focuslens.scoring.token_masses`), as an interactive circuitsvis view (its
+  (:func:`~focuslens.measure.scoring.token_masses`), as an interactive circuitsvis view (its
   JavaScript inlined, so it works offline).
 * :func:`plot_key_bias` — the logit bias ``α·d_q·k_j/√d`` a focus direction adds to every
-  key (:meth:`~focuslens.directions.FocusDirections.key_bias`), over the documents, with
+  key (:meth:`~focuslens.directions.artifact.FocusDirections.key_bias`), over the documents, with
   the mean per document.
 
 >>> masses = prompt_span_masses(model, prompt, 20, ranking=scores.ranking())  # doctest: +SKIP
@@ -127,7 +127,7 @@ def plot_document_attention(masses: pd.DataFrame, prompt: Prompt, *, title: str 
     """Heatmap of where each head's answer rows look: one row per head (``L{l}H{h}``), one
     column per part of the prompt (sink, instruction, ``Doc 1`` … ``Doc N``, question).
 
-    ``masses``: :func:`~focuslens.scoring.prompt_span_masses` of ``prompt`` with its default
+    ``masses``: :func:`~focuslens.measure.scoring.prompt_span_masses` of ``prompt`` with its default
     spans (mean over the answer rows of the attention mass, summed over each part's
     tokens). The gold document's column is starred and boxed in red.
     """
@@ -210,7 +210,7 @@ class AttentionHTML:
 def token_view(masses: pd.DataFrame, prompt: Prompt, tokenizer, *, model_name: str | None = None) -> AttentionHTML:
     """Attention from the answer rows, token by token, for each head (circuitsvis).
 
-    ``masses``: :func:`~focuslens.scoring.token_masses` of ``prompt`` (one row per head, one
+    ``masses``: :func:`~focuslens.measure.scoring.token_masses` of ``prompt`` (one row per head, one
     column per token position of a contiguous window). Each token is coloured by the mass
     the answer rows put on it (mean over rows); buttons switch head and hovering a token
     lists every head's value. ``tokenizer`` names tokens without characters (``<bos>``).
@@ -247,7 +247,7 @@ def token_view(masses: pd.DataFrame, prompt: Prompt, tokenizer, *, model_name: s
 def plot_key_bias(bias: pd.DataFrame, prompt: Prompt, tokenizer, *, title: str | None = None,
                   model_name: str | None = None) -> Figure:
     """What a focus direction favours: the logit bias ``b_j = α·d_q·k_j/√d`` each head adds
-    to key j, as :meth:`~focuslens.directions.FocusDirections.key_bias` measures it on
+    to key j, as :meth:`~focuslens.directions.artifact.FocusDirections.key_bias` measures it on
     ``prompt`` (one row per head, one column per key position; ``attrs["alpha"]``).
 
     Top: heads × token positions from the first document to the end of the question

@@ -7,7 +7,7 @@ import plotly.colors as pc
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from focuslens.eval import wilson_interval
+from focuslens.measure.evaluate import wilson_interval
 from focuslens.viz.export import Figure
 
 __all__ = ["plot_split_softmax_sweep", "plot_focus_sweep", "plot_focus_conditions"]
@@ -75,7 +75,7 @@ def plot_split_softmax_sweep(sweep: pd.DataFrame, *, references: dict[str, float
                              title: str | None = None):
     """Accuracy vs the number of boosted heads, one line per τ: the top-k contextual heads
     (solid) against random heads (dashed, mean ± s.d. over draws), from
-    :func:`focuslens.steering.split_softmax_sweep` rows. ``references``: horizontal lines,
+    :func:`focuslens.steer.split_softmax.split_softmax_sweep` rows. ``references``: horizontal lines,
     e.g. ``{"gold_only": …, "baseline": …, "no_gold": …}``."""
 
     steered = sweep[sweep.group != "none"]
@@ -109,7 +109,7 @@ def plot_split_softmax_sweep(sweep: pd.DataFrame, *, references: dict[str, float
 
 def _accuracy_ci(rows: pd.DataFrame) -> pd.DataFrame:
     """Per α: ``acc`` (mean of ``correct``), ``n`` prompts and the Wilson 95 % interval
-    ``lo``..``hi`` (:func:`~focuslens.eval.wilson_interval`)."""
+    ``lo``..``hi`` (:func:`~focuslens.measure.evaluate.wilson_interval`)."""
     g = rows.groupby("alpha").correct.agg(acc="mean", n="count")
     ci = [wilson_interval(a, n) for a, n in zip(g.acc, g.n)]
     return g.assign(lo=[c[0] for c in ci], hi=[c[1] for c in ci])
@@ -117,7 +117,7 @@ def _accuracy_ci(rows: pd.DataFrame) -> pd.DataFrame:
 
 def plot_focus_sweep(sweep: pd.DataFrame, *, references: dict[str, float] | None = None,
                      title: str | None = None, chosen: dict | None = None):
-    """Two panels from :func:`focuslens.focusing.focus_sweep` rows: accuracy vs α (bars:
+    """Two panels from :func:`focuslens.steer.focus.focus_sweep` rows: accuracy vs α (bars:
     Wilson 95 % CIs over the prompts; y axis fitted to the data, :func:`_fitted_range`)
     and the steered heads' attention mass on the gold document vs α, one line per k.
     ``chosen`` (``{"k": …, "alpha": …}``) is circled; ``references`` are dotted lines
@@ -169,7 +169,7 @@ def plot_focus_conditions(cells: pd.DataFrame, mechanism: pd.DataFrame | None = 
     paired-bootstrap 95 % CIs) per task × layout × head ranking × rows, (k, α) chosen on
     validation; the negative-α control as crosses. Right: where the steered heads'
     attention from the answer rows lands, unsteered vs steered, per task × layout
-    (:func:`focuslens.experiments.gold_breakdown`)."""
+    (:func:`focuslens.experiments.conditions.gold_breakdown`)."""
 
     cells = cells.reset_index(drop=True)
     labels = [f"{c.task.replace('synthetic_', '')} · {c.layout} · {c.ranking} · {c.rows}" for c in cells.itertuples()]

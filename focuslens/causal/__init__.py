@@ -1,0 +1,20 @@
+"""Causal tests of heads: does a head's output at the answer rows change the answer?
+
+Owns: the patching engine (:mod:`.engine`: one loop that replaces chosen heads' ``z`` at the
+answer rows, on a shared prefix), activation and attribution patching on counterfactual
+pairs (:mod:`.patching`) and group ablation (:mod:`.ablation`).
+
+May import: :mod:`focuslens.data`, :mod:`focuslens.model`, :mod:`focuslens.measure` and
+the top-level helpers.
+"""
+
+from focuslens.causal.ablation import ablate_head_groups, ablate_heads
+from focuslens.causal.patching import (
+           CounterfactualPair,
+           PatchingResult,
+           make_counterfactual_pairs,
+           patch_heads,
+)
+
+__all__ = ["patch_heads", "PatchingResult", "CounterfactualPair", "make_counterfactual_pairs", "ablate_heads",
+           "ablate_head_groups"]

