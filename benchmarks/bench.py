@@ -77,7 +77,7 @@ def _long_prompt(model, target_tokens: int):
 
 def _memory_child(method: str, target_tokens: int) -> None:
     """Run one method once in this (fresh) process; print peak RSS growth in MiB."""
-    from focuslens.measure.evaluate import next_token_logits
+    from focuslens.measure.forward import next_token_logits
     from focuslens.measure.scoring import score_heads
     from focuslens.model.load import load_model
 
@@ -121,7 +121,7 @@ def _peak(method: str, target_tokens: int, repeats: int = 3) -> dict:
 
 def bench_scoring(n_prompts: int, target_tokens: int) -> dict:
     from focuslens.data import make_synthetic_qa, render
-    from focuslens.measure.evaluate import next_token_logits
+    from focuslens.measure.forward import next_token_logits
     from focuslens.measure.scoring import score_heads
     from focuslens.model.load import load_model
 
@@ -217,7 +217,8 @@ def _paper_layer_loop(model, layer: int, hidden: list, prompts, *, epochs: int, 
 def bench_directions(n_prompts: int, epochs: int, paper_layers: tuple[int, ...]) -> dict:
     from focuslens.data import make_synthetic_qa
     from focuslens.directions.artifact import FocusDirections
-    from focuslens.directions.train import _train_on_inputs, collect_attention_inputs
+    from focuslens.directions.cache import collect_attention_inputs
+    from focuslens.directions.train import _train_on_inputs
     from focuslens.measure.scoring import prepare_prompts
     from focuslens.model.load import load_model
     from focuslens.steer.focus import focus_hooks

@@ -16,7 +16,8 @@ from pathlib import Path
 
 from focuslens.errors import DataError
 
-__all__ = ["write_atomic", "write_json", "write_csv", "json_safe", "read_json", "read_summary", "update_summary"]
+__all__ = ["write_atomic", "write_json", "write_csv", "json_safe", "read_json", "parse_json", "read_summary",
+           "update_summary"]
 
 
 def write_atomic(path: str | Path, data: str | bytes) -> Path:
@@ -73,6 +74,16 @@ def read_json(path: str | Path, what: str):
         return json.loads(Path(path).read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{path}: cannot read a {what} file ({e}).") from e
+
+
+def parse_json(text: str | bytes, source: str | Path, what: str):
+    """The parsed JSON ``text`` read from ``source`` (a file, or where in it: e.g. the header
+    of a safetensors file); a ``DataError`` naming ``source`` and ``what`` it should hold
+    if it is not JSON. :func:`read_json` for a whole file."""
+    try:
+        return json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DataError(f"{source}: cannot read a {what} ({e}).") from e
 
 
 def read_summary(path: str | Path) -> dict:

@@ -106,9 +106,31 @@ def smol_tokenizer(smollm2):
 
 
 # ---------------------------------------------------------------- shared data
+#: the sibling folder's data (``../shared/data``): CI provides it (.ci/run), a fresh clone does not
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def in_ci() -> bool:
+    """Whether this is a CI run (``CI=true``, as CI services set it; ``1`` and ``yes`` count too)."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def require_shared(path: Path = SHARED_DATA) -> Path:
+    """``path`` (a file or folder under ``../shared/data``) when it exists. When it does not:
+    a skip on a user's machine, where the sibling folder is optional, but a failure naming
+    the path in CI, which provides it: a missing folder must not silently turn the
+    real-data tests and "the README runs as pasted" into skips. Every test that needs
+    shared data goes through here (a fixture, or a call at the start of the test)."""
+    path = Path(path)
+    if path.exists():
+        return path
+    if in_ci():
+        pytest.fail(f"{path} is missing: CI (CI={os.environ['CI']}) must provide ../shared/data beside the "
+                    "repository (.ci/run).", pytrace=False)
+    pytest.skip(f"{path} is not present (../shared/data is optional outside CI)")
+
+
 @pytest.fixture(scope="session")
 def shared_data():
-    path = Path(__file__).resolve().parents[2] / "shared" / "data"
-    if not path.is_dir():
-        pytest.skip(f"shared data directory {path} is not present")
-    return path
+    """``../shared/data`` (:func:`require_shared`: a skip without it, a failure in CI)."""
+    return require_shared(SHARED_DATA)

@@ -21,7 +21,7 @@ from focuslens.data.lost_in_the_middle import load_qa_file, make_nq_distractor_e
 from focuslens.data.synthetic import make_synthetic_qa
 from focuslens.directions.artifact import FocusDirections, import_release
 from focuslens.directions.train import train_directions
-from focuslens.errors import DataError
+from focuslens.errors import DataError, ModelError
 from focuslens.measure.scoring import HeadScores
 
 QA_LINE = {"question": "who discovered X-rays", "answers": ["Wilhelm Röntgen"],
@@ -171,12 +171,12 @@ def _dirs(ranking=()):
 
 @pytest.mark.parametrize("entry", [(99, 0), (0, H), (-1, 0)])
 def test_ranking_outside_the_shape(entry):
-    with pytest.raises(DataError, match=rf"ranking entry 1 \({entry[0]}, {entry[1]}\) is outside"):
+    with pytest.raises(ModelError, match=rf"ranking entry 1 \({entry[0]}, {entry[1]}\) is outside"):
         _dirs([(0, 0), entry])
 
 
 def test_ranking_entry_not_a_pair():
-    with pytest.raises(DataError, match="ranking entry 0"):
+    with pytest.raises(DataError, match=r"ranking\[0\]: \(0, 0, 1\) is not a \(layer, head\) pair"):
         _dirs([(0, 0, 1)])
 
 
@@ -203,7 +203,7 @@ def _saved(tmp_path, edit_json=None, edit_tensors=None):
 
 def test_load_ranking_outside_the_shape(tmp_path):
     path = _saved(tmp_path, lambda b: b["ranking"].insert(0, [99, 0]))
-    with pytest.raises(DataError, match=r"focus_directions.json: ranking entry 0 \(99, 0\)"):
+    with pytest.raises(ModelError, match=r"focus_directions.json: ranking entry 0 \(99, 0\)"):
         FocusDirections.load(path)
 
 

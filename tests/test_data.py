@@ -10,8 +10,8 @@ import focuslens as fl
 from focuslens import DataError, Document, QAExample, Span, make_synthetic_qa, render
 from focuslens.data import split_by_question
 from focuslens.data.examples import LITM_INSTRUCTION
+from focuslens.data.render import first_token_id
 from focuslens.data.synthetic import CITIES
-from focuslens.measure.evaluate import first_token_id
 from focuslens.model.testing import tiny_tokenizer
 
 

@@ -12,7 +12,8 @@ from conftest import get_tiny
 
 from focuslens import DataError, ModelError, evaluate_next_token, make_synthetic_qa, render
 from focuslens.directions.artifact import FocusDirections, import_release
-from focuslens.directions.train import collect_attention_inputs, span_attention, train_directions
+from focuslens.directions.cache import collect_attention_inputs
+from focuslens.directions.train import span_attention, train_directions
 from focuslens.measure.scoring import prepare_prompts
 from focuslens.model.heads import head_masks
 from focuslens.steer.focus import MagnitudeControl, best_setting, focus, focus_hooks, focus_sweep
@@ -263,7 +264,7 @@ def test_save_load_round_trip_and_mismatch_errors(tmp_path):
     assert {p.name for p in path.iterdir()} == {"focus_directions.safetensors", "focus_directions.json"}
     loaded = FocusDirections.load(path, model=model)
     assert torch.equal(loaded.q, dirs.q) and torch.equal(loaded.k, dirs.k)
-    assert loaded.ranking == [(1, 2), (0, 0)] and loaded.metadata == dirs.metadata
+    assert loaded.ranking() == [(1, 2), (0, 0)] and loaded.metadata == dirs.metadata
     with pytest.raises(ModelError, match=r"directions were trained for .*llama.*, not for the loaded .*qwen2"):
         FocusDirections.load(path, model=get_tiny("qwen2", 2))  # same shape, other model: identity
     other = get_tiny("qwen2", 2)
@@ -295,9 +296,9 @@ def test_importer_round_trips_any_shape(tmp_path):
     dirs = import_release(root)
     assert dirs.shape == (3, 5, 8) and dirs.model == "org/Some-Model"
     assert torch.equal(dirs.q, q) and torch.equal(dirs.k, k)
-    assert dirs.ranking == [tuple(h) for h in ranking]
+    assert dirs.ranking() == [tuple(h) for h in ranking]
     back = FocusDirections.load(dirs.save(tmp_path / "saved"))
-    assert torch.equal(back.q, q) and back.ranking == dirs.ranking
+    assert torch.equal(back.q, q) and back.ranking() == dirs.ranking()
     norms = dirs.norm_summary()
     assert norms["q_norm"]["median"] > 10 * norms["k_norm"]["median"]
 
@@ -321,7 +322,7 @@ def test_importing_the_papers_release(shared_data, name, shape):
     root = shared_data / "focus-direction-release" / name
     dirs = import_release(root)
     assert dirs.shape == shape
-    assert dirs.ranking[:20] == [tuple(h) for h in json.loads((root / "relevant_heads.json").read_text())[:20]]
+    assert dirs.ranking()[:20] == [tuple(h) for h in json.loads((root / "relevant_heads.json").read_text())[:20]]
     s = dirs.norm_summary(top_k=20)
     # the query vectors grew ~250x from their N(0, 0.01) init; the inert key vectors did not
     assert s["q_norm"]["median"] > 15 and s["k_norm"]["median"] < 1.5

@@ -12,20 +12,23 @@ from conftest import get_tiny
 from focuslens import evaluate_next_token, make_synthetic_qa, render
 from focuslens.data import Document, QAExample
 from focuslens.data.examples import LITM_INSTRUCTION, normalize_answer
-from focuslens.data.render import answer_lead, split_visible
+from focuslens.data.render import (
+    answer_lead,
+    candidate_token_ids,
+    first_token_id,
+    scored_tokens,
+    split_visible,
+)
 from focuslens.measure.distraction import distraction, distraction_summary
-from focuslens.measure.evaluate import (
+from focuslens.measure.evaluate import evaluate_variants, greedy_generate
+from focuslens.measure.forward import (
     accuracy_by,
     best_subspan_em,
-    candidate_token_ids,
-    evaluate_variants,
-    first_token_id,
-    greedy_generate,
     next_token_logits,
     position_label,
-    scored_tokens,
     warn_unscorable,
 )
+from focuslens.model.intervention import Intervention
 
 EVAL_COLUMNS = [
     "qid", "n_documents", "gold_index", "position", "correct", "candidate_correct", "gold_logit", "margin", "prediction"
@@ -138,7 +141,7 @@ def test_kv_cached_generation_equals_uncached(tiny_gqa):
     cached = _generate(tiny_gqa, tokens, 12, True)
     assert len(cached) == 12 and len(set(cached)) > 3  # a sequence that could go wrong
     assert cached == _generate(tiny_gqa, tokens, 12, False)
-    text = greedy_generate(tiny_gqa, prompt, max_new_tokens=12, use_past_kv_cache=True)
+    text = greedy_generate(tiny_gqa, prompt, max_new_tokens=12)  # our one decoder vs TL generate
     assert text == tiny_gqa.tokenizer.decode(cached, skip_special_tokens=True)
 
 
@@ -170,7 +173,7 @@ def test_smollm2_kv_cached_generation_equals_uncached(smollm2):
     # greedy_generate stops after the first EOS.
     eos = smollm2.tokenizer.eos_token_id
     k = cached.index(eos) + 1 if eos in cached else len(cached)
-    text = greedy_generate(smollm2, prompt, max_new_tokens=12, use_past_kv_cache=True)
+    text = greedy_generate(smollm2, prompt, max_new_tokens=12)
     assert text.strip() and text == smollm2.tokenizer.decode(cached[:k], skip_special_tokens=True)
 
 
@@ -266,7 +269,7 @@ def test_shared_prefix_path_equals_full_forwards(arch, kv):
     """On CPU, next_token_logits reuses the KV cache of prefixes shared between prompts
     (variants of one example with the gold elsewhere); it must equal plain forwards."""
     from focuslens.data import make_synthetic_qa, render
-    from focuslens.measure.evaluate import next_token_logits
+    from focuslens.measure.forward import next_token_logits
     from focuslens.model.testing import tiny_model
 
     model = tiny_model(arch, n_kv_heads=kv, seed=5)
@@ -385,12 +388,24 @@ def test_missing_answer_prefix_warns_once_per_call(tiny_tok):
     model = get_tiny("qwen2", 2)
     examples = make_synthetic_qa(3, n_documents=3, seed=4, answer_prefix=False)
     for run in (lambda: evaluate_next_token(model, examples, quiet=True),
-                lambda: evaluate_variants(model, examples, 2, lambda prompt, v: [], quiet=True)):
+                lambda: evaluate_variants(model, examples, _Unchanged(), quiet=True)):
         with pytest.warns(UserWarning, match="answer_prefix") as caught:
             run()
         messages = [str(w.message) for w in caught if "answer_prefix" in str(w.message)]
         assert len(messages) == 1 and "3 of 3 examples" in messages[0] and "newline" in messages[0]
     _no_warnings(evaluate_next_token, model, make_synthetic_qa(3, n_documents=3, seed=4), quiet=True)
+
+
+class _Unchanged(Intervention):
+    """Two variants that change nothing, at the answer rows (one shared prefill)."""
+
+    rows = "answer"
+
+    def n_variants(self, model):
+        return 2
+
+    def hooks(self, model, prompt=None, variants=None):
+        return []
 
 
 @torch.no_grad()
@@ -402,7 +417,7 @@ def test_no_candidates_give_nan_and_means_skip_it(tiny_tok):
     assert math.isnan(df.candidate_correct[0]) and math.isnan(df.margin[0]) and not math.isnan(df.gold_logit[0])
     assert df.candidate_correct[1] in (0.0, 1.0) and math.isfinite(df.margin[1])
     assert (df.candidate_correct[1] == 1.0) == (df.margin[1] > 0)
-    var = evaluate_variants(model, [lonely, rival], 2, lambda prompt, v: [], quiet=True)
+    var = evaluate_variants(model, [lonely, rival], _Unchanged(), quiet=True)
     assert var[var.example == 0].candidate_correct.isna().all() and var[var.example == 0].margin.isna().all()
     torch.testing.assert_close(torch.tensor(var[var.example == 1].margin.to_numpy()),
                                torch.tensor([df.margin[1]] * 2, dtype=torch.float64), atol=1e-4, rtol=1e-4)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -81,7 +82,7 @@ def test_splits_are_disjoint_by_question_and_test_spans_five_positions():
 
 
 @pytest.mark.filterwarnings("ignore:pairs .* have LD_clean")  # a random model's counterfactual pairs
-def test_rankings_differ_and_chance_correction_removes_uniform_heads():
+def test_the_four_rankings_are_permutations_of_every_head_and_differ():
     model = get_tiny("llama", 2)
     train = make_synthetic_qa(6, n_documents=4, seed=6)
     r = head_rankings(model, train, n_pairs=3, quiet=True)
@@ -91,9 +92,44 @@ def test_rankings_differ_and_chance_correction_removes_uniform_heads():
     assert len({tuple(v[:3]) for v in r.values()}) > 1  # not one ranking four times
 
 
+def test_chance_correction_scores_a_uniform_head_zero_and_drops_it_from_the_top():
+    """Heads with made-up answer-row patterns: ``U`` spreads its attention evenly over the
+    documents (the gold one gets 1/4, the contextual ranking's best score); ``F`` puts 0.2 on
+    the gold document only; ``P`` and ``N`` put 0.01 on the gold document or on one
+    irrelevant one (chance-corrected +0.01 and −0.01/3); the others read irrelevant
+    documents. Chance correction must put ``U`` at ≈ 0: below F and P, above N."""
+    from focuslens.measure.scoring import prepare_prompts
+
+    model = get_tiny("llama", 2)
+    prompts = prepare_prompts(model, make_synthetic_qa(5, n_documents=4, seed=7), quiet=True)
+    n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
+    U, F, P, N = (0, 0), (0, 1), (0, 2), (0, 3)
+    rows, keys = max(len(p.answer) for p in prompts), max(p.n_tokens for p in prompts)
+    pattern = torch.zeros(len(prompts), n_layers, n_heads, rows, keys)
+
+    def put(i, head, span, mass):  # ``mass`` spread evenly over ``span``'s keys, on every answer row
+        pattern[i, head[0], head[1], :, span.start : span.end] += mass / (span.end - span.start)
+
+    for i, p in enumerate(prompts):
+        others = [d for j, d in enumerate(p.documents) if j != p.gold_index]
+        for head in ((layer, h) for layer in range(n_layers) for h in range(n_heads)):
+            if head == U:
+                parts = [(doc, 1 / len(p.documents)) for doc in p.documents]
+            else:
+                parts = {F: [(p.gold, 0.2)], P: [(p.gold, 0.01)], N: [(others[0], 0.01)]}.get(
+                    head, [(doc, 0.2) for doc in others])
+                parts.append((p.sink, 1 - sum(m for _, m in parts)))  # the rest on the sink
+            for span, mass in parts:
+                put(i, head, span, mass)
+    r = head_rankings(model, prompts, ("contextual", "chance_corrected"),
+                      inputs=SimpleNamespace(pattern=pattern), quiet=True)
+    assert r["contextual"][:3] == [U, F, P]  # uncorrected, the uniform head comes first
+    assert r["chance_corrected"][:4] == [F, P, U, N]  # corrected: 0.2, 0.01, ≈0, −0.0033, then the rest
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_scores_from_the_training_cache_equal_score_heads(arch):
-    from focuslens.directions.train import collect_attention_inputs
+    from focuslens.directions.cache import collect_attention_inputs
     from focuslens.measure.scoring import prepare_prompts, score_heads, scores_from_patterns
 
     model = get_tiny(arch, 2)  # grouped-query attention: 2 query heads per key head

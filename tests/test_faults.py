@@ -6,6 +6,7 @@ from __future__ import annotations
 import inspect
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -17,32 +18,133 @@ import pytest
 import torch
 
 from focuslens.directions.artifact import FocusDirections
+from focuslens.errors import DataError
 from focuslens.io import update_summary
 from focuslens.measure.scoring import HeadScores
 from focuslens.model import load as models
 
 pytestmark = pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
 
-# each child saves large artifacts in a loop, alternating two contents, until it is killed
-CHILD = {
+# ---------------------------------------------------------------- one-file and two-file artifacts
+# Killed at every step of a save, not at a moment left to chance: the test saves the old
+# artifact and counts the file-system steps that save takes (os.fsync, os.replace, os.rename);
+# a child then saves the new artifact and kills itself (SIGKILL) just before step n, for each
+# n, and once just after the last step. Each time the artifact must load as the old one or
+# the new one, compared value by value: never an error, never a mix. A kill before the first
+# step leaves the old one, a kill after the last the new one, and once a kill point shows the
+# new one every later one does. Beside the artifact only the killed child's temporary files
+# (``.<name>.<pid>.tmp``) may be left.
+STEPS = ("fsync", "replace", "rename")
+KILLED_SAVE = """
+import os, signal, sys
+KILL_AT, PATH, calls = int(sys.argv[1]), sys.argv[2], 0
+
+def step(fn):
+    def wrapped(*args, **kwargs):
+        global calls
+        calls += 1
+        if calls == KILL_AT:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return fn(*args, **kwargs)
+    return wrapped
+{build}
+for name in {steps!r}:
+    setattr(os, name, step(getattr(os, name)))
+new.save(PATH)
+os.kill(os.getpid(), signal.SIGKILL)  # just after the last step
+"""
+NEW = {  # the new version (1) of each artifact; the test saves the old one (0)
     "scores": """
-        import torch, itertools
-        from focuslens.measure.scoring import HeadScores
-        for i in itertools.count():
-            HeadScores(mean={"gold": torch.full((300, 300), float(i % 2))}, metadata={"i": i}).save(PATH)
-            print(i, flush=True)
-    """,
+import torch
+from focuslens.measure.scoring import HeadScores
+new = HeadScores(mean={"gold": torch.full((300, 300), 1.0)}, metadata={"i": 1})
+""",
     "directions": """
-        import torch, itertools
-        from focuslens.directions.artifact import FocusDirections
-        for i in itertools.count():
-            v = torch.full((30, 9, 512), float(i % 2))
-            FocusDirections(v, v, [(i % 2, 0)], {"i": i}).save(PATH)
-            print(i, flush=True)
-    """,
+import torch
+from focuslens.directions.artifact import FocusDirections
+v = torch.full((30, 9, 512), 1.0)
+new = FocusDirections(v, v, [(1, 0)], {"i": 1})
+""",
 }
 
 
+def _steps_of(save, monkeypatch) -> int:
+    """How many fsync/replace/rename calls one ``save()`` makes."""
+    calls = []
+
+    def counting(real):
+        def wrapped(*args, **kwargs):
+            calls.append(real.__name__)
+            return real(*args, **kwargs)
+        return wrapped
+
+    with monkeypatch.context() as m:
+        for name in STEPS:
+            m.setattr(os, name, counting(getattr(os, name)))
+        save()
+    return len(calls)
+
+
+def _kill_at_every_step(kind: str, path, n_steps: int, load) -> list[int]:
+    """The version ``load()`` finds after a kill before each step 1..n and after the last,
+    each time from the old artifact on disk."""
+    folder = path if path.is_dir() else path.parent
+    old = {p.name: p.read_bytes() for p in folder.iterdir()}
+    code = KILLED_SAVE.format(build=NEW[kind], steps=STEPS)
+    versions = []
+    for kill_at in range(1, n_steps + 2):
+        for p in folder.iterdir():
+            p.unlink()
+        for name, data in old.items():
+            (folder / name).write_bytes(data)
+        child = subprocess.Popen([sys.executable, "-c", code, str(kill_at), str(path)], stderr=subprocess.PIPE,
+                                 text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        _, err = child.communicate(timeout=120)
+        assert child.returncode == -signal.SIGKILL, err[-2000:]
+        versions.append(load())
+        left = {p.name for p in folder.iterdir()} - set(old)
+        assert all(re.fullmatch(rf"\..+\.{child.pid}\.tmp", n) for n in left), (kill_at, left)
+    assert versions[0] == 0 and versions[-1] == 1, versions  # killed before any step: old; after all: new
+    assert versions == sorted(versions), versions  # once the new version shows, it stays
+    return versions
+
+
+def test_scores_survive_a_kill_at_every_step_of_save(tmp_path, monkeypatch):
+    path = tmp_path / "scores.json"
+    old = HeadScores(mean={"gold": torch.full((300, 300), 0.0)}, metadata={"i": 0})
+    n_steps = _steps_of(lambda: old.save(path), monkeypatch)
+    assert n_steps >= 2  # at least the temporary file's fsync and its rename over the target
+
+    def load() -> int:
+        scores = HeadScores.load(path)  # never an error: the old file or the new one, whole
+        i = scores.metadata["i"]
+        torch.testing.assert_close(scores["gold"], torch.full((300, 300), float(i)), rtol=0, atol=0)
+        return i
+
+    _kill_at_every_step("scores", path, n_steps, load)
+
+
+@pytest.mark.xfail(strict=True, raises=DataError, reason=(
+    "FocusDirections.save writes two files (the tensors, then the JSON holding their sha256), each atomically but "
+    "not together: killed between the two renames, the new tensors lie beside the old JSON and load refuses the "
+    "pair (sha256 mismatch). A one-file or temporary-folder save is scheduled for a later issue; drop this mark then."))
+def test_directions_survive_a_kill_at_every_step_of_save(tmp_path, monkeypatch):
+    path = tmp_path / "dirs"
+    v = torch.full((30, 9, 512), 0.0)
+    n_steps = _steps_of(lambda: FocusDirections(v, v, [(0, 0)], {"i": 0}).save(path), monkeypatch)
+
+    def load() -> int:
+        dirs = FocusDirections.load(path)  # never an error: the old pair or the new one
+        i = dirs.metadata["i"]
+        assert torch.equal(dirs.q, torch.full((30, 9, 512), float(i))) and torch.equal(dirs.k, dirs.q)
+        assert dirs.top_k(1) == [(i, 0)]  # the ranking from the same save as the tensors
+        return i
+
+    _kill_at_every_step("directions", path, n_steps, load)
+
+
+# ---------------------------------------------------------------- summary.json and CSV tables
+# each child writes large files in a loop, alternating two contents, until it is killed
 def _kill_mid_save(kind: str, path, delay: float) -> None:
     code = f"PATH = {str(path)!r}\n" + textwrap.dedent(CHILD[kind])
     child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
@@ -53,35 +155,8 @@ def _kill_mid_save(kind: str, path, delay: float) -> None:
     child.wait()
 
 
-@pytest.mark.parametrize("delay", [0.0, 0.013, 0.031, 0.07])
-def test_scores_survive_a_kill_during_save(tmp_path, delay):
-    path = tmp_path / "scores.json"
-    _kill_mid_save("scores", path, delay)
-    scores = HeadScores.load(path)  # loads: never a truncated file
-    value = float(scores["gold"][0, 0])
-    assert value in (0.0, 1.0) and bool((scores["gold"] == value).all())
-    assert value == scores.metadata["i"] % 2  # tensors and metadata from the same save
-    assert [p.name for p in tmp_path.iterdir()] == ["scores.json"] or all(
-        p.name.startswith(".scores.json.") for p in tmp_path.iterdir() if p.name != "scores.json")
-
-
-@pytest.mark.parametrize("delay", [0.0, 0.017, 0.043])
-def test_directions_survive_a_kill_during_save(tmp_path, delay):
-    path = tmp_path / "dirs"
-    _kill_mid_save("directions", path, delay)
-    try:
-        dirs = FocusDirections.load(path)
-    except Exception as err:  # the one allowed failure: a mixed pair, refused by its hash
-        assert "sha256" in str(err)
-        return
-    value = float(dirs.q[0, 0, 0])
-    assert bool((dirs.q == value).all()) and dirs.ranking == [(int(value), 0)]
-    assert value == dirs.metadata["i"] % 2
-
-
-# ---------------------------------------------------------------- summary.json and CSV tables
 N_ROWS = 100_000
-CHILD.update({
+CHILD = {
     "summary": f"""
         import itertools
         from focuslens.io import update_summary
@@ -97,7 +172,7 @@ CHILD.update({
             write_csv(PATH, pd.DataFrame({{"i": [i] * {N_ROWS}, "value": [i % 2] * {N_ROWS}}}))
             print(i, flush=True)
     """,
-})
+}
 
 
 def _only_temp_files_beside(path) -> bool:

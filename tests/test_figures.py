@@ -55,7 +55,7 @@ def _split_rows(n_draws, n_prompts=40):
     import pandas as pd
 
     rows = [dict(group=g, tau=tau, k=k, draw=d, example=ex, correct=float((ex + d + k) % 7 == 0), n_documents=20)
-            for g in ("contextual", "random") for tau in (0.8, 0.1) for k in (1, 5)
+            for g in ("top", "random") for tau in (0.8, 0.1) for k in (1, 5)
             for d in (range(n_draws) if g == "random" else [0]) for ex in range(n_prompts)]
     return pd.DataFrame(rows)
 
@@ -65,7 +65,7 @@ def _reference_traces(fig):
 
 
 def test_focus_sweep_fits_the_accuracy_axis_to_the_data_with_wilson_cis():
-    from focuslens.measure.evaluate import wilson_interval
+    from focuslens.measure.stats import wilson_interval
     from focuslens.viz import plot_focus_sweep
 
     sweep = _focus_rows()

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+from conftest import SHARED_DATA, require_shared
 
 from focuslens.data import (
     LITM_INSTRUCTION,
@@ -21,7 +22,7 @@ from focuslens.data import (
 )
 from focuslens.errors import DataError
 
-LITM_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "lost-in-the-middle"
+LITM_DIR = SHARED_DATA / "lost-in-the-middle"
 ORACLE = LITM_DIR / "nq-open-oracle.jsonl.gz"
 
 
@@ -187,14 +188,18 @@ def test_distractors_rank_lexically_and_skip_answers(tmp_path):
         make_nq_distractor_examples(path, n_documents=3, gold_positions=(3,))
 
 
-needs_oracle = pytest.mark.skipif(not ORACLE.exists(), reason=f"{ORACLE} is not present")
+@pytest.fixture(scope="module")
+def oracle():
+    """The real NQ oracle file (:func:`conftest.require_shared`: a skip without it, a failure in CI)."""
+    return require_shared(ORACLE)
+
+
+needs_oracle = pytest.mark.usefixtures("oracle")
 
 
 @pytest.fixture(scope="module")
-def hard_negatives():
-    if not ORACLE.exists():
-        pytest.skip(f"{ORACLE} is not present")
-    return make_nq_distractor_examples(ORACLE, seed=0)
+def hard_negatives(oracle):
+    return make_nq_distractor_examples(oracle, seed=0)
 
 
 @needs_oracle

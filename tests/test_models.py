@@ -284,6 +284,19 @@ def test_a_broken_cache_is_rebuilt_once_and_swapped_in(fake_cache, damage):
     assert _leftovers(folder.parent) == []
 
 
+def test_an_unreadable_manifest_or_header_is_named_in_the_problem(fake_cache):
+    """The cache's JSON goes through io.read_json / io.parse_json: the problem names the file."""
+    folder, _ = fake_cache
+    focuslens.model.load._dequantized_dir(NAME)
+    (folder / "manifest.json").write_text("{not json")
+    problem = focuslens.model.load._cache_problem(folder)
+    assert f"DataError: {folder / 'manifest.json'}: cannot read a model cache manifest file" in problem
+    weights = folder / "model.safetensors"
+    weights.write_bytes((9).to_bytes(8, "little") + b"{not json")
+    problem = focuslens.model.load._safetensors_problem(weights)
+    assert f"DataError: {weights}: cannot read a safetensors header" in problem
+
+
 def test_an_unlisted_whole_folder_is_kept_and_given_a_manifest(fake_cache):
     folder, calls = fake_cache
     focuslens.model.load._dequantized_dir(NAME)

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,8 @@ SCRIPT = textwrap.dedent("""
     from focuslens.steer.split_softmax import split_softmax_sweep
     from focuslens.directions.streamed import cache_to_disk
     from focuslens.model.testing import tiny_model
-    from focuslens.directions.train import collect_attention_inputs, train_directions
+    from focuslens.directions.cache import collect_attention_inputs
+    from focuslens.directions.train import train_directions
 
     model = tiny_model("llama", n_heads=4, n_kv_heads=2, seed=0)
     examples = make_synthetic_qa(7, n_documents=3, seed=1) + make_synthetic_qa(4, n_documents=5, seed=2)
@@ -101,3 +103,55 @@ def test_one_process_is_the_identity():
     assert parallel.world() == (0, 1) and parallel.share(5) == range(5) and parallel.is_main()
     x = torch.arange(6.0)
     assert parallel.cat(x, 6) is x and parallel.gather([1, 2]) == [1, 2]
+
+
+@pytest.fixture
+def plain_process(monkeypatch):
+    """This process as a notebook kernel whose scheduler exported ``WORLD_SIZE=2`` (and the
+    rest of torch's env:// rendezvous), with no launcher of ours around it."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        pytest.skip("running under a launcher")
+    for name in (parallel.LAUNCHER_VARIABLE, parallel.OPT_IN_VARIABLE):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29599")
+    monkeypatch.setattr(parallel, "_asked", False)
+    monkeypatch.setattr(parallel, "_warned", False)
+    joins = []
+    monkeypatch.setattr(torch.distributed, "init_process_group", lambda *a, **k: joins.append(k))
+    return joins
+
+
+def test_world_size_alone_does_not_join_a_process_group(plain_process):
+    from focuslens.data.synthetic import make_synthetic_qa
+    from focuslens.measure.scoring import score_heads
+    from focuslens.model.testing import tiny_model
+
+    with pytest.warns(RuntimeWarning, match=r"WORLD_SIZE=2 is set, but no launcher .* one process \(rank 0 of 1\)"):
+        assert parallel.world() == (0, 1)
+    assert not parallel.distributed() and parallel.share(5) == range(5) and parallel.is_main()
+    x = torch.arange(6.0)
+    assert parallel.cat(x, 6) is x and parallel.gather([1, 2]) == [1, 2]
+    with warnings.catch_warnings():  # said once: a notebook's later calls stay quiet
+        warnings.filterwarnings("error", "WORLD_SIZE", RuntimeWarning)
+        scores = score_heads(tiny_model("llama", n_heads=4, n_kv_heads=2, seed=0),
+                             make_synthetic_qa(3, n_documents=3, seed=1), n_bootstrap=0, quiet=True)
+    assert scores.metadata["n_examples"] == 3 and plain_process == []  # every prompt here, no group joined
+
+
+@pytest.mark.parametrize("how", ["launcher", "env", "init"])
+def test_a_process_group_is_joined_only_when_asked(plain_process, monkeypatch, how):
+    if how == "launcher":  # torchrun's elastic agent, also under accelerate launch
+        monkeypatch.setenv(parallel.LAUNCHER_VARIABLE, "none")
+    elif how == "env":
+        monkeypatch.setenv(parallel.OPT_IN_VARIABLE, "1")
+    assert parallel.distributed() == (how != "init")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: bool(plain_process))
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda: 0)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert (parallel.init() if how == "init" else parallel.world()) == (0, 2)
+    assert plain_process == [{"backend": "gloo"}]  # joined, once
+    assert parallel.world() == (0, 2) and len(plain_process) == 1

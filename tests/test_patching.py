@@ -16,7 +16,7 @@ from conftest import get_tiny
 
 from focuslens import DataError, ModelError, evaluate_next_token, make_synthetic_qa, render
 from focuslens.causal.ablation import ablate_head_groups, ablate_heads, mean_answer_z
-from focuslens.causal.engine import all_heads, forward_answer_z, run_head_groups
+from focuslens.causal.engine import forward_answer_z, run_head_groups
 from focuslens.causal.patching import (
     PatchingResult,
     activation_patching,
@@ -29,6 +29,7 @@ from focuslens.causal.patching import (
 from focuslens.data import Document
 from focuslens.data.synthetic import CITIES
 from focuslens.measure.scoring import HeadScores
+from focuslens.model.heads import all_heads
 
 # llama with GQA, qwen2 with MQA (1 KV head) and GQA (2 KV heads)
 ARCHS = [("llama", 2), ("qwen2", 1), ("qwen2", 2)]
@@ -255,7 +256,7 @@ def test_group_ablation_rows_and_consistency_with_single_heads():
     assert top1 == pytest.approx(float(single["zero_ablation"][1, 2]), abs=1e-4)
     assert list(groups(seed=0).heads) == list(df.heads)
     assert list(groups(seed=1).heads) != list(df.heads)
-    with pytest.raises(DataError, match="k=9"):
+    with pytest.raises(DataError, match="heads=9: the ranking has"):
         ablate_head_groups(model, examples, ranking, ks=(9,), quiet=True)
     with pytest.raises(DataError, match="mode"):
         ablate_heads(model, examples, mode="resample", quiet=True)
@@ -267,7 +268,7 @@ def test_group_ablation_of_two_rankings_in_one_pass_equals_two_separate_runs():
     rankings = {"a": [(1, 0), (0, 1), (1, 2), (0, 3)], "b": [(0, 3), (1, 2), (0, 1), (1, 0)]}
     both = ablate_head_groups(model, examples, rankings, ks=(1, 2), n_random=2, seed=5, batch_size=4, quiet=True)
     assert list(both.group).count("none") == 1 and pd.isna(both.ranking.iloc[0])  # one unablated row for both
-    columns = ["group", "k", "draw", "heads", "margin", "accuracy", "candidate_accuracy"]
+    columns = ["group", "k", "draw", "heads", "margin", "correct", "candidate_correct"]
     for name, ranking in rankings.items():
         alone = ablate_head_groups(model, examples, ranking, ks=(1, 2), n_random=2, seed=5, batch_size=4, quiet=True)
         mine = both[both.ranking == name][columns].reset_index(drop=True)
@@ -290,7 +291,9 @@ def _result():
 def test_result_top_k_dataframe_and_html():
     r = _result()
     assert r.top_k(2, "exact") == [(0, 1), (2, 0)]
-    assert r.top_k(5, "exact") == [(0, 1), (2, 0), (1, 1)]  # NaNs are never ranked
+    assert r.top_k(3, "exact") == [(0, 1), (2, 0), (1, 1)]  # NaNs are never ranked
+    with pytest.raises(DataError, match="heads=5: the ranking has 3 heads"):  # never silently fewer
+        r.top_k(5, "exact")
     assert r.top_k(2, "exact", absolute=True) == [(0, 1), (1, 1)]
     df = r.to_dataframe()
     assert list(df.columns) == ["layer", "head", "method", "value"]

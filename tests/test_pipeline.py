@@ -57,7 +57,7 @@ def test_stages_hand_each_other_their_objects(demo):
     _, results = demo
     scores = results["contextual_heads"]["contextual_heads"]
     dirs = results["focus_directions"]["focus_directions"]
-    assert dirs.ranking == scores.ranking()  # the directions carry the stage's ranking, not a re-read file
+    assert dirs.ranking() == scores.ranking()  # the directions carry the stage's ranking, not a re-read file
     views = results["prompt_views"]
     assert list(views["document_attention"].index) == scores.top_k(len(views["document_attention"]))
     assert views.summary["alpha"] == results["focus_directions"].summary["best"]["alpha"]

@@ -179,14 +179,14 @@ def test_sweep_variants_and_baseline():
     df = split_softmax_sweep(model, examples, ranking, ks=(1, 2), taus=(0.5, 0.1), n_random=2, seed=0, quiet=True)
     per_example = 1 + 2 * 2 * (1 + 2)  # baseline + k x tau x (contextual + 2 random)
     assert len(df) == 3 * per_example
-    assert set(df.group) == {"none", "contextual", "random"}
+    assert set(df.group) == {"none", "top", "random"}
     base = df[df.group == "none"].sort_values("example")
     plain = evaluate_next_token(model, examples, quiet=True)
     assert base.correct.tolist() == plain.correct.tolist()
     torch.testing.assert_close(torch.tensor(base.margin.to_numpy()), torch.tensor(plain.margin.to_numpy()),
                                atol=1e-4, rtol=1e-4)
     # contextual k=1 steers exactly the first head of the ranking; its gold mass was raised to pi^tau
-    ctx = df[(df.group == "contextual") & (df.k == 1)].groupby("tau").gold_mass.mean()
+    ctx = df[(df.group == "top") & (df.k == 1)].groupby("tau").gold_mass.mean()
     assert ctx[0.1] > ctx[0.5] > 0
     assert df[df.group == "random"].draw.nunique() == 2
 
@@ -203,7 +203,7 @@ def test_smollm2_split_softmax_on_contextual_heads_restores_accuracy(smollm2):
                              quiet=True)  # the answer rows: one prefill per prompt (rows="all": tests/test_rows.py)
     acc = df.groupby("group").correct.mean()
     assert acc["none"] <= 0.4  # distracted
-    assert acc["contextual"] >= 0.75 and acc["contextual"] >= acc["none"] + 0.4
-    assert acc["contextual"] > acc["random"]
+    assert acc["top"] >= 0.75 and acc["top"] >= acc["none"] + 0.4
+    assert acc["top"] > acc["random"]
     mass = df.groupby("group").gold_mass.mean()
-    assert mass["contextual"] > 0.5  # pi^0.1 of the top heads' gold mass
+    assert mass["top"] > 0.5  # pi^0.1 of the top heads' gold mass

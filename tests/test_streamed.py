@@ -7,7 +7,8 @@ import torch
 
 import focuslens.directions.streamed as S
 from focuslens.data.synthetic import make_synthetic_qa
-from focuslens.directions.train import collect_attention_inputs, span_attention, train_directions
+from focuslens.directions.cache import collect_attention_inputs
+from focuslens.directions.train import span_attention, train_directions
 from focuslens.errors import DataError
 from focuslens.measure.scoring import prepare_prompts
 from tests.conftest import get_tiny

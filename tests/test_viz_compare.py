@@ -12,8 +12,8 @@ from plotly.offline import get_plotlyjs_version
 from focuslens.causal.patching import PatchingResult
 from focuslens.directions.artifact import FocusDirections
 from focuslens.errors import DataError, ModelError
-from focuslens.measure.evaluate import spearman
 from focuslens.measure.scoring import HeadScores
+from focuslens.measure.stats import spearman
 from focuslens.viz import compare as C
 from focuslens.viz import cross_model as X
 from focuslens.viz.export import Figure
@@ -63,7 +63,7 @@ def test_head_locations_shared_panel_has_every_top_k_head_at_its_depth(top_k):
     assert isinstance(fig, Figure)
     expected = {
         "smol-like": [(layer / 29, r + 1) for r, (layer, _) in enumerate(deep.top_k(top_k))],
-        "qwen-like": [(layer / 27, r + 1) for r, (layer, _) in enumerate(shallow.ranking[:top_k])],
+        "qwen-like": [(layer / 27, r + 1) for r, (layer, _) in enumerate(shallow.ranking()[:top_k])],
         "ranking": [(layer / 27, r + 1) for r, (layer, _) in enumerate(ranking[:top_k])],
     }
     for name, want in expected.items():
@@ -146,12 +146,12 @@ def test_cosine_matrix(shape):
     sim = C.cosine_matrix(d)
     n = min(20, shape[0] * shape[1])
     assert sim.shape == (n, n)
-    assert list(sim.index) == [f"L{layer}H{head}" for layer, head in d.ranking[:n]]
+    assert list(sim.index) == [f"L{layer}H{head}" for layer, head in d.ranking()[:n]]
     m = sim.to_numpy()
     assert np.allclose(np.diag(m), 1, atol=1e-6)
     assert np.allclose(m, m.T, atol=1e-6)
     for a, b in [(0, 1), (2, n - 1), (n - 1, 1)]:
-        (la, ha), (lb, hb) = d.ranking[a], d.ranking[b]
+        (la, ha), (lb, hb) = d.ranking()[a], d.ranking()[b]
         direct = torch.nn.functional.cosine_similarity(d.q[la, ha], d.q[lb, hb], dim=0)
         assert m[a, b] == pytest.approx(float(direct), abs=1e-6)
 
@@ -180,7 +180,7 @@ def test_spearman_and_norm_rank_table():
     table = C.norm_rank_table({"m": d})
     assert list(table["rank"]) == list(range(1, 21))
     assert table["relative_rank"].iloc[-1] == 1.0
-    layer, head = d.ranking[0]
+    layer, head = d.ranking()[0]
     assert table.q_norm.iloc[0] == pytest.approx(float(d.q[layer, head].norm()))
     fig = X.plot_norm_vs_rank({"m": d, "n": random_directions((3, 3, 4), seed=4)})
     assert len(fig.data) == 2 and all("Spearman ρ" in t.name for t in fig.data)
@@ -278,7 +278,7 @@ def test_saved_html_is_self_contained(tmp_path):
         "norms": X.plot_direction_norms(dirs),
         "similarity": X.plot_direction_similarity(dirs["b"]),
         "rank": X.plot_norm_vs_rank(dirs),
-        "overlap": plot_topk_overlap({"a": dirs["a"].ranking, "b": random_scores(4, 3)}, k=5),
+        "overlap": plot_topk_overlap({"a": dirs["a"].ranking(), "b": random_scores(4, 3)}, k=5),
     }
     for name, fig in figures.items():
         (path,) = fig.save(tmp_path / name, formats=("html",))
@@ -341,7 +341,7 @@ def test_a_released_ranking_gets_the_best_colour_for_its_best_head():
     ours = random_scores(6, 4, seed=4)
     # mixed: our scores (own colour bar) next to two rankings of different kinds
     fig = X.plot_head_locations({"ours": ours, "released": released, "dirs": dirs}, top_k=3)
-    for name, best, last in (("released", ranking[0], ranking[-1]), ("dirs", dirs.ranking[0], dirs.ranking[-1])):
+    for name, best, last in (("released", ranking[0], ranking[-1]), ("dirs", dirs.ranking()[0], dirs.ranking()[-1])):
         heat = _heat(fig, name)
         z = np.asarray(heat.z, dtype=float)
         assert z[best] == 1.0 == heat.zmax and z[last] == 0.0 == heat.zmin, name  # best head: the top colour
@@ -351,5 +351,5 @@ def test_a_released_ranking_gets_the_best_colour_for_its_best_head():
     fig = X.plot_head_locations({"released": released, "dirs": dirs}, top_k=3)
     axis = fig.layout.coloraxis
     assert (axis.cmin, axis.cmax) == (0, 1) and "1 = best" in axis.colorbar.title.text
-    for name, best in (("released", ranking[0]), ("dirs", dirs.ranking[0])):
+    for name, best in (("released", ranking[0]), ("dirs", dirs.ranking()[0])):
         assert np.asarray(_heat(fig, name).z, dtype=float)[best] == axis.cmax

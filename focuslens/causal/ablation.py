@@ -12,7 +12,6 @@ random sets of k heads from outside the top k.
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -22,20 +21,13 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from focuslens.causal.engine import (
-    Head,
-    all_heads,
-    answer_rows,
-    check_heads,
-    forward_answer_z,
-    run_head_groups,
-    z_hook,
-)
+from focuslens.causal.engine import answer_rows, check_heads, forward_answer_z, run_head_groups
 from focuslens.causal.patching import PatchingResult
 from focuslens.data.examples import QAExample
-from focuslens.data.render import Prompt, render
+from focuslens.data.render import Prompt, candidate_token_ids, render
 from focuslens.errors import DataError
-from focuslens.measure.evaluate import candidate_token_ids
+from focuslens.model.heads import Head, top_and_random
+from focuslens.model.hooks import attn_hook
 from focuslens.model.load import model_id
 from focuslens.model.prefix import PrefixCache
 from focuslens.progress import tqdm
@@ -64,7 +56,7 @@ def _prepare_example(model, prompt: Prompt) -> _ExampleRun:
     def keep(z, hook, layer):
         store[layer] = z[0, rows].detach().clone()
 
-    logits = pc.run([(z_hook(layer), partial(keep, layer=layer)) for layer in range(model.cfg.n_layers)])
+    logits = pc.run([(attn_hook(layer, "z"), partial(keep, layer=layer)) for layer in range(model.cfg.n_layers)])
     gold, others = candidate_token_ids(model.tokenizer, prompt.example)
     z = torch.stack([store[layer] for layer in range(model.cfg.n_layers)])
     return _ExampleRun(prompt, pc, rows, gold, others, logits[0].float(), z)
@@ -110,7 +102,7 @@ def _ablation_source(mode: str, mean_z: Tensor | None, run: _ExampleRun) -> Tens
 
 
 def ablate_heads(
-    model, examples: Sequence[QAExample], heads: Iterable[Head] | None = None, *,
+    model, examples: Sequence[QAExample], heads="all", *, ranking=None,
     mode: str = "mean", mean_z: Tensor | None = None, batch_size: int = 16, quiet: bool = False,
 ) -> PatchingResult:
     """Ablate one head at a time at the answer rows of (distracted) prompts.
@@ -127,7 +119,7 @@ def ablate_heads(
     KV cache is kept until the mean is known (about 18 MB per 400-token SmolLM2 prompt);
     pass ``mean_z`` to stream one example at a time.
     """
-    heads = check_heads(model, heads)
+    heads = check_heads(model, heads, ranking)
     L, H = model.cfg.n_layers, model.cfg.n_heads
     margin = torch.full((len(examples), L, H), float("nan"))
     accuracy = margin.clone()
@@ -166,13 +158,15 @@ def ablate_head_groups(
     prefill per example and one ``mean_z`` (the random draws of each ranking are seeded as
     if it ran alone). Returns one row per group: ``ranking`` (with a dict), ``group``
     ("none", "top" or "random"), ``k``, ``draw``, ``mode``, mean ``margin``,
-    ``margin_drop`` (vs no ablation), ``accuracy``, ``candidate_accuracy`` and the ablated
-    ``heads``.
+    ``margin_drop`` (vs no ablation), ``correct`` and ``candidate_correct`` (means over the
+    examples, the columns of :func:`~focuslens.measure.evaluate.evaluate_next_token`) and the
+    ablated ``heads``. ``ranking``: any ranking source (:func:`~focuslens.model.heads.ranking_of`)
+    or a dict of them.
     """
     named = ranking if isinstance(ranking, dict) else {None: ranking}
     # one block per ranking, each led by the unablated run: the same batches as a run of
     # that ranking alone, so the numbers match it exactly
-    blocks = [[(name, "none", 0, 0, [])] + [(name, *g) for g in _ablation_groups(model, r, ks, n_random, seed)]
+    blocks = [[(name, "none", 0, 0, [])] + [(name, *g) for g in top_and_random(model, r, ks, n_random, seed)]
               for name, r in named.items()]
     groups = [g for block in blocks for g in block]
     margin, correct, cand = [], [], []
@@ -190,7 +184,7 @@ def ablate_head_groups(
             **({"ranking": name} if isinstance(ranking, dict) else {}),
             "group": g, "k": k, "draw": d, "mode": mode,
             "margin": float(margin[j]), "margin_drop": float(margin[0] - margin[j]),
-            "accuracy": float(correct[j]), "candidate_accuracy": float(cand[j]),
+            "correct": float(correct[j]), "candidate_correct": float(cand[j]),
             "heads": [list(h) for h in heads],
         }
         for j, (name, g, k, d, heads) in enumerate(groups)
@@ -200,20 +194,3 @@ def ablate_head_groups(
     if isinstance(ranking, dict):
         out.loc[0, "ranking"] = None
     return out
-
-
-def _ablation_groups(model, ranking, ks, n_random: int, seed: int) -> list[tuple[str, int, int, list[Head]]]:
-    """(group, k, draw, heads): the top k of ``ranking`` and ``n_random`` seeded random
-    sets of k heads from outside the top k, for each k."""
-    ranking = check_heads(model, ranking)
-    everyone = all_heads(model)
-    rng = random.Random(seed)
-    groups = []
-    for k in ks:
-        if not 0 < k <= len(ranking):
-            raise DataError(f"k={k} must be in 1..{len(ranking)} (the length of the ranking).")
-        top = ranking[:k]
-        groups.append(("top", k, 0, top))
-        pool = [h for h in everyone if h not in set(top)]
-        groups += [("random", k, d, rng.sample(pool, k)) for d in range(n_random)]
-    return groups

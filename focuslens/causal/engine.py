@@ -10,7 +10,7 @@ replaces the heads of group *i*).
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from functools import partial
 
 import torch
@@ -19,23 +19,12 @@ from torch import Tensor
 
 from focuslens.data.render import Prompt
 from focuslens.errors import DataError
-from focuslens.model.heads import resolve_heads
+from focuslens.model.heads import Head, resolve_heads
 from focuslens.model.hooks import attn_hook
 from focuslens.model.prefix import PrefixCache
 
-__all__ = ["Head", "all_heads", "z_hook", "answer_rows", "forward_answer_z", "run_head_groups", "check_heads"]
+__all__ = ["answer_rows", "forward_answer_z", "run_head_groups", "check_heads"]
 
-Head = tuple[int, int]
-
-
-def all_heads(model) -> list[Head]:
-    """Every head of the model as (layer, head), layer-major."""
-    return [(layer, head) for layer in range(model.cfg.n_layers) for head in range(model.cfg.n_heads)]
-
-
-def z_hook(layer: int) -> str:
-    """The hook point of a layer's per-head outputs."""
-    return attn_hook(layer, "z")
 
 
 def answer_rows(prompt: Prompt, offset: int) -> slice:
@@ -55,7 +44,7 @@ def forward_answer_z(model, prompt: Prompt) -> tuple[Tensor, Float[Tensor, "laye
     def only_last(resid, hook):  # unembed one position, not the whole prompt
         return resid[:, -1:]
 
-    hooks = [(z_hook(layer), partial(keep, layer=layer)) for layer in range(model.cfg.n_layers)]
+    hooks = [(attn_hook(layer, "z"), partial(keep, layer=layer)) for layer in range(model.cfg.n_layers)]
     logits = model.run_with_hooks(
         prompt.input_ids[None].to(model.cfg.device), fwd_hooks=[*hooks, ("unembed.hook_in", only_last)]
     )
@@ -92,14 +81,14 @@ def run_head_groups(
             b, h = (torch.tensor(i, device=source.device) for i in (b_idx, h_idx))
             values = source[layer][:, h].transpose(0, 1)  # [n, row, d_head]
             fn = partial(_replace, batch_index=b, head_index=h, values=values, rows=rows)
-            hooks.append((z_hook(layer), fn))
+            hooks.append((attn_hook(layer, "z"), fn))
         out.append(pc.run(hooks, batch=len(chunk)).float())
     return torch.cat(out)
 
 
-def check_heads(model, heads: Iterable[Head] | None) -> list[Head]:
-
-    heads = resolve_heads(model, heads if heads is None else list(heads))
+def check_heads(model, heads="all", ranking=None) -> list[Head]:
+    """The heads to patch or ablate (:func:`~focuslens.model.heads.resolve_heads`), at least one."""
+    heads = resolve_heads(model, heads, ranking)
     if not heads:
-        raise DataError("heads is empty: pass at least one (layer, head), or None for all heads.")
+        raise DataError("heads is empty: pass at least one (layer, head), an int with ranking=, or 'all'.")
     return heads

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import random
 import warnings
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -46,21 +46,15 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from focuslens.causal.engine import (
-    Head,
-    all_heads,
-    answer_rows,
-    check_heads,
-    forward_answer_z,
-    run_head_groups,
-    z_hook,
-)
+from focuslens.causal.engine import answer_rows, check_heads, forward_answer_z, run_head_groups
 from focuslens.data.examples import Document, QAExample
-from focuslens.data.render import Prompt, render
+from focuslens.data.render import Prompt, first_token_id, render
 from focuslens.data.synthetic import CITIES
 from focuslens.errors import DataError, ModelError
-from focuslens.measure.evaluate import first_token_id, spearman
 from focuslens.measure.results import HeadResult, head_values, rank_heads
+from focuslens.measure.stats import spearman
+from focuslens.model.heads import all_heads
+from focuslens.model.hooks import attn_hook
 from focuslens.model.load import model_id
 from focuslens.model.parallel import cat, gather, is_main, share
 from focuslens.model.prefix import PrefixCache
@@ -75,7 +69,6 @@ __all__ = [
     "attribution_patching",
     "PatchingResult",
     "rank_agreement",
-    "all_heads",
 ]
 
 
@@ -261,7 +254,7 @@ def _attribution_effects(run: _PairRun, heads, *, batch_size, shape) -> Tensor:
         leaves[layer] = torch.zeros_like(z, requires_grad=True)
         return z + leaves[layer]
 
-    hooks = [(z_hook(layer), partial(add_leaf, layer=layer)) for layer in range(n_layers)]
+    hooks = [(attn_hook(layer, "z"), partial(add_leaf, layer=layer)) for layer in range(n_layers)]
     logits = run.pc.run(hooks, grad=True)[0]
     ld = logit_diff(logits, run.pair.clean_answer, run.pair.corrupt_answer)
     grads = torch.autograd.grad(ld, [leaves[layer] for layer in range(n_layers)])
@@ -280,28 +273,30 @@ _METHODS = {"exact": _exact_effects, "attribution": _attribution_effects}
 def patch_heads(
     model,
     pairs: Sequence[CounterfactualPair],
-    heads: Iterable[Head] | None = None,
+    heads="all",
     *,
+    ranking=None,
     methods: Sequence[str] = ("exact", "attribution"),
     batch_size: int = 16,
     quiet: bool = False,
 ) -> PatchingResult:
     """Exact and/or attribution patching, sharing one clean forward and one prefill per pair.
 
-    ``heads`` (default: all) are the candidates for ``"exact"``; ``"attribution"`` costs
+    ``heads`` (default: all; an int is the top k of ``ranking``, any selection of
+    :func:`~focuslens.model.heads.resolve_heads`) are the candidates for ``"exact"``; ``"attribution"`` costs
     the same for every head, so it always scores all of them. See
     :func:`activation_patching` and :func:`attribution_patching`.
     """
     unknown = set(methods) - set(_METHODS)
     if unknown or not methods:
         raise DataError(f"methods={list(methods)}: choose from {list(_METHODS)}.")
-    candidates = check_heads(model, heads)
+    candidates = check_heads(model, heads, ranking)
     chosen = {m: (_METHODS[m], candidates if m == "exact" else all_heads(model)) for m in methods}
     return _patch_pairs(model, pairs, chosen, batch_size=batch_size, quiet=quiet)
 
 
 def activation_patching(
-    model, pairs: Sequence[CounterfactualPair], heads: Iterable[Head] | None = None, *,
+    model, pairs: Sequence[CounterfactualPair], heads="all", *, ranking=None,
     batch_size: int = 16, quiet: bool = False,
 ) -> PatchingResult:
     """Exact denoising patch of each head's z at the answer rows (method ``"exact"``).
@@ -312,7 +307,7 @@ def activation_patching(
     (NaN elsewhere). Scores are the mean normalised effect over pairs; per-pair values are
     in ``result.per_example["exact"]``.
     """
-    return patch_heads(model, pairs, heads, methods=("exact",), batch_size=batch_size, quiet=quiet)
+    return patch_heads(model, pairs, heads, ranking=ranking, methods=("exact",), batch_size=batch_size, quiet=quiet)
 
 
 def attribution_patching(

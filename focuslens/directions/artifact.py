@@ -39,11 +39,10 @@ from __future__ import annotations
 
 import hashlib
 import math
-import operator
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
 
+import einops
 import pandas as pd
 import torch
 from jaxtyping import Float
@@ -55,8 +54,9 @@ from torch import Tensor
 from focuslens.data.render import Prompt
 from focuslens.errors import DataError, ModelError
 from focuslens.io import read_json, write_atomic, write_json
+from focuslens.measure.record import record
 from focuslens.measure.scoring import HeadScores
-from focuslens.model.heads import Head, resolve_heads
+from focuslens.model.heads import Head, ranking_of, resolve_heads
 from focuslens.model.hooks import attn_hook
 from focuslens.model.load import attention_scaling, model_id
 
@@ -66,25 +66,24 @@ ARTIFACT_FORMAT = "focuslens.FocusDirections/1"
 
 
 # ------------------------------------------------------------------ the artifact
-@dataclass
 class FocusDirections:
     """Query and key vectors for every (layer, head), plus metadata.
 
     Attributes:
         q, k: ``[n_layers, n_heads, d_head]``, added after RoPE (per *query* head, also
             under grouped-query attention).
-        ranking: heads ``(layer, head)``, best first: the contextual-head ranking that
-            ``heads=k`` selects from (may be empty).
         metadata: model id and architecture, hook points, training data and settings,
             history, versions.
+
+    :meth:`ranking` gives the heads ``(layer, head)`` best first: the contextual-head
+    ranking that ``heads=k`` selects from when no other ranking is passed (may be empty),
+    a method like :meth:`~focuslens.measure.results.HeadResult.ranking`.
     """
 
-    q: Float[Tensor, "layer head d_head"]
-    k: Float[Tensor, "layer head d_head"]
-    ranking: list[Head] = field(default_factory=list)
-    metadata: dict = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
+    def __init__(self, q: Float[Tensor, "layer head d_head"], k: Float[Tensor, "layer head d_head"],
+                 ranking=(), metadata: dict | None = None) -> None:
+        self.q, self.k = q, k
+        self.metadata = dict(metadata or {})
         if self.q.ndim != 3 or self.q.shape != self.k.shape:
             raise DataError(
                 f"q {tuple(self.q.shape)} and k {tuple(self.k.shape)} must both be [n_layers, n_heads, d_head]."
@@ -95,7 +94,15 @@ class FocusDirections:
                 layer, head = bad.any(-1).nonzero()[0].tolist()
                 raise DataError(f"directions {name}: {int(bad.sum())} non-finite values (first at layer {layer}, "
                                 f"head {head}); NaN directions would turn every steered logit into NaN.")
-        self.ranking = _checked_ranking(self.ranking, self.shape[:2])
+        self._ranking = _checked_ranking(list(ranking or []), self.shape[:2])
+
+    def ranking(self, name: str | None = None) -> list[Head]:
+        """The heads, best first, that ``heads=k`` takes the top of (empty: none recorded)."""
+        return list(self._ranking)
+
+    def with_ranking(self, ranking) -> FocusDirections:
+        """The same directions with another head ranking (any ranking source)."""
+        return FocusDirections(self.q, self.k, ranking_of(ranking), self.metadata)
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -106,17 +113,15 @@ class FocusDirections:
         return self.metadata.get("model")
 
     def top_k(self, k: int) -> list[Head]:
-        """The first k heads of the ranking."""
-        if not self.ranking:
-            raise DataError("these directions carry no head ranking: pass heads=[(layer, head), ...] explicitly.")
-        if not 0 < k <= len(self.ranking):
-            raise DataError(f"k={k}: choose 1..{len(self.ranking)} (the length of the ranking).")
-        return self.ranking[:k]
+        """The first k heads of the ranking (k in 1..its length: :func:`~focuslens.model.heads.resolve_heads`)."""
+        if not self._ranking:
+            raise DataError("these directions carry no head ranking: pass heads=[(layer, head), ...] or ranking=.")
+        return resolve_heads(self.shape[:2], k, self._ranking)
 
     def norms(self) -> pd.DataFrame:
         """One row per head: ``layer``, ``head``, ``q_norm``, ``k_norm`` and ``rank`` (its
         place in the ranking, NaN if unranked)."""
-        rank = {h: r for r, h in enumerate(self.ranking)}
+        rank = {h: r for r, h in enumerate(self._ranking)}
         qn, kn = self.q.float().norm(dim=-1), self.k.float().norm(dim=-1)
         return pd.DataFrame(
             [
@@ -130,7 +135,7 @@ class FocusDirections:
     def norm_summary(self, top_k: int = 20) -> dict:
         """Median / max of ‖d_q‖ and ‖d_k‖ over all heads and over the top-k heads."""
         df = self.norms()
-        top = df[df["rank"] < top_k] if self.ranking else df.iloc[:0]
+        top = df[df["rank"] < top_k] if self._ranking else df.iloc[:0]
         out = {}
         for col in ("q_norm", "k_norm"):  # skipna=False: a NaN norm shows, it is not skipped
             out[col] = {"median": float(df[col].median(skipna=False)), "max": float(df[col].max(skipna=False))}
@@ -140,41 +145,33 @@ class FocusDirections:
 
     # ---------------------------------------------------------------- what a direction does
     @torch.no_grad()
-    def key_bias(self, model, prompt: Prompt, alpha: float = 1.0, heads=None) -> pd.DataFrame:
+    def key_bias(self, model, prompt: Prompt, alpha: float = 1.0, heads="all", *, ranking=None) -> pd.DataFrame:
         """The logit bias ``b_j = α d_q·k_j / √d`` each chosen head adds to every key of
         ``prompt`` (keys of the unsteered model): one row per head in ``heads`` order (index
         ``layer``, ``head``), one column per key position; ``attrs``: alpha, model.
 
         Softmax turns a bias into a factor ``exp(b_j)`` on the attention weight, so keys
-        with a large bias are the ones the direction makes the head read. ``heads``: k (the
-        top k of the ranking), (layer, head) pairs or None (every head).
+        with a large bias are the ones the direction makes the head read. ``heads``: any
+        selection of :func:`~focuslens.model.heads.resolve_heads`; an int is the top k of
+        ``ranking`` (default: these directions' own ranking).
         """
 
         self.check_model(model)
-        heads = self._heads(heads)
+        heads = resolve_heads(self.shape[:2], heads, ranking if ranking is not None else (self._ranking or None))
         if not heads:
             raise DataError("heads is empty: pass k (top k of the ranking), (layer, head) pairs or None.")
-        keys: dict[int, Tensor] = {}
-        layers = sorted({layer for layer, _ in heads})
-
-        def keep(k, hook, layer):
-            keys[layer] = k[0].detach()  # [key, kv_head, d_head]
-
-        hooks = [(attn_hook(layer, "rot_k"), lambda k, hook, layer=layer: keep(k, hook, layer)) for layer in layers]
-        model.run_with_hooks(prompt.input_ids[None].to(model.cfg.device), fwd_hooks=hooks,
-                             stop_at_layer=max(layers) + 1)
+        with record(model, heads, spans=(), rows="all", activations=("rot_k",)) as rec, torch.no_grad():
+            model(prompt.input_ids[None].to(model.cfg.device), stop_at_layer=rec.last_layer + 1)
         group = model.cfg.n_heads // (model.cfg.n_key_value_heads or model.cfg.n_heads)
-        rows = [keys[layer][:, head // group].float().cpu() @ self.q[layer, head].float() for layer, head in heads]
+        # keys per query head: KV head kv serves query heads kv·group … kv·group + group − 1
+        keys = {layer: einops.repeat(k, "key kv d -> key (kv g) d", g=group) for (_, layer), k in rec.activations.items()}
+        rows = [keys[layer][:, head] @ self.q[layer, head].float() for layer, head in heads]
         bias = alpha * attention_scaling(model) * torch.stack(rows)
         table = pd.DataFrame(bias.numpy(), index=pd.MultiIndex.from_tuples(heads, names=["layer", "head"]))
         table.attrs.update(alpha=float(alpha), model=model_id(model))
         return table
 
     # ---------------------------------------------------------------- checks
-    def _heads(self, heads) -> list[Head]:
-
-        return resolve_heads(self.shape[:2], heads, self.ranking or None)
-
     def check_model(self, model, *, strict: bool = True) -> None:
         """Raise ``ModelError`` unless these directions fit ``model``: the shapes must match;
         with ``strict``, the model identity recorded at training must match too."""
@@ -202,7 +199,7 @@ class FocusDirections:
         path = Path(path)
         blob = save_safetensors({"q": self.q.detach().float().clone(), "k": self.k.detach().float().clone()})  # never shared
         write_atomic(path / "focus_directions.safetensors", blob)
-        meta = {"format": ARTIFACT_FORMAT, "shape": list(self.shape), "ranking": [list(h) for h in self.ranking],
+        meta = {"format": ARTIFACT_FORMAT, "shape": list(self.shape), "ranking": [list(h) for h in self._ranking],
                 "sha256": hashlib.sha256(blob).hexdigest(), "metadata": self.metadata}
         write_json(path / "focus_directions.json", meta, indent=1)
         return path
@@ -220,39 +217,31 @@ class FocusDirections:
         q, k = _read_tensors(tensor_file, blob, meta_file)
         try:
             out = cls(q, k, blob["ranking"], blob["metadata"])
-        except DataError as e:
-            raise DataError(f"{meta_file}: {e}") from None
+        except (DataError, ModelError) as e:
+            raise type(e)(f"{meta_file}: {e}") from None
         if model is not None:
             out.check_model(model, strict=strict)
         return out
 
     def __repr__(self) -> str:
-        return (f"FocusDirections(model={self.model!r}, shape={self.shape}, ranked={len(self.ranking)}, "
+        return (f"FocusDirections(model={self.model!r}, shape={self.shape}, ranked={len(self._ranking)}, "
                 f"source={self.metadata.get('source', 'trained')!r})")
 
     def _repr_html_(self) -> str:
         s = self.norm_summary()
         return (f"<div><b>FocusDirections</b> for {self.model!r}: {self.shape[0]} layers × {self.shape[1]} heads × "
                 f"{self.shape[2]}; median ‖d_q‖ {s['q_norm']['median']:.3g}, median ‖d_k‖ {s['k_norm']['median']:.3g}; "
-                f"ranking of {len(self.ranking)} heads; top 5: {self.ranking[:5]}</div>")
+                f"ranking of {len(self._ranking)} heads; top 5: {self._ranking[:5]}</div>")
 
 
 def _checked_ranking(ranking, shape: tuple[int, int]) -> list[Head]:
     """``ranking`` as (layer, head) int pairs, each inside ``shape`` (layers, heads)."""
-    out = []
-    for i, h in enumerate(ranking):
-        pair = tuple(h) if isinstance(h, list | tuple) else ()
-        try:
-            if len(pair) != 2 or any(isinstance(v, bool) for v in pair):
-                raise TypeError
-            layer, head = operator.index(pair[0]), operator.index(pair[1])
-        except TypeError:
-            raise DataError(f"ranking entry {i} ({h!r}) is not a (layer, head) pair of ints.") from None
+    pairs = ranking_of(ranking)
+    for i, (layer, head) in enumerate(pairs):
         if not (0 <= layer < shape[0] and 0 <= head < shape[1]):
-            raise DataError(f"ranking entry {i} ({layer}, {head}) is outside the directions' "
-                            f"{shape[0]} layers × {shape[1]} heads.")
-        out.append((layer, head))
-    return out
+            raise ModelError(f"ranking entry {i} ({layer}, {head}) is outside the directions' "
+                             f"{shape[0]} layers × {shape[1]} heads.")
+    return pairs
 
 
 def _read_meta(meta_file: Path) -> dict:

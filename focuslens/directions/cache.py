@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
+import einops
 import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
@@ -142,9 +143,9 @@ def _forward_block(model, prompts: Sequence[Prompt], R: int, T: int, quiet: bool
         def keep(x, hook, i=i, rows=rows, n_tok=p.n_tokens):
             layer, n_rows = int(hook.name.split(".")[1]), rows.stop - rows.start
             if hook.name.endswith("hook_rot_q"):  # [1, pos, head, d_head]
-                q[i, layer, :, :n_rows] = x[0, rows].transpose(0, 1).float().cpu()
+                q[i, layer, :, :n_rows] = einops.rearrange(x[0, rows], "row head d -> head row d").float().cpu()
             elif hook.name.endswith("hook_rot_k"):
-                k[i, layer, :, :n_tok] = x[0].transpose(0, 1).float().cpu()
+                k[i, layer, :, :n_tok] = einops.rearrange(x[0], "key kv d -> kv key d").float().cpu()
             else:  # hook_pattern: [1, head, query, key]
                 pattern[i, layer, :, :n_rows, :n_tok] = x[0, :, rows].float().cpu()
 

@@ -16,6 +16,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import einops
 import torch
 from jaxtyping import Float
 from torch import Tensor
@@ -65,7 +66,9 @@ def span_attention(
     base = inputs.pattern.double()  # [B, L, H, R, T]
     a_dq = alpha * dq.float() if dq is not None else None
     if a_dq is not None:
-        bias = torch.einsum("lkgd,blktd->blkgt", a_dq.view(L, kv, H // kv, -1), inputs.k).reshape(B, L, H, T)
+        # GQA: query head h = kv·group + g reads KV head kv (HF's repeat_kv layout)
+        per_group = einops.rearrange(a_dq, "l (kv g) d -> l kv g d", kv=kv)
+        bias = einops.rearrange(torch.einsum("lkgd,blktd->blkgt", per_group, inputs.k), "b l kv g t -> b l (kv g) t")
         bias = (bias * inputs.scaling).double()
         weight = torch.exp(bias - bias.amax(-1, keepdim=True))  # [B, L, H, T]
     else:

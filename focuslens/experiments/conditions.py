@@ -22,7 +22,6 @@ prompt the steered mass lands (gold title, gold answer token, irrelevant documen
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -35,14 +34,16 @@ from focuslens.causal.patching import make_counterfactual_pairs, patch_heads
 from focuslens.data import make_synthetic_qa
 from focuslens.data.lost_in_the_middle import make_nq_distractor_examples
 from focuslens.data.render import Prompt, render, with_layout
-from focuslens.directions.train import collect_attention_inputs, train_directions
+from focuslens.directions.cache import collect_attention_inputs
+from focuslens.directions.train import train_directions
 from focuslens.errors import DataError
 from focuslens.experiments.stages import gold_positions
-from focuslens.io import update_summary, write_csv
+from focuslens.io import read_summary, update_summary, write_csv
 from focuslens.measure.evaluate import evaluate_generation, evaluate_next_token
+from focuslens.measure.record import record
 from focuslens.measure.scoring import prepare_prompts, score_heads, scores_from_patterns
+from focuslens.measure.stats import paired_bootstrap_ci
 from focuslens.model.heads import head_mask
-from focuslens.model.hooks import attn_hook
 from focuslens.steer.focus import MagnitudeControl, best_setting, focus, focus_sweep
 from focuslens.viz.steering import plot_focus_conditions
 
@@ -170,9 +171,8 @@ def paired_gain(steered, baseline, *, n_bootstrap: int = 2000, seed: int = 0) ->
     diff = np.asarray(steered, dtype=float) - np.asarray(baseline, dtype=float)
     if diff.size == 0:
         raise DataError("paired_gain: no prompts.")
-    rng = np.random.default_rng(seed)
-    boot = diff[rng.integers(0, diff.size, (n_bootstrap, diff.size))].mean(1)
-    return float(diff.mean()), float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))
+    low, high = paired_bootstrap_ci(diff, n_resamples=n_bootstrap, seed=seed)
+    return float(diff.mean()), low, high
 
 
 def _gold_parts(prompt: Prompt) -> dict[str, torch.Tensor]:
@@ -203,24 +203,15 @@ def gold_breakdown(model, directions, examples, heads, alpha: float, *, rows: st
     documents and the sink. One row per (α, part)."""
 
     mask = head_mask(model, list(heads))
-    layers = mask.any(-1).nonzero().flatten().tolist()
     totals: dict[tuple[float, str], float] = {}
     for ex in examples:
         prompt = render(ex, model.tokenizer)
-        parts = _gold_parts(prompt)
         for a in (0.0, alpha):
-            store: list[torch.Tensor] = []
-
-            def probe(pattern, hook):
-                layer = int(hook.name.split(".")[1])
-                rows_p = pattern[0, mask[layer].nonzero().flatten(), prompt.answer.start : prompt.answer.end].float()
-                store.append(torch.stack([rows_p[..., m].sum(-1).mean(-1) for m in parts.values()], -1))
-
-            hooks = [(attn_hook(layer, "pattern"), probe) for layer in layers]
-            with focus(model, directions, alpha=a, heads=mask, rows=rows, prompt=prompt):
-                model.run_with_hooks(prompt.input_ids[None].to(model.cfg.device), fwd_hooks=hooks)
-            mean = torch.cat(store).mean(0)
-            for name, value in zip(parts, mean.tolist()):
+            with (focus(model, directions, alpha=a, heads=mask, rows=rows, prompt=prompt),
+                  record(model, mask, _gold_parts, prompt=prompt) as rec, torch.no_grad()):
+                model(prompt.input_ids[None].to(model.cfg.device))
+            mean = rec.row(0).mean(0)  # over the heads
+            for name, value in zip(rec.names, mean.tolist()):
                 totals[(a, name)] = totals.get((a, name), 0.0) + value / len(examples)
     return pd.DataFrame([{"alpha": a, "part": name, "mass": v} for (a, name), v in totals.items()])
 
@@ -364,7 +355,7 @@ def write_focus_conditions(out: dict, s: ConditionSettings, out_dir) -> None:
 
     out_dir.mkdir(parents=True, exist_ok=True)
     summary_file = out_dir / "summary.json"
-    old = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+    old = read_summary(summary_file)
     # a run of some task x layout pairs replaces those pairs' cells and keeps the others'
     done = {(t, lay) for t, lay in out["results"]}
     keep = lambda rows: [r for r in rows if (r["task"], r["layout"]) not in done]  # noqa: E731

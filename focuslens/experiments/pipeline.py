@@ -33,7 +33,7 @@ from focuslens.experiments.stages import (
     steering_splits,
 )
 from focuslens.io import read_summary, update_summary
-from focuslens.measure.evaluate import wilson_interval
+from focuslens.measure.stats import wilson_interval
 from focuslens.model.load import load_model
 from focuslens.model.prefix import PrefillStore
 

@@ -14,7 +14,8 @@ from collections.abc import Sequence
 import pandas as pd
 
 from focuslens.data.examples import QAExample
-from focuslens.measure.evaluate import accuracy_by, evaluate_next_token
+from focuslens.measure.evaluate import evaluate_next_token
+from focuslens.measure.forward import accuracy_by
 
 __all__ = ["distraction", "distraction_summary"]
 

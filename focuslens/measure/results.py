@@ -31,11 +31,11 @@ from torch import Tensor
 
 from focuslens.errors import DataError, ModelError
 from focuslens.io import read_json, write_json
+from focuslens.model.heads import Head, resolve_heads
 from focuslens.model.load import model_id
 
 __all__ = ["HeadResult", "head_values", "rank_heads", "is_head_ranking"]
 
-Head = tuple[int, int]
 
 
 def is_head_ranking(blob) -> bool:
@@ -144,8 +144,9 @@ class HeadResult:
         return rank_heads(self.tensor(name), absolute=absolute)
 
     def top_k(self, k: int, name: str | None = None, *, absolute: bool = False) -> list[Head]:
-        """The k best heads (fewer if fewer have a value)."""
-        return self.ranking(name, absolute=absolute)[:k]
+        """The k best heads; k must be in 1..(heads with a value), the one truncation rule of
+        :func:`~focuslens.model.heads.resolve_heads`."""
+        return resolve_heads(self.shape, k, self.ranking(name, absolute=absolute))
 
     def to_dataframe(self) -> pd.DataFrame:
         """Long format: one row per (layer, head, name) with a value, plus any per-head
@@ -250,7 +251,7 @@ class HeadResult:
     def _repr_html_(self) -> str:
         """The top 10 of every name; a known chance level is shown under the name, and a
         head at or below it is greyed and marked "≤ chance"."""
-        top = {m: self.top_k(10, m) for m in self.names}
+        top = {m: self.ranking(m)[:10] for m in self.names}  # a display: at most 10
         chance = {m: self.chance_level(m) for m in self.names}
         header = "".join(f"<th>{html.escape(m)}" + (f"<br><small>chance {chance[m]:.3f}</small>"
                                                      if np.isfinite(chance[m]) else "") + "</th>"

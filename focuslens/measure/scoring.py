@@ -43,20 +43,19 @@ from jaxtyping import Float
 from torch import Tensor
 
 from focuslens.data.examples import QAExample
-from focuslens.data.render import Prompt, Span, render
+from focuslens.data.render import Prompt, Span, candidate_token_ids, render
 from focuslens.errors import DataError
 from focuslens.io import read_json, write_json
-from focuslens.measure.evaluate import (
-    candidate_token_ids,
-    check_context,
-    greedy_generate,
-    shared_logits,
-)
+from focuslens.measure.evaluate import greedy_generate
+from focuslens.measure.forward import check_context, shared_logits
+from focuslens.measure.record import Recording
 from focuslens.measure.results import HeadResult, is_head_ranking
+from focuslens.measure.stats import bootstrap_ci
 from focuslens.model.heads import resolve_heads
-from focuslens.model.hooks import attn_hook, key_indicator, mass_on
+from focuslens.model.hooks import key_indicator, mass_on
 from focuslens.model.load import model_id
 from focuslens.model.parallel import cat, share
+from focuslens.model.spans import resolve_span
 from focuslens.progress import tqdm
 
 __all__ = ["HeadScores", "score_heads", "scores_from_patterns", "head_metrics", "chance_metrics",
@@ -182,9 +181,14 @@ def span_masses(
 ) -> Float[Tensor, "head span"]:
     """Mean over rows of the mass on each span: documents first, then sink, question,
     instruction (``n_documents + 3`` columns; the question column covers every copy)."""
-    columns = [[s] for s in prompt.documents] + [[prompt.sink], list(prompt.questions or [prompt.question]),
-                                                  [prompt.instruction]]
-    return mass_on(pattern_rows, key_indicator(pattern_rows.shape[-1], columns))
+    return mass_on(pattern_rows, key_indicator(pattern_rows.shape[-1], list(score_columns(prompt).values())))
+
+
+def score_columns(prompt: Prompt) -> dict[str, list[Span]]:
+    """The span columns :data:`METRICS` are computed from: every document (``doc_1`` …),
+    then ``sink``, ``question`` (every copy) and ``instruction``."""
+    return {**{f"doc_{i + 1}": [s] for i, s in enumerate(prompt.documents)}, "sink": [prompt.sink],
+            "question": list(prompt.questions or [prompt.question]), "instruction": [prompt.instruction]}
 
 
 def uniform_pattern(prompt: Prompt) -> Float[Tensor, "1 row key"]:
@@ -227,7 +231,7 @@ def prepare_prompts(
     quiet: bool = False,
 ) -> list[Prompt]:
     """Render examples for scoring: pick the setting and where the answer rows come from.
-    Prompts pass through, checked against the model's context (:func:`~focuslens.measure.evaluate.check_context`)."""
+    Prompts pass through, checked against the model's context (:func:`~focuslens.measure.forward.check_context`)."""
 
     if setting not in SETTINGS:
         raise DataError(f"setting={setting!r}: use one of {SETTINGS}.")
@@ -289,20 +293,17 @@ def score_heads(
         _check_prompt(p, i)
     n_layers, n_heads = model.cfg.n_layers, model.cfg.n_heads
     per_example = torch.zeros(len(prompts), n_layers, n_heads, len(METRICS))
+    recordings = []
 
-    def hooks_for(batch: list[int]):
-        def reduce(pattern, hook, layer):
-            for row, i in enumerate(batch):
-                p = prompts[i]
-                per_example[i, layer] = head_metrics(pattern[row, :, p.answer.start : p.answer.end, :].float(), p)
-
-        return [
-            (attn_hook(layer, "pattern"), lambda x, hook, layer=layer: reduce(x, hook, layer))
-            for layer in range(n_layers)
-        ]
+    def hooks_for(batch: list[int]):  # one recording of every head per batch of prompts
+        recordings.append((batch, Recording(model, "all", score_columns, prompts=[prompts[i] for i in batch])))
+        return recordings[-1][1].hooks()
 
     # prompts shared over processes under a launcher (focuslens.model.parallel); each fills its rows
     logits = shared_logits(model, prompts, batch_size=batch_size, hooks=hooks_for, quiet=quiet, desc="score heads")
+    for batch, rec in recordings:
+        for row, i in enumerate(batch):  # masses [layer·head, column] of each prompt
+            per_example[i] = metrics_of_masses(rec.row(row), prompts[i]).view(n_layers, n_heads, len(METRICS))
     mine = share(len(prompts))
     per_example = cat(per_example[mine.start : mine.stop], len(prompts))
     accuracy = None
@@ -318,7 +319,11 @@ def head_metrics(pattern_rows: Float[Tensor, "head row key"], prompt: Prompt) ->
     """One prompt's :data:`METRICS` per head from its answer-row attention pattern: the
     gold document's mass, the irrelevant documents' sum and max, sink, question,
     instruction (each the mean over rows of the summed mass)."""
-    masses = span_masses(pattern_rows, prompt).cpu()  # [head, n_docs + 3]
+    return metrics_of_masses(span_masses(pattern_rows, prompt).cpu(), prompt)
+
+
+def metrics_of_masses(masses: Float[Tensor, "head column"], prompt: Prompt) -> Float[Tensor, "head metric"]:
+    """:data:`METRICS` per head from its masses on :func:`score_columns`."""
     docs, rest = masses[:, : len(prompt.documents)], masses[:, len(prompt.documents) :]
     others = torch.cat([docs[:, : prompt.gold_index], docs[:, prompt.gold_index + 1 :]], dim=1)
     zero = torch.zeros(masses.shape[0])
@@ -352,12 +357,11 @@ def _head_scores(per_example: Tensor, prompts: Sequence[Prompt], metadata: dict,
     """Means over prompts (and bootstrap CIs) of ``per_example [prompt, layer, head, metric]``."""
     mean = {m: per_example[..., j].mean(0) for j, m in enumerate(METRICS)}
     ci_low, ci_high = {}, {}
-    if n_bootstrap and len(prompts) > 1:
-        g = torch.Generator().manual_seed(seed)
-        idx = torch.randint(len(prompts), (n_bootstrap, len(prompts)), generator=g)
+    if n_bootstrap and len(prompts) > 1:  # one percentile bootstrap over prompts for every head and metric at once
+        low, high = bootstrap_ci(per_example.reshape(len(prompts), -1), n_resamples=n_bootstrap, seed=seed)
+        low, high = (torch.from_numpy(b).reshape(per_example.shape[1:]).to(per_example) for b in (low, high))
         for j, m in enumerate(METRICS):
-            boot = per_example[..., j][idx].mean(1)  # [n_bootstrap, L, H]
-            ci_low[m], ci_high[m] = torch.quantile(boot, 0.025, dim=0), torch.quantile(boot, 0.975, dim=0)
+            ci_low[m], ci_high[m] = low[..., j].contiguous(), high[..., j].contiguous()
     metadata = {**metadata, "n_examples": len(prompts), "n_documents": sorted({len(p.documents) for p in prompts}),
                 "seed": seed, "n_bootstrap": n_bootstrap}
     chance = torch.stack([chance_metrics(p) for p in prompts]).mean(0)  # from the prompts: no forward pass
@@ -370,11 +374,11 @@ def _head_scores(per_example: Tensor, prompts: Sequence[Prompt], metadata: dict,
 def prompt_span_masses(
     model,
     prompt: Prompt,
-    heads: int | Sequence[tuple[int, int]] | None = None,
+    heads="all",
     *,
-    ranking: Sequence[tuple[int, int]] | None = None,
+    ranking=None,
     layer: int | None = None,
-    spans: dict[str, tuple[int, int]] | None = None,
+    spans: dict | None = None,
 ) -> pd.DataFrame:
     """Attention mass from one prompt's answer rows onto each span, for each chosen head.
 
@@ -386,10 +390,12 @@ def prompt_span_masses(
         model: a ``TransformerBridge``.
         prompt: a rendered prompt.
         heads, ranking, layer: the selection, read by
-            :func:`focuslens.steer.split_softmax.resolve_heads`: None (every head), k (the top k of
+            :func:`focuslens.model.heads.resolve_heads`: "all" (every head), k (the top k of
             ``ranking``), ``(layer, head)`` pairs (kept in order, duplicates dropped); or
             ``layer=`` for every head of one layer.
-        spans: span name -> key range, as a ``Span`` or ``(start, end)``. Default: ``sink``,
+        spans: column name -> a span name of the prompt, a ``Span`` or ``(start, end)``
+            (:func:`~focuslens.model.spans.resolve_span`); read by a
+            :class:`~focuslens.measure.record.Recording`. Default: ``sink``,
             ``instruction``, ``doc_1`` … ``doc_n`` (as the prompt numbers them), ``question``. One-token spans give
             per-token masses.
 
@@ -410,54 +416,14 @@ def prompt_span_masses(
         raise DataError(
             f"prompt.answer {rows.start}..{rows.end} is empty or outside the prompt of {prompt.n_tokens} tokens."
         )
-    ranges = _checked_ranges(prompt, part_spans(prompt) if spans is None else spans)
-    found = _answer_row_masses(model, prompt, chosen, key_indicator(prompt.n_tokens, [[r] for r in ranges.values()]))
-    table = pd.DataFrame(
-        torch.stack([found[h] for h in chosen]).numpy(),
-        index=pd.MultiIndex.from_tuples(chosen, names=["layer", "head"]),
-        columns=list(ranges),
-    )
+    named = part_spans(prompt) if spans is None else spans
+    rec = Recording(model, chosen, {name: resolve_span(s, prompt, field=f"spans[{name!r}]") for name, s in named.items()},
+                    prompt=prompt)
+    with torch.no_grad(), model.hooks(fwd_hooks=rec.hooks()):  # later layers are not needed
+        model(prompt.input_ids[None].to(model.cfg.device), stop_at_layer=rec.last_layer + 1)
+    table = rec.table()
     table.attrs.update(model=model_id(model), answer_rows=(rows.start, rows.end))
     return table
-
-
-def _checked_ranges(prompt: Prompt, spans: dict) -> dict[str, tuple[int, int]]:
-    """Span name -> (start, end) from ``Span``s or pairs, each a non-empty range of the prompt's keys."""
-    ranges = {
-        name: (s.start, s.end) if hasattr(s, "start") else (int(s[0]), int(s[1])) for name, s in spans.items()
-    }
-    for name, (start, end) in ranges.items():
-        if not 0 <= start < end <= prompt.n_tokens:
-            raise DataError(
-                f"spans[{name!r}] = {start}..{end} is empty or outside the prompt of {prompt.n_tokens} tokens."
-            )
-    return ranges
-
-
-def _answer_row_masses(model, prompt: Prompt, chosen, indicator: Tensor) -> dict[tuple[int, int], Tensor]:
-    """(layer, head) -> mass of the answer rows on each indicator span, reduced inside the hooks.
-
-    The forward pass stops after the last chosen layer; no attention pattern is kept.
-    """
-    rows = prompt.answer
-    by_layer: dict[int, list[int]] = {}
-    for layer, head in chosen:
-        by_layer.setdefault(layer, []).append(head)
-    found: dict[tuple[int, int], Tensor] = {}
-
-    def reduce(pattern, hook, layer):
-        hs = by_layer[layer]
-        answer_rows = pattern[0, hs, rows.start : rows.end, :].float()  # [head, row, key]
-        found.update({(layer, h): m for h, m in zip(hs, mass_on(answer_rows, indicator).cpu())})
-
-    hooks = [
-        (attn_hook(layer, "pattern"), lambda x, hook, layer=layer: reduce(x, hook, layer))
-        for layer in by_layer
-    ]
-    ids = prompt.input_ids[None].to(model.cfg.device)
-    model.run_with_hooks(ids, fwd_hooks=hooks, stop_at_layer=max(by_layer) + 1)  # later layers are not needed
-    return found
-
 
 
 def part_spans(prompt: Prompt) -> dict[str, Span]:
@@ -485,8 +451,7 @@ def token_window(prompt: Prompt, window: Span | tuple[int, int] | None = None) -
     return Span(start, end)
 
 
-def token_masses(model, prompt: Prompt, heads: int | Sequence[tuple[int, int]] | None = None, *,
-                 ranking: Sequence[tuple[int, int]] | None = None, layer: int | None = None,
+def token_masses(model, prompt: Prompt, heads="all", *, ranking=None, layer: int | None = None,
                  window: Span | tuple[int, int] | None = None) -> pd.DataFrame:
     """:func:`prompt_span_masses` token by token over :func:`token_window`: one row per
     head, one column per token position of the window (what

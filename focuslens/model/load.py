@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
-import json
 import logging
 import os
 import shutil
@@ -34,7 +33,8 @@ from typing import Any
 import torch
 
 from focuslens.errors import ModelError
-from focuslens.io import write_json
+from focuslens.io import parse_json, read_json, write_json
+from focuslens.model.parallel import distributed
 
 __all__ = ["load_model", "EMBEDDED_MODELS", "cache_dir", "embedded_gguf_path", "model_id", "attention_scaling",
            "architecture_of", "library_versions"]
@@ -182,7 +182,7 @@ def _cache_problem(folder: Path) -> str | None:
     if not (folder / _MANIFEST).is_file():
         return _NO_MANIFEST
     try:
-        files = json.loads((folder / _MANIFEST).read_text())["files"]
+        files = read_json(folder / _MANIFEST, "model cache manifest")["files"]  # a DataError names the file
         missing = [n for n in _REQUIRED if n not in files]
         if missing:
             return f"{_MANIFEST} lists no {', '.join(missing)}"
@@ -204,7 +204,7 @@ def _safetensors_problem(path: Path) -> str | None:
     try:
         with open(path, "rb") as f:
             n = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(n)) if 0 < n < 1 << 27 else None
+            header = parse_json(f.read(n), path, "safetensors header") if 0 < n < 1 << 27 else None
         end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
         return f"{path.name}: no readable safetensors header ({type(err).__name__}: {err})"
@@ -220,7 +220,7 @@ def _adopt_unlisted(folder: Path) -> bool:
         return False
     try:
         for path in folder.glob("*.json"):
-            json.loads(path.read_text())
+            read_json(path, "JSON")
     except (OSError, ValueError):
         return False
     try:
@@ -242,8 +242,8 @@ def _prepare_tokenizer(tok):
 def _default_device_dtype(device, dtype) -> tuple[str, torch.dtype]:
     """The device and dtype to load with, checked: a CUDA device must exist, a dtype must be
     a floating ``torch.dtype`` (or its name, e.g. ``"bfloat16"``)."""
-    if device is None and torch.cuda.is_available():  # under a launcher: this process's GPU
-        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if int(os.environ.get("WORLD_SIZE", "1")) > 1 else "cuda"
+    if device is None and torch.cuda.is_available():  # under a launcher (parallel.distributed): this process's GPU
+        device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if distributed() else "cuda"
     device = str(device or "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelError(f"device={device!r}, but this machine has no CUDA device: use device='cpu'.")

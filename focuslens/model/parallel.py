@@ -11,13 +11,25 @@ Launched the field's way, with accelerate (torchrun underneath; on CPU the backe
 accelerate's ``--cpu`` flag would start one, its CPU multi-process mode expects MPI.)
 Only rank 0 writes files and shows progress bars (:func:`is_main`). Parallel: scoring
 (:func:`~focuslens.measure.scoring.score_heads`), evaluation (:func:`~focuslens.measure.evaluate.evaluate_next_token`,
-through :func:`~focuslens.measure.evaluate.shared_logits`), both sweeps (split-softmax and focus
+through :func:`~focuslens.measure.forward.shared_logits`), both sweeps (split-softmax and focus
 directions, through :func:`~focuslens.measure.evaluate.evaluate_variants`), patching
 (:func:`~focuslens.causal.patching.patch_heads`) and the training cache, in memory
 (:func:`~focuslens.directions.train.collect_attention_inputs`) or on disk
 (:func:`~focuslens.directions.streamed.cache_to_disk`: each process writes its block of chunks).
 Direction training itself runs on every process on the whole gathered cache (it is small
 next to the forward passes that fill it).
+
+**When a process joins a group.** Only when asked: under a launcher focuslens recognises,
+or after an explicit opt-in. torchrun's elastic agent sets ``TORCHELASTIC_RUN_ID`` in every
+process it starts, and ``accelerate launch --multi_gpu`` (what :func:`launch_command` and
+``focuslens score --processes N`` run) starts its processes through that agent, so both are
+recognised. Elsewhere (a scheduler that exports ``WORLD_SIZE``, ``RANK`` and ``MASTER_ADDR``
+for its own launcher, say), set ``FOCUSLENS_DISTRIBUTED=1`` or call :func:`init`. A process
+that set up its own process group (``torch.distributed.init_process_group``) is used as it is.
+Otherwise ``WORLD_SIZE`` alone is not enough: a notebook kernel that inherited
+``WORLD_SIZE=2`` runs :func:`~focuslens.measure.scoring.score_heads` as one process (rank 0
+of 1) instead of waiting for a peer that never comes, and says once, in a warning, that it
+ignored the variable.
 
 Without a launcher this is one process and every function here is the identity. A share
 is a contiguous block of prompt indices (:func:`share`), and the blocks of all processes
@@ -31,25 +43,74 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["world", "share", "cat", "gather", "is_main", "launch_command"]
+__all__ = ["world", "init", "distributed", "share", "cat", "gather", "is_main", "launch_command"]
+
+#: set by torch's elastic agent in each process it starts: torchrun, and ``accelerate launch
+#: --multi_gpu`` (which runs it; :func:`launch_command`)
+LAUNCHER_VARIABLE = "TORCHELASTIC_RUN_ID"
+#: the explicit opt-in for any other launcher that exports ``WORLD_SIZE`` (``=1``)
+OPT_IN_VARIABLE = "FOCUSLENS_DISTRIBUTED"
+_asked = False  # init() was called
+_warned = False  # the "WORLD_SIZE ignored" warning was given
 
 
 def world() -> tuple[int, int]:
-    """``(rank, number of processes)``; starts the process group when a launcher (accelerate,
-    torchrun) set ``WORLD_SIZE`` > 1 and none is running yet."""
+    """``(rank, number of processes)``. Joins the process group on first use when
+    :func:`distributed` says so (a recognised launcher, ``FOCUSLENS_DISTRIBUTED=1`` or
+    :func:`init`); with ``WORLD_SIZE`` > 1 but none of these, ``(0, 1)`` and a warning once."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if distributed():
         if torch.cuda.is_available():  # one GPU per process; nccl collectives run on it
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
         return dist.get_rank(), dist.get_world_size()
+    _warn_ignored()
     return 0, 1
+
+
+def init() -> tuple[int, int]:
+    """Join the process group that ``WORLD_SIZE``, ``RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``
+    describe (torch's ``env://`` rendezvous), for a launcher focuslens does not recognise
+    (the same as ``FOCUSLENS_DISTRIBUTED=1``); returns :func:`world`. Without ``WORLD_SIZE`` > 1
+    it is one process, as always."""
+    global _asked
+    _asked = True
+    return world()
+
+
+def distributed() -> bool:
+    """Whether this process is one of several that focuslens should join: ``WORLD_SIZE`` > 1
+    and a recognised launcher started it (``TORCHELASTIC_RUN_ID``: torchrun, accelerate), or
+    ``FOCUSLENS_DISTRIBUTED=1`` is set, or :func:`init` was called."""
+    if _world_size() <= 1:
+        return False
+    return _asked or LAUNCHER_VARIABLE in os.environ or os.environ.get(OPT_IN_VARIABLE) == "1"
+
+
+def _world_size() -> int:
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        return 1  # not a number: no launcher of ours set it
+
+
+def _warn_ignored() -> None:
+    """Say once that ``WORLD_SIZE`` > 1 was set but no launcher focuslens recognises started this process."""
+    global _warned
+    if _world_size() > 1 and not _warned:
+        _warned = True
+        warnings.warn(
+            f"WORLD_SIZE={os.environ['WORLD_SIZE']} is set, but no launcher focuslens recognises started this "
+            f"process (no {LAUNCHER_VARIABLE}): running as one process (rank 0 of 1). To run data parallel, "
+            f"launch with `accelerate launch` or torchrun, set {OPT_IN_VARIABLE}=1, or call "
+            "focuslens.model.parallel.init().", RuntimeWarning, stacklevel=3)
 
 
 def is_main() -> bool:

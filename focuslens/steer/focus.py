@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,14 +24,23 @@ from torch import Tensor
 from focuslens.data.render import Prompt
 from focuslens.directions.artifact import FocusDirections
 from focuslens.errors import DataError, ModelError
-from focuslens.measure.evaluate import check_context, evaluate_variants
-from focuslens.measure.generate import generate_variants
-from focuslens.model.heads import Head, HookSpec, head_masks, per_variant, require_heads, variant_masks
+from focuslens.measure.evaluate import evaluate_variants, generate_variants
+from focuslens.measure.forward import check_context
+from focuslens.model.heads import (
+    Head,
+    HookSpec,
+    head_masks,
+    per_variant,
+    ranking_of,
+    require_heads,
+    variant_masks,
+)
 from focuslens.model.hooks import attn_hook
+from focuslens.model.intervention import Intervention
 from focuslens.model.load import attention_scaling
 from focuslens.model.spans import resolve_rows, rows_mask, rows_past_end, rows_reach
 
-__all__ = ["focus_hooks", "focus", "focus_variants", "focus_sweep", "best_setting", "MagnitudeControl"]
+__all__ = ["Focus", "focus_hooks", "focus", "focus_variants", "focus_sweep", "best_setting", "MagnitudeControl"]
 
 
 # ------------------------------------------------------------------ hooks and the context manager
@@ -105,9 +113,10 @@ def _key_bias_hook(delta_k: Tensor, stash: dict, row_gate, scale: float):
 def focus_hooks(
     model,
     directions: FocusDirections,
-    alpha: float | Sequence[float] | Tensor,
-    heads=None,
+    alpha: float | Sequence[float] | Tensor = 0.5,
+    heads=20,
     *,
+    ranking=None,
     rows="all",
     prompt: Prompt | None = None,
     keys: bool = False,
@@ -117,9 +126,12 @@ def focus_hooks(
     ``keys=True``, ``α·d_k`` to their keys), at ``rows``.
 
     Args:
-        heads: ``k`` (the top k of ``directions.ranking``), ``(layer, head)`` pairs, None
-            (every head), or a ``[variant, layer, head]`` mask with ``alpha`` one value per
-            variant (batch row).
+        heads: any selection of :func:`~focuslens.model.heads.resolve_heads`; an int
+            (default 20, as :func:`focus`) is the top k of ``ranking`` (default: the
+            directions' own ``ranking()``); or a ``[variant, layer, head]`` mask with
+            ``alpha`` one value per variant (batch row).
+        ranking: what an int ``heads`` takes the top k of (HeadScores, PatchingResult,
+            FocusDirections, (layer, head) pairs).
         rows: where the queries are steered (:data:`focuslens.steer.split_softmax.ROWS`): ``"all"``
             (default: every position, as the paper), ``"answer"`` (the answer rows of
             ``prompt`` and every later position, e.g. generated tokens), a start position,
@@ -131,10 +143,8 @@ def focus_hooks(
             on the same rows.
     """
     directions.check_model(model, strict=strict)
-    if isinstance(heads, int):
-        heads = directions.top_k(heads)
     where = resolve_rows(rows, prompt)
-    masks = variant_masks(model, heads)
+    masks = variant_masks(model, heads, _ranking(directions, heads, ranking))
     alphas = per_variant(alpha, masks.shape[0], "alpha")
     scale = attention_scaling(model)
     state: dict = {}
@@ -158,22 +168,62 @@ def focus_hooks(
     return hooks
 
 
-@contextmanager
-def focus(model, directions: FocusDirections, alpha: float = 0.5, heads=20, *, rows="all",
+def _ranking(directions: FocusDirections, heads, ranking):
+    """The ranking an int ``heads`` refers to: ``ranking``, else the directions' own."""
+    if ranking is not None or not isinstance(heads, int):
+        return ranking
+    if not directions.ranking():
+        raise DataError(f"heads={heads}: these directions carry no head ranking; pass ranking=<HeadScores, ...> "
+                        "or heads=[(layer, head), ...].")
+    return directions
+
+
+@dataclass
+class Focus(Intervention):
+    """Focus directions as a value: ``α·d_q`` added after RoPE to the queries of ``heads``
+    at ``rows`` (and ``α·d_k`` to their keys with ``keys=True``); no labels. Usable as
+    ``with iv.on(model):``, in ``evaluate_next_token(..., intervention=iv)``,
+    ``evaluate_generation`` and sweeps. Fields as in :func:`focus_hooks`.
+
+    >>> evaluate_next_token(model, test, intervention=Focus(dirs, alpha=0.5)).correct.mean()  # doctest: +SKIP
+    """
+
+    directions: FocusDirections
+    alpha: object = 0.5
+    heads: object = 20
+    ranking: object = None
+    rows: object = "all"
+    keys: bool = False
+    strict: bool = True
+
+    def _masks(self, model) -> Tensor:
+        masks = variant_masks(model, self.heads, _ranking(self.directions, self.heads, self.ranking))
+        require_heads(masks)
+        return masks
+
+    def n_variants(self, model) -> int:
+        return int(self._masks(model).shape[0])
+
+    def hooks(self, model, prompt=None, variants: slice | None = None) -> list[HookSpec]:
+        masks = self._masks(model)
+        alphas = per_variant(self.alpha, masks.shape[0], "alpha")
+        if variants is not None:
+            masks, alphas = masks[variants], alphas[variants]
+        return focus_hooks(model, self.directions, alphas, masks, rows=self.rows, prompt=prompt, keys=self.keys,
+                           strict=self.strict)
+
+
+def focus(model, directions: FocusDirections, alpha: float = 0.5, heads=20, *, ranking=None, rows="all",
           prompt: Prompt | None = None, keys: bool = False, strict: bool = True):
     """Context manager: steer ``heads`` with ``α·directions`` at ``rows`` while the block
     runs (forward passes and ``model.generate``); no span labels are needed. Hooks are
-    removed on exit, also on error. Arguments as in :func:`focus_hooks`;
-    :func:`focus_sweep` measures exactly this.
+    removed on exit, also on error. Arguments as in :func:`focus_hooks` (the same defaults:
+    the top 20 heads of the directions' ranking); :func:`focus_sweep` measures exactly this.
 
     >>> with focus(model, dirs, alpha=0.5, heads=20):             # doctest: +SKIP
     ...     out = model.generate(prompt, max_new_tokens=16, do_sample=False)
     """
-    hooks = focus_hooks(model, directions, alpha, heads, rows=rows, prompt=prompt, keys=keys, strict=strict)
-    if not isinstance(heads, int):
-        require_heads(variant_masks(model, heads))
-    with model.hooks(fwd_hooks=hooks):
-        yield model
+    return Focus(directions, alpha, heads, ranking, rows, keys, strict).on(model, prompt)
 
 
 # ------------------------------------------------------------------ sweeps (paper Fig. 4)
@@ -184,11 +234,11 @@ def focus_variants(model, directions: FocusDirections, ks: Sequence[int | None] 
     directions.ranking}``) names the head orders that ``k`` takes the top of (k = None: every
     head; ``ks`` may also map each ranking to its own k values)."""
 
-    rankings = rankings or {"directions": directions.top_k(len(directions.ranking)) if directions.ranking else []}
+    rankings = rankings or {"directions": directions.ranking()}
     everyone = [(layer, head) for layer in range(model.cfg.n_layers) for head in range(model.cfg.n_heads)]
     grid, groups = [], []
     for name, ranking in rankings.items():
-        ranking = [(int(layer), int(head)) for layer, head in ranking]
+        ranking = ranking_of(ranking, field=f"rankings[{name!r}]")
         for k in (ks[name] if isinstance(ks, dict) else ks):
             if k is not None and not 0 < k <= len(ranking):
                 raise DataError(f"k={k}: ranking {name!r} has {len(ranking)} heads.")
@@ -224,24 +274,20 @@ def focus_sweep(
     accuracy columns, and the steered heads' ``gold_mass`` and ``sink_mass`` at the answer
     rows (and the logits ``[example, variant, vocab]`` with ``return_logits``). With
     ``max_new_tokens`` each variant answers by greedy generation instead, scored with
-    ``best_subspan_em`` (:func:`focuslens.measure.generate.generate_variants`). ``prefills``: a
+    ``best_subspan_em`` (:func:`focuslens.measure.evaluate.generate_variants`). ``prefills``: a
     :class:`~focuslens.model.prefix.PrefillStore` shared with other answer-row sweeps.
     """
 
     check_context(model, examples)
     grid, masks = focus_variants(model, directions, ks, alphas, rankings)
-    alpha = torch.tensor([a for _, _, a in grid])
-
-    def hooks_for(prompt, v):
-        return focus_hooks(model, directions, alpha[v], masks[v], rows=rows, prompt=prompt)
-
+    sweep = Focus(directions, torch.tensor([a for _, _, a in grid]), masks, rows=rows)
     desc = f"focus sweep ({rows} rows)"
     if max_new_tokens is not None:
-        df = generate_variants(model, examples, len(grid), hooks_for, rows=rows, max_new_tokens=max_new_tokens,
-                               probe_heads=masks, quiet=quiet, desc=desc)
+        df = generate_variants(model, examples, sweep, max_new_tokens=max_new_tokens, probe_heads=masks, quiet=quiet,
+                               desc=desc)
     else:
-        df = evaluate_variants(model, examples, len(grid), hooks_for, rows=rows, probe_heads=masks,
-                               return_logits=return_logits, prefills=prefills, quiet=quiet, desc=desc)
+        df = evaluate_variants(model, examples, sweep, probe_heads=masks, return_logits=return_logits,
+                               prefills=prefills, quiet=quiet, desc=desc)
     df, logits = df if return_logits else (df, None)
     meta = pd.DataFrame([{"ranking": r, "k": k, "alpha": a} for r, k, a in grid])
     df = df.join(meta, on="variant")

@@ -28,9 +28,8 @@ a ``[variant]`` vector of τ, so one batched run evaluates a whole sweep.
 
 from __future__ import annotations
 
-import random
 from collections.abc import Sequence
-from contextlib import contextmanager
+from dataclasses import dataclass
 
 import pandas as pd
 import torch
@@ -39,20 +38,30 @@ from torch import Tensor
 
 from focuslens.data.render import Span
 from focuslens.errors import DataError
-from focuslens.measure.evaluate import check_context, evaluate_variants
-from focuslens.model.heads import Head, HookSpec, head_masks, per_variant, require_heads, variant_masks
+from focuslens.measure.evaluate import evaluate_variants
+from focuslens.measure.forward import check_context
+from focuslens.model.heads import (
+    HookSpec,
+    head_masks,
+    per_variant,
+    require_heads,
+    top_and_random,
+    variant_masks,
+)
 from focuslens.model.hooks import attn_hook
+from focuslens.model.intervention import Intervention
 from focuslens.model.spans import (
     Rows,
     check_span_arg,
     resolve_rows,
+    resolve_span,
     rows_mask,
     rows_past_end,
     rows_reach,
     span_key_mask,
 )
 
-__all__ = ["split_softmax_pattern", "split_softmax_hooks", "split_softmax", "split_softmax_sweep"]
+__all__ = ["SplitSoftmax", "split_softmax_pattern", "split_softmax_hooks", "split_softmax", "split_softmax_sweep"]
 
 
 # ------------------------------------------------------------------ the operation
@@ -85,9 +94,10 @@ def split_softmax_pattern(
 def split_softmax_hooks(
     model,
     heads,
-    span: Span | Bool[Tensor, "*batch key"],
-    tau: float | Sequence[float] | Tensor,
+    span: str | Span | Bool[Tensor, "*batch key"] = "gold",
+    tau: float | Sequence[float] | Tensor = 0.1,
     *,
+    ranking=None,
     rows: Rows = "all",
     prompt=None,
 ) -> list[HookSpec]:
@@ -95,11 +105,15 @@ def split_softmax_hooks(
 
     Args:
         model: a ``TransformerBridge``.
-        heads: ``(layer, head)`` pairs or a ``[layer, head]`` mask; or a ``[variant, layer,
-            head]`` mask (:func:`head_masks`), one selection per batch row (a single
-            selection broadcasts to every row).
-        span: the boosted key positions: a :class:`Span`, or a boolean mask ``[key]`` or
-            ``[batch, key]`` over the prompt (keys past its end are outside the span).
+        heads: any selection of :func:`~focuslens.model.heads.resolve_heads` (an int is the
+            top k of ``ranking``); or a ``[variant, layer, head]`` mask, one selection per
+            batch row (a single selection broadcasts to every row).
+        span: the boosted key positions: a span name of ``prompt`` (``"gold"``, the
+            default, ``"doc_3"``, …: :func:`~focuslens.model.spans.resolve_span`), a
+            :class:`Span`, or a boolean mask ``[key]`` or ``[batch, key]`` over the prompt
+            (keys past its end are outside the span).
+        ranking: what an int ``heads`` takes the top k of (HeadScores, PatchingResult,
+            FocusDirections or (layer, head) pairs).
         tau: the exponent, one value or one per variant.
         rows: which query rows to edit (:data:`ROWS`): ``"all"`` (default, every row),
             ``"answer"`` (the answer rows of ``prompt`` and later positions), a start
@@ -107,8 +121,10 @@ def split_softmax_hooks(
         prompt: the :class:`~focuslens.data.render.Prompt` that ``rows="answer"`` refers to.
     """
     where = resolve_rows(rows, prompt)
+    if isinstance(span, (str, tuple)):
+        span = resolve_span(span, prompt)
     check_span_arg(span)
-    masks = variant_masks(model, heads)
+    masks = variant_masks(model, heads, ranking)
     taus = per_variant(tau, masks.shape[0], "tau")
     if (taus <= 0).any():
         raise DataError(f"tau={taus.tolist()} must be > 0 (1 is the identity, smaller boosts more).")
@@ -132,29 +148,78 @@ def split_softmax_hooks(
     return hooks
 
 
-@contextmanager
+@dataclass
+class SplitSoftmax(Intervention):
+    """Split-softmax as a value (module docstring): the span's mass on ``heads`` becomes
+    ``π^τ`` at ``rows``. Usable as ``with iv.on(model, prompt):``, in
+    ``evaluate_next_token(..., intervention=iv)`` and in sweeps.
+
+    Attributes:
+        heads: any head selection; an int is the top k of ``ranking`` (default 20, as the
+            paper's top-k heads; the same default as :class:`~focuslens.steer.focus.Focus`).
+        ranking: the ranking an int refers to (HeadScores, PatchingResult, FocusDirections,
+            pairs).
+        span: a span name resolved per prompt (default ``"gold"``) or a :class:`Span`.
+        tau: the exponent (1 is the identity), one value or one per variant.
+        rows: :data:`~focuslens.model.spans.ROWS` (default ``"all"``).
+
+    >>> iv = SplitSoftmax(20, ranking=scores, tau=0.1)                # doctest: +SKIP
+    >>> evaluate_next_token(model, test, intervention=iv).correct.mean()   # doctest: +SKIP
+    """
+
+    heads: object = 20
+    ranking: object = None
+    span: object = "gold"
+    tau: object = 0.1
+    rows: object = "all"
+
+    def __post_init__(self) -> None:
+        taus = per_variant(self.tau, torch.as_tensor(self.tau).numel(), "tau")  # finite, named
+        if (taus <= 0).any():
+            raise DataError(f"tau={taus.tolist()} must be > 0 (1 is the identity, smaller boosts more).")
+
+    def _masks(self, model) -> Tensor:
+        masks = variant_masks(model, self.heads, self.ranking)
+        require_heads(masks)
+        return masks
+
+    def n_variants(self, model) -> int:
+        return int(self._masks(model).shape[0])
+
+    def hooks(self, model, prompt=None, variants: slice | None = None) -> list[HookSpec]:
+        masks = self._masks(model)
+        taus = per_variant(self.tau, masks.shape[0], "tau")
+        if variants is not None:
+            masks, taus = masks[variants], taus[variants]
+        return split_softmax_hooks(model, masks, self.span, taus, rows=self.rows, prompt=prompt)
+
+
 def split_softmax(
     model,
-    heads,
-    span: Span | Bool[Tensor, "*batch key"],
-    tau: float | Sequence[float] | Tensor,
+    heads=20,
+    span: str | Span | Bool[Tensor, "*batch key"] = "gold",
+    tau: float | Sequence[float] | Tensor = 0.1,
     *,
+    ranking=None,
     rows: Rows = "all",
     prompt=None,
 ):
     """Context manager: split-softmax on ``heads`` while the block runs (forward passes and
     ``model.generate``); the hooks are removed on exit, also on error. Arguments as in
-    :func:`split_softmax_hooks`; :func:`split_softmax_sweep` measures exactly this."""
-    require_heads(variant_masks(model, heads))
-    with model.hooks(fwd_hooks=split_softmax_hooks(model, heads, span, tau, rows=rows, prompt=prompt)):
-        yield model
+    :class:`SplitSoftmax` (``prompt`` resolves a span name and ``rows="answer"``);
+    :func:`split_softmax_sweep` measures exactly this.
+
+    >>> with split_softmax(model, 20, ranking=scores, prompt=prompt, tau=0.1):  # doctest: +SKIP
+    ...     logits = model(prompt.input_ids[None])
+    """
+    return SplitSoftmax(heads, ranking, span, tau, rows).on(model, prompt)
 
 
 # ------------------------------------------------------------------ the sweep (paper Fig. 3)
 def split_softmax_sweep(
     model,
     examples: Sequence,
-    ranking: Sequence[Head],
+    ranking,
     *,
     ks: Sequence[int] = (1, 5, 10, 20, 50),
     taus: Sequence[float] = (0.8, 0.5, 0.3, 0.1),
@@ -173,7 +238,7 @@ def split_softmax_sweep(
     With ``rows="answer"`` one prefill per example serves every variant; ``"all"`` runs the
     whole prompt once per variant (:func:`focuslens.measure.evaluate.evaluate_variants`); ``prefills``
     (a :class:`~focuslens.model.prefix.PrefillStore`) shares the prefill with other sweeps.
-    Returns one row per (example, variant) with ``group`` (``"none"``, ``"contextual"``,
+    Returns one row per (example, variant) with ``group`` (``"none"``, ``"top"``,
     ``"random"``), ``k``, ``tau``, ``draw``, the accuracy columns and ``gold_mass`` (the
     steered heads' mass on the gold document, as steered). τ = 1 is the identity, so the
     ``"none"`` variant is the baseline for every k.
@@ -181,27 +246,17 @@ def split_softmax_sweep(
 
 
     check_context(model, examples)
-    ranking = [(int(layer), int(head)) for layer, head in ranking]
-    everyone = [(layer, head) for layer in range(model.cfg.n_layers) for head in range(model.cfg.n_heads)]
-    rng = random.Random(seed)
+    # the same order as before: per k, per tau, the top group then its random draws
+    groups = top_and_random(model, ranking, ks, n_random, seed)
     variants = [("none", 0, 1.0, 0, [])]
     for k in ks:
-        if not 0 < k <= len(ranking):
-            raise DataError(f"k={k} must be in 1..{len(ranking)} (the length of the ranking).")
-        top = ranking[:k]
-        pool = [h for h in everyone if h not in set(top)]
-        draws = [rng.sample(pool, min(k, len(pool))) for _ in range(n_random)]
+        mine = [g for g in groups if g[1] == k]
         for tau in taus:
-            variants.append(("contextual", k, float(tau), 0, top))
-            variants += [("random", k, float(tau), d, heads) for d, heads in enumerate(draws)]
+            variants += [(group, k, float(tau), draw, heads) for group, _, draw, heads in mine]
     masks = head_masks(model, [v[4] for v in variants])
-    tau = torch.tensor([v[2] for v in variants])
-    df = evaluate_variants(
-        model, examples, len(variants),
-        lambda prompt, v: split_softmax_hooks(model, masks[v], prompt.gold, tau[v], rows=rows, prompt=prompt),
-        rows=rows, probe_heads=masks, return_logits=return_logits, prefills=prefills, quiet=quiet,
-        desc=f"split-softmax sweep ({rows} rows)",
-    )
+    sweep = SplitSoftmax(masks, span="gold", tau=torch.tensor([v[2] for v in variants]), rows=rows)
+    df = evaluate_variants(model, examples, sweep, probe_heads=masks, return_logits=return_logits, prefills=prefills,
+                           quiet=quiet, desc=f"split-softmax sweep ({rows} rows)")
     df, logits = df if return_logits else (df, None)
     meta = pd.DataFrame([{"group": g, "k": k, "tau": t, "draw": d} for g, k, t, d, _ in variants])
     df = df.join(meta, on="variant")

@@ -152,12 +152,12 @@ def _head_map(name: str, source, field: str, metric: str | None = None) -> _Head
     ):
         return _per_head(name, source, field, metric)
     if isinstance(source, FocusDirections):
-        if not source.ranking:
+        if not source.ranking():
             raise DataError(
                 f"{field}: these directions carry no head ranking (FocusDirections.ranking is empty)."
             )
         n_layers, n_heads, _ = source.shape
-        ranking = _check_ranking(source.ranking, f"{field}.ranking", n_layers, n_heads)
+        ranking = _check_ranking(source.ranking(), f"{field}.ranking", n_layers, n_heads)
         return _HeadMap(name, _rank_values(ranking, n_layers, n_heads), ranking, RANK_LABEL)
     if isinstance(source, tuple) and len(source) == 3:
         ranking, n_layers, n_heads = source
@@ -269,8 +269,8 @@ def norm_profile(directions) -> pd.DataFrame:
 
 def _default_heads(d, n: int = 20) -> list[Head]:
     """The top-n of the ranking, else every head."""
-    if d.ranking:
-        return list(d.ranking[:n])
+    if d.ranking():
+        return list(d.ranking()[:n])
     return [(layer, head) for layer in range(d.shape[0]) for head in range(d.shape[1])]
 
 
@@ -300,7 +300,7 @@ def _select_heads(d, heads) -> list[Head]:
 
     if heads is None:
         return _default_heads(d)
-    chosen = resolve_heads(d.shape[:2], heads, d.ranking or None)
+    chosen = resolve_heads(d.shape[:2], heads, d.ranking() or None)
     if not chosen:
         raise DataError("heads is empty: pass at least one (layer, head).")
     return chosen
@@ -312,7 +312,7 @@ def norm_rank_table(directions) -> pd.DataFrame:
     ``k_norm``. Directions without a ranking raise ``DataError``."""
     frames = []
     for name, d in _as_directions(directions).items():
-        if not d.ranking:
+        if not d.ranking():
             raise DataError(f"directions[{name!r}] carry no head ranking: norm vs rank needs one.")
         df = d.norms().dropna(subset=["rank"]).copy()
         df["rank"] = df["rank"].astype(int) + 1

@@ -14,7 +14,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from focuslens.errors import DataError
-from focuslens.measure.evaluate import spearman
+from focuslens.measure.stats import spearman
 from focuslens.viz.compare import (
     _PALETTE,
     _as_directions,
@@ -225,7 +225,7 @@ def plot_direction_similarity(
     if n <= 25:
         fig.update_traces(text=np.round(sim.to_numpy(), 2), texttemplate="%{text:.1f}", textfont=dict(size=8))
     which = {"q": "query", "k": "key"}[vector]
-    order = "heads in rank order" if heads is None and directions.ranking else "heads as given"
+    order = "heads in rank order" if heads is None and directions.ranking() else "heads as given"
     fig.update_layout(
         title=title
         or f"Cosine similarity of the {which} focus directions: {directions.model or 'model'}"

@@ -5,6 +5,11 @@ Static export uses kaleido ≥ 1, which drives a local Chromium (Debian's ``chro
 installed by ``make``); when none is found, or an export fails twice, we say so in a
 warning and keep the HTML. ``FOCUSLENS_FORMATS`` (e.g. ``html`` or ``html,svg``) sets the
 default formats; the test suite uses ``html`` (a PNG costs seconds).
+
+Every file is rendered to memory first (``to_html`` / ``to_image``) and written with
+:func:`focuslens.io.write_atomic`, so a figure on disk is always a whole one: a process
+killed mid-export, or an export that fails, leaves the previous file (or none), never a
+truncated HTML page or PNG.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import warnings
 from pathlib import Path
 
 import plotly.graph_objects as go
+
+from focuslens.io import write_atomic
 
 __all__ = ["Figure", "save_figure", "static_export_available", "default_formats", "wrap_label"]
 
@@ -57,14 +64,14 @@ def default_formats() -> tuple[str, ...]:
 
 def save_figure(fig, path: str | Path, *, formats=None, width=900, height=600, scale=2) -> list[Path]:
     """Save ``fig`` next to ``path`` (suffix ignored) in each format (default:
-    :func:`default_formats`); returns the written paths."""
+    :func:`default_formats`), each file atomically (:func:`~focuslens.io.write_atomic`);
+    returns the written paths."""
     formats = default_formats() if formats is None else formats
     stem = Path(path).with_suffix("")
     stem.parent.mkdir(parents=True, exist_ok=True)
     written = []
     if "html" in formats:
-        fig.write_html(stem.with_suffix(".html"), include_plotlyjs=True, full_html=True)
-        written.append(stem.with_suffix(".html"))
+        written.append(write_atomic(stem.with_suffix(".html"), fig.to_html(include_plotlyjs=True, full_html=True)))
     static = [f for f in formats if f in ("png", "svg", "pdf")]
     if static and not static_export_available():
         warnings.warn(
@@ -74,17 +81,23 @@ def save_figure(fig, path: str | Path, *, formats=None, width=900, height=600, s
         )
         return written
     for fmt in static:
-        out = stem.with_suffix(f".{fmt}")
-        for attempt in (1, 2):  # the browser behind kaleido fails now and then: try once more
-            try:
-                fig.write_image(out, width=width, height=height, scale=scale if fmt == "png" else 1)
-                written.append(out)
-                break
-            except Exception as err:  # noqa: BLE001 - any export failure leaves the HTML
-                if attempt == 2:
-                    warnings.warn(f"no {fmt.upper()} for {stem.name}: static export failed twice "
-                                  f"({type(err).__name__}: {err}); the HTML was written.", stacklevel=2)
+        image = _render(fig, fmt, stem.name, width=width, height=height, scale=scale if fmt == "png" else 1)
+        if image is not None:  # only the rendering may fail quietly: a file that cannot be written raises
+            written.append(write_atomic(stem.with_suffix(f".{fmt}"), image))
     return written
+
+
+def _render(fig, fmt: str, name: str, **size) -> bytes | None:
+    """``fig`` as ``fmt`` bytes (kaleido); None, with a warning, when the export fails twice
+    (the browser behind kaleido fails now and then: we try once more)."""
+    for attempt in (1, 2):
+        try:
+            return fig.to_image(format=fmt, **size)
+        except Exception as err:  # noqa: BLE001 - any export failure leaves the HTML
+            if attempt == 2:
+                warnings.warn(f"no {fmt.upper()} for {name}: static export failed twice "
+                              f"({type(err).__name__}: {err}); the HTML was written.", stacklevel=3)
+    return None
 
 
 def wrap_label(text: str, width: int = 14) -> str:

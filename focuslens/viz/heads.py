@@ -49,7 +49,7 @@ def plot_head_map(scores, metric: str = "gold", *, title: str | None = None, top
     )
     if known:
         fig.add_trace(_at_chance_marks(values, chance))
-    for rank, (layer, head) in enumerate(scores.top_k(top_k, metric)):
+    for rank, (layer, head) in enumerate(scores.ranking(metric)[:top_k]):
         fig.add_shape(type="rect", x0=head - 0.5, x1=head + 0.5, y0=layer - 0.5, y1=layer + 0.5,
                       line=dict(color="red", width=2))
         fig.add_annotation(x=head, y=layer, text=str(rank + 1), showarrow=False,

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from focuslens.data.render import Prompt, Span
 from focuslens.errors import DataError
+from focuslens.io import write_atomic
 from focuslens.viz.export import Figure
 
 __all__ = ["AttentionHTML", "plot_document_attention", "plot_key_bias", "token_view"]
@@ -196,15 +197,11 @@ class AttentionHTML:
         return self.fragment
 
     def save(self, path: str | Path) -> Path:
-        """Write a full HTML page (suffix ``.html``) that opens offline; returns its path."""
-        path = Path(path).with_suffix(".html")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(
-            "<!DOCTYPE html><html><head><meta charset='utf-8'>"
-            f"<title>{html.escape(self.title)}</title></head><body>{self.fragment}</body></html>",
-            encoding="utf-8",
-        )
-        return path
+        """Write a full HTML page (suffix ``.html``) that opens offline, atomically
+        (:func:`~focuslens.io.write_atomic`: the old page or the new one, never half); returns its path."""
+        return write_atomic(Path(path).with_suffix(".html"),
+                            "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+                            f"<title>{html.escape(self.title)}</title></head><body>{self.fragment}</body></html>")
 
 
 def token_view(masses: pd.DataFrame, prompt: Prompt, tokenizer, *, model_name: str | None = None) -> AttentionHTML:

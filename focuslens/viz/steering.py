@@ -7,7 +7,7 @@ import plotly.colors as pc
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from focuslens.measure.evaluate import wilson_interval
+from focuslens.measure.stats import wilson_interval
 from focuslens.viz.export import Figure
 
 __all__ = ["plot_split_softmax_sweep", "plot_focus_sweep", "plot_focus_conditions"]
@@ -83,7 +83,7 @@ def plot_split_softmax_sweep(sweep: pd.DataFrame, *, references: dict[str, float
     colours = pc.sample_colorscale("Viridis", [0.85 * i / max(1, len(taus) - 1) for i in range(len(taus))])
     fig = go.Figure()
     for tau, colour in zip(taus, colours):
-        ctx = steered[(steered.group == "contextual") & (steered.tau == tau)].groupby("k").correct.mean()
+        ctx = steered[(steered.group == "top") & (steered.tau == tau)].groupby("k").correct.mean()
         fig.add_trace(go.Scatter(x=ctx.index, y=ctx.values, mode="lines+markers", name=f"contextual, τ={tau:g}",
                                  line=dict(color=colour, width=2.5), legendgroup=f"{tau}"))
         per_draw = steered[(steered.group == "random") & (steered.tau == tau)].groupby(["k", "draw"]).correct.mean()
@@ -109,7 +109,7 @@ def plot_split_softmax_sweep(sweep: pd.DataFrame, *, references: dict[str, float
 
 def _accuracy_ci(rows: pd.DataFrame) -> pd.DataFrame:
     """Per α: ``acc`` (mean of ``correct``), ``n`` prompts and the Wilson 95 % interval
-    ``lo``..``hi`` (:func:`~focuslens.measure.evaluate.wilson_interval`)."""
+    ``lo``..``hi`` (:func:`~focuslens.measure.stats.wilson_interval`)."""
     g = rows.groupby("alpha").correct.agg(acc="mean", n="count")
     ci = [wilson_interval(a, n) for a, n in zip(g.acc, g.n)]
     return g.assign(lo=[c[0] for c in ci], hi=[c[1] for c in ci])

@@ -7,11 +7,12 @@ import random
 import pandas as pd
 
 from focuslens.causal.ablation import ablate_head_groups
-from focuslens.causal.patching import all_heads, make_counterfactual_pairs, patch_heads, rank_agreement
+from focuslens.causal.patching import make_counterfactual_pairs, patch_heads, rank_agreement
 from focuslens.data import make_synthetic_qa
 from focuslens.experiments.stages.base import StageResult
 from focuslens.measure.distraction import distraction, distraction_summary
 from focuslens.measure.scoring import score_heads
+from focuslens.model.heads import all_heads, random_heads_outside
 from focuslens.model.load import model_id
 
 __all__ = ["run_distraction", "run_contextual_heads", "run_patching", "SCORING_SETTINGS"]
@@ -52,7 +53,7 @@ def run_contextual_heads(model, *, n_prompts: int = 100, n_documents: int = 20, 
 
     examples = make_synthetic_qa(n_prompts, n_documents=n_documents, seed=seed)
     scores = score_heads(model, examples, quiet=quiet, data=f"synthetic n_documents={n_documents} seed={seed}")
-    top = scores.top_k(20)
+    top = scores.top_k(min(20, len(scores.ranking())))  # a tiny model has fewer heads
     print(f"\nContextual heads: attention mass from the answer rows to the gold document "
           f"({n_prompts} prompts, {n_documents} documents; 95% bootstrap CI)")
     print(f"{'rank':>4} {'layer':>5} {'head':>4} {'score':>7} {'95% CI':>17} {'irrelevant max':>15} {'sink':>6}")
@@ -85,20 +86,17 @@ def run_patching(model, scores, *, n_pairs: int = 8, n_candidates: int = 20, n_a
     contextual heads plus as many random heads, rank agreement, and mean-ablation of the
     top-k heads of both rankings vs random sets (each k of ``ablation_ks`` that leaves as
     many heads outside the top k)."""
-
-
     pairs = make_counterfactual_pairs(model, make_synthetic_qa(n_pairs, n_documents=20, seed=seed), seed=seed)
-    top = scores.top_k(n_candidates)
-    rest = [h for h in all_heads(model) if h not in set(top)]
-    result = patch_heads(model, pairs, heads=top + random.Random(seed).sample(rest, min(n_candidates, len(rest))),
-                         quiet=quiet)
+    top = scores.top_k(min(n_candidates, len(scores.ranking())))
+    control = random_heads_outside(model, top, n_candidates, random.Random(seed))
+    result = patch_heads(model, pairs, heads=top + control, quiet=quiet)
     contextual, effect = scores["gold"], result.scores
     agree = {"contextual_vs_attribution": rank_agreement(contextual, effect["attribution"], k=20),
              "contextual_vs_exact": rank_agreement(contextual, effect["exact"], k=10),
              "attribution_vs_exact": rank_agreement(effect["attribution"], effect["exact"], k=10)}
     print(f"\nActivation patching ({n_pairs} counterfactual pairs, 20 documents; effect 0 = corrupted, 1 = clean)")
     print(f"{'rank':>4} {'layer':>5} {'head':>4} {'attribution':>12} {'exact':>7} {'contextual':>11}")
-    for rank, (layer, head) in enumerate(result.top_k(15, "attribution"), 1):
+    for rank, (layer, head) in enumerate(result.ranking("attribution")[:15], 1):
         exact = float(effect["exact"][layer, head])
         print(f"{rank:>4} {layer:>5} {head:>4} {float(effect['attribution'][layer, head]):>12.3f} "
               f"{'' if exact != exact else f'{exact:.3f}':>7} {float(contextual[layer, head]):>11.3f}")
@@ -116,7 +114,7 @@ def run_patching(model, scores, *, n_pairs: int = 8, n_candidates: int = 20, n_a
         "spearman": agree["contextual_vs_attribution"]["spearman"],
         "top20_overlap": agree["contextual_vs_attribution"]["top_k_overlap"],
         "causal_ranking": "attribution patching over all heads", "n_pairs": n_pairs, "agreement": agree,
-        "top_causal": [[la, h, round(float(effect["attribution"][la, h]), 4)] for la, h in result.top_k(20, "attribution")],
+        "top_causal": [[la, h, round(float(effect["attribution"][la, h]), 4)] for la, h in result.ranking("attribution")[:20]],
         "group_ablation": _ablation_summary(groups, ks, n_ablation),
     }
     return StageResult("patching", summary, tables={"ablation_groups": groups.drop(columns="heads")},
@@ -124,8 +122,8 @@ def run_patching(model, scores, *, n_pairs: int = 8, n_candidates: int = 20, n_a
 
 
 def _ablation_summary(groups: pd.DataFrame, ks, n_ablation: int) -> dict:
-    base = float(groups[groups.group == "none"].accuracy.iloc[0])
-    table = (groups[groups.group != "none"].groupby(["ranking", "k", "group"])[["margin_drop", "accuracy"]]
+    base = float(groups[groups.group == "none"].correct.iloc[0])
+    table = (groups[groups.group != "none"].groupby(["ranking", "k", "group"])[["margin_drop", "correct"]]
              .mean().unstack("group"))
     print(f"\nMean-ablating head groups at the answer rows ({n_ablation} prompts, 5 documents; "
           f"accuracy without ablation {base:.3f}); random = mean of 3 draws")
@@ -135,8 +133,8 @@ def _ablation_summary(groups: pd.DataFrame, ks, n_ablation: int) -> dict:
         return float(g[(g.k == k) & (g.group == group)][column].mean())
 
     return {"n_prompts": n_ablation, "n_documents": 5, "accuracy_without_ablation": base,
-            "by_ranking": {r: {str(k): {"top_accuracy": cell(g, k, "top", "accuracy"),
-                                        "random_accuracy": cell(g, k, "random", "accuracy"),
+            "by_ranking": {r: {str(k): {"top_accuracy": cell(g, k, "top", "correct"),
+                                        "random_accuracy": cell(g, k, "random", "correct"),
                                         "top_margin_drop": cell(g, k, "top", "margin_drop"),
                                         "random_margin_drop": cell(g, k, "random", "margin_drop")} for k in ks}
                            for r, g in groups.groupby("ranking")}}

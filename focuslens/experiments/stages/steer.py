@@ -91,7 +91,7 @@ def run_split_softmax(model, scores, test, *, ks=(1, 5, 10, 20, 50), taus=(0.8, 
     baseline = float(sweep[sweep.group == "none"].correct.mean())
     acc = sweep[sweep.group != "none"].groupby(["group", "k", "tau"]).correct.mean()
     per_draw = sweep[sweep.group == "random"].groupby(["k", "tau", "draw"]).correct.mean()
-    mass = sweep[sweep.group == "contextual"].groupby(["k", "tau"]).gold_mass.mean()
+    mass = sweep[sweep.group == "top"].groupby(["k", "tau"]).gold_mass.mean()
 
     def table(group):
         return {str(k): {"1.0": baseline, **{str(t): float(acc[group, k, t]) for t in taus}} for k in ks}
@@ -99,22 +99,22 @@ def run_split_softmax(model, scores, test, *, ks=(1, 5, 10, 20, 50), taus=(0.8, 
     summary = {
         "model": model_id(model), "n_test": int(sweep.example.nunique()), "baseline": baseline,
         "gold_only": refs["gold_only"], "no_gold": refs["no_gold"],
-        "contextual": table("contextual"), "random": table("random"),
+        "contextual": table("top"), "random": table("random"),
         "random_sd": {str(k): {str(t): float(per_draw[k, t].std()) for t in taus} for k in ks},
         "n_random_draws": n_random,
         "contextual_gold_mass": {str(k): {str(t): float(mass[k, t]) for t in taus} for k in ks},
         "ranking": "contextual scores (gold mass, answer rows), stage 2", "rows": rows,
     }
     if 20 in ks:
-        best_tau = max(taus, key=lambda t: acc["contextual", 20, t])
-        top, rnd = float(acc["contextual", 20, best_tau]), float(acc["random", 20, best_tau])
+        best_tau = max(taus, key=lambda t: acc["top", 20, t])
+        top, rnd = float(acc["top", 20, best_tau]), float(acc["random", 20, best_tau])
         summary["top20"] = {"best_tau": best_tau, "contextual": top, "random": rnd, "margin_over_random": top - rnd,
                             "reaches_gold_only": bool(top >= refs["gold_only"])}
     print(f"\nSplit-softmax on {summary['n_test']} held-out prompts (accuracy; baseline {baseline:.3f}, "
           f"gold only {refs['gold_only']:.3f}, no gold {refs['no_gold']:.3f})")
-    print(f"{'k':>4} " + " ".join(f"{'ctx t=' + format(t, 'g'):>10} {'rnd t=' + format(t, 'g'):>10}" for t in taus))
+    print(f"{'k':>4} " + " ".join(f"{'top t=' + format(t, 'g'):>10} {'rnd t=' + format(t, 'g'):>10}" for t in taus))
     for k in ks:
-        print(f"{k:>4} " + " ".join(f"{acc['contextual', k, t]:>10.3f} {acc['random', k, t]:>10.3f}" for t in taus))
+        print(f"{k:>4} " + " ".join(f"{acc['top', k, t]:>10.3f} {acc['random', k, t]:>10.3f}" for t in taus))
     return StageResult("split_softmax", summary, tables={"split_softmax_sweep": sweep})
 
 
@@ -138,7 +138,7 @@ def run_focus_directions(model, scores, splits: dict, *, ks=(1, 5, 10, 20, 50, N
                                 **(training or {}))
     else:
         dirs = directions
-        dirs.ranking = dirs.ranking or scores.ranking()
+        dirs = dirs if dirs.ranking() else dirs.with_ranking(scores)
     _print_training(dirs, quiet)
     ks = tuple(k for k in ks if k is None or k <= dirs.shape[0] * dirs.shape[1])  # a small model has fewer heads
     # the method steers with alpha > 0 (alpha < 0 is the control): choose among those
@@ -239,10 +239,10 @@ def run_prompt_views(model, scores, example, *, directions=None, alpha: float = 
     prompt = render(example, model.tokenizer, max_length=model.cfg.n_ctx)
     parts = part_spans(prompt)
     window = token_window(prompt)
-    both = prompt_span_masses(model, prompt, scores.top_k(n_heads), spans={**parts, **{i: (i, i + 1) for i in window}})
-    tables = {"document_attention": both[list(parts)], "token_masses": both.loc[scores.top_k(n_token_heads), list(window)]}
+    both = prompt_span_masses(model, prompt, scores.ranking()[:n_heads], spans={**parts, **{i: (i, i + 1) for i in window}})
+    tables = {"document_attention": both[list(parts)], "token_masses": both.loc[scores.ranking()[:n_token_heads], list(window)]}
     if directions is not None:
-        tables["key_bias"] = directions.key_bias(model, prompt, alpha, directions.ranking[:n_bias_heads])
+        tables["key_bias"] = directions.key_bias(model, prompt, alpha, directions.ranking()[:n_bias_heads])
     summary = {"model": model_id(model), "example": example_to_json(example), "alpha": alpha,
                "window": [window.start, window.end], "n_heads": len(both)}
     return StageResult("prompt_views", summary, tables=tables, objects={"prompt": prompt})

@@ -1,0 +1,184 @@
+"""The recorder: what chosen heads attend to, read in one place.
+
+Every measurement of attention in focuslens — contextual scores, per-prompt span masses,
+the sweeps' gold/sink probes, where steered attention lands, the keys a focus direction
+reads — is a :class:`Recording`. It installs ``hook_pattern`` hooks on the layers of the
+chosen heads and **reduces each pattern at once** to the mass its query rows put on each
+span (:func:`~focuslens.model.hooks.mass_on`, the one span-mass reduction); no attention
+pattern is kept. Optionally it keeps named activations of those layers (``rot_k``: the
+post-RoPE keys, for key biases). It is the *retain* half of baukit's ``Trace``, next to the
+interventions' *edit* half (:mod:`focuslens.model.intervention`):
+
+>>> with record(model, heads=20, ranking=scores, spans=("gold", "sink"), prompt=prompt) as rec:  # doctest: +SKIP
+...     model(prompt.input_ids[None])
+>>> rec.table()            # one row per head, one column per span  # doctest: +SKIP
+
+Rows are the prompt's answer rows (``rows="answer"``, the default: the query positions in
+``prompt.answer``) or every query row of the pass (``"all"``). Query rows are located by
+absolute position (``key_len − query_len + i``), so a recording reads the right rows in a
+plain forward, in a :class:`~focuslens.model.prefix.PrefixCache` run and in KV-cached
+generation, where only the pass that contains the answer rows is recorded.
+
+Spans are names of :meth:`~focuslens.data.render.Prompt.spans` resolved per prompt
+(``"gold"``, ``"doc_3"``), :class:`~focuslens.data.render.Span` s, ``(start, end)`` pairs,
+boolean key masks, or lists of those (one column covering several spans); or a function
+``prompt -> {name: column}``. Each batch row may have its own prompt (``prompts=``), or
+one prompt serves every row (the variants of a sweep).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import pandas as pd
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from focuslens.errors import DataError
+from focuslens.model.heads import HookSpec, resolve_heads
+from focuslens.model.hooks import attn_hook, mass_on
+from focuslens.model.spans import resolve_span
+
+__all__ = ["Recording", "record"]
+
+
+def _column(value, prompt, name: str, n_keys: int) -> Tensor:
+    """One span column as a float ``[n_keys]`` indicator."""
+    if isinstance(value, Tensor) and value.dtype == torch.bool:
+        col = torch.zeros(n_keys)
+        col[: min(n_keys, value.shape[-1])] = value[:n_keys].float()
+        return col
+    parts = value if isinstance(value, list) else [value]
+    col = torch.zeros(n_keys)
+    for part in parts:
+        span = resolve_span(part, prompt, field=f"spans[{name!r}]")
+        col[span.start : span.end] = 1
+    return col
+
+
+class Recording:
+    """Span masses (and optional activations) of chosen heads, filled by its hooks.
+
+    Args:
+        model: a ``TransformerBridge``.
+        heads, ranking: any selection of :func:`~focuslens.model.heads.resolve_heads`.
+        spans: span names / spans / masks, a dict name -> column, or ``prompt -> dict``.
+        prompt: the prompt of every batch row; or ``prompts``, one per batch row.
+        rows: ``"answer"`` (the prompt's answer rows) or ``"all"``.
+        activations: hook points (of :data:`~focuslens.model.hooks.POINTS`) to keep for
+            the chosen heads' layers, batch row 0 (e.g. ``("rot_k",)``).
+    """
+
+    def __init__(self, model, heads="all", spans=("gold", "sink"), *, ranking=None, prompt=None,
+                 prompts: Sequence | None = None, rows: str = "answer", activations: Sequence[str] = ()):
+        if rows not in ("answer", "all"):
+            raise DataError(f"rows={rows!r}: a recording reads rows='answer' or rows='all'.")
+        self.heads = resolve_heads(model, heads, ranking)
+        if not self.heads:
+            raise DataError("heads selects no head: nothing to record.")
+        self.prompts = list(prompts) if prompts is not None else [prompt]
+        if rows == "answer" and any(p is None for p in self.prompts):
+            raise DataError("rows='answer' needs the prompt whose answer rows it reads: pass prompt= or prompts=.")
+        self.rows, self.activation_points = rows, tuple(activations)
+        self._spans = spans
+        self.columns = [self._named(p) for p in self.prompts]
+        self.names = list(self.columns[0])
+        self.by_layer: dict[int, list[int]] = {}
+        for layer, head in self.heads:
+            self.by_layer.setdefault(layer, []).append(head)
+        self.masses: dict[int, Tensor] = {}  # layer -> [batch, heads of that layer, span]
+        self.activations: dict[tuple[str, int], Tensor] = {}
+
+    def _named(self, prompt) -> dict:
+        spans = self._spans(prompt) if callable(self._spans) else self._spans
+        if isinstance(spans, dict):
+            return dict(spans)
+        if isinstance(spans, str):
+            spans = (spans,)
+        return {s if isinstance(s, str) else str(s): s for s in spans}
+
+    @property
+    def last_layer(self) -> int:
+        """The deepest layer read: a forward pass may stop after it."""
+        return max(self.by_layer)
+
+    def indicator(self, row: int, n_keys: int) -> Float[Tensor, "key span"]:
+        """Batch row ``row``'s spans as a ``[n_keys, n_spans]`` indicator."""
+        i = row if len(self.prompts) > 1 else 0
+        return torch.stack([_column(v, self.prompts[i], n, n_keys) for n, v in self.columns[i].items()], dim=-1)
+
+    def _query_rows(self, row: int, q: int, k: int) -> slice | None:
+        """The pattern rows to read in a pass of ``q`` queries over ``k`` keys (None: none)."""
+        if self.rows == "all":
+            return slice(0, q)
+        answer = self.prompts[row if len(self.prompts) > 1 else 0].answer
+        start, end = max(answer.start - (k - q), 0), min(answer.end - (k - q), q)
+        return slice(start, end) if start < end else None
+
+    def _reduce(self, pattern: Tensor, hook, layer: int) -> None:
+        b, _, q, k = pattern.shape
+        hs = self.by_layer[layer]
+        if len(self.prompts) == 1:  # one prompt for every row (the variants of a sweep): one matmul
+            rows = self._query_rows(0, q, k)
+            if rows is not None:
+                self.masses[layer] = mass_on(pattern[:, hs, rows].float(), self.indicator(0, k)).cpu()
+            return
+        out = []
+        for r in range(b):
+            rows = self._query_rows(r, q, k)
+            if rows is None:
+                return
+            out.append(mass_on(pattern[r, hs, rows].float(), self.indicator(r, k)).cpu())
+        self.masses[layer] = out  # one [head, span] per row: prompts may have different spans
+
+    def _keep(self, x: Tensor, hook, point: str, layer: int) -> None:
+        self.activations[(point, layer)] = x[0].detach().float().cpu()
+
+    def hooks(self) -> list[HookSpec]:
+        """The hook specs that fill this recording."""
+        out: list[HookSpec] = [(attn_hook(layer, "pattern"), lambda x, hook, layer=layer: self._reduce(x, hook, layer))
+                               for layer in self.by_layer] if self.names else []
+        out += [(attn_hook(layer, point), lambda x, hook, point=point, layer=layer: self._keep(x, hook, point, layer))
+                for point in self.activation_points for layer in self.by_layer]
+        return out
+
+    def row(self, row: int) -> Float[Tensor, "head span"]:
+        """Batch row ``row``'s masses ``[head, span]``, heads in selection order."""
+        missing = [layer for layer in self.by_layer if layer not in self.masses]
+        if missing:
+            raise DataError(f"nothing was recorded for layers {missing}: run a forward pass of the prompt (its answer "
+                            "rows) inside the recording.")
+        index = {layer: {h: i for i, h in enumerate(hs)} for layer, hs in self.by_layer.items()}
+        return torch.stack([self.masses[layer][row][index[layer][h]] for layer, h in self.heads])
+
+    def tensor(self) -> Float[Tensor, "batch head span"]:
+        """Masses ``[batch, head, span]`` (every row with the same spans)."""
+        first = self.masses[next(iter(self.by_layer))] if self.masses else None
+        return torch.stack([self.row(r) for r in range(len(first) if first is not None else 1)])
+
+    def table(self, row: int = 0) -> pd.DataFrame:
+        """Batch row ``row`` as a DataFrame: index ``(layer, head)``, one column per span."""
+        return pd.DataFrame(self.row(row).numpy(), columns=self.names,
+                            index=pd.MultiIndex.from_tuples(self.heads, names=["layer", "head"]))
+
+    def masked_sum(self, masks: Tensor, name: str) -> Tensor:
+        """Per batch row: the mass on span ``name`` summed over the heads of ``masks``
+        (``[batch, n_layers, n_heads]``; the recorded heads must cover them), layer by layer."""
+        col = self.names.index(name)
+        total = 0
+        for layer, hs in self.by_layer.items():
+            total = total + (self.masses[layer][..., col] * masks[:, layer, hs].float()).sum(-1)
+        return total
+
+
+@contextmanager
+def record(model, heads="all", spans=("gold", "sink"), *, ranking=None, prompt=None, prompts=None,
+           rows: str = "answer", activations: Sequence[str] = ()):
+    """Context manager: a :class:`Recording` whose hooks are active while the block runs."""
+    rec = Recording(model, heads, spans, ranking=ranking, prompt=prompt, prompts=prompts, rows=rows,
+                    activations=activations)
+    with model.hooks(fwd_hooks=rec.hooks()):
+        yield rec
+

@@ -1,0 +1,59 @@
+"""Interventions as values: what to change in a forward pass, separate from where it runs.
+
+An :class:`Intervention` (split-softmax, focus directions, head ablation, …) holds its
+settings — heads, the ranking an int refers to, spans by name, strength — and turns them
+into TransformerLens hook specs for one prompt with :meth:`Intervention.hooks`. The same
+value then works
+
+* as a context manager on a model: ``with iv.on(model, prompt): model(...)`` (hooks are
+  removed on exit, also on error; ``model.generate`` works inside);
+* in every evaluation: ``evaluate_next_token(model, examples, intervention=iv)``,
+  ``evaluate_generation(..., intervention=iv)``; and
+* in every sweep, whose variants are one batched intervention (per-variant head masks and
+  strengths, one batch row each).
+
+Because spans are names (``"gold"``, ``"doc_3"``) resolved per prompt, one value serves a
+whole list of prompts. This is the pyvene / nnsight idea of interventions as values,
+expressed through TransformerLens hook points (no forked modeling code).
+
+``rows`` says which query positions are edited, with one default everywhere: ``"all"``,
+the paper's intervention (every position, so the documents' own queries are steered and
+their downstream keys change). ``"answer"`` edits the answer rows and later positions only:
+the prompt before them is then the unsteered model's, so one prefill can serve every
+variant of a sweep (:class:`~focuslens.model.prefix.PrefixCache`) — faster, but a different
+intervention, so it is never chosen silently.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from focuslens.model.heads import HookSpec
+
+__all__ = ["Intervention"]
+
+
+class Intervention:
+    """Base of the intervention values. A subclass sets ``rows`` and implements
+    :meth:`hooks` and :meth:`n_variants`."""
+
+    rows = "all"
+
+    def hooks(self, model, prompt=None, variants: slice | None = None) -> list[HookSpec]:
+        """Hook specs for ``prompt`` (needed for span names and ``rows="answer"``); with
+        ``variants``, only those variants, one batch row each."""
+        raise NotImplementedError
+
+    def n_variants(self, model) -> int:
+        """How many variants (batch rows) this value holds: 1 unless built for a sweep."""
+        return 1
+
+    @contextmanager
+    def on(self, model, prompt=None):
+        """Context manager: the intervention is active on ``model`` while the block runs."""
+        with model.hooks(fwd_hooks=self.hooks(model, prompt)):
+            yield model
+
+    def hooks_for(self, model):
+        """``(prompt, variants) -> hook specs``: the form the variant engine calls."""
+        return lambda prompt, variants: self.hooks(model, prompt, variants)
