@@ -136,7 +136,7 @@ def test_the_cycle_test_sees_function_level_imports(tmp_path):
 
 
 def test_public_names_are_few_and_real():
-    assert len(focuslens.__all__) <= 20
+    assert len(focuslens.__all__) <= 22  # README "Concepts": the names a notebook starts from
     for name in _modules():
         module = importlib.import_module(name)
         for public in getattr(module, "__all__", []):

@@ -17,4 +17,4 @@ from focuslens.causal.patching import (
 )
 
 __all__ = ["patch_heads", "PatchingResult", "CounterfactualPair", "make_counterfactual_pairs", "ablate_heads",
-           "ablate_head_groups"]
+           "ablate_head_groups", "rank_agreement"]

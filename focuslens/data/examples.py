@@ -10,16 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-import random
 import re
 import string
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from focuslens.errors import DataError
 
-__all__ = ["Document", "QAExample", "split_by_question", "normalize_answer", "LITM_INSTRUCTION"]
+__all__ = ["Document", "QAExample", "normalize_answer", "LITM_INSTRUCTION"]
 
 #: The instruction of Lost-in-the-Middle's ``qa.prompt`` (also used by the synthetic task).
 LITM_INSTRUCTION = (
@@ -180,27 +178,3 @@ def _plain_meta(ex: QAExample) -> dict[str, Any]:
     return {k: v for k, v in ex.meta.items() if k != "document_numbers"}
 
 
-def split_by_question(
-    examples: Sequence[QAExample],
-    fractions: tuple[float, float, float] = (0.5, 0.25, 0.25),
-    *,
-    seed: int = 0,
-) -> dict[str, list[QAExample]]:
-    """Split examples into train / validation / test so that no question crosses splits.
-
-    All examples sharing a ``qid`` (or, when empty, a question string) land in the same
-    split. The assignment is a seeded shuffle of the unique questions.
-    """
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-        raise DataError(f"fractions={fractions} must be three non-negative numbers summing to 1.")
-    keys = list(dict.fromkeys(ex.qid or ex.question for ex in examples))
-    random.Random(seed).shuffle(keys)
-    n_train = round(fractions[0] * len(keys))
-    n_val = round(fractions[1] * len(keys))
-    which = {k: "train" for k in keys[:n_train]}
-    which.update({k: "validation" for k in keys[n_train : n_train + n_val]})
-    which.update({k: "test" for k in keys[n_train + n_val :]})
-    out: dict[str, list[QAExample]] = {"train": [], "validation": [], "test": []}
-    for ex in examples:
-        out[which[ex.qid or ex.question]].append(ex)
-    return out

@@ -28,7 +28,7 @@ from focuslens.directions.cache import AttentionInputs, collect_attention_inputs
 from focuslens.directions.streamed import cache_to_disk
 from focuslens.errors import DataError
 from focuslens.measure.scoring import prepare_prompts
-from focuslens.model.heads import Head
+from focuslens.model.heads import ranking_of
 from focuslens.model.hooks import attn_hook
 from focuslens.model.load import architecture_of, library_versions, model_id
 from focuslens.progress import tqdm
@@ -235,7 +235,7 @@ def train_directions(
     init_std: float = 0.01,
     patience: int = 2,
     seed: int = 0,
-    ranking: Sequence[Head] | None = None,
+    ranking=None,
     data: str | None = None,
     inputs: tuple[AttentionInputs, AttentionInputs | None] | None = None,
     cache_dir: str | Path | None = None,
@@ -254,8 +254,9 @@ def train_directions(
             default (10 epochs, lr 1e-3, batch 1, init N(0, 0.01²)).
         patience: per-head early stopping: a head keeps its best-validation epoch;
             training stops when no head improved for ``patience`` epochs.
-        ranking: the head ranking to store with the directions (e.g.
-            ``scores.ranking()``), so that ``heads=k`` means the top k.
+        ranking: the head ranking to store with the directions (any ranking source:
+            ``scores``, ``scores.ranking()``, a PatchingResult, pairs), so that ``heads=k``
+            means its top k.
         data: a description of the training data for the metadata.
         inputs: the ``(train, validation)`` caches of :func:`collect_attention_inputs` if
             they were already collected for these prompts (e.g. to score heads from the same
@@ -281,4 +282,4 @@ def train_directions(
              "layers_per_group": layers_per_group, "seconds": train_in.seconds + (val_in.seconds if val_in else 0)}
     meta = _metadata(model, train_p, val_p, answer_rows, data, settings, cache) | {
         "train_seconds": time.perf_counter() - t0, **info}
-    return FocusDirections(dq, dk, list(ranking or []), meta)
+    return FocusDirections(dq, dk, ranking_of(ranking) if ranking is not None else [], meta)

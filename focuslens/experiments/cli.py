@@ -216,8 +216,8 @@ def _ranking_scores(model, args, out_dir):
 def _train_directions(args) -> None:
     from pathlib import Path
 
+    from focuslens.data.splits import steering_splits
     from focuslens.directions.train import train_directions
-    from focuslens.experiments.stages import steering_splits
     from focuslens.model.load import load_model
 
     model = load_model(args.model)
@@ -237,14 +237,11 @@ def _train_directions(args) -> None:
 def _steer(args) -> None:
     from pathlib import Path
 
+    from focuslens.data.splits import steering_splits
     from focuslens.directions.artifact import FocusDirections
     from focuslens.experiments.pipeline import load_release
-    from focuslens.experiments.stages import (
-        reference_accuracies,
-        run_focus_directions,
-        run_split_softmax,
-        steering_splits,
-    )
+    from focuslens.experiments.stages import run_focus_directions, run_split_softmax
+    from focuslens.measure.evaluate import reference_accuracies
     from focuslens.model.load import load_model
 
     model = load_model(args.model)
@@ -322,7 +319,7 @@ def _check_paths(args) -> None:
     if out and Path(out).exists() and not Path(out).is_dir():
         raise DataError(f"--out {out} is a file, not a folder.")
     if args.command == "steer":
-        from focuslens.experiments.stages import gold_positions
+        from focuslens.data.splits import gold_positions
 
         positions = gold_positions(args.n_documents)
         if args.n_test <= 0 or args.n_test % len(positions):

@@ -34,10 +34,10 @@ from focuslens.causal.patching import make_counterfactual_pairs, patch_heads
 from focuslens.data import make_synthetic_qa
 from focuslens.data.lost_in_the_middle import make_nq_distractor_examples
 from focuslens.data.render import Prompt, render, with_layout
+from focuslens.data.splits import gold_positions, steering_splits
 from focuslens.directions.cache import collect_attention_inputs
 from focuslens.directions.train import train_directions
 from focuslens.errors import DataError
-from focuslens.experiments.stages import gold_positions
 from focuslens.io import read_summary, update_summary, write_csv
 from focuslens.measure.evaluate import evaluate_generation, evaluate_next_token
 from focuslens.measure.record import record
@@ -96,13 +96,12 @@ def task_splits(task: str, layout: str, s: ConditionSettings) -> dict[str, list]
         raise DataError(f"task={task!r}: use one of {sorted(TASKS)}.")
     if task == "nq":
         return _nq_splits(layout, s)
-    make = lambda n, seed: with_layout(  # noqa: E731
-        make_synthetic_qa(n, n_documents=s.n_documents, seed=seed, distractors=TASKS[task]), layout)
-    positions = gold_positions(s.n_documents)
-    if s.n_test % len(positions):
-        raise DataError(f"n_test={s.n_test} must be a multiple of the {len(positions)} gold positions {positions}.")
-    test = [ex.with_gold_at(p) for ex in make(s.n_test // len(positions), s.seed + 2) for p in positions]
-    return {"train": make(s.n_train, s.seed), "validation": make(s.n_validation, s.seed + 1), "test": test}
+    def make(n, seed):
+        return with_layout(make_synthetic_qa(n, n_documents=s.n_documents, seed=seed, distractors=TASKS[task]), layout)
+
+    out = steering_splits(n_train=s.n_train, n_validation=s.n_validation, n_test=s.n_test, n_documents=s.n_documents,
+                          seed=s.seed, make=make)
+    return {name: out[name] for name in ("train", "validation", "test")}
 
 
 def _nq_splits(layout: str, s: ConditionSettings) -> dict[str, list]:

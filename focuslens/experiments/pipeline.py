@@ -17,22 +17,22 @@ from pathlib import Path
 
 import torch
 
+from focuslens.data.splits import steering_splits
 from focuslens.directions.artifact import import_release
 from focuslens.experiments.conditions import run_demo_cell
 from focuslens.experiments.figures import draw_all
 from focuslens.experiments.stages import (
     StageResult,
     load_stage,
-    reference_accuracies,
     run_contextual_heads,
     run_distraction,
     run_focus_directions,
     run_patching,
     run_prompt_views,
     run_split_softmax,
-    steering_splits,
 )
 from focuslens.io import read_summary, update_summary
+from focuslens.measure.evaluate import reference_accuracies
 from focuslens.measure.stats import wilson_interval
 from focuslens.model.load import load_model
 from focuslens.model.prefix import PrefillStore

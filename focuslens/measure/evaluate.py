@@ -46,7 +46,7 @@ from focuslens.model.parallel import cat, gather, is_main, share
 from focuslens.model.prefix import PrefixCache
 from focuslens.progress import tqdm
 
-__all__ = ["evaluate_next_token", "evaluate_generation", "greedy_generate", "evaluate_variants", "generate_variants"]
+__all__ = ["evaluate_next_token", "evaluate_generation", "reference_accuracies", "greedy_generate", "evaluate_variants", "generate_variants"]
 
 
 def evaluate_next_token(
@@ -120,6 +120,28 @@ def evaluate_generation(
         rows.append({**example_columns(ex), "prediction": answer,
                      "correct": bool(best_subspan_em((ex.answer_prefix or "") + answer, ex.answers))})
     return pd.DataFrame(rows)
+
+
+def _unique(examples):
+    """Examples with distinct rendered content (gold-only / no-gold variants of one
+    question at several gold positions are the same prompt)."""
+    seen, out = set(), []
+    for ex in examples:
+        key = (ex.documents, ex.question)
+        if key not in seen:
+            seen.add(key)
+            out.append(ex)
+    return out
+
+
+def reference_accuracies(model, examples, *, quiet: bool = False) -> dict:
+    """Top-1 accuracy with the gold document alone and with it removed: the ceiling and
+    the floor an intervention on the distracted prompts is read against."""
+
+    gold_only = evaluate_next_token(model, _unique([ex.gold_only() for ex in examples]), quiet=quiet, desc="gold only")
+    no_gold = evaluate_next_token(model, _unique([ex.without_gold() for ex in examples]), quiet=quiet, desc="no gold")
+    return {"gold_only": float(gold_only.correct.mean()), "no_gold": float(no_gold.correct.mean()),
+            "n_gold_only": len(gold_only), "n_no_gold": len(no_gold)}
 
 
 # ------------------------------------------------------------------ the variant engine

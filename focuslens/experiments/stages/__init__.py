@@ -17,14 +17,10 @@ from focuslens.experiments.stages.heads import (
 from focuslens.experiments.stages.steer import (
     example_from_json,
     example_to_json,
-    gold_positions,
-    reference_accuracies,
     run_focus_directions,
     run_prompt_views,
     run_split_softmax,
-    steering_splits,
 )
 
 __all__ = ["StageResult", "load_stage", "run_distraction", "run_contextual_heads", "run_patching",
-           "run_split_softmax", "run_focus_directions", "run_prompt_views", "gold_positions", "steering_splits",
-           "reference_accuracies", "example_to_json", "example_from_json", "SCORING_SETTINGS"]
+           "run_split_softmax", "run_focus_directions", "run_prompt_views", "example_to_json", "example_from_json", "SCORING_SETTINGS"]

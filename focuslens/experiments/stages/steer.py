@@ -9,71 +9,18 @@ import json
 import pandas as pd
 import torch
 
-from focuslens.data import Document, QAExample, make_synthetic_qa, render
+from focuslens.data import Document, QAExample, render
 from focuslens.directions.train import train_directions
-from focuslens.errors import DataError
 from focuslens.experiments.stages.base import StageResult
-from focuslens.measure.evaluate import evaluate_next_token
+from focuslens.measure.evaluate import reference_accuracies
 from focuslens.measure.scoring import part_spans, prompt_span_masses, token_window
 from focuslens.model.load import model_id
 from focuslens.model.prefix import PrefillStore
 from focuslens.steer.focus import MagnitudeControl, best_setting, focus_sweep
 from focuslens.steer.split_softmax import split_softmax_sweep
 
-__all__ = ["gold_positions", "steering_splits", "reference_accuracies", "run_split_softmax", "run_focus_directions",
+__all__ = ["run_split_softmax", "run_focus_directions",
            "run_prompt_views", "example_to_json", "example_from_json"]
-
-
-# ------------------------------------------------------------------ steering data
-def gold_positions(n_documents: int, n: int = 5) -> tuple[int, ...]:
-    """``n`` spread-out gold positions, first and last included, as the paper places them:
-    ``max(0, i·N/(n−1) − 1)`` (20 documents: 0, 4, 9, 14, 19; 10 documents: 0, 1, 4, 6, 9);
-    every position when there are at most ``n`` documents."""
-    if n_documents <= n:
-        return tuple(range(n_documents))
-    return tuple(sorted({max(0, i * n_documents // (n - 1) - 1) for i in range(n)}))
-
-
-def steering_splits(*, n_train: int = 200, n_validation: int = 100, n_test: int = 200, n_documents: int = 20,
-                    seed: int = 4) -> dict:
-    """Synthetic train / validation / test examples for steering, disjoint by seed from the
-    other stages. Test questions appear with the gold at each of :func:`gold_positions`
-    (``n_test`` prompts in all), for per-position results; the others at random positions."""
-
-    positions = gold_positions(n_documents)
-    if n_test < 0 or n_test % len(positions):
-        raise DataError(f"n_test={n_test}: the test questions appear once per gold position {positions}, so n_test "
-                        f"must be a multiple of {len(positions)} (e.g. {max(len(positions), n_test - n_test % len(positions))}).")
-    n_questions = n_test // len(positions)
-    questions = make_synthetic_qa(n_questions, n_documents=n_documents, seed=seed + 2) if n_questions else []
-    make = lambda n, seed: make_synthetic_qa(n, n_documents=n_documents, seed=seed) if n else []  # noqa: E731
-    return {
-        "train": make(n_train, seed),
-        "validation": make(n_validation, seed + 1),
-        "test": [ex.with_gold_at(p) for ex in questions for p in positions],
-        "positions": positions,
-    }
-
-
-def _unique(examples):
-    """Examples with distinct rendered content (gold-only / no-gold variants of one
-    question at several gold positions are the same prompt)."""
-    seen, out = set(), []
-    for ex in examples:
-        key = (ex.documents, ex.question)
-        if key not in seen:
-            seen.add(key)
-            out.append(ex)
-    return out
-
-
-def reference_accuracies(model, examples, *, quiet: bool = False) -> dict:
-    """Top-1 accuracy with the gold document alone and with it removed."""
-
-    gold_only = evaluate_next_token(model, _unique([ex.gold_only() for ex in examples]), quiet=quiet, desc="gold only")
-    no_gold = evaluate_next_token(model, _unique([ex.without_gold() for ex in examples]), quiet=quiet, desc="no gold")
-    return {"gold_only": float(gold_only.correct.mean()), "no_gold": float(no_gold.correct.mean()),
-            "n_gold_only": len(gold_only), "n_no_gold": len(no_gold)}
 
 
 # ------------------------------------------------------------------ split-softmax
