@@ -254,9 +254,8 @@ def train_directions(
             default (10 epochs, lr 1e-3, batch 1, init N(0, 0.01²)).
         patience: per-head early stopping: a head keeps its best-validation epoch;
             training stops when no head improved for ``patience`` epochs.
-        ranking: the head ranking to store with the directions (any ranking source:
-            ``scores``, ``scores.ranking()``, a PatchingResult, pairs), so that ``heads=k``
-            means its top k.
+        ranking: the head ranking to store with the directions (any ranking source: scores,
+            a PatchingResult, pairs), so that ``heads=k`` means its top k.
         data: a description of the training data for the metadata.
         inputs: the ``(train, validation)`` caches of :func:`collect_attention_inputs` if
             they were already collected for these prompts (e.g. to score heads from the same

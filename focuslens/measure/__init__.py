@@ -10,7 +10,12 @@ statistics every table uses (:mod:`.stats`).
 May import: :mod:`focuslens.data`, :mod:`focuslens.model` and the top-level helpers.
 """
 
-from focuslens.measure.evaluate import evaluate_generation, evaluate_next_token, evaluate_variants, reference_accuracies
+from focuslens.measure.evaluate import (
+           evaluate_generation,
+           evaluate_next_token,
+           evaluate_variants,
+           reference_accuracies,
+)
 from focuslens.measure.record import Recording, record
 from focuslens.measure.results import HeadResult, rank_heads
 from focuslens.measure.scoring import HeadScores, prompt_span_masses, score_heads, token_masses

@@ -8,7 +8,12 @@ May import: :mod:`focuslens.data`, :mod:`focuslens.model`, :mod:`focuslens.measu
 """
 
 from focuslens.steer.focus import Focus, MagnitudeControl, best_setting, focus, focus_hooks, focus_sweep
-from focuslens.steer.split_softmax import SplitSoftmax, split_softmax, split_softmax_hooks, split_softmax_sweep
+from focuslens.steer.split_softmax import (
+           SplitSoftmax,
+           split_softmax,
+           split_softmax_hooks,
+           split_softmax_sweep,
+)
 
 __all__ = ["SplitSoftmax", "Focus", "split_softmax", "split_softmax_hooks", "split_softmax_sweep", "focus", "focus_hooks", "focus_sweep",
            "best_setting", "MagnitudeControl"]
