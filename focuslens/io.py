@@ -16,7 +16,7 @@ from pathlib import Path
 
 from focuslens.errors import DataError
 
-__all__ = ["write_atomic", "write_json", "write_csv", "json_safe", "read_json", "parse_json", "read_summary",
+__all__ = ["safetensors_header", "write_atomic", "write_json", "write_csv", "json_safe", "read_json", "parse_json", "read_summary",
            "update_summary"]
 
 
@@ -84,6 +84,21 @@ def parse_json(text: str | bytes, source: str | Path, what: str):
         return json.loads(text)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise DataError(f"{source}: cannot read a {what} ({e}).") from e
+
+
+def safetensors_header(path: str | Path) -> tuple[int, dict]:
+    """``(data start, header)`` of a safetensors file: the 8-byte little-endian header length,
+    then the JSON header (tensor name -> dtype, shape, data offsets). The one reader of the
+    format's header (the model cache checks lengths with it, the streamed cache reads shards
+    by position); a ``DataError`` naming the file when it is not a safetensors header."""
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        if not 0 < n < 1 << 27:
+            raise DataError(f"{path}: no safetensors header (header length {n}).")
+        header = parse_json(f.read(n), path, "safetensors header")
+    if not isinstance(header, dict):
+        raise DataError(f"{path}: the safetensors header is a {type(header).__name__}, not an object.")
+    return 8 + n, header
 
 
 def read_summary(path: str | Path) -> dict:

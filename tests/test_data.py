@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 
 import focuslens as fl
-from focuslens import DataError, Document, QAExample, Span, make_synthetic_qa, render
-from focuslens.data import split_by_question
+from focuslens import DataError, QAExample, Span, make_synthetic_qa, render
+from focuslens.data import Document, split_by_question
 from focuslens.data.examples import LITM_INSTRUCTION
 from focuslens.data.render import first_token_id
 from focuslens.data.synthetic import CITIES

@@ -18,7 +18,6 @@ import pytest
 import torch
 
 from focuslens.directions.artifact import FocusDirections
-from focuslens.errors import DataError
 from focuslens.io import update_summary
 from focuslens.measure.scoring import HeadScores
 from focuslens.model import load as models
@@ -124,10 +123,6 @@ def test_scores_survive_a_kill_at_every_step_of_save(tmp_path, monkeypatch):
     _kill_at_every_step("scores", path, n_steps, load)
 
 
-@pytest.mark.xfail(strict=True, raises=DataError, reason=(
-    "FocusDirections.save writes two files (the tensors, then the JSON holding their sha256), each atomically but "
-    "not together: killed between the two renames, the new tensors lie beside the old JSON and load refuses the "
-    "pair (sha256 mismatch). A one-file or temporary-folder save is scheduled for a later issue; drop this mark then."))
 def test_directions_survive_a_kill_at_every_step_of_save(tmp_path, monkeypatch):
     path = tmp_path / "dirs"
     v = torch.full((30, 9, 512), 0.0)

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import pytest
 
-from focuslens import DataError, Document, QAExample, make_synthetic_qa, render
+from focuslens import DataError, QAExample, make_synthetic_qa, render
+from focuslens.data import Document
 from focuslens.data.examples import LITM_INSTRUCTION
 from focuslens.data.render import LAYOUTS, render_user_text, with_layout
 from focuslens.model.testing import tiny_tokenizer

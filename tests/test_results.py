@@ -104,16 +104,20 @@ def test_an_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
 
 
 def test_directions_from_two_different_saves_do_not_load_as_a_pair(tmp_path):
-    old = FocusDirections(torch.zeros(2, 4, 8), torch.zeros(2, 4, 8), [(0, 1)], {"model": "m"})
-    new = FocusDirections(torch.ones(2, 4, 8), torch.ones(2, 4, 8), [(1, 2)], {"model": "m"})
+    old = FocusDirections(torch.zeros(2, 4, 8), torch.zeros(2, 4, 8), [(0, 1)], {"model": "m", "i": 0})
+    new = FocusDirections(torch.ones(2, 4, 8), torch.ones(2, 4, 8), [(1, 2)], {"model": "m", "i": 1})
     old.save(tmp_path / "d")
     json_of_old = (tmp_path / "d" / "focus_directions.json").read_text()
     new.save(tmp_path / "d")
     (tmp_path / "d" / "focus_directions.json").write_text(json_of_old)  # a crash after the tensors, before the JSON
+    got = FocusDirections.load(tmp_path / "d")  # the tensors' own header wins: the new save, whole
+    assert torch.equal(got.q, new.q) and got.ranking() == [(1, 2)] and got.metadata["i"] == 1
+    # a tensor file without its own header (an older save) beside a JSON of another save is refused
+    from safetensors.torch import save_file
+    save_file({"q": old.q, "k": old.k}, str(tmp_path / "d" / "focus_directions.safetensors"))
+    (tmp_path / "d" / "focus_directions.json").write_text(json_of_old.replace('"i": 0', '"i": 2'))
     with pytest.raises(DataError, match="sha256"):
         FocusDirections.load(tmp_path / "d")
-    new.save(tmp_path / "d")
-    assert FocusDirections.load(tmp_path / "d").ranking() == [(1, 2)]
 
 
 # ------------------------------------------------------------------ silent failures made loud

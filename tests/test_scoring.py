@@ -266,7 +266,7 @@ def test_ranking_files_that_cannot_be_read_say_why(tmp_path):
     model = tiny_model("llama", n_kv_heads=2)
     bad = tmp_path / "r.json"
     bad.write_text(json.dumps([[0, 1], [2, 0]]))
-    with pytest.raises(DataError, match=r"head \[2, 0\] is outside 2 layers × 4 heads"):
+    with pytest.raises(ModelError, match=r"head \[2, 0\] is outside 2 layers × 4 heads"):
         HeadScores.load(bad, model=model)
     bad.write_text(json.dumps([[0, 1], [0, 1]]))
     with pytest.raises(DataError, match=r"head \[0, 1\] is ranked more than once"):

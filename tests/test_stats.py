@@ -161,3 +161,11 @@ def test_paired_bootstrap_ci_weights_clusters_by_size_and_checks_labels():
         paired_bootstrap_ci(diffs, clusters=[0, 0, 1, 1, 2])
     with pytest.raises(DataError, match="missing"):
         paired_bootstrap_ci(diffs, clusters=[0, 0, 1, None, 2, 2])
+
+
+def test_wilson_of_a_mean_over_draws_uses_the_fraction_not_a_rounded_count():
+    # 0.5625 = 22.5 / 40 (three random draws averaged): the interval is centred on it, not on 22/40
+    low, high = wilson_interval(0.5625, 40)
+    assert (round(low, 3), round(high, 3)) == (0.41, 0.704)
+    assert wilson_interval(0.55, 40) != (low, high)
+    assert wilson_interval(22 / 40, 40) == pytest.approx(wilson_interval(0.55, 40), abs=1e-12)

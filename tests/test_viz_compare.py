@@ -229,9 +229,9 @@ def test_topk_overlap_reads_every_per_head_result_through_one_ranking_rule():
 def test_bad_input_raises_data_error_naming_the_field():
     with pytest.raises(DataError, match="models"):
         X.plot_head_locations({})
-    with pytest.raises(DataError, match=r"models\['bad'\].*\(5, 0\).*5 layers × 3 heads"):
+    with pytest.raises(ModelError, match=r"models\['bad'\].*\(5, 0\).*5 layers × 3 heads"):  # outside: ModelError
         X.plot_head_locations({"bad": ([(0, 0), (5, 0)], 5, 3)})
-    with pytest.raises(DataError, match=r"models\['bad'\].*\(0, 3\)"):
+    with pytest.raises(ModelError, match=r"models\['bad'\].*\(0, 3\)"):
         C.top_heads_table({"bad": ([(0, 3)], 5, 3)})
     with pytest.raises(DataError, match="directions"):
         X.plot_direction_norms({})

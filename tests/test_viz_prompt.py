@@ -206,7 +206,7 @@ def test_token_view_default_window_sums_to_document_mass():
     assert "".join(view.tokens).startswith(prompt.span_text(docs[g - 1]))
 
 
-@pytest.mark.parametrize("window", [(0, 10_000), (-1, 5), (8, 8), "gold"])
+@pytest.mark.parametrize("window", [(0, 10_000), (-1, 5), (8, 8), "doc_99", 3.5])
 def test_token_view_bad_window(window):
     model = get_tiny("llama", 2)
     with pytest.raises(DataError, match="window"):

@@ -8,13 +8,14 @@ May import: :mod:`focuslens.data`, :mod:`focuslens.model`, :mod:`focuslens.measu
 the top-level helpers.
 """
 
-from focuslens.causal.ablation import ablate_head_groups, ablate_heads
+from focuslens.causal.ablation import Ablate, ablate_head_groups, ablate_heads
 from focuslens.causal.patching import (
-           CounterfactualPair,
-           PatchingResult,
-           make_counterfactual_pairs,
-           patch_heads,
+    CounterfactualPair,
+    PatchingResult,
+    make_counterfactual_pairs,
+    patch_heads,
+    rank_agreement,
 )
 
-__all__ = ["patch_heads", "PatchingResult", "CounterfactualPair", "make_counterfactual_pairs", "ablate_heads",
+__all__ = ["Ablate", "patch_heads", "PatchingResult", "CounterfactualPair", "make_counterfactual_pairs", "ablate_heads",
            "ablate_head_groups", "rank_agreement"]

@@ -28,11 +28,13 @@ from focuslens.data.render import Prompt, candidate_token_ids, render
 from focuslens.errors import DataError
 from focuslens.model.heads import Head, top_and_random
 from focuslens.model.hooks import attn_hook
+from focuslens.model.intervention import HeadIntervention
 from focuslens.model.load import model_id
+from focuslens.model.parallel import is_main
 from focuslens.model.prefix import PrefixCache
 from focuslens.progress import tqdm
 
-__all__ = ["ablate_heads", "ablate_head_groups", "mean_answer_z", "ABLATIONS"]
+__all__ = ["Ablate", "ablate_heads", "ablate_head_groups", "mean_answer_z", "ABLATIONS"]
 
 ABLATIONS = ("mean", "zero")
 
@@ -89,9 +91,9 @@ def _ablation_runs(model, examples, mode, mean_z, quiet, desc) -> tuple[Iterator
     prompts = [render(ex, model.tokenizer, max_length=model.cfg.n_ctx) for ex in examples]
     runs: Iterable[_ExampleRun] = (_prepare_example(model, p) for p in prompts)
     if mode == "mean" and mean_z is None:
-        runs = [r for r in tqdm(runs, total=len(prompts), desc="prefill", disable=quiet, leave=False)]
+        runs = [r for r in tqdm(runs, total=len(prompts), desc="prefill", disable=quiet or not is_main(), leave=False)]
         mean_z = torch.cat([r.z for r in runs], dim=1).mean(1)
-    return iter(tqdm(runs, total=len(prompts), desc=desc, disable=quiet, leave=False)), mean_z
+    return iter(tqdm(runs, total=len(prompts), desc=desc, disable=quiet or not is_main(), leave=False)), mean_z
 
 
 def _ablation_source(mode: str, mean_z: Tensor | None, run: _ExampleRun) -> Tensor:
@@ -194,3 +196,45 @@ def ablate_head_groups(
     if isinstance(ranking, dict):
         out.loc[0, "ranking"] = None
     return out
+
+
+@dataclass
+class Ablate(HeadIntervention):
+    """Head ablation as an intervention value: each chosen head's output ``z`` becomes
+    ``scale·z + (1 − scale)·mean_z`` at ``rows`` (``scale=0``: zero ablation, or mean
+    ablation with ``mean_z`` ``[layer, head, d_head]`` from :func:`mean_answer_z`;
+    ``scale=1``: the identity). Usable like every intervention: ``with iv.on(model, prompt):``,
+    ``evaluate_next_token(..., intervention=iv)`` and the variant engine (one scale per
+    variant). With ``rows="answer"``, a pass over the whole prompt edits its answer rows and
+    every later position; a pass that starts later (a prefix-cache suffix, a generated
+    token) lies wholly after the prompt's answer start and is edited whole.
+    """
+
+    heads: object = 20
+    ranking: object = None
+    scale: object = 0.0
+    mean_z: Tensor | None = None
+    rows: object = "answer"
+
+    STRENGTH = "scale"
+
+    def variant_hooks(self, model, prompt, masks: Tensor, strength: Tensor) -> list:
+        if self.rows not in ("all", "answer"):
+            raise DataError(f"rows={self.rows!r}: an ablation acts at rows='all' or rows='answer'.")
+        if self.rows == "answer" and prompt is None:
+            raise DataError("rows='answer' needs the prompt whose answer rows it means: pass prompt=.")
+        hooks = []
+        for layer in masks.any(0).any(-1).nonzero().flatten().tolist():
+            keep = torch.where(masks[:, layer], strength[:, None], torch.ones(()))  # [variant, head]
+
+            def edit(z, hook, keep=keep, layer=layer):  # z: [batch, pos, head, d_head]
+                k = keep.to(z)[:, None, :, None]
+                if self.rows == "answer" and z.shape[1] == prompt.n_tokens:  # a pass from position 0
+                    on = (torch.arange(z.shape[1], device=z.device) >= prompt.answer.start)[None, :, None, None]
+                    k = torch.where(on, k, torch.ones((), dtype=z.dtype, device=z.device))
+                mean = self.mean_z[layer].to(z) if self.mean_z is not None else torch.zeros((), dtype=z.dtype,
+                                                                                              device=z.device)
+                return k * z + (1 - k) * mean
+
+            hooks.append((attn_hook(layer, "z"), edit))
+        return hooks

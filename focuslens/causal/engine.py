@@ -20,7 +20,7 @@ from torch import Tensor
 from focuslens.data.render import Prompt
 from focuslens.errors import DataError
 from focuslens.model.heads import Head, resolve_heads
-from focuslens.model.hooks import attn_hook
+from focuslens.model.hooks import attn_hook, last_position_only
 from focuslens.model.prefix import PrefixCache
 
 __all__ = ["answer_rows", "forward_answer_z", "run_head_groups", "check_heads"]
@@ -41,12 +41,9 @@ def forward_answer_z(model, prompt: Prompt) -> tuple[Tensor, Float[Tensor, "laye
     def keep(z, hook, layer):
         store[layer] = z[0, rows].detach().clone()
 
-    def only_last(resid, hook):  # unembed one position, not the whole prompt
-        return resid[:, -1:]
-
     hooks = [(attn_hook(layer, "z"), partial(keep, layer=layer)) for layer in range(model.cfg.n_layers)]
     logits = model.run_with_hooks(
-        prompt.input_ids[None].to(model.cfg.device), fwd_hooks=[*hooks, ("unembed.hook_in", only_last)]
+        prompt.input_ids[None].to(model.cfg.device), fwd_hooks=[*hooks, last_position_only()]
     )
     return logits[0, -1].float(), torch.stack([store[layer] for layer in range(model.cfg.n_layers)])
 

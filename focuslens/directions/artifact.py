@@ -38,6 +38,7 @@ context manager, sweeps, magnitude control).
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 from pathlib import Path
@@ -53,7 +54,7 @@ from torch import Tensor
 
 from focuslens.data.render import Prompt
 from focuslens.errors import DataError, ModelError
-from focuslens.io import read_json, write_atomic, write_json
+from focuslens.io import json_safe, read_json, safetensors_header, write_atomic, write_json
 from focuslens.measure.record import record
 from focuslens.measure.scoring import HeadScores
 from focuslens.model.heads import Head, ranking_of, resolve_heads
@@ -62,6 +63,7 @@ from focuslens.model.load import attention_scaling, model_id
 
 __all__ = ["FocusDirections", "import_release", "ARTIFACT_FORMAT"]
 
+_HEADER_KEY = "focuslens"  # the safetensors __metadata__ entry holding the artifact's metadata
 ARTIFACT_FORMAT = "focuslens.FocusDirections/1"
 
 
@@ -190,18 +192,20 @@ class FocusDirections:
 
     # ---------------------------------------------------------------- persistence
     def save(self, path: str | Path) -> Path:
-        """Write ``path/focus_directions.safetensors`` (``q``, ``k``) and
-        ``path/focus_directions.json`` (metadata, ranking and the tensors' SHA-256);
-        returns the directory. Each file is written atomically, tensors first: a crash
-        between the two leaves tensors that the old JSON's hash rejects at load."""
-
-
+        """Write ``path/focus_directions.safetensors`` (``q``, ``k``, and the metadata and
+        ranking in its header: the file describes itself, like a SAELens artifact) and
+        ``path/focus_directions.json`` (the same, readable, plus the tensors' SHA-256);
+        returns the directory. Each file is written atomically, tensors first. A save killed
+        between the two leaves the new tensors beside the old JSON: their hashes differ, and
+        :meth:`load` then reads the tensors' own header, so the new save loads whole — never
+        a mixed pair, never neither."""
         path = Path(path)
-        blob = save_safetensors({"q": self.q.detach().float().clone(), "k": self.k.detach().float().clone()})  # never shared
-        write_atomic(path / "focus_directions.safetensors", blob)
         meta = {"format": ARTIFACT_FORMAT, "shape": list(self.shape), "ranking": [list(h) for h in self._ranking],
-                "sha256": hashlib.sha256(blob).hexdigest(), "metadata": self.metadata}
-        write_json(path / "focus_directions.json", meta, indent=1)
+                "metadata": json_safe(self.metadata)}
+        tensors = {"q": self.q.detach().float().clone(), "k": self.k.detach().float().clone()}  # never shared
+        blob = save_safetensors(tensors, metadata={_HEADER_KEY: json.dumps(meta)})
+        write_atomic(path / "focus_directions.safetensors", blob)
+        write_json(path / "focus_directions.json", {**meta, "sha256": hashlib.sha256(blob).hexdigest()}, indent=1)
         return path
 
     @classmethod
@@ -213,8 +217,7 @@ class FocusDirections:
         for f in (meta_file, tensor_file):
             if not f.exists():
                 raise DataError(f"{f} is missing: {path} is not a directory written by FocusDirections.save.")
-        blob = _read_meta(meta_file)
-        q, k = _read_tensors(tensor_file, blob, meta_file)
+        q, k, blob = _read_tensors(tensor_file, _read_meta(meta_file), meta_file)
         try:
             out = cls(q, k, blob["ranking"], blob["metadata"])
         except (DataError, ModelError) as e:
@@ -246,24 +249,40 @@ def _checked_ranking(ranking, shape: tuple[int, int]) -> list[Head]:
 
 def _read_meta(meta_file: Path) -> dict:
     """The parsed ``focus_directions.json``, checked for its format and required keys."""
-    blob = read_json(meta_file, "FocusDirections metadata")
+    return _read_meta_blob(read_json(meta_file, "FocusDirections metadata"), meta_file)
+
+
+def _read_meta_blob(blob, source: Path) -> dict:
+    """Artifact metadata (from the JSON or a tensor file's header), checked."""
     if not isinstance(blob, dict) or blob.get("format") != ARTIFACT_FORMAT:
         found = blob.get("format") if isinstance(blob, dict) else type(blob).__name__
-        raise DataError(f"{meta_file} has format {found!r}, expected {ARTIFACT_FORMAT!r}.")
+        raise DataError(f"{source} has format {found!r}, expected {ARTIFACT_FORMAT!r}.")
     for key, kind in (("shape", list), ("ranking", list), ("metadata", dict)):
         if key not in blob:
-            raise DataError(f"{meta_file}: key {key!r} is missing.")
+            raise DataError(f"{source}: key {key!r} is missing.")
         if not isinstance(blob[key], kind):
-            raise DataError(f"{meta_file}: key {key!r} is a {type(blob[key]).__name__}, not a {kind.__name__}.")
+            raise DataError(f"{source}: key {key!r} is a {type(blob[key]).__name__}, not a {kind.__name__}.")
     return blob
 
 
-def _read_tensors(tensor_file: Path, blob: dict, meta_file: Path) -> tuple[Tensor, Tensor]:
-    """``q`` and ``k`` from ``focus_directions.safetensors``, checked against the metadata."""
+def _own_header(tensor_file: Path, meta_file: Path) -> dict:
+    """The metadata a tensor file carries in its header, for when the JSON beside it is from
+    another save (a save killed between its two writes)."""
+    try:
+        _, header = safetensors_header(tensor_file)
+        blob = json.loads(header["__metadata__"][_HEADER_KEY])
+    except (DataError, KeyError, TypeError, ValueError):
+        raise DataError(f"{tensor_file} does not match the sha256 in {meta_file.name} and carries no metadata of "
+                        "its own: the two files come from different saves. Save the directions again.") from None
+    return _read_meta_blob(blob, tensor_file)
+
+
+def _read_tensors(tensor_file: Path, blob: dict, meta_file: Path) -> tuple[Tensor, Tensor, dict]:
+    """``q``, ``k`` and their metadata from ``focus_directions.safetensors``, checked
+    against the JSON (or, if the JSON is from another save, against the file's own header)."""
     raw = tensor_file.read_bytes()
     if "sha256" in blob and hashlib.sha256(raw).hexdigest() != blob["sha256"]:
-        raise DataError(f"{tensor_file} does not match the sha256 in {meta_file.name}: the two files come from "
-                        f"different saves (an interrupted save?). Save the directions again.")
+        blob = _own_header(tensor_file, meta_file)
     try:
         tensors = load_safetensors(raw)
     except SafetensorError as e:
@@ -274,7 +293,7 @@ def _read_tensors(tensor_file: Path, blob: dict, meta_file: Path) -> tuple[Tenso
         if list(tensors[key].shape) != blob["shape"]:
             raise DataError(f"{tensor_file}: {key} has shape {list(tensors[key].shape)}, key 'shape' of "
                             f"{meta_file.name} says {blob['shape']}.")
-    return tensors["q"], tensors["k"]
+    return tensors["q"], tensors["k"], blob
 
 
 _LFS_POINTER = b"version https://git-lfs"

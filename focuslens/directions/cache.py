@@ -21,9 +21,10 @@ from torch import Tensor
 
 from focuslens.data.render import Prompt
 from focuslens.errors import DataError
-from focuslens.model.hooks import attn_hook
+from focuslens.model.hooks import attn_hook, last_position_only
 from focuslens.model.load import attention_scaling
 from focuslens.model.parallel import cat, is_main, share
+from focuslens.model.spans import require_gold, span_mask
 from focuslens.progress import tqdm
 
 __all__ = ["TrainingCache", "AttentionInputs", "collect_attention_inputs"]
@@ -109,8 +110,7 @@ def collect_attention_inputs(model, prompts: Sequence[Prompt], *, quiet: bool = 
     if not prompts:
         raise DataError("no prompts: directions need training data.")
     for i, p in enumerate(prompts):
-        if p.gold is None or len(p.gold) == 0:
-            raise DataError(f"prompt {i} has no gold document span: directions are trained to attend to it.")
+        require_gold(p, i, "directions are trained to attend to it")
     n, R, T = len(prompts), max(len(p.answer) for p in prompts), max(p.n_tokens for p in prompts)
     t0 = time.perf_counter()
     if not shared:
@@ -122,8 +122,7 @@ def collect_attention_inputs(model, prompts: Sequence[Prompt], *, quiet: bool = 
     sink = torch.zeros(n, T, dtype=torch.bool)
     for i, p in enumerate(prompts):
         row_pos[i, : len(p.answer)] = torch.arange(p.answer.start, p.answer.end)
-        gold[i, p.gold.start : p.gold.end] = True
-        sink[i, p.sink.start : p.sink.end] = True
+        gold[i], sink[i] = span_mask(p.gold, T), span_mask(p.sink, T)
     n_keys = torch.tensor([p.n_tokens for p in prompts])
     return AttentionInputs(q, k, pattern, row_pos, n_keys, gold, sink, attention_scaling(model), time.perf_counter() - t0)
 
@@ -150,7 +149,7 @@ def _forward_block(model, prompts: Sequence[Prompt], R: int, T: int, quiet: bool
                 pattern[i, layer, :, :n_rows, :n_tok] = x[0, :, rows].float().cpu()
 
         hooks = [(attn_hook(layer, point), keep) for layer in range(L) for point in ("rot_q", "rot_k", "pattern")]
-        hooks.append(("unembed.hook_in", lambda resid, hook: resid[:, -1:]))
+        hooks.append(last_position_only())
         model.run_with_hooks(p.input_ids[None].to(c.device), fwd_hooks=hooks)
     return q, k, pattern
 

@@ -37,7 +37,7 @@ from torch import Tensor
 from focuslens.data.render import Prompt
 from focuslens.directions.cache import AttentionInputs, collect_attention_inputs
 from focuslens.errors import DataError
-from focuslens.io import read_json, write_atomic, write_json
+from focuslens.io import read_json, safetensors_header, write_atomic, write_json
 from focuslens.model.load import attention_scaling, model_id
 from focuslens.model.parallel import is_main, share, world
 from focuslens.progress import tqdm
@@ -106,9 +106,7 @@ class ShardedInputs:
         a few hundred bytes per file)."""
         key = (layer, c)
         if key not in self._headers:
-            with open(self._shard(layer, c), "rb") as f:
-                n = int.from_bytes(f.read(8), "little")
-                self._headers[key] = (8 + n, json.loads(f.read(n)))
+            self._headers[key] = safetensors_header(self._shard(layer, c))
         return self._headers[key]
 
     def _dims(self, c: int) -> tuple[torch.dtype, int, int]:

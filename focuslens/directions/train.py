@@ -31,6 +31,7 @@ from focuslens.measure.scoring import prepare_prompts
 from focuslens.model.heads import ranking_of
 from focuslens.model.hooks import attn_hook
 from focuslens.model.load import architecture_of, library_versions, model_id
+from focuslens.model.parallel import is_main
 from focuslens.progress import tqdm
 
 __all__ = ["span_attention", "train_directions"]
@@ -145,7 +146,7 @@ def _train_on_inputs(train, validation, *, epochs: int, lr: float, weight_decay:
     best = before.clone() if before is not None else None
     best_epoch, waiting = torch.zeros(L, H, dtype=torch.long), torch.zeros(L, H, dtype=torch.long)
     history = []
-    bar = tqdm(range(epochs), desc="train directions", disable=quiet, leave=False)
+    bar = tqdm(range(epochs), desc="train directions", disable=quiet or not is_main(), leave=False)
     for epoch in bar:
         order = torch.randperm(len(train), generator=g)
         entry = {"epoch": epoch + 1, "train_gold_mass": _epoch(train, order, batch_size, groups, params, opts)}

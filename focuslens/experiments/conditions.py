@@ -174,25 +174,22 @@ def paired_gain(steered, baseline, *, n_bootstrap: int = 2000, seed: int = 0) ->
     return float(diff.mean()), low, high
 
 
-def _gold_parts(prompt: Prompt) -> dict[str, torch.Tensor]:
-    """Key masks: the gold document's title part (``Document [i](Title: …)``), its answer
-    tokens, the irrelevant documents, the sink."""
+def _gold_parts(prompt: Prompt) -> dict:
+    """Recorder columns: the gold document's title part (``Document [i](Title: …)``) and its
+    answer tokens (key masks), the irrelevant documents and the sink (spans)."""
     T, gold = prompt.n_tokens, prompt.gold
     text, answer, title = prompt.span_text(gold), prompt.example.answers[0], prompt.example.gold.title
     c0 = prompt.char_offsets[gold.start][0]
     title_end = c0 + text.index("(Title: ") + len("(Title: ") + len(title) + 1
     found = text.lower().rfind(answer.lower())
     a0 = c0 + found if found >= 0 else -1  # NQ: the gold passage may word the answer differently
-    masks = {name: torch.zeros(T, dtype=torch.bool) for name in ("gold_title", "gold_answer", "irrelevant", "sink")}
+    masks = {name: torch.zeros(T, dtype=torch.bool) for name in ("gold_title", "gold_answer")}
     for j in gold:
         c0, c1 = prompt.char_offsets[j]  # noqa: PLW2901
         masks["gold_title"][j] = c1 <= title_end
         masks["gold_answer"][j] = a0 >= 0 and c1 > a0 and c0 < a0 + len(answer)
-    for i, span in enumerate(prompt.documents):
-        if i != prompt.gold_index:
-            masks["irrelevant"][span.start : span.end] = True
-    masks["sink"][prompt.sink.start : prompt.sink.end] = True
-    return masks
+    irrelevant = [span for i, span in enumerate(prompt.documents) if i != prompt.gold_index]
+    return {**masks, "irrelevant": irrelevant, "sink": prompt.sink}
 
 
 @torch.no_grad()

@@ -42,6 +42,7 @@ from focuslens.measure.forward import (
     warn_unscorable,
 )
 from focuslens.model.decode import decode_rows, greedy_text, greedy_tokens
+from focuslens.model.hooks import last_position_only
 from focuslens.model.parallel import cat, gather, is_main, share
 from focuslens.model.prefix import PrefixCache
 from focuslens.progress import tqdm
@@ -114,7 +115,7 @@ def evaluate_generation(
         return table.drop(columns=["example", "variant"])
     rows = []
     for ex, prompt in tqdm(
-        [(p.example, p) for p in to_prompts(model, examples)], desc="generate", disable=quiet, leave=False
+        [(p.example, p) for p in to_prompts(model, examples)], desc="generate", disable=quiet or not is_main(), leave=False
     ):
         answer = greedy_generate(model, prompt, max_new_tokens=max_new_tokens)
         rows.append({**example_columns(ex), "prediction": answer,
@@ -164,7 +165,7 @@ def _run_variants(model, prompt: Prompt, n_variants: int, hooks_for, rows: str, 
         return logits
     if rows != "all":
         raise DataError(f"rows={rows!r}: a sweep runs rows='all' or rows='answer'.")
-    last = [("unembed.hook_in", lambda resid, hook: resid[:, -1:])]
+    last = [last_position_only()]
 
     def run(tokens, hooks, probes):
         return model.run_with_hooks(tokens, fwd_hooks=[*hooks, *probes, *last])[:, -1].float().cpu()

@@ -25,6 +25,7 @@ from focuslens.data.examples import QAExample, normalize_answer
 from focuslens.data.render import Prompt, render, scored_tokens
 from focuslens.errors import DataError
 from focuslens.measure.record import Recording
+from focuslens.model.hooks import last_position_only
 from focuslens.model.parallel import cat, is_main, share
 from focuslens.progress import tqdm
 
@@ -106,7 +107,7 @@ def next_token_logits(
         batch_size = 1 if str(model.cfg.device).startswith("cpu") else 16
     pad = model.tokenizer.pad_token_id or 0
     out = torch.empty(len(prompts), model.cfg.d_vocab, dtype=torch.float32)
-    bar = tqdm(total=len(prompts), desc=desc, disable=quiet, leave=False)
+    bar = tqdm(total=len(prompts), desc=desc, disable=quiet or not is_main(), leave=False)
     if batch_size == 1 and not hooks:
         _shared_prefix_logits(model, prompts, out, bar)
         bar.close()
@@ -138,7 +139,7 @@ def _shared_prefix_logits(model, prompts: Sequence[Prompt], out: torch.Tensor, b
     the gold at several positions). Exact up to float rounding; used without extra hooks."""
     order = sorted(range(len(prompts)), key=lambda i: prompts[i].input_ids.tolist())
     prev, cache = None, None
-    last_only = [("unembed.hook_in", lambda resid, hook: resid[:, -1:])]
+    last_only = [last_position_only()]
     for i in order:
         ids = prompts[i].input_ids
         shared = 0

@@ -39,7 +39,7 @@ from torch import Tensor
 from focuslens.errors import DataError
 from focuslens.model.heads import HookSpec, resolve_heads
 from focuslens.model.hooks import attn_hook, mass_on
-from focuslens.model.spans import resolve_span
+from focuslens.model.spans import resolve_span, span_mask
 
 __all__ = ["Recording", "record"]
 
@@ -51,11 +51,10 @@ def _column(value, prompt, name: str, n_keys: int) -> Tensor:
         col[: min(n_keys, value.shape[-1])] = value[:n_keys].float()
         return col
     parts = value if isinstance(value, list) else [value]
-    col = torch.zeros(n_keys)
+    col = torch.zeros(n_keys, dtype=torch.bool)
     for part in parts:
-        span = resolve_span(part, prompt, field=f"spans[{name!r}]")
-        col[span.start : span.end] = 1
-    return col
+        col |= span_mask(resolve_span(part, prompt, field=f"spans[{name!r}]"), n_keys)
+    return col.float()
 
 
 class Recording:

@@ -44,7 +44,7 @@ from torch import Tensor
 
 from focuslens.data.examples import QAExample
 from focuslens.data.render import Prompt, Span, candidate_token_ids, render
-from focuslens.errors import DataError
+from focuslens.errors import DataError, ModelError
 from focuslens.io import read_json, write_json
 from focuslens.measure.evaluate import greedy_generate
 from focuslens.measure.forward import check_context, shared_logits
@@ -54,8 +54,8 @@ from focuslens.measure.stats import bootstrap_ci
 from focuslens.model.heads import resolve_heads
 from focuslens.model.hooks import key_indicator, mass_on
 from focuslens.model.load import model_id
-from focuslens.model.parallel import cat, share
-from focuslens.model.spans import resolve_span
+from focuslens.model.parallel import cat, is_main, share
+from focuslens.model.spans import require_gold, resolve_span
 from focuslens.progress import tqdm
 
 __all__ = ["HeadScores", "score_heads", "scores_from_patterns", "head_metrics", "chance_metrics",
@@ -170,7 +170,7 @@ class HeadScores(HeadResult):
         values = torch.full((n_layers, n_heads), float("nan"))
         for rank, (layer, head) in enumerate(ranking):
             if not (0 <= layer < n_layers and 0 <= head < n_heads):
-                raise DataError(f"{source}: head [{layer}, {head}] is outside {n_layers} layers × {n_heads} heads.")
+                raise ModelError(f"{source}: head [{layer}, {head}] is outside {n_layers} layers × {n_heads} heads.")
             values[layer, head] = len(ranking) - 1 - rank
         meta = {"model": model, "source": source, "kind": "ranking", "n_ranked": len(ranking)}
         return cls(mean={"rank_score": values}, metadata=meta)
@@ -209,14 +209,7 @@ def chance_metrics(prompt: Prompt) -> Float[Tensor, "metric"]:
 
 
 def _check_prompt(prompt: Prompt, i: int) -> None:
-    if prompt.gold_index is None:
-        raise DataError(f"example {i} has no gold document (gold_index is None): it cannot be scored.")
-    gold = prompt.gold
-    if len(gold) == 0 or gold.start < 0 or gold.end > prompt.n_tokens:
-        raise DataError(
-            f"example {i}: the gold span {gold.start}..{gold.end} is empty or outside the prompt "
-            f"of {prompt.n_tokens} tokens."
-        )
+    require_gold(prompt, i, "it cannot be scored")
     if len(prompt.answer) == 0 or prompt.answer.end > prompt.n_tokens:
         raise DataError(f"example {i}: the answer rows {prompt.answer} are empty or outside the prompt.")
 
@@ -241,7 +234,7 @@ def prepare_prompts(
         raise DataError("the example list is empty: nothing to score.")
     check_context(model, examples)
     prompts = []
-    for i, ex in enumerate(tqdm(examples, desc="prepare", disable=quiet or answer_rows == "prefix", leave=False)):
+    for i, ex in enumerate(tqdm(examples, desc="prepare", disable=quiet or answer_rows == "prefix" or not is_main(), leave=False)):
         if isinstance(ex, Prompt):
             prompts.append(ex)
             continue
@@ -441,14 +434,7 @@ def token_window(prompt: Prompt, window: Span | tuple[int, int] | None = None) -
             raise DataError("window=None needs a gold document, but prompt.gold_index is None: pass window=(start, end).")
         docs, g = prompt.documents, prompt.gold_index
         return Span(docs[max(g - 1, 0)].start, docs[min(g + 1, len(docs) - 1)].end)
-    try:
-        start, end = (window.start, window.end) if isinstance(window, Span) else (int(window[0]), int(window[1]))
-    except (TypeError, ValueError, IndexError):
-        raise DataError(f"window={window!r}: pass a Span or a (start, end) pair of token positions.") from None
-    if not 0 <= start < end <= prompt.n_tokens:
-        raise DataError(f"window={start}..{end} is empty or outside the prompt of {prompt.n_tokens} tokens; "
-                        f"choose 0 <= start < end <= {prompt.n_tokens}.")
-    return Span(start, end)
+    return resolve_span(window, prompt, field="window")
 
 
 def token_masses(model, prompt: Prompt, heads="all", *, ranking=None, layer: int | None = None,

@@ -76,8 +76,11 @@ def _array(values) -> np.ndarray:
 
 # ------------------------------------------------------------------ accuracy
 def wilson_interval(accuracy: float, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    """The Wilson score interval of an accuracy measured on ``n`` prompts (the number
-    correct is ``round(accuracy·n)``); ``(nan, nan)`` for ``n <= 0`` or a NaN accuracy.
+    """The Wilson score interval of an accuracy measured on ``n`` prompts; ``(nan, nan)``
+    for ``n <= 0`` or a NaN accuracy. A whole number correct goes through scipy's
+    ``binomtest(k, n).proportion_ci(method="wilson")``; a fractional one (a mean over several
+    random draws, e.g. 22.5 of 40) through the same score formula at ``p = accuracy``, with
+    the normal quantile from ``scipy.stats.norm``.
 
     >>> [round(x, 3) for x in wilson_interval(0.5, 40)]
     [0.352, 0.648]
@@ -89,8 +92,14 @@ def wilson_interval(accuracy: float, n: int, confidence: float = 0.95) -> tuple[
     n = int(n)
     if not 0.0 <= accuracy <= 1.0:
         raise DataError(f"wilson_interval: accuracy {accuracy} is outside [0, 1].")
-    ci = scipy.stats.binomtest(round(accuracy * n), n).proportion_ci(confidence_level=confidence, method="wilson")
-    return float(ci.low), float(ci.high)
+    k = accuracy * n
+    if abs(k - round(k)) < 1e-9:
+        ci = scipy.stats.binomtest(round(k), n).proportion_ci(confidence_level=confidence, method="wilson")
+        return float(ci.low), float(ci.high)
+    z = float(scipy.stats.norm.ppf(0.5 + confidence / 2))
+    centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 # ------------------------------------------------------------------ rank agreement

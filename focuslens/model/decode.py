@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from focuslens.model.hooks import last_position_only
+
 __all__ = ["greedy_tokens", "decode_rows", "greedy_text"]
 
 
@@ -20,7 +22,7 @@ def greedy_tokens(model, hooks: list, tokens: Tensor, cache, max_new_tokens: int
     with ``hooks`` active; rows that reach EOS are padded with EOS."""
     eos = model.tokenizer.eos_token_id
     out, done = [], torch.zeros(tokens.shape[0], dtype=torch.bool)
-    last = [("unembed.hook_in", lambda resid, hook: resid[:, -1:])]
+    last = [last_position_only()]
     with model.hooks(fwd_hooks=[*hooks, *last]):
         if cache is None:
             logits, cache = model(tokens, return_type="logits_and_cache")

@@ -21,9 +21,11 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from focuslens.data.render import Span
 from focuslens.errors import FocusLensError
+from focuslens.model.spans import span_mask
 
-__all__ = ["attn_hook", "key_indicator", "mass_on", "POINTS"]
+__all__ = ["attn_hook", "key_indicator", "mass_on", "last_position_only", "POINTS"]
 
 POINTS = ("rot_q", "rot_k", "attn_scores", "pattern", "z")
 
@@ -42,12 +44,22 @@ def key_indicator(n_keys: int, columns: Sequence[Sequence]) -> Float[Tensor, "ke
     indicator = torch.zeros(n_keys, len(columns))
     for col, spans in enumerate(columns):
         for span in spans:
-            start, end = (span.start, span.end) if hasattr(span, "start") else (int(span[0]), int(span[1]))
-            indicator[start:end, col] = 1
-    return indicator
+            indicator[:, col] += span_mask(span if isinstance(span, Span) else Span(int(span[0]), int(span[1])), n_keys)
+    return indicator.clamp_max(1)
 
 
 def mass_on(pattern_rows: Float[Tensor, "... row key"], indicator: Float[Tensor, "key column"]) -> Float[Tensor, "... column"]:
     """The one span-mass reduction (scoring, per-prompt masses and the sweeps' probes):
     each row's attention summed over a column's keys, then the mean over rows."""
     return (pattern_rows @ indicator.to(pattern_rows)).mean(dim=-2)
+
+
+def _last(resid: Tensor, hook) -> Tensor:
+    return resid[:, -1:]
+
+
+def last_position_only() -> tuple[str, object]:
+    """The hook spec that unembeds only the last position (``unembed.hook_in`` cut to one
+    row): every caller that needs next-token logits at the end uses it, so a forward pass
+    never computes ``[pos, vocab]`` logits it throws away."""
+    return ("unembed.hook_in", _last)

@@ -27,10 +27,13 @@ intervention, so it is never chosen silently.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import ClassVar
 
-from focuslens.model.heads import HookSpec
+from torch import Tensor
 
-__all__ = ["Intervention"]
+from focuslens.model.heads import HookSpec, per_variant, require_heads, variant_masks
+
+__all__ = ["Intervention", "HeadIntervention"]
 
 
 class Intervention:
@@ -57,3 +60,39 @@ class Intervention:
     def hooks_for(self, model):
         """``(prompt, variants) -> hook specs``: the form the variant engine calls."""
         return lambda prompt, variants: self.hooks(model, prompt, variants)
+
+
+class HeadIntervention(Intervention):
+    """An intervention on chosen heads with one strength per variant (τ, α, a scale, …).
+
+    A subclass is a dataclass with ``heads``, ``ranking`` and its strength field (named by
+    ``STRENGTH``) and implements :meth:`variant_hooks`; this base reads the selection (any
+    form of :func:`~focuslens.model.heads.resolve_heads`, or a ``[variant, layer, head]``
+    mask), refuses one that selects nothing, and slices the variants a batch runs.
+    """
+
+    STRENGTH: ClassVar[str]
+
+    def ranking_for(self, model):
+        """The ranking an int ``heads`` refers to (a subclass may supply a default)."""
+        return self.ranking
+
+    def head_masks(self, model) -> Tensor:
+        """``[variant, layer, head]`` masks of the selection."""
+        masks = variant_masks(model, self.heads, self.ranking_for(model))
+        require_heads(masks)
+        return masks
+
+    def n_variants(self, model) -> int:
+        return int(self.head_masks(model).shape[0])
+
+    def hooks(self, model, prompt=None, variants: slice | None = None) -> list[HookSpec]:
+        masks = self.head_masks(model)
+        strength = per_variant(getattr(self, self.STRENGTH), masks.shape[0], self.STRENGTH)
+        if variants is not None:
+            masks, strength = masks[variants], strength[variants]
+        return self.variant_hooks(model, prompt, masks, strength)
+
+    def variant_hooks(self, model, prompt, masks: Tensor, strength: Tensor) -> list[HookSpec]:
+        """Hook specs for ``masks`` ``[variant, layer, head]`` and one strength per variant."""
+        raise NotImplementedError

@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from focuslens.errors import ModelError
-from focuslens.io import parse_json, read_json, write_json
+from focuslens.io import read_json, safetensors_header, write_json
 from focuslens.model.parallel import distributed
 
 __all__ = ["load_model", "EMBEDDED_MODELS", "cache_dir", "embedded_gguf_path", "model_id", "attention_scaling",
@@ -202,14 +202,12 @@ def _cache_problem(folder: Path) -> str | None:
 def _safetensors_problem(path: Path) -> str | None:
     """None when a safetensors file is exactly as long as its header says (a truncated one is not)."""
     try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            header = parse_json(f.read(n), path, "safetensors header") if 0 < n < 1 << 27 else None
+        start, header = safetensors_header(path)
         end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
     except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
         return f"{path.name}: no readable safetensors header ({type(err).__name__}: {err})"
     size = path.stat().st_size
-    return None if size == 8 + n + end else f"{path.name} is {size} bytes, its header needs {8 + n + end}"
+    return None if size == start + end else f"{path.name} is {size} bytes, its header needs {start + end}"
 
 
 def _adopt_unlisted(folder: Path) -> bool:

@@ -28,6 +28,7 @@ from collections.abc import Callable, Sequence
 import torch
 
 from focuslens.errors import FocusLensError
+from focuslens.model.hooks import last_position_only
 
 __all__ = ["PrefixCache"]
 
@@ -50,7 +51,7 @@ class PrefixCache:
         self.offset = split
         device = model.cfg.device
         # the prefix's logits are never used: unembed one position, not all of them
-        with model.hooks(fwd_hooks=[("unembed.hook_in", lambda resid, hook: resid[:, -1:])]):
+        with model.hooks(fwd_hooks=[last_position_only()]):
             _, self.cache = model(tokens[None, :split].to(device), return_type="logits_and_cache")
         self.suffix = tokens[split:].to(device)
 

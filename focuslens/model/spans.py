@@ -24,7 +24,7 @@ from torch import Tensor
 from focuslens.data.render import Span
 from focuslens.errors import DataError
 
-__all__ = ["ROWS", "Rows", "resolve_rows", "rows_mask", "rows_reach", "resolve_span", "span_key_mask"]
+__all__ = ["ROWS", "Rows", "resolve_rows", "rows_mask", "rows_reach", "resolve_span", "require_gold", "span_mask", "span_key_mask"]
 
 
 def resolve_span(span, prompt=None, *, field: str = "span") -> Span:
@@ -47,8 +47,16 @@ def resolve_span(span, prompt=None, *, field: str = "span") -> Span:
     if span.end == span.start or span.start < 0:
         raise DataError(f"{field} {span} is empty or starts before the prompt.")
     if prompt is not None and span.end > prompt.n_tokens:
-        raise DataError(f"{field} {span} runs past the prompt's {prompt.n_tokens} tokens.")
+        raise DataError(f"{field} {span} is outside the prompt of {prompt.n_tokens} tokens.")
     return span
+
+
+def require_gold(prompt, i: int, purpose: str) -> Span:
+    """The gold document's span of ``prompt`` (``examples[i]``), checked like every span;
+    a DataError that says ``purpose`` when there is none (the one "no gold" check)."""
+    if prompt.gold_index is None:
+        raise DataError(f"example {i} has no gold document (gold_index is None): {purpose}.")
+    return resolve_span(prompt.gold, prompt, field=f"example {i}: the gold span")
 
 
 #: Where an intervention acts. ``"all"``: every position, as the paper does (the documents'
@@ -148,13 +156,20 @@ def check_span_arg(span) -> None:
                         "(1 or batch, n_keys).")
 
 
+def span_mask(span: Span, n_keys: int) -> Bool[Tensor, "key"]:
+    """The one Span → key mask: True on the span's positions among ``n_keys`` keys."""
+    mask = torch.zeros(n_keys, dtype=torch.bool)
+    mask[span.start : span.end] = True
+    return mask
+
+
 def span_key_mask(span, n_keys: int, batch: int) -> Bool[Tensor, "... key"]:
+    """``span`` (a Span or a ``[key]`` / ``[batch, key]`` mask over the prompt) as a key
+    mask over ``n_keys`` keys (keys past the prompt, e.g. generated ones, are outside)."""
     if isinstance(span, Span):
         if span.start >= n_keys:
             raise DataError(f"span {span} starts after the {n_keys} keys of the prompt: nothing to boost.")
-        mask = torch.zeros(n_keys, dtype=torch.bool)
-        mask[span.start : span.end] = True
-        return mask
+        return span_mask(span, n_keys)
     mask = torch.as_tensor(span).bool()
     if mask.ndim == 2 and mask.shape[0] not in (1, batch):
         rows = "1" if batch == 1 else f"1 or {batch}"

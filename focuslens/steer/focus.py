@@ -32,11 +32,10 @@ from focuslens.model.heads import (
     head_masks,
     per_variant,
     ranking_of,
-    require_heads,
     variant_masks,
 )
 from focuslens.model.hooks import attn_hook
-from focuslens.model.intervention import Intervention
+from focuslens.model.intervention import HeadIntervention
 from focuslens.model.load import attention_scaling
 from focuslens.model.spans import resolve_rows, rows_mask, rows_past_end, rows_reach
 
@@ -179,7 +178,7 @@ def _ranking(directions: FocusDirections, heads, ranking):
 
 
 @dataclass
-class Focus(Intervention):
+class Focus(HeadIntervention):
     """Focus directions as a value: ``α·d_q`` added after RoPE to the queries of ``heads``
     at ``rows`` (and ``α·d_k`` to their keys with ``keys=True``); no labels. Usable as
     ``with iv.on(model):``, in ``evaluate_next_token(..., intervention=iv)``,
@@ -196,20 +195,13 @@ class Focus(Intervention):
     keys: bool = False
     strict: bool = True
 
-    def _masks(self, model) -> Tensor:
-        masks = variant_masks(model, self.heads, _ranking(self.directions, self.heads, self.ranking))
-        require_heads(masks)
-        return masks
+    STRENGTH = "alpha"
 
-    def n_variants(self, model) -> int:
-        return int(self._masks(model).shape[0])
+    def ranking_for(self, model):
+        return _ranking(self.directions, self.heads, self.ranking)
 
-    def hooks(self, model, prompt=None, variants: slice | None = None) -> list[HookSpec]:
-        masks = self._masks(model)
-        alphas = per_variant(self.alpha, masks.shape[0], "alpha")
-        if variants is not None:
-            masks, alphas = masks[variants], alphas[variants]
-        return focus_hooks(model, self.directions, alphas, masks, rows=self.rows, prompt=prompt, keys=self.keys,
+    def variant_hooks(self, model, prompt, masks: Tensor, strength: Tensor) -> list[HookSpec]:
+        return focus_hooks(model, self.directions, strength, masks, rows=self.rows, prompt=prompt, keys=self.keys,
                            strict=self.strict)
 
 

@@ -44,12 +44,11 @@ from focuslens.model.heads import (
     HookSpec,
     head_masks,
     per_variant,
-    require_heads,
     top_and_random,
     variant_masks,
 )
 from focuslens.model.hooks import attn_hook
-from focuslens.model.intervention import Intervention
+from focuslens.model.intervention import HeadIntervention
 from focuslens.model.spans import (
     Rows,
     check_span_arg,
@@ -149,7 +148,7 @@ def split_softmax_hooks(
 
 
 @dataclass
-class SplitSoftmax(Intervention):
+class SplitSoftmax(HeadIntervention):
     """Split-softmax as a value (module docstring): the span's mass on ``heads`` becomes
     ``π^τ`` at ``rows``. Usable as ``with iv.on(model, prompt):``, in
     ``evaluate_next_token(..., intervention=iv)`` and in sweeps.
@@ -178,20 +177,10 @@ class SplitSoftmax(Intervention):
         if (taus <= 0).any():
             raise DataError(f"tau={taus.tolist()} must be > 0 (1 is the identity, smaller boosts more).")
 
-    def _masks(self, model) -> Tensor:
-        masks = variant_masks(model, self.heads, self.ranking)
-        require_heads(masks)
-        return masks
+    STRENGTH = "tau"
 
-    def n_variants(self, model) -> int:
-        return int(self._masks(model).shape[0])
-
-    def hooks(self, model, prompt=None, variants: slice | None = None) -> list[HookSpec]:
-        masks = self._masks(model)
-        taus = per_variant(self.tau, masks.shape[0], "tau")
-        if variants is not None:
-            masks, taus = masks[variants], taus[variants]
-        return split_softmax_hooks(model, masks, self.span, taus, rows=self.rows, prompt=prompt)
+    def variant_hooks(self, model, prompt, masks: Tensor, strength: Tensor) -> list[HookSpec]:
+        return split_softmax_hooks(model, masks, self.span, strength, rows=self.rows, prompt=prompt)
 
 
 def split_softmax(

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from focuslens.directions.artifact import FocusDirections
-from focuslens.errors import DataError
+from focuslens.errors import DataError, ModelError
 from focuslens.measure.results import HeadResult, head_values, rank_heads
 from focuslens.measure.scoring import HeadScores
 from focuslens.model.heads import resolve_heads
@@ -101,7 +101,7 @@ def _check_ranking(
             or (n_heads is not None and head >= n_heads)
         ):
             shape = f"{n_layers} layers × {n_heads} heads" if n_layers is not None else "non-negative indices"
-            raise DataError(
+            raise ModelError(
                 f"{field}[{i}] = ({layer}, {head}) is outside {shape}: fix the ranking or its shape."
             )
         heads.append((layer, head))
