@@ -191,19 +191,4 @@ def test_sweep_variants_and_baseline():
     assert df[df.group == "random"].draw.nunique() == 2
 
 
-# ---------------------------------------------------------------- the embedded model
-@torch.no_grad()
-def test_smollm2_split_softmax_on_contextual_heads_restores_accuracy(smollm2):
-    from focuslens import score_heads
-
-    ranking = score_heads(smollm2, make_synthetic_qa(12, n_documents=20, seed=101), n_bootstrap=0,
-                          quiet=True).ranking()
-    test = make_synthetic_qa(8, n_documents=20, seed=102)
-    df = split_softmax_sweep(smollm2, test, ranking, ks=(20,), taus=(0.1,), n_random=2, seed=0, rows="answer",
-                             quiet=True)  # the answer rows: one prefill per prompt (rows="all": tests/test_rows.py)
-    acc = df.groupby("group").correct.mean()
-    assert acc["none"] <= 0.4  # distracted
-    assert acc["top"] >= 0.75 and acc["top"] >= acc["none"] + 0.4
-    assert acc["top"] > acc["random"]
-    mass = df.groupby("group").gold_mass.mean()
-    assert mass["top"] > 0.5  # pi^0.1 of the top heads' gold mass
+# the embedded model: tests/test_headline.py pins split-softmax on SmolLM2 (top-20 vs random heads)

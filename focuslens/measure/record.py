@@ -88,6 +88,7 @@ class Recording:
         for layer, head in self.heads:
             self.by_layer.setdefault(layer, []).append(head)
         self.masses: dict[int, Tensor] = {}  # layer -> [batch, heads of that layer, span]
+        self._indicators: dict[tuple[int, int], Tensor] = {}
         self.activations: dict[tuple[str, int], Tensor] = {}
 
     def _named(self, prompt) -> dict:
@@ -106,7 +107,10 @@ class Recording:
     def indicator(self, row: int, n_keys: int) -> Float[Tensor, "key span"]:
         """Batch row ``row``'s spans as a ``[n_keys, n_spans]`` indicator."""
         i = row if len(self.prompts) > 1 else 0
-        return torch.stack([_column(v, self.prompts[i], n, n_keys) for n, v in self.columns[i].items()], dim=-1)
+        if (i, n_keys) not in self._indicators:  # built once per prompt and length, not once per layer
+            self._indicators[(i, n_keys)] = torch.stack(
+                [_column(v, self.prompts[i], n, n_keys) for n, v in self.columns[i].items()], dim=-1)
+        return self._indicators[(i, n_keys)]
 
     def _query_rows(self, row: int, q: int, k: int) -> slice | None:
         """The pattern rows to read in a pass of ``q`` queries over ``k`` keys (None: none)."""
@@ -116,9 +120,13 @@ class Recording:
         start, end = max(answer.start - (k - q), 0), min(answer.end - (k - q), q)
         return slice(start, end) if start < end else None
 
-    def _reduce(self, pattern: Tensor, hook, layer: int) -> None:
-        b, _, q, k = pattern.shape
+    def _heads_index(self, layer: int, n_heads: int) -> list[int] | slice:
         hs = self.by_layer[layer]
+        return slice(None) if hs == list(range(n_heads)) else hs  # every head: a view, not a copy
+
+    def _reduce(self, pattern: Tensor, hook, layer: int) -> None:
+        b, n_heads, q, k = pattern.shape
+        hs = self._heads_index(layer, n_heads)
         if len(self.prompts) == 1:  # one prompt for every row (the variants of a sweep): one matmul
             rows = self._query_rows(0, q, k)
             if rows is not None:

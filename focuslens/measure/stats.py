@@ -55,15 +55,23 @@ from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
-import scipy.stats
 import torch
 
 from focuslens.errors import DataError
 
 __all__ = ["wilson_interval", "spearman", "bootstrap_ci", "paired_bootstrap_ci"]
 
-#: scipy 1.15 renamed ``bootstrap(random_state=...)`` to ``rng=...`` (SPEC 7); either takes a Generator.
-_RNG_KEYWORD = "rng" if "rng" in inspect.signature(scipy.stats.bootstrap).parameters else "random_state"
+def _scipy_stats():
+    """``scipy.stats``, imported on first use: it costs ~0.6 s, which every ``import
+    focuslens`` (and every worker process) would otherwise pay."""
+    import scipy.stats
+
+    return scipy.stats
+
+
+def _rng_keyword() -> str:
+    """scipy 1.15 renamed ``bootstrap(random_state=...)`` to ``rng=...`` (SPEC 7); either takes a Generator."""
+    return "rng" if "rng" in inspect.signature(_scipy_stats().bootstrap).parameters else "random_state"
 #: Resampled values held at once (float64: 256 MiB); larger bootstraps run in batches.
 _BATCH_ELEMENTS = 2**25
 
@@ -94,9 +102,9 @@ def wilson_interval(accuracy: float, n: int, confidence: float = 0.95) -> tuple[
         raise DataError(f"wilson_interval: accuracy {accuracy} is outside [0, 1].")
     k = accuracy * n
     if abs(k - round(k)) < 1e-9:
-        ci = scipy.stats.binomtest(round(k), n).proportion_ci(confidence_level=confidence, method="wilson")
+        ci = _scipy_stats().binomtest(round(k), n).proportion_ci(confidence_level=confidence, method="wilson")
         return float(ci.low), float(ci.high)
-    z = float(scipy.stats.norm.ppf(0.5 + confidence / 2))
+    z = float(_scipy_stats().norm.ppf(0.5 + confidence / 2))
     centre = (accuracy + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(accuracy * (1 - accuracy) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return max(0.0, centre - half), min(1.0, centre + half)
@@ -118,7 +126,7 @@ def spearman(x, y) -> float:
     x, y = x[keep], y[keep]
     if len(x) < 2 or np.all(x == x[0]) or np.all(y == y[0]):
         return float("nan")
-    return float(round(scipy.stats.spearmanr(x, y).statistic, 12))
+    return float(round(_scipy_stats().spearmanr(x, y).statistic, 12))
 
 
 # ------------------------------------------------------------------ bootstrap
@@ -143,9 +151,9 @@ def bootstrap_ci(values, statistic: Callable = np.mean, *, n_resamples: int = 10
                            else np.apply_along_axis(statistic, axis, data))
         return _bounds(point, point)
     batch = max(1, _BATCH_ELEMENTS // data.size)
-    res = scipy.stats.bootstrap((data,), statistic, n_resamples=n_resamples, batch=min(batch, n_resamples),
+    res = _scipy_stats().bootstrap((data,), statistic, n_resamples=n_resamples, batch=min(batch, n_resamples),
                                 axis=axis, confidence_level=confidence, method=method,
-                                **{_RNG_KEYWORD: np.random.default_rng(seed)})
+                                **{_rng_keyword(): np.random.default_rng(seed)})
     return _bounds(res.confidence_interval.low, res.confidence_interval.high)
 
 
