@@ -262,8 +262,8 @@ def focus_sweep(
     ``rows="answer"`` one prefill per example serves every variant; with ``"all"`` every
     variant re-runs the whole prompt (a few variants per batch). Each k also runs at α = 0
     (the unsteered model, so ``gold_mass``/``sink_mass`` of the same heads before
-    steering). Returns one row per (example, variant) with ``ranking``, ``k``, ``alpha``, the
-    accuracy columns, and the steered heads' ``gold_mass`` and ``sink_mass`` at the answer
+    steering). Returns one row per (example, variant) with ``ranking``, ``k``, ``alpha``,
+    ``group`` (``"top"``; ``"all"`` where every head is steered), the accuracy columns, and the steered heads' ``gold_mass`` and ``sink_mass`` at the answer
     rows (and the logits ``[example, variant, vocab]`` with ``return_logits``). With
     ``max_new_tokens`` each variant answers by greedy generation instead, scored with
     ``best_subspan_em`` (:func:`focuslens.measure.evaluate.generate_variants`). ``prefills``: a
@@ -281,7 +281,9 @@ def focus_sweep(
         df = evaluate_variants(model, examples, sweep, probe_heads=masks, return_logits=return_logits,
                                prefills=prefills, quiet=quiet, desc=desc)
     df, logits = df if return_logits else (df, None)
-    meta = pd.DataFrame([{"ranking": r, "k": k, "alpha": a} for r, k, a in grid])
+    n_model_heads = model.cfg.n_layers * model.cfg.n_heads
+    meta = pd.DataFrame([{"ranking": r, "k": k, "alpha": a, "group": "all" if k == n_model_heads else "top"}
+                         for r, k, a in grid])
     df = df.join(meta, on="variant")
     return (df, logits) if return_logits else df
 

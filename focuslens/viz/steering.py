@@ -127,11 +127,13 @@ def plot_focus_sweep(sweep: pd.DataFrame, *, references: dict[str, float] | None
     colours = pc.sample_colorscale("Plasma", [0.85 * i / max(1, len(ks) - 1) for i in range(len(ks))])
     fig = make_subplots(rows=1, cols=2, horizontal_spacing=0.1, subplot_titles=(
         "accuracy (bars: Wilson 95% CI)", "attention mass on the gold document (steered heads)"))
-    n_all, cis = max(ks), []
+    # "all heads" only where the sweep says so (k = None steers every head: group "all")
+    every = set(sweep[sweep.group == "all"].k) if "group" in sweep else set()
+    cis = []
     for k, colour in zip(ks, colours):
         acc, mass = _accuracy_ci(sweep[sweep.k == k]), sweep[sweep.k == k].groupby("alpha").gold_mass.mean()
         cis.append(acc)
-        name = f"k = {k}" + (" (all heads)" if k == n_all and len(ks) > 1 else "")
+        name = f"k = {k}" + (" (all heads)" if k in every else "")
         fig.add_trace(go.Scatter(x=acc.index, y=acc.acc, mode="lines+markers", name=name, line=dict(color=colour),
                                  legendgroup=name, customdata=acc[["lo", "hi", "n"]].to_numpy(),
                                  error_y=dict(type="data", symmetric=False, array=acc.hi - acc.acc,
