@@ -186,10 +186,17 @@ def test_ablate_is_an_intervention_value_equal_to_the_ablation_engine():
     model = get_tiny("llama", 2)
     examples = fl.make_synthetic_qa(3, n_documents=4, seed=11)
     plain = fl.evaluate_next_token(model, examples, quiet=True)
-    same = fl.evaluate_next_token(model, examples, intervention=fl.causal.Ablate([(1, 2)], scale=1.0), quiet=True)
+    same = fl.evaluate_next_token(model, examples, intervention=fl.causal.Ablate([(1, 2)], scale=1.0, rows="answer"), quiet=True)
     torch.testing.assert_close(torch.tensor(same.margin.to_numpy()), torch.tensor(plain.margin.to_numpy()))
-    zero = fl.evaluate_next_token(model, examples, intervention=fl.causal.Ablate([(1, 2)], scale=0.0), quiet=True)
+    zero = fl.evaluate_next_token(model, examples, intervention=fl.causal.Ablate([(1, 2)], scale=0.0, rows="answer"), quiet=True)
     engine = fl.causal.ablate_heads(model, examples, heads=[(1, 2)], mode="zero", quiet=True)
     drop = torch.tensor((plain.margin - zero.margin).to_numpy(), dtype=torch.float32)
     torch.testing.assert_close(drop, engine.per_example["zero_ablation"][:, 1, 2], atol=1e-4, rtol=1e-4)
     assert drop.abs().max() > 1e-3  # the ablation changed something
+    # rows="all" (the default) also edits the positions before the answer rows: a layer-0 head then changes
+    # the later layers' keys and values, so the answer differs from the answer-rows-only ablation
+    early = [(0, 2)]
+    everywhere = fl.evaluate_next_token(model, examples, intervention=fl.causal.Ablate(early, scale=0.0), quiet=True)
+    answer_only = fl.evaluate_next_token(model, examples, intervention=fl.causal.Ablate(early, scale=0.0, rows="answer"),
+                                         quiet=True)
+    assert not torch.allclose(torch.tensor(everywhere.margin.to_numpy()), torch.tensor(answer_only.margin.to_numpy()))

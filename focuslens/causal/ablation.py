@@ -214,7 +214,7 @@ class Ablate(HeadIntervention):
     ranking: object = None
     scale: object = 0.0
     mean_z: Tensor | None = None
-    rows: object = "answer"
+    rows: object = "all"  # the one default of every intervention; the ablation engine's rows are "answer"
 
     STRENGTH = "scale"
 
