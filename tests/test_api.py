@@ -200,3 +200,13 @@ def test_ablate_is_an_intervention_value_equal_to_the_ablation_engine():
     answer_only = fl.evaluate_next_token(model, examples, intervention=fl.causal.Ablate(early, scale=0.0, rows="answer"),
                                          quiet=True)
     assert not torch.allclose(torch.tensor(everywhere.margin.to_numpy()), torch.tensor(answer_only.margin.to_numpy()))
+
+
+def test_the_trainer_takes_any_training_cache_and_refuses_other_inputs():
+    from focuslens.directions.cache import TrainingCache, collect_attention_inputs
+
+    model = get_tiny("llama", 2)
+    examples = fl.make_synthetic_qa(2, n_documents=3, seed=12)
+    assert isinstance(collect_attention_inputs(model, _prompts(model, 1), quiet=True), TrainingCache)
+    with pytest.raises(fl.DataError, match=r"inputs\[0\] is a dict: pass AttentionInputs or ShardedInputs"):
+        fl.train_directions(model, examples, None, inputs=({}, None), quiet=True)

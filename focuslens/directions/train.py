@@ -24,8 +24,8 @@ from torch import Tensor
 from focuslens.data.examples import QAExample
 from focuslens.data.render import Prompt
 from focuslens.directions.artifact import FocusDirections
-from focuslens.directions.cache import AttentionInputs, collect_attention_inputs
-from focuslens.directions.streamed import cache_to_disk
+from focuslens.directions.cache import AttentionInputs, TrainingCache, collect_attention_inputs
+from focuslens.directions.streamed import ShardedInputs, cache_to_disk
 from focuslens.errors import DataError
 from focuslens.measure.scoring import prepare_prompts
 from focuslens.model.heads import ranking_of
@@ -182,6 +182,10 @@ def _attention_caches(model, train_p, val_p, inputs, quiet, cache_dir=None, cach
         train_in = collect_attention_inputs(model, train_p, quiet=quiet)
         return train_in, collect_attention_inputs(model, val_p, quiet=quiet) if val_p else None
     train_in, val_in = inputs
+    for name, cache in (("inputs[0]", train_in), ("inputs[1]", val_in)):
+        if cache is not None and not isinstance(cache, TrainingCache):
+            raise DataError(f"{name} is a {type(cache).__name__}: pass AttentionInputs or ShardedInputs "
+                            "(collect_attention_inputs, cache_to_disk).")
     if len(train_in) != len(train_p) or (val_in is not None and len(val_in) != len(val_p or [])):
         raise DataError(f"inputs hold {len(train_in)} training / {len(val_in) if val_in else 0} validation "
                         f"prompts, not {len(train_p)} / {len(val_p or [])}.")
@@ -238,7 +242,7 @@ def train_directions(
     seed: int = 0,
     ranking=None,
     data: str | None = None,
-    inputs: tuple[AttentionInputs, AttentionInputs | None] | None = None,
+    inputs: tuple | None = None,  # (TrainingCache, TrainingCache | None), checked by name below
     cache_dir: str | Path | None = None,
     cache_dtype: str = "float32",
     layers_per_group: int | None = None,
@@ -278,7 +282,7 @@ def train_directions(
     dq, dk, info = _train_on_inputs(train_in, val_in, epochs=epochs, lr=lr, weight_decay=weight_decay,
                                     batch_size=batch_size, init_std=init_std, patience=patience, seed=seed,
                                     quiet=quiet, layers_per_group=layers_per_group)
-    cache = {"where": "disk" if hasattr(train_in, "folder") else "memory", "dtype": cache_dtype,
+    cache = {"where": "disk" if isinstance(train_in, ShardedInputs) else "memory", "dtype": cache_dtype,
              "layers_per_group": layers_per_group, "seconds": train_in.seconds + (val_in.seconds if val_in else 0)}
     meta = _metadata(model, train_p, val_p, answer_rows, data, settings, cache) | {
         "train_seconds": time.perf_counter() - t0, **info}
