@@ -13,6 +13,7 @@ from conftest import get_tiny
 from focuslens import DataError, ModelError, evaluate_next_token, make_synthetic_qa, render
 from focuslens.directions.artifact import FocusDirections, import_release
 from focuslens.directions.cache import collect_attention_inputs
+from focuslens.model.attention import eager_attention
 from focuslens.directions.train import span_attention, train_directions
 from focuslens.measure.scoring import prepare_prompts
 from focuslens.model.heads import head_masks
@@ -37,9 +38,13 @@ def _tokens(model, seed=0, n_documents=4):
 def test_alpha_zero_reproduces_the_logits_exactly(tiny):
     dirs = _random_directions(tiny, scale=3.0)
     tokens = _tokens(tiny)
+    with focus(tiny, dirs, alpha=0.0, heads=None):
+        queries_only = tiny(tokens)  # hooks on hook_rot_q only: the pattern-free path
+    assert torch.equal(queries_only, tiny(tokens))
     with focus(tiny, dirs, alpha=0.0, heads=None, keys=True):
-        steered = tiny(tokens)
-    assert torch.equal(steered, tiny(tokens))
+        steered = tiny(tokens)  # a hook on hook_attn_scores: every layer runs eagerly
+    with eager_attention(tiny):
+        assert torch.equal(steered, tiny(tokens))
     with focus(tiny, dirs, alpha=1.0, heads=None):
         assert (tiny(tokens) - steered).abs().max() > 1e-3  # a non-zero alpha acts
     assert all(len(hp.fwd_hooks) == 0 for hp in tiny.hook_dict.values())
@@ -342,7 +347,11 @@ def test_smollm2_directions_train_and_apply(smollm2):
     tokens = render(examples[0], smollm2.tokenizer).input_ids[None]
     with torch.no_grad():
         plain = smollm2(tokens)[0, -1]
-        with focus(smollm2, dirs, alpha=0.0, heads=None, keys=True):
+        with focus(smollm2, dirs, alpha=0.0, heads=None):
             assert torch.equal(smollm2(tokens)[0, -1], plain)
+        with eager_attention(smollm2):  # a hook on hook_attn_scores makes the layers eager: compare eager to eager
+            plain_eager = smollm2(tokens)[0, -1]
+            with focus(smollm2, dirs, alpha=0.0, heads=None, keys=True):
+                assert torch.equal(smollm2(tokens)[0, -1], plain_eager)
         with focus(smollm2, dirs, alpha=2.0, heads=[(20, 6), (23, 2)]):
             assert (smollm2(tokens)[0, -1] - plain).abs().max() > 1e-2

@@ -164,8 +164,9 @@ def test_smollm2_sweep_cells_equal_the_context_managers_to_1e5_in_fp64(smollm2_f
 @torch.no_grad()
 def test_smollm2_sweep_cells_equal_the_context_managers_fp32(smollm2, rows):
     # fp32, the dtype users run: batched variants differ from single runs by rounding, at most
-    # 1.3e-5 in one of 49152 logits measured here, so the bound is 2e-5
-    _check_smollm2(smollm2, rows, atol=2e-5)
+    # 3.0e-5 in 25 of 49152 logits measured on the pattern-free path (SDPA rounds differently
+    # for a batch than for one row; 1.3e-5 on the eager path), so the bound is 5e-5
+    _check_smollm2(smollm2, rows, atol=5e-5)
 
 
 @pytest.mark.parametrize("rows", ROWS)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from focuslens.data.render import Prompt
 from focuslens.errors import DataError
-from focuslens.model.hooks import attn_hook, last_position_only
+from focuslens.model.hooks import RowHook, attn_hook, last_position_only
 from focuslens.model.load import attention_scaling
 from focuslens.model.parallel import cat, is_main, share
 from focuslens.model.spans import require_gold, span_mask
@@ -145,10 +145,12 @@ def _forward_block(model, prompts: Sequence[Prompt], R: int, T: int, quiet: bool
                 q[i, layer, :, :n_rows] = einops.rearrange(x[0, rows], "row head d -> head row d").float().cpu()
             elif hook.name.endswith("hook_rot_k"):
                 k[i, layer, :, :n_tok] = einops.rearrange(x[0], "key kv d -> kv key d").float().cpu()
-            else:  # hook_pattern: [1, head, query, key]
-                pattern[i, layer, :, :n_rows, :n_tok] = x[0, :, rows].float().cpu()
+            else:  # hook_pattern: [1, head, query, key], the last `query` rows of the pass
+                first = x.shape[-1] - x.shape[-2]
+                pattern[i, layer, :, :n_rows, :n_tok] = x[0, :, rows.start - first : rows.stop - first].float().cpu()
 
-        hooks = [(attn_hook(layer, point), keep) for layer in range(L) for point in ("rot_q", "rot_k", "pattern")]
+        hooks = [(attn_hook(layer, point), keep) for layer in range(L) for point in ("rot_q", "rot_k")]
+        hooks += [(attn_hook(layer, "pattern"), RowHook(keep, rows.start)) for layer in range(L)]
         hooks.append(last_position_only())
         model.run_with_hooks(p.input_ids[None].to(c.device), fwd_hooks=hooks)
     return q, k, pattern

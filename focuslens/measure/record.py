@@ -38,7 +38,7 @@ from torch import Tensor
 
 from focuslens.errors import DataError
 from focuslens.model.heads import HookSpec, resolve_heads
-from focuslens.model.hooks import attn_hook, mass_on
+from focuslens.model.hooks import RowHook, attn_hook, mass_on
 from focuslens.model.spans import resolve_span, span_mask
 
 __all__ = ["Recording", "record"]
@@ -140,12 +140,18 @@ class Recording:
             out.append(mass_on(pattern[r, hs, rows].float(), self.indicator(r, k)).cpu())
         self.masses[layer] = out  # one [head, span] per row: prompts may have different spans
 
+    def first_row(self) -> int:
+        """The first query row read (absolute position): the earliest answer row, or 0."""
+        return 0 if self.rows == "all" else min(p.answer.start for p in self.prompts)
+
     def _keep(self, x: Tensor, hook, point: str, layer: int) -> None:
         self.activations[(point, layer)] = x[0].detach().float().cpu()
 
     def hooks(self) -> list[HookSpec]:
         """The hook specs that fill this recording."""
-        out: list[HookSpec] = [(attn_hook(layer, "pattern"), lambda x, hook, layer=layer: self._reduce(x, hook, layer))
+        first = self.first_row()  # the pattern-free path computes only these rows' patterns
+        out: list[HookSpec] = [(attn_hook(layer, "pattern"),
+                                RowHook(lambda x, hook, layer=layer: self._reduce(x, hook, layer), first))
                                for layer in self.by_layer] if self.names else []
         out += [(attn_hook(layer, point), lambda x, hook, point=point, layer=layer: self._keep(x, hook, point, layer))
                 for point in self.activation_points for layer in self.by_layer]

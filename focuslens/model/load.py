@@ -384,6 +384,9 @@ def _frozen(bridge, dtype: torch.dtype, label: str):
     if next(bridge.parameters()).dtype != dtype:
         bridge.to(dtype)
     bridge.cfg.model_name = label
+    from focuslens.model.attention import install
+
+    install(bridge)  # the pattern-free attention path (focuslens.model.attention)
     return bridge
 
 

@@ -24,7 +24,7 @@ from torch import Tensor
 from focuslens.data.render import Span
 from focuslens.errors import DataError
 
-__all__ = ["ROWS", "Rows", "resolve_rows", "rows_mask", "rows_reach", "resolve_span", "require_gold", "span_mask", "span_key_mask"]
+__all__ = ["ROWS", "Rows", "resolve_rows", "first_row", "rows_mask", "rows_reach", "resolve_span", "require_gold", "span_mask", "span_key_mask"]
 
 
 def resolve_span(span, prompt=None, *, field: str = "span") -> Span:
@@ -125,6 +125,18 @@ def rows_reach(where: Span | int | Tensor | None, n: int) -> bool:
     if isinstance(where, int):
         return where < n
     return bool((where < n).any())
+
+
+def first_row(where: Span | int | Tensor | None) -> int:
+    """The first absolute position of resolved rows (0 for every row): what a hook declares
+    to the pattern-free attention path (:class:`~focuslens.model.hooks.RowHook`)."""
+    if where is None:
+        return 0
+    if isinstance(where, Span):
+        return where.start
+    if isinstance(where, int):
+        return where
+    return int(where.min()) if where.numel() else 0
 
 
 def rows_past_end(rows, n: int, what: str = "forward pass") -> DataError:

@@ -47,11 +47,12 @@ from focuslens.model.heads import (
     top_and_random,
     variant_masks,
 )
-from focuslens.model.hooks import attn_hook
+from focuslens.model.hooks import HeadEdit, attn_hook
 from focuslens.model.intervention import HeadIntervention
 from focuslens.model.spans import (
     Rows,
     check_span_arg,
+    first_row,
     resolve_rows,
     resolve_span,
     rows_mask,
@@ -127,24 +128,45 @@ def split_softmax_hooks(
     taus = per_variant(tau, masks.shape[0], "tau")
     if (taus <= 0).any():
         raise DataError(f"tau={taus.tolist()} must be > 0 (1 is the identity, smaller boosts more).")
+    def check(q: int, k: int) -> None:
+        if q == k and not rows_reach(where, k):  # a pass from position 0 that no row reaches
+            raise rows_past_end(rows, k)
+
     hooks = []
     for layer in masks.any(0).any(-1).nonzero().flatten().tolist():
         # per variant and head: tau where the head is chosen, 1 (identity) elsewhere
         layer_tau = torch.where(masks[:, layer], taus[:, None], torch.ones(()))  # [variant, head]
-
-        def hook(pattern, hook, layer_tau=layer_tau):
-            b, _, q, k = pattern.shape
-            t = layer_tau.to(pattern.device)
-            if t.shape[0] not in (1, b):
-                raise DataError(f"{t.shape[0]} head selections for a batch of {b}: give one, or one per row.")
-            if q == k and not rows_reach(where, k):  # a pass from position 0 that no row reaches
-                raise rows_past_end(rows, k)
-            edit = rows_mask(where, torch.arange(k - q, k, device=pattern.device))
-            t = torch.where(edit[None, None, :], t[:, :, None], torch.ones(()))  # [variant, head, query]
-            return split_softmax_pattern(pattern, span_key_mask(span, k, b), t)
-
-        hooks.append((attn_hook(layer, "pattern"), hook))
+        hooks.append((attn_hook(layer, "pattern"), _layer_edit(layer_tau, span, where, check)))
     return hooks
+
+
+def _layer_edit(layer_tau: Tensor, span, where, check) -> HeadEdit:
+    """One layer's split-softmax as a :class:`HeadEdit`: the same edit on a full pattern
+    (eager path) and on blocks of rows of the steered heads (pattern-free path)."""
+
+    def edit(pattern, query_rows, heads):
+        """``pattern`` [batch, len(heads), rows, key] at absolute ``query_rows``."""
+        b, k = pattern.shape[0], pattern.shape[-1]
+        t = layer_tau.to(pattern.device)[:, heads]
+        if t.shape[0] not in (1, b):
+            raise DataError(f"{t.shape[0]} head selections for a batch of {b}: give one, or one per row.")
+        steered = rows_mask(where, query_rows)
+        t = torch.where(steered[None, None, :], t[:, :, None], torch.ones(()))  # [variant, head, query]
+        return split_softmax_pattern(pattern, span_key_mask(span, k, b), t)
+
+    def hook(pattern, hook):
+        q, k = pattern.shape[-2:]
+        check(q, k)
+        return edit(pattern, torch.arange(k - q, k, device=pattern.device), slice(None))
+
+    def target(pi, query_rows, heads):
+        """The span's new mass ``π^τ`` (``pi`` [batch, len(heads), rows])."""
+        t = layer_tau.to(pi.device)[:, heads]
+        t = torch.where(rows_mask(where, query_rows)[None, None, :], t[:, :, None], torch.ones(()))
+        return pi.clamp_min(0) ** t
+
+    return HeadEdit(hook, layer_tau != 1, first_row(where), edit, check,
+                    span=lambda n_key, b: span_key_mask(span, n_key, b), target=target)
 
 
 @dataclass
