@@ -15,6 +15,9 @@ Directions (``--only directions``):
 Scale (``--only scale``, benchmarks/scale.py): the disk-streamed training cache vs the
 in-memory one; peak RSS at N and 10·N prompts, time per prompt.
 
+Long context (``--only long_context``, benchmarks/long_context.py): the pattern-free
+attention path at 2k, 4k and 8k tokens against a plain Hugging Face SDPA forward.
+
 Scoring:
 * time: ``score_heads`` (reduction inside ``hook_pattern`` hooks) vs the evaluation
   forward ``next_token_logits`` over the same prompts (not the same code path: it batches
@@ -295,7 +298,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2000)
     ap.add_argument("--out", default=str(ROOT / "figures" / "bench.json"))
     ap.add_argument("--memory-child")
-    ap.add_argument("--only", choices=["scoring", "directions", "scale", "scale-training"],
+    ap.add_argument("--only", choices=["scoring", "directions", "scale", "scale-training", "long_context"],
                     help="run one benchmark (default: all); scale-training: only the cache/training cases of "
                          "scale (its data-parallel and eager-attention entries are kept)")
     ap.add_argument("--scale-prompts", type=int, default=100, help="N of the scale benchmark (also run at 10·N)")
@@ -322,6 +325,10 @@ def main() -> None:
                   flush=True)
         bench["scale"] = bench_scale(args.scale_prompts) | {"data_parallel": bench_parallel(args.n_prompts),
                                                             "eager_attention_peak": eager}
+    if args.only in (None, "long_context"):
+        from long_context import bench_long_context  # benchmarks/long_context.py
+
+        bench["long_context"] = bench_long_context()
     if args.only == "scale-training":
         from scale import bench_scale
 

@@ -101,3 +101,26 @@ def test_the_gpu_check_reads_a_demo_summary():
     assert got["seconds"] == summary["demo_run"]["seconds"] and got["peak_gpu_memory_gib"] == 3.0
     assert got["accuracy"]["distraction"]["20"] == summary["distraction"]["accuracy"]["20"]
     assert set(got["stage_seconds"]) >= {"distraction", "split_softmax", "focus_directions"}
+
+
+def test_the_gpu_long_context_check_runs_its_cases_on_a_tiny_config():
+    """The GPU's long-context check, on the CPU with a tiny Llama config at short lengths:
+    every case runs on its path and reports a time (the numbers themselves need a GPU)."""
+    import importlib.util
+    from pathlib import Path
+
+    import torch
+
+    from focuslens.model.testing import tiny_tokenizer
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("gpu_check", root / "benchmarks" / "gpu_check.py")
+    gpu_check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_check)
+    config = dict(gpu_check.LLAMA_3B, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                  num_attention_heads=4, num_key_value_heads=2, head_dim=16, vocab_size=len(tiny_tokenizer()),
+                  max_position_embeddings=4096)
+    got = gpu_check.long_context_check((300, 600), device="cpu", dtype=torch.float32, config=config, repeats=1)
+    cases = {"hf_sdpa", "bridge", "span_masses", "split_softmax", "focus", "eager_forward", "eager_span_masses"}
+    for T in ("300", "600"):
+        assert set(got[T]) == cases and all(got[T][c]["seconds"] > 0 for c in cases)

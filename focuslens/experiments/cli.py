@@ -136,6 +136,22 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--seed", type=int, default=7, help="data and training seed")
     exp.add_argument("--out", default="runs/focus_conditions", help="output directory")
 
+    lc = _command(sub, "long-context", "distraction from ~1k to ~8k tokens (NQ, key-value retrieval, a needle with "
+                  "near misses) and split-softmax at each length; resumes a stopped run in --out",
+                  "focuslens long-context --tasks needle --n-prompts 10 --out runs/long_context")
+    lc.add_argument("--tasks", nargs="+", choices=["needle", "nq", "kv"], default=["needle", "nq", "kv"], help="tasks")
+    lc.add_argument("--n-prompts", type=int, default=100, help="prompts per task and length (gold first/middle/last in turn)")
+    lc.add_argument("--needle-documents", type=int, nargs="+", default=[10, 20, 40, 80], help="haystack sizes")
+    lc.add_argument("--nq-documents", type=int, nargs="+", default=[10, 20, 30, 50], help="NQ documents per prompt")
+    lc.add_argument("--kv-keys", type=int, nargs="+", default=[25, 50, 75, 110], help="key-value pairs per prompt")
+    lc.add_argument("--k", type=int, default=20, help="split-softmax on the top k contextual heads")
+    lc.add_argument("--tau", type=float, default=0.1, help="split-softmax exponent")
+    lc.add_argument("--scores", help=ranking_help)
+    lc.add_argument("--n-score-prompts", type=int, default=100, help="prompts to score on when --scores is absent")
+    lc.add_argument("--nq", help="task nq: the Lost-in-the-Middle NQ oracle file (nq-open-oracle.jsonl.gz)")
+    lc.add_argument("--seed", type=int, default=0, help="data seed")
+    lc.add_argument("--out", default="runs/long_context", help="output folder (progress is kept there)")
+
     _command(sub, "info", "load a model and print its shape", "focuslens info --model smollm2-135m-instruct")
     return p
 
@@ -305,6 +321,25 @@ def _experiment(args) -> None:
           f"{args.out}/focus_conditions.{{csv,png,html}} and summary.json")
 
 
+def _long_context(args) -> None:
+    from pathlib import Path
+
+    from focuslens.errors import DataError
+    from focuslens.experiments.stages.long_context import run_long_context
+    from focuslens.model.load import load_model
+
+    if "nq" in args.tasks and not args.nq:
+        raise DataError("--tasks nq needs --nq <the Lost-in-the-Middle NQ oracle file>.")
+    model = load_model(args.model)
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    scores = _ranking_scores(model, args, args.out)
+    lengths = {"needle": args.needle_documents, "nq": args.nq_documents, "kv": args.kv_keys}
+    stage = run_long_context(model, scores, out_dir=args.out, tasks=tuple(args.tasks), lengths=lengths,
+                             n_prompts=args.n_prompts, k=args.k, tau=args.tau, seed=args.seed, nq_path=args.nq,
+                             quiet=args.quiet)
+    _keep(stage, args.out)
+
+
 def _check_paths(args) -> None:
     """Input files and the output folder, checked before any model loads."""
     from pathlib import Path
@@ -364,6 +399,8 @@ def _run(args) -> None:
         _steer(args)
     elif args.command == "figures":
         _figures(args)
+    elif args.command == "long-context":
+        _long_context(args)
     elif args.command == "info":
         from focuslens.model.load import load_model
 

@@ -16,6 +16,8 @@ from focuslens.data import render
 from focuslens.experiments.stages import example_from_json
 from focuslens.io import write_atomic
 from focuslens.viz import (
+    plot_long_context,
+    plot_slot_profile,
     plot_direction_norms,
     plot_direction_similarity,
     plot_distraction,
@@ -92,6 +94,21 @@ def draw_distraction(stage, out: str | Path) -> list[Path]:
 
     fig = plot_distraction(stage["distraction"], title=f"Distraction on {_model(stage)}: synthetic multi-document QA")
     return _save(fig, out, "distraction")
+
+
+def draw_long_context(stage, out: str | Path) -> list[Path]:
+    """Accuracy and gold mass vs context length, and each task's slot × layer profile at
+    its longest length (``run_long_context``)."""
+    rows = stage["long_context"]
+    paths = _save(plot_long_context(rows, title=f"Distraction at long context on {_model(stage)}"), out, "long_context")
+    profiles = stage.objects.get("profiles", {})
+    for task, g in rows.groupby("task"):
+        size = int(g["size"].max())
+        key, n = f"{task}_{size}", int((g["size"] == size).sum())
+        if key in profiles:
+            paths += _save(plot_slot_profile(profiles[key], n, title=f"{task}, {size} slots: mass from the answer "
+                                             f"rows by document slot and layer ({n} prompts)"), out, f"long_context_slots_{task}")
+    return paths
 
 
 def draw_contextual_heads(stage, out: str | Path) -> list[Path]:
