@@ -66,7 +66,10 @@ def test_the_stage_runs_resumes_and_summarises(model, tmp_path):
     assert again.summary["prompts_this_run"] == 0
     assert again["long_context"].equals(rows)
     with pytest.raises(DataError, match="other settings"):
-        run_long_context(model, heads, **(kw | {"n_prompts": 4}))
+        run_long_context(model, heads, **(kw | {"tau": 0.5}))
+    more = run_long_context(model, heads, **(kw | {"n_prompts": 4}))  # extended: only the new prompts run
+    assert more.summary["prompts_this_run"] == 2 and len(more["long_context"]) == 8
+    assert more["long_context"].iloc[:6].equals(rows)
 
 
 @torch.no_grad()

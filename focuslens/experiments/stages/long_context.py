@@ -152,11 +152,13 @@ class _Progress:
 def run_long_context(model, ranking, *, out_dir: str | Path, tasks: Sequence[str] = tuple(LENGTHS),
                      lengths: dict | None = None, n_prompts: int = 100, k: int = 20, tau: float = 0.1,
                      seed: int = 0, nq_path=None, quiet: bool = False) -> StageResult:
-    """The long-context distraction stage (module docstring); resumes from ``out_dir``."""
+    """The long-context distraction stage (module docstring); resumes from ``out_dir``, also
+    with a larger ``n_prompts`` (prompt i does not depend on n)."""
     lengths = {t: [int(n) for n in (lengths or LENGTHS)[t]] for t in tasks}
     heads = resolve_heads(model, k, ranking)
-    settings = {"model": model_id(model), "lengths": lengths, "n_prompts": n_prompts, "k": k, "tau": tau,
-                "seed": seed, "heads": [list(h) for h in heads]}
+    # n_prompts is not a setting: prompt i is the same for any n, so a run can be extended
+    settings = {"model": model_id(model), "lengths": lengths, "k": k, "tau": tau, "seed": seed,
+                "heads": [list(h) for h in heads]}
     progress = _Progress(Path(out_dir) / "long_context", settings)
     fix = SplitSoftmax(heads, tau=tau, rows="answer")
     t0, before = time.perf_counter(), len(progress.rows)
