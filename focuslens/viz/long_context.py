@@ -46,7 +46,8 @@ def plot_long_context(rows: pd.DataFrame, *, title: str | None = None) -> Figure
     for task, g in cells.groupby("task", sort=False):
         colour = _COLOURS.get(task, "#7f7f7f")
         fig.add_trace(_ci_trace(g.tokens, g.accuracy, g.n, f"{task}", colour, "solid", True), 1, 1)
-        fig.add_trace(_ci_trace(g.tokens, g.split, g.n, f"{task} + split-softmax", colour, "dash", True), 1, 1)
+        # shifted 4 % right (log axis) so the two series' intervals do not hide each other
+        fig.add_trace(_ci_trace(g.tokens * 1.04, g.split, g.n, f"{task} + split-softmax", colour, "dash", True), 1, 1)
         fig.add_trace(go.Scatter(x=g.tokens, y=g.gold_mass, mode="lines+markers", line={"color": colour},
                                  name=task, showlegend=False), 1, 2)
     for col in (1, 2):

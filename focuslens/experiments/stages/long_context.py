@@ -8,7 +8,8 @@ context (SmolLM2: 8,192 tokens) on three tasks, with the gold first, in the midd
   :func:`~focuslens.data.lost_in_the_middle.make_nq_distractor_examples`), greedy answers
   scored by best-subspan EM;
 * ``kv``: Lost-in-the-Middle key-value retrieval generated locally with 25/50/75/110 keys
-  (their 75; their 140 keys take 10k SmolLM2 tokens, past its context), greedy answers;
+  (their 75; their 140 keys take 10k SmolLM2 tokens, past its context), greedy answers after
+  an opening ``"`` (without it SmolLM2 restates the key for 30+ tokens);
 * ``needle``: a haystack of 10/20/40/80 filler documents with the needle and 4 near-miss
   needles (:mod:`focuslens.data.needle`), scored in one forward pass.
 
@@ -56,7 +57,8 @@ __all__ = ["LENGTHS", "long_context_examples", "run_long_context", "long_context
 #: task -> the sizes that span ~1k to ~8k SmolLM2 tokens (documents, keys, haystack documents)
 LENGTHS = {"nq": (10, 20, 30, 50), "kv": (25, 50, 75, 110), "needle": (10, 20, 40, 80)}
 POSITIONS = ("first", "middle", "last")
-_NEW_TOKENS = {"nq": 12, "kv": 32}
+_NEW_TOKENS = {"nq": 24, "kv": 40}  # SmolLM2 restates the question first; a UUID is ~30 tokens
+KV_ANSWER_PREFIX = '"'  # the assistant turn opens the value's string, so the answer is the value, not a restatement
 
 
 def long_context_examples(task: str, size: int, n: int, *, seed: int = 0, nq_path=None) -> list:
@@ -72,7 +74,8 @@ def long_context_examples(task: str, size: int, n: int, *, seed: int = 0, nq_pat
     for i in range(n):
         where = POSITIONS[i % 3]
         if task == "kv":
-            out += make_kv_examples(1, n_pairs=size, gold_position=where, seed=seed * 100_003 + i)
+            out += [ex.replace(answer_prefix=KV_ANSWER_PREFIX)
+                    for ex in make_kv_examples(1, n_pairs=size, gold_position=where, seed=seed * 100_003 + i)]
         elif task == "needle":
             out += make_needle_examples(1, n_documents=size, gold_position=where, seed=seed * 100_003 + i)
         else:
@@ -116,7 +119,8 @@ def _measure(model, task: str, ex, fix: SplitSoftmax, heads: list) -> tuple[dict
     top = torch.tensor([layer * n_heads + head for layer, head in heads])
     row = {"qid": ex.qid, "n_tokens": prompt.n_tokens, "gold_index": ex.gold_index,
            "position": position_label(ex.gold_index, ex.n_documents), "correct": plain["correct"],
-           "split_correct": steered["correct"], "top_gold_mass": float(masses[top, 0].mean()),
+           "split_correct": steered["correct"], "prediction": plain.get("prediction"),
+           "split_prediction": steered.get("prediction"), "top_gold_mass": float(masses[top, 0].mean()),
            "top_sink_mass": float(masses[top, 1].mean()), "all_gold_mass": float(masses[:, 0].mean())}
     slots = masses[:, 2:].reshape(model.cfg.n_layers, n_heads, -1)  # [layer, head, slot]
     return row, slots
@@ -158,7 +162,8 @@ def run_long_context(model, ranking, *, out_dir: str | Path, tasks: Sequence[str
     heads = resolve_heads(model, k, ranking)
     # n_prompts is not a setting: prompt i is the same for any n, so a run can be extended
     settings = {"model": model_id(model), "lengths": lengths, "k": k, "tau": tau, "seed": seed,
-                "heads": [list(h) for h in heads]}
+                "heads": [list(h) for h in heads], "rows": "answer", "new_tokens": _NEW_TOKENS,
+                "kv_answer_prefix": KV_ANSWER_PREFIX}
     progress = _Progress(Path(out_dir) / "long_context", settings)
     fix = SplitSoftmax(heads, tau=tau, rows="answer")
     t0, before = time.perf_counter(), len(progress.rows)
@@ -205,7 +210,7 @@ def long_context_summary(rows: pd.DataFrame) -> dict:
 
 
 def long_context_table(summary: dict) -> str:
-    lines = ["\nLong-context distraction (Wilson 95% CIs; split-softmax τ on the top-k heads, every row)",
+    lines = ["\nLong-context distraction (Wilson 95% CIs; split-softmax τ on the top-k heads at the answer rows)",
              f"{'task':>7} {'size':>5} {'n':>4} {'tokens':>7} {'accuracy':>20} {'split-softmax':>20} {'gold mass':>9}"]
     for task, cells in summary["tasks"].items():
         for size, c in cells.items():
