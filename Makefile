@@ -78,3 +78,9 @@ focus-conditions: $(STAMP)
 focus-conditions-nq: $(STAMP)
 	$(BIN)/focuslens experiment focus --tasks nq --layouts qa --nq $(NQ_ORACLE) --nq-questions 30 15 20 \
 	  --ks 20 --alphas 0.5 1 2 --all-rows --out figures
+
+# distraction and split-softmax from ~1k to ~8k tokens (needle, NQ, KV retrieval; 100 prompts per
+# length): hours on 2 cores, resumable (run it again to continue), results in runs/long_context/
+.PHONY: long-context
+long-context: $(STAMP)
+	$(BIN)/focuslens long-context --n-prompts 100 --nq $(NQ_ORACLE) --out runs/long_context
