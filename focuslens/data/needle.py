@@ -33,8 +33,8 @@ NEEDLE_INSTRUCTION = ("Read the documents below. Exactly one of them states the 
                       "about; others mention similar vaults. Answer with the city that is the passcode.")
 _COLOURS = "crimson scarlet amber golden silver violet azure emerald ivory copper".split()
 _ANIMALS = "falcon hawk heron otter badger lynx raven wolf stag marten".split()
-_SUBJECTS = "The harbour The old market The northern road The river ferry The council The museum The mill " \
-            "The valley school The station The orchard".split(" The ")
+_SUBJECTS = ("The harbour", "The old market", "The northern road", "The river ferry", "The council", "The museum",
+             "The mill", "The valley school", "The station", "The orchard")
 _VERBS = "reopened after repairs|reported a quiet week|changed its opening hours|hosted a small fair|" \
          "was busy with visitors|raised its prices slightly|closed early because of rain|" \
          "welcomed a new manager|printed a new timetable|planted trees along the path".split("|")
@@ -43,8 +43,7 @@ _TIMES = "on Monday|in the spring|last winter|during the festival|after the stor
 
 
 def _filler(rng: random.Random, n_sentences: int) -> str:
-    subjects = [s if s.startswith("The") else f"The {s}" for s in _SUBJECTS]
-    return " ".join(f"{rng.choice(subjects)} {rng.choice(_VERBS)} {rng.choice(_TIMES)}." for _ in range(n_sentences))
+    return " ".join(f"{rng.choice(_SUBJECTS)} {rng.choice(_VERBS)} {rng.choice(_TIMES)}." for _ in range(n_sentences))
 
 
 def _near_misses(key: tuple[str, str], n: int, rng: random.Random) -> list[tuple[str, str]]:
