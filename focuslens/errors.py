@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["FocusLensError", "DataError", "ModelError"]
+__all__ = ["FocusLensError", "DataError", "ModelError", "NonFiniteError"]
 
 
 class FocusLensError(ValueError):
@@ -15,3 +15,8 @@ class DataError(FocusLensError):
 
 class ModelError(FocusLensError):
     """A model cannot be loaded or does not match an artifact (the message says why)."""
+
+
+class NonFiniteError(DataError, ModelError):
+    """NaN or inf where a number must be finite: a broken weight, cached tensor or
+    intervention (:func:`focuslens.model.finite.require_finite` names which)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import math
 import os
 
@@ -189,7 +190,10 @@ def test_norms_do_not_hide_nan():
 
 
 def _saved(tmp_path, edit_json=None, edit_tensors=None):
+    """Saved directions, edited by hand; without the manifest (a folder made by hand or by an
+    older focuslens), so that the loader's own checks of each file are what is tested."""
     path = _dirs([(0, 0), (1, 1)]).save(tmp_path / "dirs")
+    (path / "manifest.json").unlink()
     meta = path / "focus_directions.json"
     if edit_json:
         blob = json.loads(meta.read_text())
@@ -199,6 +203,17 @@ def _saved(tmp_path, edit_json=None, edit_tensors=None):
         st = path / "focus_directions.safetensors"
         st.write_bytes(edit_tensors(st.read_bytes()))
     return path
+
+
+@pytest.mark.parametrize("name,edit", [("focus_directions.json", lambda raw: raw.replace(b'"format"', b'"Format"')),
+                                       ("focus_directions.safetensors", lambda raw: raw[:-4] + b"\x00\x00\xc0\x7f"),
+                                       ("focus_directions.safetensors", lambda raw: raw[:100])])
+def test_load_names_the_file_that_differs_from_the_manifest(tmp_path, name, edit):
+    path = _dirs([(0, 0), (1, 1)]).save(tmp_path / "dirs")
+    FocusDirections.load(path)
+    (path / name).write_bytes(edit((path / name).read_bytes()))  # same size (a NaN's bytes) or cut
+    with pytest.raises(DataError, match=rf"dirs/{re.escape(name)}: .*manifest.json says"):
+        FocusDirections.load(path)
 
 
 def test_load_ranking_outside_the_shape(tmp_path):
@@ -248,3 +263,32 @@ def test_release_lfs_pointer(tmp_path):
     with pytest.raises(DataError, match="head_q_directions_0.pth is a Git LFS pointer") as e:
         import_release(root)
     assert "git lfs pull" in str(e.value)
+
+
+def test_a_prompt_rendered_with_another_tokenizer_is_refused_by_name():
+    from focuslens import make_synthetic_qa, render, score_heads
+    from focuslens.model.testing import tiny_model, tiny_tokenizer
+    model = tiny_model("llama")
+    example = make_synthetic_qa(1, n_documents=3, seed=0)[0]
+    other = tiny_tokenizer(extra_words=[f"w{i}" for i in range(300)])  # more words: other ids, a larger vocabulary
+    with pytest.raises(DataError, match=r"examples\[0\] was rendered with another tokenizer than the model's"):
+        score_heads(model, [render(example, other)], quiet=True)
+    same = render(example, tiny_tokenizer())  # the same tokenizer, loaded again: accepted
+    assert same.tokenizer == render(example, model.tokenizer).tokenizer
+
+
+def test_a_model_without_rotary_queries_is_refused_at_load_naming_the_capability():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from focuslens.model.load import load_model
+    from focuslens.model.testing import tiny_tokenizer
+    gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=200, bos_token_id=0, eos_token_id=0))
+    with pytest.raises(ModelError, match=r"GPT2LMHeadModel has no rotary position embedding \(no hook_rot_q\)"):
+        load_model(gpt2, tokenizer=tiny_tokenizer())
+
+
+@pytest.mark.parametrize("device,says", [("gpu", "is not a torch device"), ("xla", "not 'xla'")])
+def test_an_unknown_device_is_refused_at_load(device, says):
+    from focuslens.model.load import load_model
+    with pytest.raises(ModelError, match=rf"device='{device}'.*{says}"):
+        load_model("smollm2-135m-instruct", device=device)

@@ -183,3 +183,33 @@ def test_a_corrupt_summary_is_never_replaced_by_the_next_stage(tmp_path, tiny_ll
     err = capsys.readouterr().err
     assert "summary.json: cannot read a summary file" in err and "unexpected" not in err
     assert (tmp_path / "summary.json").read_text() == "{\"contextual_heads\": "
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--rankings", "bogus"], r"rankings=\['bogus'\]: unknown 'bogus'"),
+    (["--all-rows", "synthetic"], r"all_rows: 'synthetic' is not a task/layout pair"),
+    (["--tasks", "nq"], r"set nq_path \(--nq\)"),
+    (["--layouts", "qa", "kv"], r"layouts=\['qa', 'kv'\]: unknown 'kv'"),
+    (["--n-test", "0"], r"n_test=0 must be a positive integer"),
+])
+def test_experiment_arguments_are_refused_before_the_model_loads(tmp_path, capsys, argv, says):
+    # --model names no model: an error about it would mean the arguments were checked too late
+    assert main(["experiment", "focus", "--model", "no-such-model", "--out", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err
+    assert re.search(says, err) and "no-such-model" not in err, err
+
+
+@pytest.mark.parametrize("command", [["experiment", "focus"], ["distraction"], ["long-context"]])
+def test_a_broken_summary_in_out_is_named_before_the_model_loads(tmp_path, capsys, command):
+    (tmp_path / "summary.json").write_text('{"focus_conditions": [')
+    assert main([*command, "--model", "no-such-model", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'summary.json'}: cannot read a summary file" in err and "no-such-model" not in err, err
+
+
+def test_a_bogus_scores_file_is_named_before_the_model_loads(tmp_path, capsys):
+    (tmp_path / "scores.json").write_text('{"not": "scores"}')
+    assert main(["patch", "--model", "no-such-model", "--scores", str(tmp_path / "scores.json"),
+                 "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "scores.json is not a focuslens HeadScores file" in err and "no-such-model" not in err, err

@@ -266,7 +266,7 @@ def test_save_load_round_trip_and_mismatch_errors(tmp_path):
     dirs = _random_directions(model, seed=7, ranking=[(1, 2), (0, 0)])
     dirs.metadata["settings"] = {"lr": 1e-3}
     path = dirs.save(tmp_path / "dirs")
-    assert {p.name for p in path.iterdir()} == {"focus_directions.safetensors", "focus_directions.json"}
+    assert {p.name for p in path.iterdir()} == {"focus_directions.safetensors", "focus_directions.json", "manifest.json"}
     loaded = FocusDirections.load(path, model=model)
     assert torch.equal(loaded.q, dirs.q) and torch.equal(loaded.k, dirs.k)
     assert loaded.ranking() == [(1, 2), (0, 0)] and loaded.metadata == dirs.metadata

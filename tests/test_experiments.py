@@ -148,7 +148,7 @@ def test_scores_from_the_training_cache_equal_score_heads(arch):
         scores_from_patterns(model, prompts[:4], collect_attention_inputs(model, prompts, quiet=True).pattern)
 
 
-def test_the_grid_on_a_tiny_model_writes_cells_figure_and_summary(tmp_path):
+def test_the_grid_on_a_tiny_model_writes_cells_figure_and_summary(tmp_path, monkeypatch, capsys):
     model = get_tiny("llama", 2)
     s = ConditionSettings(n_train=6, n_validation=4, n_test=5, n_documents=4, epochs=2, ks=(2, 4), alphas=(0.5, 2.0),
                           all_rows_ks=(2,), all_rows_alphas=(1.0,), n_pairs=3, n_mechanism=2, n_bootstrap=100,
@@ -176,3 +176,18 @@ def test_the_grid_on_a_tiny_model_writes_cells_figure_and_summary(tmp_path):
     again = json.loads((tmp_path / "summary.json").read_text())["focus_conditions"]
     assert [(c["layout"], c["ranking"]) for c in again if c["layout"] == "qa"] == [("qa", "contextual")]
     assert sum(c["layout"] == "qa_query_aware" for c in again) == 5
+    # a rerun resumes: pairs saved with the same settings are kept, not run again; a pair that
+    # fails later in the grid leaves every pair finished before it saved
+    import focuslens.experiments.conditions as C
+
+    def fail(model, task, layout, s, quiet):
+        raise RuntimeError(f"{task}/{layout} failed")
+
+    monkeypatch.setattr(C, "run_condition", fail)
+    kept = run_focus_conditions(model, s, out_dir=tmp_path, quiet=True)
+    assert [(c["layout"], c["ranking"]) for c in kept["cells"].to_dict("records")] == [("qa", "contextual")]
+    assert "synthetic/qa: already in" in capsys.readouterr().out
+    s.tasks = ("synthetic", "synthetic_answer_free")
+    with pytest.raises(RuntimeError, match="synthetic_answer_free/qa failed"):
+        run_focus_conditions(model, s, out_dir=tmp_path, quiet=True)
+    assert json.loads((tmp_path / "summary.json").read_text())["focus_conditions"] == again  # nothing lost

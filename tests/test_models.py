@@ -265,6 +265,7 @@ DAMAGE = {
     "tokenizer deleted": lambda f: (f / "tokenizer.json").unlink(),
     "weights truncated": lambda f: _truncate(f / "model.safetensors"),
     "tokenizer edited, same size": lambda f: _same_size_edit(f / "tokenizer.json"),
+    "weights edited, same size": lambda f: _same_size_edit(f / "model.safetensors"),
     "manifest corrupt": lambda f: (f / "manifest.json").write_text("{not json"),
     "manifest lists no weights": lambda f: (f / "manifest.json").write_text('{"files": {}}'),
     "no manifest, weights truncated": lambda f: ((f / "manifest.json").unlink(), _truncate(f / "model.safetensors")),
@@ -352,7 +353,7 @@ def test_the_real_cache_with_a_deleted_tokenizer_is_rebuilt(monkeypatch, tmp_pat
     weights = copy / "model.safetensors"
     assert weights.stat().st_ino != (real / "model.safetensors").stat().st_ino  # a file of the copy
     os.truncate(weights, weights.stat().st_size - 4096)
-    assert "model.safetensors is" in focuslens.model.load._cache_problem(copy)
+    assert "model.safetensors: " in focuslens.model.load._cache_problem(copy)
     assert {p.name: p.stat().st_mtime_ns for p in real.iterdir() if p.name in before} == before
 
 

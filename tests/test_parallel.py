@@ -4,16 +4,19 @@ disk) give the same results as one process, in input order."""
 
 from __future__ import annotations
 
+import datetime
 import os
 import subprocess
 import sys
 import textwrap
+import time
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 
+from focuslens.errors import ModelError
 from focuslens.model import parallel
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,5 +156,28 @@ def test_a_process_group_is_joined_only_when_asked(plain_process, monkeypatch, h
     monkeypatch.setattr(torch.distributed, "get_world_size", lambda: 2)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert (parallel.init() if how == "init" else parallel.world()) == (0, 2)
-    assert plain_process == [{"backend": "gloo"}]  # joined, once
+    assert plain_process == [{"backend": "gloo", "timeout": datetime.timedelta(seconds=120)}]  # joined, once
     assert parallel.world() == (0, 2) and len(plain_process) == 1
+
+
+@pytest.mark.parametrize("unset", [["RANK"], ["MASTER_ADDR", "MASTER_PORT"]])
+def test_an_incomplete_launcher_environment_is_named_at_once(plain_process, monkeypatch, unset):
+    for name in unset:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv(parallel.OPT_IN_VARIABLE, "1")
+    with pytest.raises(ModelError, match=rf"WORLD_SIZE=2 asks for several processes, but {', '.join(unset)} "):
+        parallel.world()
+    assert plain_process == []  # no rendezvous tried
+
+
+def test_peers_that_never_arrive_fail_within_the_timeout(tmp_path):
+    """Rank 0 of 2, alone, in a real process: a ModelError after the set wait, not torch's 30 minutes."""
+    code = "from focuslens.model.parallel import world\nworld()"
+    env = {**os.environ, "WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29577",
+           parallel.OPT_IN_VARIABLE: "1", parallel.TIMEOUT_VARIABLE: "3"}
+    env.pop(parallel.LAUNCHER_VARIABLE, None)
+    t0 = time.perf_counter()
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and time.perf_counter() - t0 < 60
+    assert "ModelError: the process group did not form (WORLD_SIZE=2 RANK=0 MASTER_ADDR=127.0.0.1" in run.stderr
+    assert f"{parallel.TIMEOUT_VARIABLE} sets the wait (3 s)" in run.stderr

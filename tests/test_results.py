@@ -109,7 +109,10 @@ def test_directions_from_two_different_saves_do_not_load_as_a_pair(tmp_path):
     old.save(tmp_path / "d")
     json_of_old = (tmp_path / "d" / "focus_directions.json").read_text()
     new.save(tmp_path / "d")
-    (tmp_path / "d" / "focus_directions.json").write_text(json_of_old)  # a crash after the tensors, before the JSON
+    (tmp_path / "d" / "focus_directions.json").write_text(json_of_old)  # a mixed pair, by hand
+    with pytest.raises(DataError, match="focus_directions.json: .*manifest.json says"):
+        FocusDirections.load(tmp_path / "d")  # the manifest names the file of the other save
+    (tmp_path / "d" / "manifest.json").unlink()  # a folder saved by an older focuslens: no manifest
     got = FocusDirections.load(tmp_path / "d")  # the tensors' own header wins: the new save, whole
     assert torch.equal(got.q, new.q) and got.ranking() == [(1, 2)] and got.metadata["i"] == 1
     # a tensor file without its own header (an older save) beside a JSON of another save is refused
@@ -139,7 +142,7 @@ def test_non_finite_strengths_and_directions_are_refused_by_name():
             pass
     q = torch.zeros(2, 4, 16)
     q[1, 2, 5] = float("nan")
-    with pytest.raises(DataError, match="directions q: 1 non-finite values \\(first at layer 1, head 2\\)"):
+    with pytest.raises(DataError, match=r"directions q \[layer, head, d_head\]: 1 of \d+ values are NaN or inf \(the first at index \(1, 2, "):
         FocusDirections(q, torch.zeros(2, 4, 16), [], {})
     with pytest.raises(DataError, match="selects no head"):
         with split_softmax(model, [], prompt.gold, 0.1):

@@ -51,13 +51,58 @@ def test_a_disk_batch_equals_the_in_memory_batch(arch, tmp_path):
         torch.testing.assert_close(first.k[..., : want.shape[3], :], want, rtol=0, atol=0)
 
 
-def test_a_truncated_shard_is_named(tmp_path):
+def _nan_bytes(raw: bytes) -> bytes:
+    """The same file with its last four bytes a float32 NaN: same size, so only a hash sees it."""
+    return raw[:-4] + b"\x00\x00\xc0\x7f"
+
+
+@pytest.mark.parametrize("damage,found", [(lambda raw: raw[:-64], r"\d+ bytes"), (_nan_bytes, "its sha256 differs"),
+                                          (None, "missing")])
+def test_a_damaged_shard_is_named_before_it_is_read(tmp_path, damage, found):
     model = get_tiny("llama", 2)
-    disk = S.cache_to_disk(model, _prompts(model, 2), tmp_path / "c", chunk=2, quiet=True)
+    prompts = _prompts(model, 2)
+    S.cache_to_disk(model, prompts, tmp_path / "c", chunk=2, quiet=True)
     shard = tmp_path / "c" / "layer_001" / "chunk_00001.safetensors"
-    shard.write_bytes(shard.read_bytes()[:-64])
-    with pytest.raises(DataError, match=r"layer_001/chunk_00001\.safetensors is shorter than its header"):
+    train_directions(model, prompts, cache_dir=tmp_path / "t", epochs=1, quiet=True)
+    trained = tmp_path / "t" / "train" / "layer_001" / "chunk_00000.safetensors"
+    for path in (shard, trained):
+        if damage is None:
+            path.unlink()
+        else:
+            path.write_bytes(damage(path.read_bytes()))
+    disk = S.ShardedInputs(tmp_path / "c")
+    disk.batch([0], slice(0, 2))  # other chunks still read
+    with pytest.raises(DataError, match=rf"layer_001/chunk_00001\.safetensors: {found}; chunk_00001\.index\.safetensors says"):
         disk.batch([2], slice(0, 2))
+    with pytest.raises(DataError, match=r"train/layer_001/chunk_00000\.safetensors"):  # training names it too
+        train_directions(model, prompts, cache_dir=tmp_path / "t", epochs=1, quiet=True)
+
+
+def test_a_cache_without_meta_json_is_not_reused_for_other_prompts(tmp_path):
+    model = get_tiny("llama", 2)
+    S.cache_to_disk(model, _prompts(model, 4), tmp_path, chunk=2, quiet=True)
+    (tmp_path / "meta.json").unlink()
+    with pytest.raises(DataError, match="holds cached chunks but no meta.json"):
+        S.cache_to_disk(model, _prompts(model, 4, seed=9), tmp_path, chunk=2, quiet=True)
+
+
+def test_an_index_of_another_cache_is_refused(tmp_path):
+    model = get_tiny("llama", 2)
+    S.cache_to_disk(model, _prompts(model, 4), tmp_path / "a", chunk=2, quiet=True)
+    S.cache_to_disk(model, _prompts(model, 4, seed=9), tmp_path / "b", chunk=2, quiet=True)
+    name = "chunk_00001.index.safetensors"
+    (tmp_path / "a" / name).write_bytes((tmp_path / "b" / name).read_bytes())
+    with pytest.raises(DataError, match=rf"{name} is of other prompts"):
+        S.ShardedInputs(tmp_path / "a")
+
+
+def test_a_truncated_index_is_named(tmp_path):
+    model = get_tiny("llama", 2)
+    S.cache_to_disk(model, _prompts(model, 2), tmp_path, chunk=2, quiet=True)
+    index = tmp_path / "chunk_00000.index.safetensors"
+    index.write_bytes(index.read_bytes()[:-10])
+    with pytest.raises(DataError, match=r"chunk_00000\.index\.safetensors"):
+        S.ShardedInputs(tmp_path)
 
 
 @pytest.mark.parametrize("layers_per_group", [None, 1])
@@ -81,12 +126,12 @@ def test_a_killed_caching_run_resumes_to_the_same_shards(tmp_path, monkeypatch):
     whole = S.cache_to_disk(model, prompts, tmp_path / "whole", chunk=2, quiet=True)
     real, calls = S._write_chunk, []
 
-    def dies_in_chunk_2(folder, c, part, dtype):
+    def dies_in_chunk_2(folder, c, part, dtype, fingerprint):
         calls.append(c)
         if c == 2:  # killed after writing one layer's shard and before the index
             S.write_atomic(folder / "layer_000" / "chunk_00002.safetensors", b"half")
             raise KeyboardInterrupt
-        real(folder, c, part, dtype)
+        real(folder, c, part, dtype, fingerprint)
 
     monkeypatch.setattr(S, "_write_chunk", dies_in_chunk_2)
     with pytest.raises(KeyboardInterrupt):

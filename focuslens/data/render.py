@@ -36,6 +36,7 @@ Two of them:
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -103,6 +104,8 @@ class Prompt:
     char_offsets: tuple[tuple[int, int], ...] = field(repr=False)
     example: QAExample = field(repr=False)
     questions: tuple[Span, ...] = ()
+    #: which tokenizer made ``input_ids`` (:func:`tokenizer_id`); "" when unknown
+    tokenizer: str = field(default="", repr=False)
 
     def __repr__(self) -> str:
         """One line (not every token id): size, documents, the gold one as the prompt
@@ -480,4 +483,14 @@ def render(
         sink=Span(0, min(n_sink, len(ids))),
         char_offsets=tuple(offsets),
         example=example,
+        tokenizer=tokenizer_id(tokenizer),
     )
+
+
+def tokenizer_id(tokenizer) -> str:
+    """A tokenizer's identity: vocabulary size and the ids of a probe string (not its name:
+    one tokenizer loaded from two places is the same); kept on the tokenizer."""
+    if getattr(tokenizer, "_focuslens_id", None) is None:
+        ids = tokenizer("Document [1](Title: Ünïcode 1987) The answer is", add_special_tokens=False)["input_ids"]
+        tokenizer._focuslens_id = f"vocabulary {len(tokenizer)}, probe {hashlib.sha256(str(ids).encode()).hexdigest()[:12]}"
+    return tokenizer._focuslens_id

@@ -54,17 +54,20 @@ from torch import Tensor
 
 from focuslens.data.render import Prompt
 from focuslens.errors import DataError, ModelError
-from focuslens.io import json_safe, read_json, safetensors_header, write_atomic, write_json
+from focuslens.io import check_unit, has_manifest, json_safe, read_json, safetensors_header, write_unit
 from focuslens.measure.record import record
 from focuslens.measure.scoring import HeadScores
+from focuslens.model.finite import require_finite
 from focuslens.model.heads import Head, ranking_of, resolve_heads
 from focuslens.model.hooks import attn_hook
 from focuslens.model.load import attention_scaling, model_id
 
-__all__ = ["FocusDirections", "import_release", "ARTIFACT_FORMAT"]
+__all__ = ["FocusDirections", "import_release", "ARTIFACT_FORMAT", "UNIT_KIND"]
 
 _HEADER_KEY = "focuslens"  # the safetensors __metadata__ entry holding the artifact's metadata
 ARTIFACT_FORMAT = "focuslens.FocusDirections/1"
+UNIT_KIND = "focus directions"  # the kind in the folder's manifest.json
+_TENSORS, _META = "focus_directions.safetensors", "focus_directions.json"
 
 
 # ------------------------------------------------------------------ the artifact
@@ -91,11 +94,8 @@ class FocusDirections:
                 f"q {tuple(self.q.shape)} and k {tuple(self.k.shape)} must both be [n_layers, n_heads, d_head]."
             )
         for name in ("q", "k"):
-            bad = ~torch.isfinite(getattr(self, name))
-            if bad.any():
-                layer, head = bad.any(-1).nonzero()[0].tolist()
-                raise DataError(f"directions {name}: {int(bad.sum())} non-finite values (first at layer {layer}, "
-                                f"head {head}); NaN directions would turn every steered logit into NaN.")
+            require_finite(getattr(self, name), f"directions {name} [layer, head, d_head]",
+                           "NaN directions would turn every steered logit into NaN")
         self._ranking = _checked_ranking(list(ranking or []), self.shape[:2])
 
     def ranking(self, name: str | None = None) -> list[Head]:
@@ -191,29 +191,33 @@ class FocusDirections:
             )
 
     # ---------------------------------------------------------------- persistence
-    def save(self, path: str | Path) -> Path:
-        """Write ``path/focus_directions.safetensors`` (``q``, ``k``, and the metadata and
-        ranking in its header: the file describes itself, like a SAELens artifact) and
-        ``path/focus_directions.json`` (the same, readable, plus the tensors' SHA-256);
-        returns the directory. Each file is written atomically, tensors first. A save killed
-        between the two leaves the new tensors beside the old JSON: their hashes differ, and
-        :meth:`load` then reads the tensors' own header, so the new save loads whole — never
-        a mixed pair, never neither."""
-        path = Path(path)
+    def files(self) -> dict[str, bytes]:
+        """The artifact's two files by name: ``focus_directions.safetensors`` (``q``, ``k``, and
+        the metadata and ranking in its header: the file describes itself, like a SAELens
+        artifact) and ``focus_directions.json`` (the same, readable, plus the tensors' SHA-256)."""
         meta = {"format": ARTIFACT_FORMAT, "shape": list(self.shape), "ranking": [list(h) for h in self._ranking],
                 "metadata": json_safe(self.metadata)}
         tensors = {"q": self.q.detach().float().clone(), "k": self.k.detach().float().clone()}  # never shared
         blob = save_safetensors(tensors, metadata={_HEADER_KEY: json.dumps(meta)})
-        write_atomic(path / "focus_directions.safetensors", blob)
-        write_json(path / "focus_directions.json", {**meta, "sha256": hashlib.sha256(blob).hexdigest()}, indent=1)
-        return path
+        text = json.dumps(json_safe({**meta, "sha256": hashlib.sha256(blob).hexdigest()}), indent=1) + "\n"
+        return {_TENSORS: blob, _META: text.encode()}
+
+    def save(self, path: str | Path) -> Path:
+        """Write :meth:`files` into the folder ``path`` as one unit with its ``manifest.json``
+        (:func:`focuslens.io.write_unit`): a save killed at any moment leaves the old
+        directions or the new ones, never a mixed pair or neither; returns the folder."""
+        write_unit(path, self.files(), kind=UNIT_KIND)
+        return Path(path)
 
     @classmethod
     def load(cls, path: str | Path, *, model=None, strict: bool = True) -> FocusDirections:
-        """Read :meth:`save` output; with ``model``, check shapes and identity."""
+        """Read :meth:`save` output (each file checked against the folder's manifest); with
+        ``model``, check shapes and identity."""
 
         path = Path(path)
-        meta_file, tensor_file = path / "focus_directions.json", path / "focus_directions.safetensors"
+        meta_file, tensor_file = path / _META, path / _TENSORS
+        if has_manifest(path):
+            check_unit(path, kind=UNIT_KIND, names=[_TENSORS, _META])
         for f in (meta_file, tensor_file):
             if not f.exists():
                 raise DataError(f"{f} is missing: {path} is not a directory written by FocusDirections.save.")

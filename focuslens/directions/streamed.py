@@ -37,7 +37,8 @@ from torch import Tensor
 from focuslens.data.render import Prompt
 from focuslens.directions.cache import AttentionInputs, collect_attention_inputs
 from focuslens.errors import DataError
-from focuslens.io import read_json, safetensors_header, write_atomic, write_json
+from focuslens.io import file_entry, file_problem, read_json, safetensors_header, write_atomic, write_json
+from focuslens.model.finite import require_finite
 from focuslens.model.load import attention_scaling, model_id
 from focuslens.model.parallel import is_main, share, world
 from focuslens.progress import tqdm
@@ -47,6 +48,7 @@ __all__ = ["ShardedInputs", "cache_to_disk"]
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _TENSORS = ("q", "k", "pattern")
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_OWN = "focuslens"  # the index header entry that lists the chunk's shards
 
 
 def _fingerprint(prompts: Sequence[Prompt]) -> str:
@@ -79,6 +81,7 @@ class ShardedInputs:
             raise DataError(f"{self.folder}: chunks {missing[:5]} of {self.n_chunks} were never finished; run "
                             "cache_to_disk again on the same prompts to resume.")
         self._index = [self._read(self._index_path(c)) for c in range(self.n_chunks)]  # small: [c, T] masks
+        self._shards = [self._listed(c) for c in range(self.n_chunks)]  # per chunk: shard -> size, sha256
         self._headers: dict[tuple[int, int], tuple[int, dict]] = {}
         self._stage = torch.empty(0, dtype=torch.uint8)  # the read buffer (:meth:`_staged`)
         self.seconds = 0.0
@@ -98,15 +101,45 @@ class ShardedInputs:
 
     @staticmethod
     def _read(path: Path) -> dict[str, Tensor]:
-        with safe_open(path, framework="pt") as f:
-            return {name: f.get_tensor(name) for name in f.keys()}
+        try:
+            with safe_open(path, framework="pt") as f:
+                return {name: f.get_tensor(name) for name in f.keys()}
+        except Exception as e:  # safetensors raises its own error types for a cut or damaged file
+            raise DataError(f"{path}: not a readable safetensors file ({type(e).__name__}: {e}); delete the chunk's "
+                            "index file to cache that chunk again.") from None
+
+    def _listed(self, c: int) -> dict:
+        """The shards chunk ``c``'s index lists (empty for a cache written before indexes
+        listed them), after checking the index is of this cache's prompts."""
+        path = self._index_path(c)
+        _, header = safetensors_header(path)
+        own = (header.get("__metadata__") or {}).get(_OWN)
+        if own is None:
+            return {}
+        own = json.loads(own)
+        if own.get("fingerprint") != self.meta["fingerprint"]:
+            raise DataError(f"{path} is of other prompts than {self.folder / 'meta.json'} (another fingerprint): "
+                            "the folder mixes two caches; delete it and cache again.")
+        return own["shards"]
 
     def _layout(self, layer: int, c: int) -> tuple[int, dict]:
         """Where a shard's tensors start and its safetensors header (read once, then kept:
-        a few hundred bytes per file)."""
+        a few hundred bytes per file). The first time, the whole shard is checked against
+        its chunk's index: size and SHA-256 (one read per file and process)."""
         key = (layer, c)
         if key not in self._headers:
-            self._headers[key] = safetensors_header(self._shard(layer, c))
+            path = self._shard(layer, c)
+            entry = self._shards[c].get(f"layer_{layer:03d}/{_chunk_name(c)}.safetensors")
+            if entry is not None:
+                problem = file_problem(path, entry)
+                if problem:
+                    raise DataError(f"{path}: {problem}; {self._index_path(c).name} says {entry['size']} bytes with "
+                                    f"sha256 {entry['sha256'][:16]}…: the shard was damaged after it was cached. "
+                                    f"Delete {self._index_path(c).name} and run cache_to_disk again to redo "
+                                    "that chunk.")
+            elif not Path(path).is_file():
+                raise DataError(f"{path} is missing: delete {self._index_path(c).name} and run cache_to_disk again.")
+            self._headers[key] = safetensors_header(path)
         return self._headers[key]
 
     def _dims(self, c: int) -> tuple[torch.dtype, int, int]:
@@ -241,7 +274,7 @@ def cache_to_disk(model, prompts: Sequence[Prompt], folder: str | Path, *, chunk
     seconds = 0.0
     for c in tqdm(todo, desc="cache q/k to disk", disable=quiet or not is_main(), leave=False):
         part = collect_attention_inputs(model, prompts[c * chunk : (c + 1) * chunk], quiet=True, shared=False)
-        _write_chunk(folder, c, part, _DTYPES[dtype])
+        _write_chunk(folder, c, part, _DTYPES[dtype], meta["fingerprint"])
         seconds += part.seconds
     if world()[1] > 1:
         torch.distributed.barrier()  # every chunk written before anyone reads
@@ -254,6 +287,9 @@ def _claim(folder: Path, meta: dict) -> None:
     """Write ``meta.json``, or check that the cache already there is of the same prompts and
     settings (a ``DataError`` naming the field that differs)."""
     path = folder / "meta.json"
+    if not path.is_file() and folder.is_dir() and any(folder.glob("chunk_*.index.safetensors")):
+        raise DataError(f"{folder} holds cached chunks but no meta.json, so nothing says which prompts they are "
+                        "of: delete the folder (or pick another) and cache again.")
     if path.is_file():
         old = read_json(path, "the training cache's meta.json")
         for key in ("format", "model", "n_prompts", "n_layers", "chunk", "dtype", "fingerprint"):
@@ -264,10 +300,20 @@ def _claim(folder: Path, meta: dict) -> None:
     write_json(path, meta, indent=1)
 
 
-def _write_chunk(folder: Path, c: int, part: AttentionInputs, dtype: torch.dtype) -> None:
-    """Chunk ``c``'s shards, one file per layer, then its index (the completion mark)."""
+def _write_chunk(folder: Path, c: int, part: AttentionInputs, dtype: torch.dtype, fingerprint: str) -> None:
+    """Chunk ``c``'s shards, one file per layer (finite, or refused by name), then its index:
+    the completion mark and the chunk's manifest (each shard's size and SHA-256, and the
+    fingerprint of the prompts, in its header)."""
+    shards = {}
     for layer in range(part.q.shape[1]):
-        tensors = {name: getattr(part, name)[:, layer].to(dtype).contiguous() for name in ("q", "k", "pattern")}
-        write_atomic(folder / f"layer_{layer:03d}" / f"{_chunk_name(c)}.safetensors", save(tensors))
+        tensors = {name: getattr(part, name)[:, layer].to(dtype).contiguous() for name in _TENSORS}
+        for name, t in tensors.items():
+            require_finite(t, f"the training cache's {name} of layer {layer}, chunk {c}")
+        blob = save(tensors)
+        rel = f"layer_{layer:03d}/{_chunk_name(c)}.safetensors"
+        write_atomic(folder / rel, blob)
+        shards[rel] = file_entry(blob)
     index = {"row_pos": part.row_pos, "n_keys": part.n_keys, "gold": part.gold, "sink": part.sink}
-    write_atomic(folder / f"{_chunk_name(c)}.index.safetensors", save({k: v.contiguous() for k, v in index.items()}))
+    own = {_OWN: json.dumps({"fingerprint": fingerprint, "shards": shards})}
+    write_atomic(folder / f"{_chunk_name(c)}.index.safetensors",
+                 save({k: v.contiguous() for k, v in index.items()}, metadata=own))

@@ -28,6 +28,7 @@ from focuslens.directions.cache import AttentionInputs, TrainingCache, collect_a
 from focuslens.directions.streamed import ShardedInputs, cache_to_disk
 from focuslens.errors import DataError
 from focuslens.measure.scoring import prepare_prompts
+from focuslens.model.finite import require_finite
 from focuslens.model.heads import ranking_of
 from focuslens.model.hooks import attn_hook
 from focuslens.model.load import architecture_of, library_versions, model_id
@@ -109,6 +110,9 @@ def _epoch(train, order: Tensor, batch_size: int, groups, params, opts) -> float
             batch = train.batch(order[start : start + batch_size], layers)
             # sum over heads of each head's mean gold mass: each head gets its own gradient
             loss = -span_attention(batch, dq, dk)["gold"].mean(0).sum()
+            require_finite(loss, f"the training loss (layers {layers.start}-{layers.stop - 1}, batch {b})",
+                           "the cached queries, keys or patterns hold NaN/inf (a broken model when they were "
+                           "cached, or a damaged cache file): cache them again")
             opt.zero_grad()
             loss.backward()
             opt.step()

@@ -353,6 +353,7 @@ def _check_paths(args) -> None:
     out = getattr(args, "out", None)
     if out and Path(out).exists() and not Path(out).is_dir():
         raise DataError(f"--out {out} is a file, not a folder.")
+    _check_saved(args, out)
     if args.command == "steer":
         from focuslens.data.splits import gold_positions
 
@@ -360,6 +361,28 @@ def _check_paths(args) -> None:
         if args.n_test <= 0 or args.n_test % len(positions):
             raise DataError(f"--n-test {args.n_test}: each test question appears once per gold position {positions}, "
                             f"so --n-test must be a positive multiple of {len(positions)}.")
+
+
+def _check_saved(args, out) -> None:
+    """The files a command will read or add to, read now, before any model loads: the
+    summary and manifest in ``--out`` (a broken one would otherwise cost the whole run),
+    ``--scores`` and ``--directions``; a ``DataError`` names the file."""
+    from pathlib import Path
+
+    from focuslens.io import RUN, check_unit, has_manifest, read_summary
+
+    if out and args.command != "train-directions" and Path(out).is_dir():
+        read_summary(Path(out) / "summary.json")
+        if has_manifest(out):
+            check_unit(out, kind=RUN, names=[])  # the manifest readable, and of a run folder
+    if getattr(args, "scores", None):
+        from focuslens.measure.scoring import HeadScores
+
+        HeadScores.load(args.scores)
+    if getattr(args, "directions", None):
+        from focuslens.directions.artifact import FocusDirections
+
+        FocusDirections.load(args.directions)
 
 
 def _run(args) -> None:

@@ -22,6 +22,7 @@ prompt the steered mass lands (gold title, gold answer token, irrelevant documen
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,12 +34,12 @@ import torch
 from focuslens.causal.patching import make_counterfactual_pairs, patch_heads
 from focuslens.data import make_synthetic_qa
 from focuslens.data.lost_in_the_middle import make_nq_distractor_examples
-from focuslens.data.render import Prompt, render, with_layout
+from focuslens.data.render import LAYOUTS, Prompt, render, with_layout
 from focuslens.data.splits import gold_positions, steering_splits
 from focuslens.directions.cache import collect_attention_inputs
 from focuslens.directions.train import train_directions
 from focuslens.errors import DataError
-from focuslens.io import read_summary, update_summary, write_csv
+from focuslens.io import read_summary, update_run, update_summary
 from focuslens.measure.evaluate import evaluate_generation, evaluate_next_token
 from focuslens.measure.record import record
 from focuslens.measure.scoring import prepare_prompts, score_heads, scores_from_patterns
@@ -77,7 +78,7 @@ class ConditionSettings:
     seed: int = 7
     rankings: tuple[str, ...] = RANKINGS
     layouts: tuple[str, ...] = ("qa", "qa_query_aware")
-    tasks: tuple[str, ...] = tuple(TASKS)
+    tasks: tuple[str, ...] = ("synthetic", "synthetic_answer_free")  # "nq" needs nq_path
     #: (task, layout) pairs that also run rows="all" (every position re-run per variant)
     all_rows: tuple[tuple[str, str], ...] = (("synthetic", "qa_query_aware"),)
     #: NQ: the oracle ``qa_data`` file, documents per prompt, questions per split, answer length
@@ -86,6 +87,32 @@ class ConditionSettings:
     nq_questions: tuple[int, int, int] = (40, 20, 20)
     nq_max_new_tokens: int = 16
     extra: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Every field checked when the settings are made, before any model loads or prompt
+        runs (a ``DataError`` naming the field)."""
+        for name, allowed in (("tasks", TASKS), ("layouts", [k for k in LAYOUTS if not k.startswith("kv")]),
+                              ("rankings", RANKINGS)):
+            value = tuple(getattr(self, name))
+            bad = [v for v in value if v not in allowed]
+            if not value or bad:
+                raise DataError(f"{name}={list(value)}: {'unknown ' + repr(bad[0]) if bad else 'empty'}; use some of "
+                                f"{sorted(allowed)}.")
+        for pair in self.all_rows:
+            if len(pair) != 2 or pair[0] not in TASKS or pair[1] not in LAYOUTS:
+                raise DataError(f"all_rows: {'/'.join(pair)!r} is not a task/layout pair (e.g. 'synthetic/qa'; tasks "
+                                f"{sorted(TASKS)}, layouts {sorted(LAYOUTS)}).")
+        sizes = {"n_train": self.n_train, "n_validation": self.n_validation, "n_test": self.n_test,
+                 "n_documents": self.n_documents, "epochs": self.epochs}
+        for name, value in sizes.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DataError(f"{name}={value!r} must be a positive integer.")
+        if "nq" in self.tasks and not self.nq_path:
+            raise DataError("tasks include 'nq': set nq_path (--nq) to the Lost-in-the-Middle NQ oracle file.")
+        if self.nq_path and not Path(self.nq_path).is_file():
+            raise DataError(f"nq_path={self.nq_path!r}: no such file.")
+        if not self.ks or not self.alphas:
+            raise DataError(f"ks={list(self.ks)} and alphas={list(self.alphas)} must each list at least one value.")
 
 
 def task_splits(task: str, layout: str, s: ConditionSettings) -> dict[str, list]:
@@ -323,22 +350,51 @@ def run_focus_conditions(model, settings: ConditionSettings | None = None, *, ou
     ``"focus_conditions"`` section of ``summary.json``."""
     s = settings or ConditionSettings()
     t0 = time.perf_counter()
+    saved = read_summary(Path(out_dir) / "summary.json") if out_dir is not None else {}  # a broken one: now
     results = {}
     for task in s.tasks:
         for layout in s.layouts:
+            if _done(saved, task, layout, s):
+                print(f"{task}/{layout}: already in {Path(out_dir) / 'summary.json'} with these settings; kept "
+                      "(another --out, or delete it, to run it again)", flush=True)
+                continue
             results[(task, layout)] = r = run_condition(model, task, layout, s, quiet=quiet)
+            if out_dir is not None:  # each pair saved as it finishes: a failure later keeps it
+                write_focus_conditions({"cells": pd.DataFrame(r["cells"]), "mechanism": r["mechanism"],
+                                        "results": {(task, layout): r}}, s, Path(out_dir))
             for c in r["cells"]:
                 print(f"{task:>22} {layout:>15} {c['ranking']:>17} {c['rows']:>6}: baseline {c['baseline']:.3f} "
                       f"-> {c['best']['test_acc']:.3f} (k={c['best']['k']}, a={c['best']['alpha']:g}) gain "
                       f"{100 * c['gain']:+.1f} [{100 * c['gain_ci'][0]:+.1f}, {100 * c['gain_ci'][1]:+.1f}] pts; "
                       f"a<0 {c['negative_alpha_test_acc']:.3f}; control {_fmt(c['magnitude_control_test_acc'])}",
                       flush=True)
-    cells = pd.DataFrame([c for r in results.values() for c in r["cells"]])
-    mechanism = pd.concat([r["mechanism"] for r in results.values()], ignore_index=True)
-    out = {"cells": cells, "mechanism": mechanism, "results": results, "seconds": time.perf_counter() - t0}
-    if out_dir is not None:
-        write_focus_conditions(out, s, Path(out_dir))
-    return out
+    kept = {(t, lay) for t in s.tasks for lay in s.layouts} - set(results)  # from an earlier run, as saved
+    cells = pd.DataFrame([c for r in results.values() for c in r["cells"]]
+                         + [c for c in saved.get("focus_conditions", []) if (c["task"], c["layout"]) in kept])
+    mechanism = pd.concat([*(r["mechanism"] for r in results.values()), pd.DataFrame(
+        [m for m in saved.get("focus_conditions_run", {}).get("mechanism", []) if (m["task"], m["layout"]) in kept])],
+        ignore_index=True)
+    return {"cells": cells, "mechanism": mechanism, "results": results, "seconds": time.perf_counter() - t0}
+
+
+def _settings_record(s: ConditionSettings) -> dict:
+    """The settings a grid run records per task/layout pair (what a resumed run must match)."""
+    return json.loads(json.dumps({k: v for k, v in asdict(s).items() if k != "extra"}))
+
+
+def _done(saved: dict, task: str, layout: str, s: ConditionSettings) -> bool:
+    """Whether ``summary.json`` already holds this pair, run with the same settings (the
+    grid's other pairs aside: a run may add tasks or layouts)."""
+    run = saved.get("focus_conditions_run", {}).get("runs", {}).get(f"{task}/{layout}")
+    if not run or not isinstance(run.get("settings"), dict):
+        return False
+
+    def own(record: dict) -> dict:
+        pairs = {tuple(p) for p in record.get("all_rows", [])}
+        return {k: v for k, v in record.items() if k not in ("tasks", "layouts", "all_rows")} | {
+            "rows_all": (task, layout) in pairs}
+
+    return own(run["settings"]) == own(_settings_record(s))
 
 
 def _fmt(x) -> str:
@@ -360,15 +416,15 @@ def write_focus_conditions(out: dict, s: ConditionSettings, out_dir) -> None:
     mechanism = pd.concat([pd.DataFrame(keep(run.get("mechanism", []))), out["mechanism"]], ignore_index=True)
     earlier = run.get("runs") or run.get("per_condition", {})  # "per_condition": the first format
     runs = {k: v for k, v in earlier.items() if tuple(k.split("/")) not in done}
-    settings = {k: v for k, v in asdict(s).items() if k != "extra"}
+    settings = _settings_record(s)
     for (t, lay), r in out["results"].items():
         runs[f"{t}/{lay}"] = {"seconds": r["seconds"], "sweep_seconds": r["sweep_seconds"], "settings": settings,
                               "directions": {k: v for k, v in r["directions"].items() if k != "history"}}
-    write_csv(out_dir / "focus_conditions.csv", pd.json_normalize(cells.to_dict("records")))
-    plot_focus_conditions(cells, mechanism).save(out_dir / "focus_conditions")
     records = cells.astype(object).where(cells.notna(), None).to_dict("records")  # not-run fields: null, not NaN
-    update_summary(summary_file, "focus_conditions", records)
-    update_summary(summary_file, "focus_conditions_run", {"mechanism": mechanism.to_dict("records"), "runs": runs})
+    update_run(out_dir, {"focus_conditions": records,
+                         "focus_conditions_run": {"mechanism": mechanism.to_dict("records"), "runs": runs}},
+               {"focus_conditions.csv": pd.json_normalize(cells.to_dict("records")).to_csv(index=False)})
+    plot_focus_conditions(cells, mechanism).save(out_dir / "focus_conditions")
 
 
 def run_demo_cell(model, *, n_train: int = 40, n_validation: int = 20, n_test: int = 100,

@@ -31,7 +31,7 @@ from focuslens.experiments.stages import (
     run_prompt_views,
     run_split_softmax,
 )
-from focuslens.io import read_summary, update_summary
+from focuslens.io import RUN, check_unit, has_manifest, read_summary, update_summary
 from focuslens.measure.evaluate import reference_accuracies
 from focuslens.measure.stats import wilson_interval
 from focuslens.model.load import load_model
@@ -93,8 +93,12 @@ def load_release(release_dir: str | Path | None) -> dict:
 
 
 def load_results(out_dir: str | Path = "figures") -> dict[str, StageResult]:
-    """Every stage saved under ``out_dir`` by :func:`run_demo` (those present)."""
+    """Every stage saved under ``out_dir`` by :func:`run_demo` (those present), after the
+    whole folder is checked against its manifest (a ``DataError`` names the first file that
+    is missing, cut or changed)."""
 
+    if has_manifest(out_dir):
+        check_unit(out_dir, kind=RUN)
     saved = read_summary(Path(out_dir) / "summary.json")
     return {section: load_stage(out_dir, section) for section in STAGES if section in saved}
 

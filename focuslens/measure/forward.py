@@ -22,9 +22,10 @@ import torch
 from torch import Tensor
 
 from focuslens.data.examples import QAExample, normalize_answer
-from focuslens.data.render import Prompt, render, scored_tokens
+from focuslens.data.render import Prompt, render, scored_tokens, tokenizer_id
 from focuslens.errors import DataError
 from focuslens.measure.record import Recording
+from focuslens.model.finite import require_finite
 from focuslens.model.hooks import last_position_only
 from focuslens.model.parallel import cat, is_main, share
 from focuslens.progress import tqdm
@@ -163,12 +164,23 @@ def _shared_prefix_logits(model, prompts: Sequence[Prompt], out: torch.Tensor, b
 
 
 def check_context(model, items: Sequence) -> None:
-    """Every pre-rendered :class:`Prompt` in ``items`` must fit the model's context: a
-    longer one would run past ``n_ctx`` (examples are refused when rendered, with
-    ``max_length``). The one check of every entry point that accepts Prompts."""
-    n_ctx = model.cfg.n_ctx
+    """Every pre-rendered :class:`Prompt` in ``items`` must be of the model's tokenizer
+    (its ids would index another vocabulary) and fit the model's context: a longer one
+    would run past ``n_ctx`` (examples are refused when rendered, with ``max_length``).
+    The one check of every entry point that accepts Prompts."""
+    n_ctx, own = model.cfg.n_ctx, None
     for i, item in enumerate(items):
-        if isinstance(item, Prompt) and item.n_tokens > n_ctx:
+        if not isinstance(item, Prompt):
+            continue
+        if item.tokenizer:
+            own = own or tokenizer_id(model.tokenizer)
+            if item.tokenizer != own:
+                raise DataError(f"examples[{i}] was rendered with another tokenizer than the model's ({item.tokenizer}; "
+                                f"the model's: {own}): pass the QAExamples, or render them with model.tokenizer.")
+        if item.n_tokens and int(item.input_ids.max()) >= model.cfg.d_vocab:
+            raise DataError(f"examples[{i}]: token id {int(item.input_ids.max())} is outside the model's vocabulary "
+                            f"of {model.cfg.d_vocab}: the prompt was rendered with another tokenizer.")
+        if item.n_tokens > n_ctx:
             raise DataError(f"examples[{i}]: the prompt has {item.n_tokens} tokens, more than the model's context "
                             f"of n_ctx={n_ctx}; use fewer or shorter documents.")
 
@@ -185,12 +197,8 @@ def to_prompts(model, items: Sequence[QAExample | Prompt]) -> list[Prompt]:
 
 def check_finite(logits: Tensor, i: int) -> None:
     """Refuse NaN/inf logits of example ``i`` (``[vocab]`` or ``[variant, vocab]``): they
-    are a broken model or intervention, never a wrong answer."""
-    broken = ~torch.isfinite(logits)
-    if bool(broken.any()):
-        where = f" (variants {broken.any(-1).nonzero().flatten().tolist()[:5]})" if logits.dim() > 1 else ""
-        raise DataError(f"examples[{i}]: the logits are not finite{where}; check the model's weights and "
-                        "the intervention's settings (alpha, tau, directions).")
+    are a broken model or intervention, never a wrong answer (:func:`~focuslens.model.finite.require_finite`)."""
+    require_finite(logits, f"examples[{i}]: the logits")
 
 
 def shared_logits(model, prompts: Sequence[Prompt], *, hooks=(), **kwargs) -> torch.Tensor:

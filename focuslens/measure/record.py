@@ -37,6 +37,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from focuslens.errors import DataError
+from focuslens.model.finite import require_finite
 from focuslens.model.heads import HookSpec, resolve_heads
 from focuslens.model.hooks import RowHook, attn_hook, mass_on
 from focuslens.model.spans import resolve_span, span_mask
@@ -131,6 +132,7 @@ class Recording:
             rows = self._query_rows(0, q, k)
             if rows is not None:
                 self.masses[layer] = mass_on(pattern[:, hs, rows].float(), self.indicator(0, k)).cpu()
+                require_finite(self.masses[layer], f"the recorded attention masses of layer {layer}")
             return
         out = []
         for r in range(b):
@@ -138,6 +140,7 @@ class Recording:
             if rows is None:
                 return
             out.append(mass_on(pattern[r, hs, rows].float(), self.indicator(r, k)).cpu())
+            require_finite(out[-1], f"the recorded attention masses of layer {layer} (batch row {r})")
         self.masses[layer] = out  # one [head, span] per row: prompts may have different spans
 
     def first_row(self) -> int:

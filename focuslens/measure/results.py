@@ -21,6 +21,7 @@ means none is known; a :class:`~focuslens.measure.scoring.HeadScores` knows one 
 from __future__ import annotations
 
 import html
+import json
 from pathlib import Path
 from typing import ClassVar
 
@@ -30,7 +31,7 @@ import torch
 from torch import Tensor
 
 from focuslens.errors import DataError, ModelError
-from focuslens.io import read_json, write_json
+from focuslens.io import json_safe, read_json, write_atomic
 from focuslens.model.heads import Head, resolve_heads
 from focuslens.model.load import model_id
 
@@ -166,13 +167,17 @@ class HeadResult:
         return all(t.shape == self.shape for t in getattr(self, field_name).values())
 
     # ---------------------------------------------------------------- persistence
-    def save(self, path: str | Path) -> Path:
-        """Write JSON (tensors as nested lists, NaN as null) atomically; returns the path."""
-
+    def to_json(self) -> bytes:
+        """The :meth:`save` file's bytes: JSON, tensors as nested lists, NaN as null."""
         blob = {"format": self.FORMAT, "metadata": self.metadata}
         blob |= {f: {k: v.float().numpy().tolist() for k, v in getattr(self, f).items()} for f in self.TENSORS}
         blob |= {f: getattr(self, f) for f in self.EXTRAS}
-        return write_json(Path(path), blob)
+        return (json.dumps(json_safe(blob)) + "\n").encode()
+
+    def save(self, path: str | Path) -> Path:
+        """Write :meth:`to_json` to ``path`` atomically (the old file or the new one, never
+        half); returns the path."""
+        return write_atomic(Path(path), self.to_json())
 
     @classmethod
     def load(cls, path: str | Path, *, model=None):

@@ -48,6 +48,7 @@ from focuslens.errors import DataError, ModelError
 from focuslens.io import read_json, write_json
 from focuslens.measure.evaluate import greedy_generate
 from focuslens.measure.forward import check_context, shared_logits
+from focuslens.model.finite import require_finite
 from focuslens.measure.record import Recording
 from focuslens.measure.results import HeadResult, is_head_ranking
 from focuslens.measure.stats import bootstrap_ci
@@ -294,6 +295,7 @@ def score_heads(
 
     # prompts shared over processes under a launcher (focuslens.model.parallel); each fills its rows
     logits = shared_logits(model, prompts, batch_size=batch_size, hooks=hooks_for, quiet=quiet, desc="score heads")
+    require_finite(logits, "score_heads: the logits [prompt, vocab]")
     for batch, rec in recordings:
         for row, i in enumerate(batch):  # masses [layer·head, column] of each prompt
             per_example[i] = metrics_of_masses(rec.row(row), prompts[i]).view(n_layers, n_heads, len(METRICS))

@@ -4,8 +4,8 @@ Owns: loading a ``TransformerBridge`` (:mod:`.load`: embedded models, hub ids, f
 the hook-point names and the one span-mass reduction (:mod:`.hooks`), head selection
 (:mod:`.heads`: the one place an int becomes the top k of a ranking), rows and spans
 (:mod:`.spans`), the shared-prefix KV cache (:mod:`.prefix`), greedy decoding
-(:mod:`.decode`), data parallel runs (:mod:`.parallel`) and tiny random models for tests
-(:mod:`.testing`).
+(:mod:`.decode`), data parallel runs (:mod:`.parallel`), the one NaN/inf check
+(:mod:`.finite`) and tiny random models for tests (:mod:`.testing`).
 
 May import: :mod:`focuslens.data` and the top-level helpers (errors, io, progress).
 """

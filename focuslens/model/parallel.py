@@ -31,6 +31,11 @@ Otherwise ``WORLD_SIZE`` alone is not enough: a notebook kernel that inherited
 of 1) instead of waiting for a peer that never comes, and says once, in a warning, that it
 ignored the variable.
 
+**When peers do not arrive.** An incomplete launcher environment (``WORLD_SIZE`` > 1 without
+``RANK``, ``MASTER_ADDR`` or ``MASTER_PORT``) is refused at once; a group whose other
+processes never start fails after ``FOCUSLENS_DISTRIBUTED_TIMEOUT`` seconds (default 120,
+instead of torch's 30 minutes), each with a ``ModelError`` naming the variables.
+
 Without a launcher this is one process and every function here is the identity. A share
 is a contiguous block of prompt indices (:func:`share`), and the blocks of all processes
 are put back in rank order: a tensor with a leading prompt axis by :func:`cat`, a list
@@ -41,6 +46,7 @@ threads per process the result equals one process's (tests/test_parallel.py).
 
 from __future__ import annotations
 
+import datetime
 import os
 import sys
 import warnings
@@ -56,6 +62,8 @@ __all__ = ["world", "init", "distributed", "share", "cat", "gather", "is_main", 
 LAUNCHER_VARIABLE = "TORCHELASTIC_RUN_ID"
 #: the explicit opt-in for any other launcher that exports ``WORLD_SIZE`` (``=1``)
 OPT_IN_VARIABLE = "FOCUSLENS_DISTRIBUTED"
+#: seconds to wait for every process of the group to arrive (default 120)
+TIMEOUT_VARIABLE = "FOCUSLENS_DISTRIBUTED_TIMEOUT"
 _asked = False  # init() was called
 _warned = False  # the "WORLD_SIZE ignored" warning was given
 
@@ -67,12 +75,38 @@ def world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     if distributed():
-        if torch.cuda.is_available():  # one GPU per process; nccl collectives run on it
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+        _join()
         return dist.get_rank(), dist.get_world_size()
     _warn_ignored()
     return 0, 1
+
+
+def _join() -> None:
+    """Join the ``env://`` process group, or fail within :data:`TIMEOUT_VARIABLE` seconds
+    (default 120) with a ``ModelError`` naming the variables: incomplete ones at once,
+    peers that never arrive when the wait is over (torch's own default is 30 minutes)."""
+    from focuslens.errors import ModelError
+
+    missing = [v for v in ("RANK", "MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+    if missing:
+        raise ModelError(f"WORLD_SIZE={os.environ['WORLD_SIZE']} asks for several processes, but {', '.join(missing)} "
+                         f"{'is' if len(missing) == 1 else 'are'} not set: a launcher (torchrun, accelerate launch) "
+                         "sets WORLD_SIZE, RANK, MASTER_ADDR and MASTER_PORT for each process. Unset WORLD_SIZE "
+                         "to run as one process.")
+    try:
+        seconds = float(os.environ.get(TIMEOUT_VARIABLE, "120"))
+    except ValueError:
+        raise ModelError(f"{TIMEOUT_VARIABLE}={os.environ[TIMEOUT_VARIABLE]!r} is not a number of seconds.") from None
+    if torch.cuda.is_available():  # one GPU per process; nccl collectives run on it
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    try:
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo",
+                                timeout=datetime.timedelta(seconds=seconds))
+    except (RuntimeError, ValueError) as err:  # torch's DistStoreError (a timeout) is a RuntimeError
+        where = " ".join(f"{v}={os.environ.get(v)}" for v in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"))
+        raise ModelError(f"the process group did not form ({where}): {type(err).__name__}: {err}. Are all "
+                         f"{os.environ['WORLD_SIZE']} processes started, and is the master reachable? "
+                         f"{TIMEOUT_VARIABLE} sets the wait ({seconds:g} s).") from None
 
 
 def init() -> tuple[int, int]:

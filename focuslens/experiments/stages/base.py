@@ -19,9 +19,9 @@ from typing import Any
 import pandas as pd
 
 from focuslens.causal.patching import PatchingResult
-from focuslens.directions.artifact import FocusDirections
+from focuslens.directions.artifact import UNIT_KIND, FocusDirections
 from focuslens.errors import DataError
-from focuslens.io import read_summary, update_summary, write_atomic
+from focuslens.io import MANIFEST, RUN, check_unit, file_entry, has_manifest, read_summary, unit_manifest, update_run
 from focuslens.measure.scoring import HeadScores
 
 __all__ = ["StageResult", "load_stage"]
@@ -54,20 +54,25 @@ class StageResult:
                        f"{[*self.tables, *self.artifacts, *self.objects]}")
 
     def save(self, out_dir: str | Path) -> dict:
-        """Write the tables, the artifacts and the ``summary.json`` section (each file
-        atomically); the section lists the files under ``"files"``. Returns the summary."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        files = {}
+        """Write the tables, the artifacts and the ``summary.json`` section as one unit of
+        the run folder (:func:`focuslens.io.write_unit`: a save killed at any moment leaves
+        the old stage or the new one); the section lists the files under ``"files"``.
+        Returns the summary."""
+        files, content = {}, {}
         for name, frame in self.tables.items():
             index = [n for n in frame.index.names if n is not None]
-            write_atomic(out / f"{name}.csv", frame.to_csv(index=bool(index)))
+            content[f"{name}.csv"] = frame.to_csv(index=bool(index))
             files[name] = {"kind": "table", "index": index}
         for name, artifact in self.artifacts.items():
             kind = type(artifact).__name__
-            artifact.save(out / (name if kind == "FocusDirections" else f"{name}.json"))
+            if kind == "FocusDirections":  # a folder: its files and its own manifest, in this unit
+                own = artifact.files()
+                content |= {f"{name}/{rel}": data for rel, data in own.items()}
+                content[f"{name}/{MANIFEST}"] = unit_manifest({rel: file_entry(d) for rel, d in own.items()}, UNIT_KIND)
+            else:
+                content[f"{name}.json"] = artifact.to_json()
             files[name] = {"kind": kind}
-        return update_summary(out / "summary.json", self.section, {**self.summary, "files": files})
+        return update_run(out_dir, {self.section: {**self.summary, "files": files}}, content)
 
 
 def _loaders() -> dict:
@@ -90,6 +95,10 @@ def load_stage(out_dir: str | Path, section: str) -> StageResult:
         raise DataError(f"{path}: section {section!r} lists no files (written by an older focuslens?): "
                         "run `make demo` again.")
     files = _file_specs(path, section, summary.pop("files"))
+    if has_manifest(out):  # every file of the stage as saved: a cut or edited one is named
+        listed = check_unit(out, kind=RUN, names=[])
+        check_unit(out, kind=RUN, names=[rel for rel in listed for name in files
+                                         if rel.split("/")[0] in (name, f"{name}.csv", f"{name}.json")])
     result, loaders = StageResult(section, summary), _loaders()
     for name, spec in files.items():
         target = out / name

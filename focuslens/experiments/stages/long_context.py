@@ -40,7 +40,7 @@ from focuslens.data.needle import make_needle_examples
 from focuslens.data.render import candidate_token_ids
 from focuslens.errors import DataError
 from focuslens.experiments.stages.base import StageResult
-from focuslens.io import read_json, write_atomic, write_json
+from focuslens.io import check_unit, has_manifest, json_bytes, read_json, write_unit
 from focuslens.measure.evaluate import generate_variants
 from focuslens.measure.forward import best_subspan_em, position_label, score_rows
 from focuslens.measure.record import Recording
@@ -126,8 +126,12 @@ def _measure(model, task: str, ex, fix: SplitSoftmax, heads: list) -> tuple[dict
     return row, slots
 
 
+_PROGRESS = "focuslens long-context progress"
+
+
 class _Progress:
-    """The stage's resumable state: rows (JSON) and per-cell slot-mass sums (safetensors)."""
+    """The stage's resumable state: rows (JSON) and per-cell slot-mass sums (safetensors),
+    saved together as one unit (:func:`focuslens.io.write_unit`)."""
 
     def __init__(self, folder: Path, settings: dict):
         self.folder, self.settings = folder, settings
@@ -135,6 +139,8 @@ class _Progress:
         self.rows: list[dict] = []
         self.sums: dict[str, torch.Tensor] = {}
         if self.json.exists():
+            if has_manifest(folder):  # both files from one save (an older run's folder has no manifest)
+                check_unit(folder, kind=_PROGRESS)
             saved = read_json(self.json, "the long-context progress file")
             if saved.get("settings") != settings:
                 raise DataError(f"{self.json} was written with other settings ({saved.get('settings')}); "
@@ -149,8 +155,9 @@ class _Progress:
         key = f"{row['task']}_{row['size']}"
         self.sums[key] = self.sums.get(key, torch.zeros_like(slots)) + slots
         self.rows.append(row)
-        write_atomic(self.tensors, save({k: v.contiguous() for k, v in self.sums.items()}))
-        write_json(self.json, {"settings": self.settings, "rows": self.rows})  # last: it says what is done
+        write_unit(self.folder, {self.tensors.name: save({k: v.contiguous() for k, v in self.sums.items()}),
+                                 self.json.name: json_bytes({"settings": self.settings, "rows": self.rows})},
+                   kind=_PROGRESS)  # one unit: a kill never leaves sums that count a prompt the rows do not
 
 
 def run_long_context(model, ranking, *, out_dir: str | Path, tasks: Sequence[str] = tuple(LENGTHS),
