@@ -190,7 +190,8 @@ def test_a_corrupt_summary_is_never_replaced_by_the_next_stage(tmp_path, tiny_ll
     (["--all-rows", "synthetic"], r"all_rows: 'synthetic' is not a task/layout pair"),
     (["--tasks", "nq"], r"set nq_path \(--nq\)"),
     (["--layouts", "qa", "kv"], r"layouts=\['qa', 'kv'\]: unknown 'kv'"),
-    (["--n-test", "0"], r"n_test=0 must be a positive integer"),
+    (["--n-test", "0"], r"--n-test 0: must be at least 1"),
+    (["--nq-questions", "40", "20", "0"], r"--nq-questions 0: must be at least 1"),
 ])
 def test_experiment_arguments_are_refused_before_the_model_loads(tmp_path, capsys, argv, says):
     # --model names no model: an error about it would mean the arguments were checked too late
@@ -213,3 +214,15 @@ def test_a_bogus_scores_file_is_named_before_the_model_loads(tmp_path, capsys):
                  "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert "scores.json is not a focuslens HeadScores file" in err and "no-such-model" not in err, err
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["steer", "split-softmax", "--taus", "0.5", "0"], "--taus 0.0: must be positive"),
+    (["steer", "focus", "--alphas", "nan"], "--alphas nan: must be a finite number"),
+    (["train-directions", "--epochs", "0"], "--epochs 0: must be at least 1"),
+    (["long-context", "--kv-keys", "25", "-3"], "--kv-keys -3: must be at least 1"),
+])
+def test_numbers_are_checked_before_the_model_loads(tmp_path, capsys, argv, says):
+    assert main([*argv, "--model", "no-such-model", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert says in err and "no-such-model" not in err, err

@@ -353,6 +353,7 @@ def _check_paths(args) -> None:
     out = getattr(args, "out", None)
     if out and Path(out).exists() and not Path(out).is_dir():
         raise DataError(f"--out {out} is a file, not a folder.")
+    _check_numbers(args)
     _check_saved(args, out)
     if args.command == "steer":
         from focuslens.data.splits import gold_positions
@@ -361,6 +362,31 @@ def _check_paths(args) -> None:
         if args.n_test <= 0 or args.n_test % len(positions):
             raise DataError(f"--n-test {args.n_test}: each test question appears once per gold position {positions}, "
                             f"so --n-test must be a positive multiple of {len(positions)}.")
+
+
+#: the least value of each count argument (every other count: at least 1)
+_LEAST = {"n_random": 0, "ks": 0, "seed": 0, "n_validation": 0}
+
+
+def _check_numbers(args) -> None:
+    """Counts are whole numbers of at least 1 (``_LEAST``), rates and exponents positive and
+    finite, strengths finite: a ``DataError`` naming the argument, before any model loads."""
+    import math
+
+    from focuslens.errors import DataError
+
+    for name, value in vars(args).items():
+        values = value if isinstance(value, list) else [value]
+        flag = "--" + name.replace("_", "-")
+        for v in values:
+            if isinstance(v, bool) or v is None or not isinstance(v, int | float):
+                continue
+            if isinstance(v, float) and not math.isfinite(v):
+                raise DataError(f"{flag} {v}: must be a finite number.")
+            if isinstance(v, int) and v < _LEAST.get(name, 1):
+                raise DataError(f"{flag} {v}: must be at least {_LEAST.get(name, 1)}.")
+            if name in ("lr", "tau", "taus") and v <= 0:
+                raise DataError(f"{flag} {v}: must be positive.")
 
 
 def _check_saved(args, out) -> None:
