@@ -235,6 +235,9 @@ def test_a_stage_table_cut_mid_row_is_named_not_loaded_short(tmp_path, capsys):
         load_stage(tmp_path, "stage")
     assert main(["figures", "--model", "no-such-model", "--out", str(tmp_path)]) == 2  # nothing redrawn from it
     assert "table.csv" in capsys.readouterr().err
+    (tmp_path / "manifest.json").unlink()  # a run folder of an older focuslens: the cut still shows
+    with pytest.raises(DataError, match=r"table.csv ends mid-row"):
+        load_stage(tmp_path, "stage")
 
 
 # ---------------------------------------------------------------- summary.json and CSV tables

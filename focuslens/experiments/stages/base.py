@@ -128,6 +128,11 @@ def _read_table(csv: Path, index: list) -> pd.DataFrame:
     missing or unreadable."""
     if not csv.exists():
         raise DataError(f"{csv} is missing: run `make demo` (or the stage that writes it) first.")
+    with open(csv, "rb") as f:  # a folder without a manifest (an older run): a cut file still shows
+        f.seek(max(csv.stat().st_size - 1, 0))
+        if f.read(1) not in (b"\n", b""):
+            raise DataError(f"{csv} ends mid-row (a cut file; every saved table ends with a newline): run the "
+                            "stage again.")
     try:
         frame = pd.read_csv(csv, keep_default_na=False, na_values=[""])  # text "NA" / "None" stays text
         frame.columns = [int(c) if c.isdigit() else c for c in frame.columns]  # token positions
