@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup demo figures reproduce test test-fast bench clean chromium focus-conditions focus-conditions-nq sizes
+.PHONY: setup demo figures reproduce test test-fast bench clean chromium focus-conditions focus-conditions-nq sizes nq-focus
 
 setup: $(STAMP)
 
@@ -84,3 +84,9 @@ focus-conditions-nq: $(STAMP)
 .PHONY: long-context
 long-context: $(STAMP)
 	$(BIN)/focuslens long-context --n-prompts 100 --nq $(NQ_ORACLE) --out runs/long_context
+
+# Focus directions at the paper's NQ size (issue 26): 1,000 training questions (training cache on
+# disk in runs/nq_work, ~16 MB per prompt), 150 validation, 300 test x first/middle/last at 10 and
+# 20 documents; resumable (run it again after a stop); results in figures/nq_focus.* and summary.json
+nq-focus: $(STAMP)
+	$(BIN)/focuslens experiment nq --nq $(NQ_ORACLE) --out figures --work runs/nq_work

@@ -26,7 +26,7 @@ import random
 import re
 import zlib
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -35,7 +35,7 @@ import numpy as np
 from focuslens.data.examples import LITM_INSTRUCTION, Document, QAExample, normalize_answer
 from focuslens.errors import DataError
 
-__all__ = ["read_jsonl", "load_qa_file", "make_nq_distractor_examples"]
+__all__ = ["read_jsonl", "load_qa_file", "make_nq_distractor_examples", "oracle_lines"]
 
 PathLike = str | Path
 
@@ -271,6 +271,12 @@ def _oracle_questions(path: PathLike) -> list[_OracleQuestion]:
     return questions
 
 
+def oracle_lines(path: PathLike) -> list[int]:
+    """The line number of every question of the oracle file (the ``line`` of its examples'
+    ``meta`` and ``qid = nq-{line}``), in file order: what question splits are drawn from."""
+    return [q.line for q in _oracle_questions(path)]
+
+
 def _checked_positions(n_documents: int, gold_positions: Sequence[int]) -> tuple[int, ...]:
     """``gold_positions`` as a tuple, after checking it and ``n_documents`` make sense."""
     if n_documents < 1:
@@ -352,6 +358,7 @@ def make_nq_distractor_examples(
     gold_positions: Sequence[int] = (0, 4, 9, 14, 19),
     seed: int = 0,
     limit: int | None = None,
+    lines: Collection[int] | None = None,
 ) -> list[QAExample]:
     """Multi-document prompts from the oracle file, with hard-negative distractors.
 
@@ -370,6 +377,8 @@ def make_nq_distractor_examples(
         seed: seeds the distractor order; the distractor *set* does not depend on it.
         limit: build examples for the first ``limit`` questions only; distractors still come
             from the whole file, so a question's examples do not depend on ``limit``.
+        lines: build examples only for the questions on these lines of the file
+            (:func:`oracle_lines`), in file order (then ``limit``); likewise independent.
 
     ``meta`` records ``source``, ``line``, ``layout``, ``gold_position``, ``seed`` and
     ``distractor_lines`` (the lines whose gold passages serve as distractors, in prompt order).
@@ -378,6 +387,12 @@ def make_nq_distractor_examples(
     questions = _oracle_questions(path)
     pool = _DistractorPool(questions)
     examples: list[QAExample] = []
+    if lines is not None:
+        wanted = set(lines)
+        unknown = wanted - {q.line for q in questions}
+        if unknown:
+            raise DataError(f"lines={sorted(unknown)[:5]}: {path} has no question on those lines.")
+        questions = [q for q in questions if q.line in wanted]
     for q in questions[:limit]:
         chosen = pool.choose(q, n_documents - 1, f"{path}, line {q.line}")
         random.Random(f"focuslens-nq-{seed}-{q.line}").shuffle(chosen)

@@ -43,7 +43,7 @@ from focuslens.model.load import attention_scaling, model_id
 from focuslens.model.parallel import is_main, share, world
 from focuslens.progress import tqdm
 
-__all__ = ["ShardedInputs", "cache_to_disk"]
+__all__ = ["ShardedInputs", "cache_to_disk", "fingerprint"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _TENSORS = ("q", "k", "pattern")
@@ -51,7 +51,7 @@ _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch
 _OWN = "focuslens"  # the index header entry that lists the chunk's shards
 
 
-def _fingerprint(prompts: Sequence[Prompt]) -> str:
+def fingerprint(prompts: Sequence[Prompt]) -> str:
     """A hash of what the cache depends on in each prompt: its tokens and its spans."""
     h = hashlib.sha256()
     for p in prompts:
@@ -259,7 +259,7 @@ def cache_to_disk(model, prompts: Sequence[Prompt], folder: str | Path, *, chunk
     cfg = model.cfg
     meta = {"model": model_id(model), "n_prompts": len(prompts), "n_layers": cfg.n_layers, "n_heads": cfg.n_heads,
             "n_kv_heads": cfg.n_key_value_heads or cfg.n_heads, "d_head": cfg.d_head,
-            "chunk": chunk, "dtype": dtype, "fingerprint": _fingerprint(prompts),
+            "chunk": chunk, "dtype": dtype, "fingerprint": fingerprint(prompts),
             "scaling": attention_scaling(model), "format": "focuslens training cache 1"}
     if is_main():
         _claim(folder, meta)

@@ -11,6 +11,7 @@ with AdamW and per-head early stopping on validation gold mass.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from collections.abc import Sequence
@@ -25,7 +26,8 @@ from focuslens.data.examples import QAExample
 from focuslens.data.render import Prompt
 from focuslens.directions.artifact import FocusDirections
 from focuslens.directions.cache import AttentionInputs, TrainingCache, collect_attention_inputs
-from focuslens.directions.streamed import ShardedInputs, cache_to_disk
+from focuslens.directions.checkpoint import TrainerState, load_state, save_state
+from focuslens.directions.streamed import ShardedInputs, cache_to_disk, fingerprint
 from focuslens.errors import DataError
 from focuslens.measure.scoring import prepare_prompts
 from focuslens.model.finite import require_finite
@@ -35,7 +37,7 @@ from focuslens.model.load import architecture_of, library_versions, model_id
 from focuslens.model.parallel import is_main
 from focuslens.progress import tqdm
 
-__all__ = ["span_attention", "train_directions"]
+__all__ = ["span_attention", "train_directions", "cache_scores"]
 
 
 def span_attention(
@@ -91,11 +93,20 @@ def span_attention(
 
 
 # ------------------------------------------------------------------ training
-def _gold_mass(inputs, dq: Tensor, dk: Tensor, layers: slice, chunk: int = 16) -> Tensor:
+def _gold_mass(inputs, dq: Tensor | None, dk: Tensor | None, layers: slice, chunk: int = 16) -> Tensor:
     """``[layer, head]`` of ``layers``: mean gold mass over the cached prompts under (dq, dk)."""
     with torch.no_grad():
         return torch.cat([span_attention(inputs.batch(range(i, min(i + chunk, len(inputs))), layers), dq, dk)["gold"]
                           for i in range(0, len(inputs), chunk)]).mean(0)
+
+
+def cache_scores(cache: TrainingCache, chunk: int = 16) -> Float[Tensor, "layer head"]:
+    """Every head's contextual score from a training cache: the mean attention mass from the
+    answer rows onto the gold document, over the cached prompts (the model's own patterns,
+    no direction applied). The same number as
+    :func:`~focuslens.measure.scoring.score_heads` on those prompts (up to the cache's
+    dtype), without another forward pass: the ranking of a streamed run costs nothing."""
+    return _gold_mass(cache, None, None, slice(None), chunk)
 
 
 def _epoch(train, order: Tensor, batch_size: int, groups, params, opts) -> float:
@@ -125,13 +136,40 @@ def _layer_groups(n_layers: int, layers_per_group: int | None) -> list[slice]:
     return [slice(a, min(a + size, n_layers)) for a in range(0, n_layers, size)]
 
 
+def _fresh_or_resumed(checkpoint, identity, params, opts, g, current, val_mass, shape, quiet) -> dict:
+    """The early-stopping state at the start: new (the validation mass before training),
+    or the one saved after the last finished epoch, with the parameters, the optimizers and
+    the shuffling generator restored from it."""
+    saved = load_state(checkpoint, identity or {}) if checkpoint is not None else None
+    if saved is None:
+        best_q, best_k = current()
+        before = val_mass()
+        best = before.clone() if before is not None else None
+        return {"best_q": best_q, "best_k": best_k, "before": before, "best": best,
+                "best_epoch": torch.zeros(shape, dtype=torch.long), "waiting": torch.zeros(shape, dtype=torch.long),
+                "history": [], "epoch": 0}
+    with torch.no_grad():
+        for (dq, dk), (q, k) in zip(params, saved["params"]):
+            dq.copy_(q)
+            dk.copy_(k)
+    for opt, state in zip(opts, saved["optimizers"]):
+        opt.load_state_dict(state)
+    g.set_state(saved["generator"])
+    if not quiet and is_main():
+        print(f"train directions: resumed after epoch {saved['epoch']} from {checkpoint}", flush=True)
+    return {k: saved[k] for k in ("best_q", "best_k", "before", "best", "best_epoch", "waiting", "history", "epoch")}
+
+
 def _train_on_inputs(train, validation, *, epochs: int, lr: float, weight_decay: float, batch_size: int,
                      init_std: float, patience: int, seed: int, quiet: bool,
-                     layers_per_group: int | None = None) -> tuple[Tensor, Tensor, dict]:
+                     layers_per_group: int | None = None, checkpoint=None,
+                     identity: dict | None = None) -> tuple[Tensor, Tensor, dict]:
     """AdamW on every head, one optimizer per layer group (all layers: one group); per-head
     early stopping on validation gold mass. ``train``/``validation``: an
-    :class:`AttentionInputs` or a :class:`~focuslens.directions.streamed.ShardedInputs`."""
-    L, H, d = train.n_layers, train.n_heads, train.d_head
+    :class:`AttentionInputs` or a :class:`~focuslens.directions.streamed.ShardedInputs`.
+    ``checkpoint``: a folder where the state is saved after every epoch and resumed from
+    (:mod:`focuslens.directions.checkpoint`; ``identity`` must match the saved one)."""
+    L, H, d, t0 = train.n_layers, train.n_heads, train.d_head, time.perf_counter()
     g = torch.Generator().manual_seed(seed)
     q0, k0 = torch.randn(L, H, d, generator=g) * init_std, torch.randn(L, H, d, generator=g) * init_std
     groups = _layer_groups(L, layers_per_group)
@@ -145,33 +183,36 @@ def _train_on_inputs(train, validation, *, epochs: int, lr: float, weight_decay:
         return None if validation is None else torch.cat(
             [_gold_mass(validation, dq, dk, s) for s, (dq, dk) in zip(groups, params)])
 
-    best_q, best_k = current()
-    before = val_mass()
-    best = before.clone() if before is not None else None
-    best_epoch, waiting = torch.zeros(L, H, dtype=torch.long), torch.zeros(L, H, dtype=torch.long)
-    history = []
-    bar = tqdm(range(epochs), desc="train directions", disable=quiet or not is_main(), leave=False)
+    st = _fresh_or_resumed(checkpoint, identity, params, opts, g, current, val_mass, (L, H), quiet)
+    done = validation is not None and st["epoch"] > 0 and bool((st["waiting"] >= patience).all())
+    bar = tqdm(range(st["epoch"], epochs if not done else st["epoch"]), desc="train directions",
+               disable=quiet or not is_main(), leave=False)
     for epoch in bar:
         order = torch.randperm(len(train), generator=g)
         entry = {"epoch": epoch + 1, "train_gold_mass": _epoch(train, order, batch_size, groups, params, opts)}
         mass = val_mass()
         if mass is not None:
-            better, (dq, dk) = mass > best, current()
-            best = torch.where(better, mass, best)
-            best_q[better], best_k[better] = dq[better], dk[better]
-            best_epoch[better] = epoch + 1
-            waiting = torch.where(better, torch.zeros_like(waiting), waiting + 1)
-            entry |= {"val_gold_mass": float(mass.mean()), "heads_improved": int(better.sum())}
-        history.append(entry)
+            better, (dq, dk) = mass > st["best"], current()
+            st["best"] = torch.where(better, mass, st["best"])
+            st["best_q"][better], st["best_k"][better] = dq[better], dk[better]
+            st["best_epoch"][better] = epoch + 1
+            st["waiting"] = torch.where(better, torch.zeros_like(st["waiting"]), st["waiting"] + 1)
+            entry |= {"val_gold_mass": float(mass.mean()), "heads_improved": int(better.sum()),
+                      "dq_norm_mean": float(dq.norm(dim=-1).mean())}
+        st["history"].append(entry)
+        st["epoch"] = epoch + 1
         bar.set_postfix({k: round(v, 4) for k, v in entry.items() if isinstance(v, float)})
-        if mass is not None and bool((waiting >= patience).all()):
+        if checkpoint is not None and is_main():
+            save_state(checkpoint, TrainerState(st, params=[(dq.detach(), dk.detach()) for dq, dk in params],
+                                                optimizers=[opt.state_dict() for opt in opts],
+                                                generator=g.get_state()), identity or {})
+        if mass is not None and bool((st["waiting"] >= patience).all()):
             break
-    if validation is None:
-        best_q, best_k = current()
-    info = {"history": history, "epochs_run": len(history)}
-    if before is not None:
-        info |= {"val_gold_mass_before": before.tolist(), "val_gold_mass_after": best.tolist(),
-                 "best_epoch": best_epoch.tolist()}
+    best_q, best_k = current() if validation is None else (st["best_q"], st["best_k"])
+    info = {"history": st["history"], "epochs_run": len(st["history"]), "train_seconds": time.perf_counter() - t0}
+    if st["before"] is not None:
+        info |= {"val_gold_mass_before": st["before"].tolist(), "val_gold_mass_after": st["best"].tolist(),
+                 "best_epoch": st["best_epoch"].tolist()}
     return best_q, best_k, info
 
 
@@ -215,6 +256,12 @@ def _checked_settings(**settings) -> dict:
                        "objective": "maximise mean attention mass from the answer rows onto the gold document"}
 
 
+def _settings_args(settings: dict) -> dict:
+    """The trainer's keyword arguments among the checked settings."""
+    names = ("epochs", "lr", "weight_decay", "batch_size", "init_std", "patience", "seed")
+    return {name: settings[name] for name in names}
+
+
 def _metadata(model, train_p, val_p, answer_rows, data, settings, cache) -> dict:
     """What a trained direction artifact records about its model, data and settings."""
     return {
@@ -250,6 +297,7 @@ def train_directions(
     cache_dir: str | Path | None = None,
     cache_dtype: str = "float32",
     layers_per_group: int | None = None,
+    checkpoint: str | Path | None = None,
     quiet: bool = False,
 ) -> FocusDirections:
     """Learn focus directions for every head with the model frozen (module docstring).
@@ -263,17 +311,15 @@ def train_directions(
             default (10 epochs, lr 1e-3, batch 1, init N(0, 0.01²)).
         patience: per-head early stopping: a head keeps its best-validation epoch;
             training stops when no head improved for ``patience`` epochs.
-        ranking: the head ranking to store with the directions (any ranking source: scores,
-            a PatchingResult, pairs), so that ``heads=k`` means its top k.
+        ranking: the head ranking stored with them (any ranking source): ``heads=k`` is its top k.
         data: a description of the training data for the metadata.
-        inputs: the ``(train, validation)`` caches of :func:`collect_attention_inputs` if
-            they were already collected for these prompts (e.g. to score heads from the same
-            forward passes); ``train``/``validation`` must then be those rendered prompts.
-            :class:`~focuslens.directions.streamed.ShardedInputs` (on disk) are accepted too.
-        cache_dir, cache_dtype: stream the caches to this folder instead of memory
-            (:func:`focuslens.directions.streamed.cache_to_disk`: resumable; "bfloat16" halves them).
-        layers_per_group: train this many layers at a time (the same directions): with a
-            disk cache, memory is then bounded by one batch of one group.
+        inputs: the ``(train, validation)`` caches (:func:`collect_attention_inputs`, or
+            :class:`~focuslens.directions.streamed.ShardedInputs`) if already collected for
+            these prompts, which ``train``/``validation`` must then be.
+        cache_dir, cache_dtype: stream the caches to disk (:func:`~focuslens.directions.streamed.cache_to_disk`).
+        layers_per_group: train this many layers at a time (memory: one batch of one group).
+        checkpoint: a folder for the trainer's state after every epoch: called again, a
+            killed run resumes (:mod:`focuslens.directions.checkpoint`).
     """
     settings = _checked_settings(epochs=epochs, lr=lr, weight_decay=weight_decay, batch_size=batch_size,
                                  init_std=init_std, patience=patience, seed=seed)
@@ -282,12 +328,12 @@ def train_directions(
     if layers_per_group is not None:
         _checked_settings(**settings, layers_per_group=layers_per_group)  # names it if it is not an integer ≥ 1
     train_in, val_in = _attention_caches(model, train_p, val_p, inputs, quiet, cache_dir, cache_dtype)
-    t0 = time.perf_counter()
-    dq, dk, info = _train_on_inputs(train_in, val_in, epochs=epochs, lr=lr, weight_decay=weight_decay,
-                                    batch_size=batch_size, init_std=init_std, patience=patience, seed=seed,
-                                    quiet=quiet, layers_per_group=layers_per_group)
+    identity = json.loads(json.dumps({"model": model_id(model), "settings": settings, "train": fingerprint(train_p),
+                                      "layers_per_group": layers_per_group,
+                                      "validation": fingerprint(val_p) if val_p else None}))
+    dq, dk, info = _train_on_inputs(train_in, val_in, **_settings_args(settings), quiet=quiet,
+                                    layers_per_group=layers_per_group, checkpoint=checkpoint, identity=identity)
     cache = {"where": "disk" if isinstance(train_in, ShardedInputs) else "memory", "dtype": cache_dtype,
              "layers_per_group": layers_per_group, "seconds": train_in.seconds + (val_in.seconds if val_in else 0)}
-    meta = _metadata(model, train_p, val_p, answer_rows, data, settings, cache) | {
-        "train_seconds": time.perf_counter() - t0, **info}
+    meta = _metadata(model, train_p, val_p, answer_rows, data, settings, cache) | info
     return FocusDirections(dq, dk, ranking_of(ranking) if ranking is not None else [], meta)

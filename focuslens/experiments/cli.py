@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from focuslens.experiments.checks import check_arguments
+
 __all__ = ["main"]
 
 
@@ -112,9 +114,11 @@ def _parser() -> argparse.ArgumentParser:
     figs.add_argument("--out", default="runs/demo", help="a folder written by `focuslens demo`")
     figs.add_argument("--release", help="the paper's release folder, for the cross-family figures")
 
-    exp = _command(sub, "experiment", "experiment grids; `experiment focus`: where focus directions help",
+    exp = _command(sub, "experiment", "experiment grids; `experiment focus`: where focus directions help; "
+                   "`experiment nq`: focus directions at the paper's NQ data size (resumable; make nq-focus)",
                    "focuslens experiment focus --out runs/focus --n-test 200")
-    exp.add_argument("name", choices=["focus"], help="focus: task x layout x head ranking x rows")
+    exp.add_argument("name", choices=["focus", "nq"], help="focus: task x layout x head ranking x rows; nq: train "
+                     ">= 1,000 NQ questions, test 300 x first/middle/last at 10 and 20 documents")
     exp.add_argument("--tasks", nargs="+", default=["synthetic", "synthetic_answer_free"], help="tasks")
     exp.add_argument("--layouts", nargs="+", default=["qa", "qa_query_aware"], help="prompt layouts")
     exp.add_argument("--rankings", nargs="+", default=["contextual", "chance_corrected", "gold_only", "attribution"],
@@ -125,14 +129,20 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--n-validation", type=int, default=40, help="validation prompts (choose k, alpha)")
     exp.add_argument("--n-test", type=int, default=200, help="held-out test prompts (a multiple of 5)")
     exp.add_argument("--n-documents", type=int, default=20, help="documents per prompt")
-    exp.add_argument("--epochs", type=int, default=40, help="direction training epochs")
-    exp.add_argument("--lr", type=float, default=1e-2, help="direction training learning rate")
+    exp.add_argument("--epochs", type=int, help="direction training epochs (focus: 40; nq: 10, early stopped)")
+    exp.add_argument("--lr", type=float, help="direction training learning rate (focus: 1e-2; nq: 1e-3, the paper's)")
     exp.add_argument("--ks", type=int, nargs="+", default=[5, 10, 20, 50], help="numbers of heads (answer rows)")
-    exp.add_argument("--alphas", type=float, nargs="+", default=[0.25, 0.5, 1.0, 2.0], help="alphas (answer rows)")
+    exp.add_argument("--alphas", type=float, nargs="+", help="alphas (answer rows; focus: 0.25 0.5 1 2; nq: also 4)")
     exp.add_argument("--nq", help="task nq: the Lost-in-the-Middle NQ oracle file (nq-open-oracle.jsonl.gz)")
     exp.add_argument("--nq-documents", type=int, default=10, help="task nq: documents per prompt")
-    exp.add_argument("--nq-questions", type=int, nargs=3, default=[40, 20, 20],
-                     help="task nq: train / validation / test questions (test: 5 gold positions each)")
+    exp.add_argument("--nq-questions", type=int, nargs=3,
+                     help="NQ train / validation / test questions (focus, task nq: 40 20 20, test at 5 gold "
+                          "positions; nq: 1000 150 300, test first/middle/last)")
+    exp.add_argument("--test-documents", type=int, nargs="+", default=[10, 20],
+                     help="nq: documents per test prompt (the setting is chosen at --nq-documents)")
+    exp.add_argument("--max-new-tokens", type=int, default=24, help="nq: greedy answer length")
+    exp.add_argument("--work", default="runs/nq_work",
+                     help="nq: the resumable run's working folder (training cache ~16 MB per prompt, checkpoints)")
     exp.add_argument("--seed", type=int, default=7, help="data and training seed")
     exp.add_argument("--out", default="runs/focus_conditions", help="output directory")
 
@@ -303,18 +313,37 @@ def _figures(args) -> None:
     draw_all(results, args.out, tokenizer=load_model(args.model).tokenizer, released=load_release(args.release))
 
 
+def _experiment_nq(args) -> None:
+    """``focuslens experiment nq`` (:func:`focuslens.experiments.nq.run_nq`)."""
+    from focuslens.experiments.nq import NQSettings, run_nq
+    from focuslens.experiments.nq_report import headline
+    from focuslens.model.load import load_model
+
+    n_train, n_val, n_test = args.nq_questions or (1000, 150, 300)
+    settings = NQSettings(nq_path=args.nq or "", n_train=n_train, n_validation=n_val, n_test=n_test,
+                          n_documents=args.nq_documents, test_documents=tuple(args.test_documents),
+                          epochs=args.epochs or 10, lr=args.lr or 1e-3, ks=tuple(args.ks),
+                          alphas=tuple(args.alphas or (0.25, 0.5, 1.0, 2.0, 4.0)), max_new_tokens=args.max_new_tokens,
+                          seed=args.seed)
+    out = run_nq(load_model(args.model), settings, out_dir=args.out, work_dir=args.work, quiet=args.quiet)
+    print(f"{headline(out)}\n{args.out}/nq_focus.{{csv,png,html}} and summary.json")
+
+
 def _experiment(args) -> None:
     import time
 
     from focuslens.experiments.conditions import ConditionSettings, run_focus_conditions
     from focuslens.model.load import load_model
 
+    if args.name == "nq":
+        return _experiment_nq(args)
     pairs = tuple(tuple(p.split("/", 1)) for p in args.all_rows)
     settings = ConditionSettings(
         n_train=args.n_train, n_validation=args.n_validation, n_test=args.n_test, n_documents=args.n_documents,
-        epochs=args.epochs, lr=args.lr, ks=tuple(args.ks), alphas=tuple(args.alphas), seed=args.seed,
-        rankings=tuple(args.rankings), layouts=tuple(args.layouts), tasks=tuple(args.tasks), all_rows=pairs,
-        nq_path=args.nq, nq_documents=args.nq_documents, nq_questions=tuple(args.nq_questions))
+        epochs=args.epochs or 40, lr=args.lr or 1e-2, ks=tuple(args.ks), alphas=tuple(args.alphas or (0.25, 0.5, 1.0, 2.0)),
+        seed=args.seed, rankings=tuple(args.rankings), layouts=tuple(args.layouts), tasks=tuple(args.tasks),
+        all_rows=pairs, nq_path=args.nq, nq_documents=args.nq_documents,
+        nq_questions=tuple(args.nq_questions or (40, 20, 20)))
     t0 = time.perf_counter()
     out = run_focus_conditions(load_model(args.model), settings, out_dir=args.out, quiet=args.quiet)
     print(f"focus conditions: {len(out['cells'])} cells in {time.perf_counter() - t0:.0f}s; "
@@ -340,80 +369,9 @@ def _long_context(args) -> None:
     _keep(stage, args.out)
 
 
-def _check_paths(args) -> None:
-    """Input files and the output folder, checked before any model loads."""
-    from pathlib import Path
-
-    from focuslens.errors import DataError
-
-    for name in ("scores", "directions", "release", "nq"):
-        value = getattr(args, name, None)
-        if value and not Path(value).exists():
-            raise DataError(f"--{name} {value}: no such file or folder.")
-    out = getattr(args, "out", None)
-    if out and Path(out).exists() and not Path(out).is_dir():
-        raise DataError(f"--out {out} is a file, not a folder.")
-    _check_numbers(args)
-    _check_saved(args, out)
-    if args.command == "steer":
-        from focuslens.data.splits import gold_positions
-
-        positions = gold_positions(args.n_documents)
-        if args.n_test <= 0 or args.n_test % len(positions):
-            raise DataError(f"--n-test {args.n_test}: each test question appears once per gold position {positions}, "
-                            f"so --n-test must be a positive multiple of {len(positions)}.")
-
-
-#: the least value of each count argument (every other count: at least 1)
-_LEAST = {"n_random": 0, "ks": 0, "seed": 0, "n_validation": 0}
-
-
-def _check_numbers(args) -> None:
-    """Counts are whole numbers of at least 1 (``_LEAST``), rates and exponents positive and
-    finite, strengths finite: a ``DataError`` naming the argument, before any model loads."""
-    import math
-
-    from focuslens.errors import DataError
-
-    for name, value in vars(args).items():
-        values = value if isinstance(value, list) else [value]
-        flag = "--" + name.replace("_", "-")
-        for v in values:
-            if isinstance(v, bool) or v is None or not isinstance(v, int | float):
-                continue
-            if isinstance(v, float) and not math.isfinite(v):
-                raise DataError(f"{flag} {v}: must be a finite number.")
-            if isinstance(v, int) and v < _LEAST.get(name, 1):
-                raise DataError(f"{flag} {v}: must be at least {_LEAST.get(name, 1)}.")
-            if name in ("lr", "tau", "taus") and v <= 0:
-                raise DataError(f"{flag} {v}: must be positive.")
-
-
-def _check_saved(args, out) -> None:
-    """The files a command will read or add to, read now, before any model loads: the
-    summary and manifest in ``--out`` (a broken one would otherwise cost the whole run),
-    ``--scores`` and ``--directions``; a ``DataError`` names the file."""
-    from pathlib import Path
-
-    from focuslens.io import RUN, check_unit, has_manifest, read_summary
-
-    if out and args.command != "train-directions" and Path(out).is_dir():
-        read_summary(Path(out) / "summary.json")
-        if has_manifest(out):
-            check_unit(out, kind=RUN, names=[])  # the manifest readable, and of a run folder
-    if getattr(args, "scores", None):
-        from focuslens.measure.scoring import HeadScores
-
-        HeadScores.load(args.scores)
-    if getattr(args, "directions", None):
-        from focuslens.directions.artifact import FocusDirections
-
-        FocusDirections.load(args.directions)
-
-
 def _run(args) -> None:
     """Dispatch one parsed command to the Python API."""
-    _check_paths(args)
+    check_arguments(args)
     if args.command == "demo":
         from dataclasses import replace
 

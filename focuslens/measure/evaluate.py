@@ -33,11 +33,13 @@ from focuslens.data.render import Prompt, candidate_token_ids
 from focuslens.errors import DataError
 from focuslens.measure.forward import (
     Probe,
+    answer_logprob,
     best_subspan_em,
     check_finite,
     example_columns,
     score_rows,
     shared_logits,
+    teacher_forced_ids,
     to_prompts,
     warn_unscorable,
 )
@@ -47,7 +49,8 @@ from focuslens.model.parallel import cat, gather, is_main, share
 from focuslens.model.prefix import PrefixCache
 from focuslens.progress import tqdm
 
-__all__ = ["evaluate_next_token", "evaluate_generation", "reference_accuracies", "greedy_generate", "evaluate_variants", "generate_variants"]
+__all__ = ["evaluate_next_token", "evaluate_generation", "reference_accuracies", "greedy_generate", "evaluate_variants",
+           "generate_variants", "gold_logprob_variants"]
 
 
 def evaluate_next_token(
@@ -173,17 +176,20 @@ def _run_variants(model, prompt: Prompt, n_variants: int, hooks_for, rows: str, 
     return torch.cat(run_in_chunks(model, prompt, n_variants, hooks_for, probe_heads, store, run))
 
 
-def run_in_chunks(model, prompt: Prompt, n_variants: int, hooks_for, probe_heads, store: dict, run) -> list:
+def run_in_chunks(model, prompt: Prompt, n_variants: int, hooks_for, probe_heads, store: dict, run,
+                  ids: Tensor | None = None) -> list:
     """The whole prompt once per variant (``rows="all"``), a few variants per batch.
 
-    ``run(tokens, hooks, probes)`` runs one chunk (``tokens`` ``[chunk, pos]``); the probe
-    masses of every chunk are concatenated into ``store``. Returns the chunks' outputs.
+    ``run(tokens, hooks, probes)`` runs one chunk (``tokens`` ``[chunk, pos]``: the prompt's
+    ids, or ``ids`` when given); the probe masses of every chunk are concatenated into
+    ``store``. Returns the chunks' outputs.
     """
     outs, step = [], _variant_chunk(model)
+    ids = prompt.input_ids if ids is None else ids
     for v0 in range(0, n_variants, step):
         v = slice(v0, min(v0 + step, n_variants))
         probe = Probe(model, prompt, probe_heads[v]) if probe_heads is not None else None
-        tokens = prompt.input_ids[None].expand(v.stop - v.start, -1).to(model.cfg.device)
+        tokens = ids[None].expand(v.stop - v.start, -1).to(model.cfg.device)
         outs.append(run(tokens, list(hooks_for(prompt, v)), probe.hooks() if probe else []))
         for name, value in (probe.totals() if probe else {}).items():
             store.setdefault(name, []).append(value)
@@ -311,3 +317,73 @@ def _prompt_variants(model, prompt, n, hooks_for, rows, max_new_tokens, probe_he
         return decode_rows(model, greedy_tokens(model, [*hooks, *probes], tokens, None, max_new_tokens))
 
     return sum(run_in_chunks(model, prompt, n, hooks_for, probe_heads, store, run), [])
+
+
+def gold_logprob_variants(
+    model,
+    examples: Sequence,
+    intervention,
+    *,
+    probe_heads: Tensor | None = None,
+    prefills=None,
+    quiet: bool = False,
+    desc: str = "gold log-prob",
+) -> pd.DataFrame:
+    """The teacher-forced log-probability of the gold answer under ``n_variants``
+    interventions on every example: the prompt is followed by its gold answer's tokens
+    (:func:`~focuslens.measure.forward.teacher_forced_ids`) and ``gold_logprob`` is their
+    summed log-probability (``answer_tokens`` of them), each predicted after the true ones
+    before it. A graded metric: it moves when greedy answers do not, so it measures an
+    intervention with far fewer prompts than exact match.
+
+    ``intervention``, ``probe_heads`` and ``prefills`` as in :func:`evaluate_variants`
+    (``intervention=None``: the model as it is); with
+    ``rows="answer"`` one prefill of the prompt before the answer rows serves every variant
+    and the greedy answers of :func:`generate_variants` (one ``prefills`` store for both),
+    the answer rows and the answer tokens run packed. The intervention acts at the
+    prompt's rows (``rows="answer"``: its answer rows and every later position, the answer
+    tokens included, as in generation); the probes read the answer rows. One row per
+    (example, variant)."""
+    if intervention is None:  # the model as it is: one variant, no hooks
+        n_variants, rows, hooks_for = 1, "answer", lambda prompt, variants: []
+    else:
+        n_variants, rows, hooks_for = intervention.n_variants(model), intervention.rows, intervention.hooks_for(model)
+    if rows not in ("answer", "all"):
+        raise DataError(f"rows={rows!r}: the teacher-forced metric runs rows='all' or rows='answer'.")
+    prompts = to_prompts(model, examples)
+    n_probe = probe_heads.sum((1, 2)).clamp_min(1) if probe_heads is not None else None
+    out = []
+    for i in tqdm(share(len(prompts)), desc=desc, disable=quiet or not is_main(), leave=False):
+        prompt, store = prompts[i], {}
+        ids = teacher_forced_ids(model.tokenizer, prompt)
+        with torch.no_grad():
+            logits, offset = _forced_logits(model, prompt, ids, n_variants, hooks_for, rows, probe_heads, store,
+                                            prefills)
+        check_finite(logits, i)
+        logprob = answer_logprob(logits, ids, prompt.n_tokens, offset)
+        ex = prompt.example
+        for v in range(n_variants):
+            out.append({"example": i, **example_columns(ex), "variant": v, "gold_logprob": float(logprob[v]),
+                        "answer_tokens": int(ids.shape[0] - prompt.n_tokens),
+                        **{name: float(total[v] / n_probe[v]) for name, total in store.items()}})
+    return pd.DataFrame(gather(out))
+
+
+def _forced_logits(model, prompt, ids, n, hooks_for, rows, probe_heads, store, prefills) -> tuple[Tensor, int]:
+    """Logits ``[variant, pos, vocab]`` of the teacher-forced tokens ``ids`` from position
+    ``offset`` on (the answer rows, or the prompt's last token), and ``offset``."""
+    if rows == "answer":
+        split = prompt.answer.start
+        pc = prefills.get(model, ids, split) if prefills else PrefixCache(model, ids, split)
+        probe = Probe(model, prompt, probe_heads) if probe_heads is not None else None
+        hooks = list(hooks_for(prompt, slice(0, n))) + (probe.hooks() if probe else [])
+        logits = pc.run(hooks, batch=n, last_only=False).float().cpu()
+        store.update(probe.totals() if probe else {})
+        return logits, split
+    first = prompt.n_tokens - 1  # unembed only the positions that predict the answer
+    tail = [("unembed.hook_in", lambda resid, hook: resid[:, first:])]
+
+    def run(tokens, hooks, probes):
+        return model.run_with_hooks(tokens, fwd_hooks=[*hooks, *probes, *tail]).float().cpu()
+
+    return torch.cat(run_in_chunks(model, prompt, n, hooks_for, probe_heads, store, run, ids=ids)), first

@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import pandas as pd
 import torch
+from jaxtyping import Float
 from torch import Tensor
 
 from focuslens.data.examples import QAExample, normalize_answer
@@ -32,7 +33,7 @@ from focuslens.progress import tqdm
 
 __all__ = ["best_subspan_em", "warn_unscorable", "position_label", "next_token_logits", "check_context",
            "to_prompts", "check_finite", "shared_logits", "example_columns", "score_rows", "Probe",
-           "accuracy_by"]
+           "accuracy_by", "teacher_forced_ids", "answer_logprob"]
 
 
 # ------------------------------------------------------------------ metrics
@@ -218,6 +219,39 @@ def example_columns(ex: QAExample) -> dict:
             "position": position_label(ex.gold_index, ex.n_documents)}
 
 
+def teacher_forced_ids(tokenizer, prompt: Prompt) -> Tensor:
+    """The prompt's token ids followed by its gold answer's (``answers[0]``), as the model
+    would write them: the tokens from ``prompt.n_tokens`` on are the answer the
+    teacher-forced metric scores (:func:`answer_logprob`).
+
+    The answered text is tokenized whole (the prompt already ends with the answer's
+    whitespace lead, :func:`~focuslens.data.render.answer_lead`); it must continue the
+    prompt's own tokens, or the answer would be scored in a tokenization the prompt never
+    had (a ``DataError`` saying so)."""
+    ex = prompt.example
+    separator = " " if ex.answer_prefix and not ex.answer_prefix[-1].isspace() else ""
+    full = render(ex, tokenizer, response=(ex.answer_prefix or "") + separator + ex.answers[0]).input_ids
+    P = prompt.n_tokens
+    if full.shape[0] <= P or not bool((full[:P] == prompt.input_ids).all()):
+        raise DataError(f"{ex.qid or 'an example'}: the prompt followed by its answer {ex.answers[0]!r} does not "
+                        "tokenize as the prompt's tokens and then the answer's: it cannot be teacher-forced.")
+    return full
+
+
+def answer_logprob(logits: Float[Tensor, "variant pos vocab"], ids: Tensor, first: int, offset: int = 0) -> Tensor:
+    """``[variant]``: the summed log-probability (float64) of the answer tokens
+    ``ids[first:]``, from the logits of a pass over ``ids`` whose position ``0`` is the
+    token at ``offset`` (a :class:`~focuslens.model.prefix.PrefixCache` suffix run starting
+    there; 0 for a whole pass): position ``j`` predicts token ``j + 1``."""
+    N = ids.shape[0]
+    if not offset < first < N or logits.shape[1] < N - 1 - offset:
+        raise DataError(f"answer_logprob: answer tokens {first}..{N} are not predicted by a pass from position {offset} "
+                        f"with {logits.shape[1]} positions.")
+    pred = logits[:, first - 1 - offset : N - 1 - offset].double().log_softmax(-1)
+    target = ids[first:].to(pred.device)[None, :, None].expand(len(pred), -1, 1)
+    return pred.gather(-1, target)[..., 0].sum(-1)
+
+
 def score_rows(logits: Tensor, candidates: tuple[int, list[int]]) -> list[dict]:
     """The one row scorer: per row of ``logits`` (``[row, vocab]``, last position), the
     columns ``correct``, ``candidate_correct``, ``gold_logit`` and ``margin`` for the gold
@@ -234,15 +268,18 @@ def score_rows(logits: Tensor, candidates: tuple[int, list[int]]) -> list[dict]:
 # ------------------------------------------------------------------ probes
 class Probe:
     """The sweeps' probe: per variant, the mean attention mass of its probe heads from the
-    prompt's answer rows onto the gold document (``gold_mass``) and the sink
-    (``sink_mass``), as steered. A :class:`~focuslens.measure.record.Recording` of every
+    prompt's answer rows onto the gold document (``gold_mass``), the sink (``sink_mass``)
+    and all other documents together (``irrelevant_mass``), as steered. A
+    :class:`~focuslens.measure.record.Recording` of every
     head of the probed layers, summed over each variant's heads (``probe_heads``, a
     ``[variant, layer, head]`` mask) layer by layer."""
 
     def __init__(self, model, prompt: Prompt, probe_heads: Tensor):
         self.masks = probe_heads
         layers = probe_heads.any(0).any(-1).nonzero().flatten().tolist()
-        spans = {name: span for name, span in (("gold_mass", prompt.gold), ("sink_mass", prompt.sink)) if span is not None}
+        others = [s for i, s in enumerate(prompt.documents) if i != prompt.gold_index] if prompt.gold else []
+        spans = {name: span for name, span in (("gold_mass", prompt.gold), ("sink_mass", prompt.sink),
+                                               ("irrelevant_mass", others or None)) if span is not None}
         heads = [(layer, head) for layer in layers for head in range(model.cfg.n_heads)]
         self.recording = Recording(model, heads, spans, prompt=prompt) if heads and spans else None
 

@@ -31,9 +31,10 @@ from typing import ClassVar
 
 from torch import Tensor
 
+from focuslens.errors import DataError
 from focuslens.model.heads import HookSpec, per_variant, require_heads, variant_masks
 
-__all__ = ["Intervention", "HeadIntervention"]
+__all__ = ["Intervention", "HeadIntervention", "Combined"]
 
 
 class Intervention:
@@ -96,3 +97,33 @@ class HeadIntervention(Intervention):
     def variant_hooks(self, model, prompt, masks: Tensor, strength: Tensor) -> list[HookSpec]:
         """Hook specs for ``masks`` ``[variant, layer, head]`` and one strength per variant."""
         raise NotImplementedError
+
+
+class Combined(Intervention):
+    """Several interventions acting together, variant by variant: batch row *v* gets every
+    part's variant *v* (so each part holds the same number of variants). A part that should
+    leave a row alone gives it no heads (or α = 0, τ = 1). This lets one batched pass carry
+    different interventions side by side — e.g. focus directions, random directions and
+    split-softmax as the rows of one prefix-sharing run — with exactly the hooks each would
+    install alone (their hook points compose).
+
+    >>> Combined(Focus(dirs, alphas, masks, rows="answer"), SplitSoftmax(masks2, tau=taus, rows="answer"))  # doctest: +SKIP
+    """
+
+    def __init__(self, *parts: Intervention):
+        if not parts:
+            raise DataError("Combined needs at least one intervention.")
+        rows = {str(p.rows) for p in parts}
+        if len(rows) != 1:
+            raise DataError(f"Combined parts act at different rows ({sorted(rows)}): give them all the same rows.")
+        self.parts, self.rows = tuple(parts), parts[0].rows
+
+    def n_variants(self, model) -> int:
+        counts = [p.n_variants(model) for p in self.parts]
+        if len(set(counts)) != 1:
+            raise DataError(f"Combined parts hold {counts} variants: each must hold the same number.")
+        return counts[0]
+
+    def hooks(self, model, prompt=None, variants: slice | None = None) -> list[HookSpec]:
+        self.n_variants(model)
+        return [hook for part in self.parts for hook in part.hooks(model, prompt, variants)]

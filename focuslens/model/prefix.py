@@ -55,6 +55,18 @@ class PrefixCache:
             _, self.cache = model(tokens[None, :split].to(device), return_type="logits_and_cache")
         self.suffix = tokens[split:].to(device)
 
+    def with_suffix(self, suffix: torch.Tensor) -> PrefixCache:
+        """This prefix's cache (shared, never modified: :meth:`run` copies it) continued by
+        ``suffix`` instead."""
+        suffix = suffix.reshape(-1).to(self.suffix.device)
+        if suffix.shape == self.suffix.shape and bool((suffix == self.suffix).all()):
+            return self
+        if suffix.numel() == 0:
+            raise FocusLensError("with_suffix: the suffix is empty.")
+        other = copy.copy(self)
+        other.suffix = suffix
+        return other
+
     def run(
         self,
         hooks: Sequence[tuple[str, Callable]] = (),
@@ -154,13 +166,17 @@ class PrefillStore:
         self.uses = 0
 
     def get(self, model, tokens: torch.Tensor, split: int) -> PrefixCache:
-        """The cache of ``tokens[:split]`` for ``model`` (computed on the first ask)."""
-        key = (id(model), split, tuple(tokens.reshape(-1).tolist()))
+        """The cache of ``tokens[:split]`` for ``model`` (computed on the first ask), with
+        ``tokens[split:]`` as its suffix: runs that share the prefix but continue it
+        differently (the prompt's answer rows; the same rows and a teacher-forced answer)
+        share one prefill."""
+        tokens = tokens.reshape(-1)
+        key = (id(model), split, tuple(tokens[:split].tolist()))
         self.uses += 1
         if key not in self._caches:
             self._caches[key] = PrefixCache(model, tokens, split)
             self.prefills[key] = self.prefills.get(key, 0) + 1
-        return self._caches[key]
+        return self._caches[key].with_suffix(tokens[split:])
 
     def per_prompt(self) -> float:
         """Prefills per distinct prompt seen (1.0 when every prompt was prefilled once)."""

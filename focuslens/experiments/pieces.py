@@ -1,0 +1,81 @@
+"""A long loop over prompts that a kill does not undo: results saved piece by piece.
+
+:class:`Pieces` runs a function over consecutive pieces of a list of items (a few prompts
+each) and saves each piece's result table as it finishes (one atomic CSV per piece,
+``piece_00012.csv``). A rerun with the same identity (settings and the items' fingerprint,
+kept in ``meta.json``) loads the finished pieces and runs only the rest; another identity
+is refused by name instead of mixing two runs. Every piece's seconds are kept, so the total
+cost of a run spread over several invocations is known (:meth:`Pieces.seconds`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from focuslens.errors import DataError
+from focuslens.io import read_json, write_atomic, write_json
+from focuslens.progress import tqdm
+
+__all__ = ["Pieces"]
+
+
+class Pieces:
+    """Results of ``fn(items[a:b], a)`` for consecutive pieces of ``size`` items, saved in
+    ``folder`` as they finish (module docstring)."""
+
+    def __init__(self, folder: str | Path, identity: dict, *, size: int = 8):
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise DataError(f"size={size!r} must be an integer of at least 1.")
+        self.folder, self.size = Path(folder), size
+        self.identity = json.loads(json.dumps(identity | {"piece_size": size}))
+        meta = self.folder / "meta.json"
+        if meta.is_file():
+            saved = read_json(meta, "a resumable run's meta.json")
+            for key in sorted(set(saved["identity"]) | set(self.identity)):
+                if saved["identity"].get(key) != self.identity.get(key):
+                    raise DataError(f"{self.folder} holds a run with {key}={saved['identity'].get(key)!r}, not "
+                                    f"{self.identity.get(key)!r}: delete it or use another folder.")
+        elif self.folder.is_dir() and any(self.folder.glob("piece_*.csv")):
+            raise DataError(f"{self.folder} holds pieces but no meta.json saying what they are of: delete the folder.")
+        else:
+            write_json(meta, {"identity": self.identity, "seconds": {}}, indent=1)
+
+    def _path(self, p: int) -> Path:
+        return self.folder / f"piece_{p:05d}.csv"
+
+    def _seconds(self) -> dict:
+        return read_json(self.folder / "meta.json", "a resumable run's meta.json").get("seconds", {})
+
+    def seconds(self) -> float:
+        """Seconds spent on the finished pieces, over every invocation."""
+        return float(sum(self._seconds().values()))
+
+    def run(self, items: Sequence, fn: Callable[[Sequence, int], pd.DataFrame], *, desc: str = "pieces",
+            quiet: bool = False) -> pd.DataFrame:
+        """Every piece's table, concatenated in order (finished pieces read from disk)."""
+        n = -(-len(items) // self.size)
+        todo = [p for p in range(n) if not self._path(p).is_file()]
+        bar = tqdm(total=len(items), initial=(n - len(todo)) * self.size if todo else len(items), desc=desc,
+                   disable=quiet, leave=False)
+        for p in todo:
+            t0 = time.perf_counter()
+            start = p * self.size
+            table = fn(items[start : start + self.size], start)
+            write_atomic(self._path(p), table.to_csv(index=False))
+            seconds = self._seconds() | {str(p): time.perf_counter() - t0}
+            write_json(self.folder / "meta.json", {"identity": self.identity, "seconds": seconds}, indent=1)
+            bar.update(min(self.size, len(items) - start))
+        bar.close()
+        return pd.concat([self._read(p) for p in range(n)], ignore_index=True)
+
+    def _read(self, p: int) -> pd.DataFrame:
+        text = self._path(p).read_text()
+        if not text.endswith("\n"):
+            raise DataError(f"{self._path(p)} ends mid-row: delete it to run that piece again.")
+        return pd.read_csv(io.StringIO(text))
