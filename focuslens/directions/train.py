@@ -188,6 +188,7 @@ def _train_on_inputs(train, validation, *, epochs: int, lr: float, weight_decay:
     bar = tqdm(range(st["epoch"], epochs if not done else st["epoch"]), desc="train directions",
                disable=quiet or not is_main(), leave=False)
     for epoch in bar:
+        started = time.perf_counter()
         order = torch.randperm(len(train), generator=g)
         entry = {"epoch": epoch + 1, "train_gold_mass": _epoch(train, order, batch_size, groups, params, opts)}
         mass = val_mass()
@@ -199,7 +200,7 @@ def _train_on_inputs(train, validation, *, epochs: int, lr: float, weight_decay:
             st["waiting"] = torch.where(better, torch.zeros_like(st["waiting"]), st["waiting"] + 1)
             entry |= {"val_gold_mass": float(mass.mean()), "heads_improved": int(better.sum()),
                       "dq_norm_mean": float(dq.norm(dim=-1).mean())}
-        st["history"].append(entry)
+        st["history"].append(entry | {"seconds": time.perf_counter() - started})
         st["epoch"] = epoch + 1
         bar.set_postfix({k: round(v, 4) for k, v in entry.items() if isinstance(v, float)})
         if checkpoint is not None and is_main():

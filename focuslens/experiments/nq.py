@@ -34,7 +34,9 @@ question are resampled together (:func:`~focuslens.measure.stats.paired_bootstra
 
 from __future__ import annotations
 
+import hashlib
 import json
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -49,7 +51,9 @@ from focuslens.directions.train import cache_scores, train_directions
 from focuslens.errors import DataError
 from focuslens.experiments.pieces import Pieces
 from focuslens.io import has_manifest, read_json, write_json
+from focuslens.data.render import render
 from focuslens.measure.evaluate import evaluate_generation, generate_variants, gold_logprob_variants
+from focuslens.measure.forward import teacher_forced_ids
 from focuslens.measure.scoring import prepare_prompts
 from focuslens.model.heads import head_masks
 from focuslens.model.intervention import Combined
@@ -108,15 +112,37 @@ class NQSettings:
 
 
 class _Costs:
-    """Seconds per phase, added up over invocations (``costs.json`` in the work folder)."""
+    """Seconds per phase, added up over invocations, and each invocation's wall time (kept
+    up to date every 30 s by a thread, so a killed invocation's time still counts), in
+    ``costs.json`` of the work folder."""
 
     def __init__(self, path: Path):
         self.path = path
-        self.seconds = read_json(path, "the NQ run's costs.json") if path.is_file() else {}
+        saved = read_json(path, "the NQ run's costs.json") if path.is_file() else {}
+        self.seconds = saved.get("phases", {})
+        self.invocations = saved.get("invocations", [])
+        self.invocations.append(0.0)
+        self._t0, self._lock = time.perf_counter(), threading.Lock()
+        threading.Thread(target=self._tick, daemon=True).start()
+
+    def _tick(self) -> None:
+        while True:
+            time.sleep(30)
+            self._write()
+
+    def _write(self) -> None:
+        with self._lock:
+            self.invocations[-1] = time.perf_counter() - self._t0
+            write_json(self.path, {"phases": self.seconds, "invocations": self.invocations}, indent=1)
 
     def add(self, phase: str, seconds: float) -> None:
         self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
-        write_json(self.path, self.seconds, indent=1)
+        self._write()
+
+    def report(self) -> dict:
+        """The phases and ``total``: every invocation's wall time (model loading included)."""
+        self._write()
+        return {**self.seconds, "invocations": len(self.invocations), "total": float(sum(self.invocations))}
 
 
 # ------------------------------------------------------------------ phases 2-4: the directions
@@ -202,13 +228,16 @@ def _test_piece(model, dirs, ranking, s: NQSettings, chosen, mc: MagnitudeContro
     none = torch.zeros_like(top)
     iv, masks, meta = _grid(model, dirs, ranking, s, extra_alphas=(-a,))
     G = len(meta)
-    logprob = Combined(Focus(dirs, torch.tensor([*iv.alpha.tolist(), 0.0, a, 0.0]),
-                             torch.cat([masks, none, other, none]), rows="answer"),
-                       Focus(rand_dirs, a, torch.cat([none.expand(G, -1, -1), top, none, none]), rows="answer"),
-                       SplitSoftmax(torch.cat([none.expand(G + 2, -1, -1), top]), tau=s.tau, rows="answer"))
-    probes = torch.cat([masks, top, other, top])
+    # rows: the grid, random directions, random heads, split-softmax, and the random heads unsteered
+    # (a row of the model as it is, probing the random heads: their attention before steering)
+    logprob = Combined(Focus(dirs, torch.tensor([*iv.alpha.tolist(), 0.0, a, 0.0, 0.0]),
+                             torch.cat([masks, none, other, none, none]), rows="answer"),
+                       Focus(rand_dirs, a, torch.cat([none.expand(G, -1, -1), top, none, none, none]), rows="answer"),
+                       SplitSoftmax(torch.cat([none.expand(G + 2, -1, -1), top, none]), tau=s.tau, rows="answer"))
+    probes = torch.cat([masks, top, other, top, other])
     meta = pd.concat([meta.assign(condition="grid"), pd.DataFrame(
-        {"k": k, "alpha": [a, a, s.tau], "condition": ["random_directions", "random_heads", "split_softmax"]})],
+        {"k": k, "alpha": [a, a, s.tau, 0.0],
+         "condition": ["random_directions", "random_heads", "split_softmax", "random_heads_unsteered"]})],
         ignore_index=True)
     names = ["unsteered", "focus", "negative_alpha", "magnitude_control", "random_heads", "random_directions",
              "split_softmax"]
@@ -253,6 +282,28 @@ def _gold_alone(model, s: NQSettings):
     return fn
 
 
+def _items(examples) -> str:
+    """A fingerprint of a list of examples (question, gold position, documents)."""
+    key = [(ex.qid, ex.gold_index, ex.n_documents, ex.documents[0].title) for ex in examples]
+    return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+
+
+def _digest(dirs: FocusDirections) -> str:
+    """A fingerprint of the directions and their ranking (results of other directions are others)."""
+    h = hashlib.sha256(dirs.q.float().numpy().tobytes())
+    h.update(json.dumps(dirs.ranking()).encode())
+    return h.hexdigest()[:16]
+
+
+def check_teacher_forcing(model, splits: dict) -> None:
+    """Every validation and test prompt followed by its gold answer tokenizes as the prompt
+    and then the answer (:func:`~focuslens.measure.forward.teacher_forced_ids`): checked
+    before hours of running, not when the prompt's turn comes."""
+    examples = [*splits["validation"], *(ex for exs in splits["test"].values() for ex in exs)]
+    for ex in examples:
+        teacher_forced_ids(model.tokenizer, render(ex, model.tokenizer, max_length=model.cfg.n_ctx))
+
+
 def run_nq(model, settings: NQSettings, *, out_dir: str | Path = "figures", work_dir: str | Path = "runs/nq_work",
            quiet: bool = False) -> dict:
     """The whole experiment (module docstring). ``work_dir`` keeps what a resumed run needs
@@ -273,22 +324,25 @@ def run_nq(model, settings: NQSettings, *, out_dir: str | Path = "figures", work
                        n_documents=s.n_documents, test_documents=s.test_documents, seed=s.seed)
     dirs, scores = _directions(model, s, splits, work, costs, quiet)
     ranking = dirs.ranking()
-    val = Pieces(work / "validation", identity, size=s.piece).run(
+    check_teacher_forcing(model, splits)
+    runs = {"validation": identity | {"directions": _digest(dirs), "items": _items(splits["validation"])}}
+    val = Pieces(work / "validation", runs["validation"], size=s.piece).run(
         splits["validation"], _validation_piece(model, dirs, ranking, s), desc="NQ validation grid", quiet=quiet)
     chosen = _choice(val)
     mc = MagnitudeControl.fit(val, k=chosen[0], alpha=chosen[1], grid=list(s.alphas))
     tests = {}
     for n_docs in s.test_documents:
-        piece = Pieces(work / f"test_{n_docs}", identity | {"chosen": list(chosen)}, size=s.piece)
+        runs[f"test_{n_docs}"] = runs["validation"] | {"chosen": list(chosen), "items": _items(splits["test"][n_docs])}
+        piece = Pieces(work / f"test_{n_docs}", runs[f"test_{n_docs}"], size=s.piece)
         tests[n_docs] = piece.run(splits["test"][n_docs], _test_piece(model, dirs, ranking, s, chosen, mc),
                                   desc=f"NQ test, {n_docs} documents", quiet=quiet)
     unique = list({ex.qid: ex.gold_only() for ex in splits["test"][s.n_documents]}.values())
-    alone = Pieces(work / "gold_alone", identity, size=s.piece).run(unique, _gold_alone(model, s), desc="NQ gold alone",
-                                                                      quiet=quiet)
-    for name in ["validation", "gold_alone", *(f"test_{n}" for n in s.test_documents)]:
-        costs.seconds[name] = Pieces(work / name, identity | ({"chosen": list(chosen)} if name.startswith("test") else {}),
-                                     size=s.piece).seconds()
-    summary = nq_summary(s, splits, dirs, scores, val, tests, alone, chosen, mc, costs.seconds)
+    runs["gold_alone"] = identity | {"items": _items(unique)}
+    alone = Pieces(work / "gold_alone", runs["gold_alone"], size=s.piece).run(unique, _gold_alone(model, s),
+                                                                              desc="NQ gold alone", quiet=quiet)
+    for name, run in runs.items():  # each piece's own time, over every invocation
+        costs.seconds[name] = Pieces(work / name, run, size=s.piece).seconds()
+    summary = nq_summary(s, splits, dirs, scores, val, tests, alone, chosen, mc, costs.report())
     if out_dir is not None:
         write_nq(Path(out_dir), summary, dirs, val, tests, alone)
     return summary

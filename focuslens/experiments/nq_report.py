@@ -44,7 +44,8 @@ def _gain(steered: pd.Series, base: pd.Series, qids: pd.Series, n_bootstrap: int
     diff = (steered - base.loc[steered.index]).astype(float)
     low, high = paired_bootstrap_ci(diff.to_numpy(), clusters=qids.loc[steered.index].to_numpy(),
                                     n_resamples=n_bootstrap, seed=seed)
-    return {"mean": float(steered.mean()), "gain": float(diff.mean()), "gain_ci": [low, high],
+    return {"mean": float(steered.mean()), "unsteered": float(base.loc[steered.index].mean()),
+            "gain": float(diff.mean()), "gain_ci": [low, high],
             "n_prompts": int(len(diff)), "n_questions": int(qids.loc[steered.index].nunique())}
 
 
@@ -61,7 +62,7 @@ def _conditions(table: pd.DataFrame, chosen, mc, s) -> dict:
             entry = out.setdefault(cond, {})
             name = "logprob" if kind == "logprob" else "em"
             entry[name] = _gain(rows[metric].astype(float), base[metric].astype(float), base.qid, s.n_bootstrap,
-                                s.seed) | {"unsteered": float(base[metric].astype(float).mean())}
+                                s.seed)
             entry[f"{name}_by_position"] = {
                 pos: _gain(rows[rows.position == pos][metric].astype(float), base[metric].astype(float), base.qid,
                            s.n_bootstrap, s.seed) for pos in _POSITIONS if (rows.position == pos).any()}
@@ -71,11 +72,13 @@ def _conditions(table: pd.DataFrame, chosen, mc, s) -> dict:
 
 
 def _masses(table: pd.DataFrame, chosen, mc) -> dict:
-    """The chosen heads' mass from the answer rows on gold, sink and the other documents,
-    unsteered and steered, overall and per position."""
+    """The steered heads' mass from the answer rows on gold, sink and the other documents,
+    unsteered and steered, overall and per position: the chosen top-k heads for every
+    condition but ``random_heads`` (and ``random_heads_unsteered``, the same random heads
+    before steering)."""
     out = {}
     for cond in ("unsteered", "focus", "negative_alpha", "magnitude_control", "random_directions",
-                 "random_heads", "split_softmax"):
+                 "split_softmax", "random_heads_unsteered", "random_heads"):
         rows = condition_rows(table, cond, chosen, mc)
         cols = [c for c in ("gold_mass", "sink_mass", "irrelevant_mass") if c in rows]
         out[cond] = {"all": {c: float(rows[c].mean()) for c in cols},
@@ -113,6 +116,7 @@ def nq_summary(s, splits, dirs, scores, val, tests, alone, chosen, mc, costs) ->
         "validation_grid": [{"k": int(kk), "alpha": float(aa), "gold_logprob": float(x)} for (kk, aa), x in v.items()],
         "magnitude_control": {"low": mc.low, "high": mc.high, "target": mc.target, "grid": list(mc.grid)},
         "training": {"epochs_run": meta.get("epochs_run"), "history": meta.get("history"),
+                     "seconds": float(sum(h.get("seconds", 0.0) for h in meta.get("history") or [])),
                      "val_gold_mass_before": float(np.mean(meta["val_gold_mass_before"])),
                      "val_gold_mass_after": float(np.mean(meta["val_gold_mass_after"])),
                      "dq_norm_top_k": {"median": float(norms[tuple(zip(*top))].median()),
@@ -144,7 +148,7 @@ def _table(summary: dict) -> pd.DataFrame:
                     continue
                 for pos, g in {"all": entry[metric], **entry.get(f"{metric}_by_position", {})}.items():
                     rows.append({"documents": int(n_docs), "condition": cond, "metric": metric, "position": pos,
-                                 "unsteered": entry[metric].get("unsteered"), "mean": g["mean"], "gain": g["gain"],
+                                 "unsteered": g["unsteered"], "mean": g["mean"], "gain": g["gain"],
                                  "gain_low": g["gain_ci"][0], "gain_high": g["gain_ci"][1],
                                  "n_prompts": g["n_prompts"], "n_questions": g["n_questions"]})
     return pd.DataFrame(rows)
@@ -178,4 +182,5 @@ def headline(summary: dict) -> str:
             f"[{100 * em['gain_ci'][0]:+.1f}, {100 * em['gain_ci'][1]:+.1f}]; gold log-prob gain {lp['gain']:+.3f} nats "
             f"[{lp['gain_ci'][0]:+.3f}, {lp['gain_ci'][1]:+.3f}]; acceptance {'met' if v['acceptance_met'] else 'NOT met'}."
             f"\nCost over all invocations: {costs['total'] / 3600:.2f} h ("
-            + ", ".join(f"{k} {x / 60:.1f} min" for k, x in costs.items() if k != "total") + ")")
+            + ", ".join(f"{k} {x / 60:.1f} min" for k, x in costs.items() if k not in ("total", "invocations"))
+            + f"; {costs['invocations']} invocation(s))")

@@ -2,8 +2,8 @@
 
 :class:`Pieces` runs a function over consecutive pieces of a list of items (a few prompts
 each) and saves each piece's result table as it finishes (one atomic CSV per piece,
-``piece_00012.csv``). A rerun with the same identity (settings and the items' fingerprint,
-kept in ``meta.json``) loads the finished pieces and runs only the rest; another identity
+``piece_00012.csv``). A rerun with the same identity (what the caller says the results
+depend on: settings, a fingerprint of the items and of the model or directions; kept in ``meta.json``) loads the finished pieces and runs only the rest; another identity
 is refused by name instead of mixing two runs. Every piece's seconds are kept, so the total
 cost of a run spread over several invocations is known (:meth:`Pieces.seconds`).
 """
@@ -78,4 +78,5 @@ class Pieces:
         text = self._path(p).read_text()
         if not text.endswith("\n"):
             raise DataError(f"{self._path(p)} ends mid-row: delete it to run that piece again.")
-        return pd.read_csv(io.StringIO(text))
+        strings = {c: str for c in ("prediction", "qid") if c in text.split("\n", 1)[0].split(",")}
+        return pd.read_csv(io.StringIO(text), dtype=strings)  # an answer "07" stays text

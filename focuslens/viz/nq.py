@@ -14,7 +14,7 @@ __all__ = ["plot_nq_focus", "plot_nq_training"]
 
 _LABELS = {"focus": "focus (chosen k, α)", "negative_alpha": "−α", "random_directions": "random directions",
            "random_heads": "random heads", "magnitude_control": "magnitude control",
-           "split_softmax": "split-softmax (label)"}
+           "split_softmax": "split-softmax (label)", "random_heads_unsteered": "random heads, unsteered"}
 _POSITION_COLOURS = {"all": "#1f77b4", "first": "#9ecae1", "middle": "#fdae6b", "last": "#a1d99b"}
 _MASS_COLOURS = {"gold_mass": "#2ca02c", "sink_mass": "#7f7f7f", "irrelevant_mass": "#d62728"}
 
@@ -24,7 +24,7 @@ def plot_nq_focus(table: pd.DataFrame, summary: dict, *, title: str | None = Non
     columns: the test document counts. ``table``: the ``nq_focus.csv`` rows."""
     docs = sorted(table.documents.unique())
     titles = [f"{what}, {n} documents" for what in ("gold log-prob gain (nats)", "exact-match gain (points)",
-                                                    "chosen heads' attention from the answer rows") for n in docs]
+                                                    "steered heads' attention from the answer rows") for n in docs]
     fig = make_subplots(rows=3, cols=len(docs), subplot_titles=titles, vertical_spacing=0.11, horizontal_spacing=0.07)
     for c, n in enumerate(docs, start=1):
         for r, (metric, scale) in enumerate((("logprob", 1.0), ("em", 100.0)), start=1):
@@ -40,7 +40,7 @@ def plot_nq_focus(table: pd.DataFrame, summary: dict, *, title: str | None = Non
             fig.add_hline(y=0, line_color="black", line_width=1, row=r, col=c)
         masses = summary["by_documents"][str(n)]["masses"]
         conds = [x for x in ("unsteered", "focus", "negative_alpha", "magnitude_control", "random_directions",
-                             "random_heads", "split_softmax") if x in masses]
+                             "split_softmax", "random_heads_unsteered", "random_heads") if x in masses]
         for name, colour in _MASS_COLOURS.items():
             fig.add_trace(go.Bar(x=[_LABELS.get(x, x) for x in conds], y=[masses[x]["all"].get(name) for x in conds],
                                  name=name.replace("_mass", ""), marker_color=colour, legendgroup=name,
