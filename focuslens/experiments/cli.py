@@ -140,7 +140,7 @@ def _parser() -> argparse.ArgumentParser:
                           "positions; nq: 1000 150 300, test first/middle/last)")
     exp.add_argument("--test-documents", type=int, nargs="+", default=[10, 20],
                      help="nq: documents per test prompt (the setting is chosen at --nq-documents)")
-    exp.add_argument("--max-new-tokens", type=int, default=24, help="nq: greedy answer length")
+    exp.add_argument("--max-new-tokens", type=int, default=16, help="nq: greedy answer length")
     exp.add_argument("--work", default="runs/nq_work",
                      help="nq: the resumable run's working folder (training cache ~16 MB per prompt, checkpoints)")
     exp.add_argument("--seed", type=int, default=7, help="data and training seed")

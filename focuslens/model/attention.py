@@ -227,11 +227,13 @@ def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, hooks: li
     edited heads by blocks, the observed rows eagerly with their hooks."""
     n_heads, n_query, n_key = q.shape[1], q.shape[2], k.shape[2]
     scale = float(getattr(self.original_component, "scaling", q.shape[-1] ** -0.5))
-    k, v = _expand(k, n_heads), _expand(v, n_heads)
     first = attention_rows(hooks, n_query, n_key)
     for h in hooks:
         if isinstance(h, HeadEdit):
             h.check(n_query, n_key)
+    if first == 0:  # every row eager (a KV-cached pass): grouped, the cache is never copied per head
+        return _eager_rows(self, q, k, v, mask, scale)
+    k, v = _expand(k, n_heads), _expand(v, n_heads)
     parts = []
     if first > 0:  # rows [0, first) see keys [0, first) only (causal, no cache here)
         head = mask[..., :first, :first] if mask is not None else None
@@ -248,10 +250,20 @@ def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, hooks: li
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=2)
 
 
+def _grouped(x: Tensor, n_kv: int) -> Tensor:
+    """``[batch, head, rows, n]`` as ``[batch, kv_head, group·rows, n]``: query head
+    ``h = kv·group + g`` reads KV head ``kv`` (Hugging Face's ``repeat_kv`` layout), so one
+    matmul per KV head serves its whole group without repeating the keys or values."""
+    b, h, r, n = x.shape
+    return x.reshape(b, n_kv, (h // n_kv) * r, n)
+
+
 def _scores(self, q: Tensor, k: Tensor, mask: Tensor | None, scale: float) -> Tensor:
     """Masked scores of the last ``q.shape[2]`` query rows of a ``k.shape[2]``-key pass,
-    as the bridge's eager path forms them (its own mask helper)."""
-    scores = torch.matmul(q, k.transpose(-2, -1)) * scale
+    as the bridge's eager path forms them (its own mask helper); ``k`` may hold fewer (KV)
+    heads than ``q`` (grouped-query attention)."""
+    b, h, r, _ = q.shape
+    scores = torch.matmul(_grouped(q, k.shape[1]), k.transpose(-2, -1)).view(b, h, r, k.shape[2]) * scale
     return self._apply_reconstruct_attention_mask(attn_scores=scores, attention_mask=mask,
                                                   seq_len=k.shape[2], q_seq_len=q.shape[2])
 
@@ -265,7 +277,8 @@ def _eager_rows(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, scal
     and ``hook_pattern`` firing on ``[batch, head, rows, key]``."""
     scores = self.hook_attn_scores(_scores(self, q, k, mask, scale))
     pattern = self.hook_pattern(_softmax(self, scores, q.dtype))
-    return torch.matmul(pattern, v)
+    b, h, r, _ = pattern.shape
+    return torch.matmul(_grouped(pattern, v.shape[1]), v).view(b, h, r, v.shape[-1])
 
 
 def _edited_heads(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, out: Tensor,
