@@ -204,7 +204,8 @@ def test_the_nq_experiment_at_a_tiny_size(smollm2, tmp_path):
     from focuslens.experiments.nq import CONTROLS, NQSettings, run_nq
 
     s = NQSettings(nq_path=str(require_shared(NQ)), n_train=4, n_validation=2, n_test=2, n_documents=3,
-                   test_documents=(3, 4), ks=(2,), alphas=(0.5,), epochs=1, piece=3, max_new_tokens=3, n_bootstrap=100)
+                   test_documents=(3, 4), em_documents=(3,), ks=(2,), alphas=(0.5,), epochs=1, piece=3,
+                   max_new_tokens=3, n_bootstrap=100)
     out = run_nq(smollm2, s, out_dir=tmp_path / "out", work_dir=tmp_path / "work", quiet=True)
     conds = out["by_documents"]["3"]["conditions"]
     assert set(conds) == set(CONTROLS)
@@ -219,7 +220,8 @@ def test_the_nq_experiment_at_a_tiny_size(smollm2, tmp_path):
     # pinned at this size (float32 noise aside): the unsteered model's mean gold log-prob
     assert conds["focus"]["logprob"]["unsteered"] == pytest.approx(-6.124, abs=0.01)
     assert {"cache", "train", "validation", "test_3", "test_4", "gold_alone", "total"} <= set(out["costs_seconds"])
-    assert set(out["by_documents"]) == {"3", "4"} and out["by_documents"]["4"]["conditions"]["focus"]["em"]["n_prompts"] == 6
+    four = out["by_documents"]["4"]["conditions"]["focus"]
+    assert set(out["by_documents"]) == {"3", "4"} and four["logprob"]["n_prompts"] == 6 and "em" not in four
     heads = out["by_documents"]["3"]["masses"]
     assert heads["random_heads_unsteered"]["all"] != heads["unsteered"]["all"]  # other heads, read before steering
     for name in ("nq_focus.csv", "nq_focus_prompts.csv", "nq_directions/focus_directions.safetensors"):

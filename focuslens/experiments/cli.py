@@ -324,7 +324,7 @@ def _experiment_nq(args) -> None:
                           n_documents=args.nq_documents, test_documents=tuple(args.test_documents),
                           epochs=args.epochs or 10, lr=args.lr or 1e-3, ks=tuple(args.ks),
                           alphas=tuple(args.alphas or (0.25, 0.5, 1.0, 2.0, 4.0)), max_new_tokens=args.max_new_tokens,
-                          seed=args.seed)
+                          em_documents=(args.nq_documents,), seed=args.seed)
     out = run_nq(load_model(args.model), settings, out_dir=args.out, work_dir=args.work, quiet=args.quiet)
     print(f"{headline(out)}\n{args.out}/nq_focus.{{csv,png,html}} and summary.json")
 

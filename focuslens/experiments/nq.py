@@ -19,8 +19,9 @@ stopped, :func:`run_nq`):
    (:func:`~focuslens.measure.evaluate.gold_logprob_variants`), the primary metric: graded,
    so far more powerful than exact match.
 6. **Test** once on the held-out questions at 10 and 20 documents, every prompt unsteered and
-   steered (paired): the log-probability over the whole (k, α) grid, and for the chosen
-   setting and each control greedy ``best_subspan_em`` (the paper's metric). Controls: −α;
+   steered (paired): the log-probability over the whole (k, α) grid, and (at 10 documents,
+   ``em_documents``: greedy decoding is most of the cost) for the chosen setting and each
+   control greedy ``best_subspan_em`` (the paper's metric). Controls: −α;
    random directions with the same per-head norms; the same directions on random heads; the
    magnitude control (α per prompt from the sink mass the steering moves, the paper's
    revision; :class:`~focuslens.steer.focus.MagnitudeControl`); split-softmax on the same
@@ -87,6 +88,8 @@ class NQSettings:
     alphas: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0, 4.0)
     tau: float = 0.1
     max_new_tokens: int = 16
+    #: document counts whose test prompts also get greedy answers (EM); the others: log-prob only
+    em_documents: tuple[int, ...] = (10,)
     n_bootstrap: int = 2000
     piece: int = 8
     seed: int = 0
@@ -99,6 +102,9 @@ class NQSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise DataError(f"{name}={value!r} must be a positive integer.")
+        if not set(self.em_documents) <= set(self.test_documents):
+            raise DataError(f"em_documents={list(self.em_documents)} must be among test_documents="
+                            f"{list(self.test_documents)}.")
         if self.n_documents not in self.test_documents:
             raise DataError(f"test_documents={list(self.test_documents)} must include n_documents={self.n_documents} "
                             "(the setting is chosen there).")
@@ -217,7 +223,7 @@ def _choice(val: pd.DataFrame) -> tuple[int, float]:
     return int(k), float(a)
 
 
-def _test_piece(model, dirs, ranking, s: NQSettings, chosen, mc: MagnitudeControl):
+def _test_piece(model, dirs, ranking, s: NQSettings, chosen, mc: MagnitudeControl, generate: bool = True):
     """Per piece of test prompts, from one prefill per prompt: the log-prob of the whole
     grid (with −α) and of the controls, as the rows of one packed run; then the greedy
     answers of the unsteered model, the chosen setting and every control, as the rows of one
@@ -254,7 +260,7 @@ def _test_piece(model, dirs, ranking, s: NQSettings, chosen, mc: MagnitudeContro
         table = table.join(meta, on="variant").assign(kind="logprob")
         mc_alpha = _mc_alphas(table[table.condition == "grid"], mc)
         out = [table]
-        for i, p in enumerate(prompts):
+        for i, p in enumerate(prompts if generate else []):
             gen = generate_variants(model, [p], generation(mc_alpha[i]), max_new_tokens=s.max_new_tokens,
                                     prefills=store, quiet=True)
             alphas = [0.0, a, -a, mc_alpha[i], a, a, s.tau]
@@ -333,7 +339,8 @@ def run_nq(model, settings: NQSettings, *, out_dir: str | Path = "figures", work
     for n_docs in s.test_documents:
         runs[f"test_{n_docs}"] = runs["validation"] | {"chosen": list(chosen), "items": _items(splits["test"][n_docs])}
         piece = Pieces(work / f"test_{n_docs}", runs[f"test_{n_docs}"], size=s.piece)
-        tests[n_docs] = piece.run(splits["test"][n_docs], _test_piece(model, dirs, ranking, s, chosen, mc),
+        fn = _test_piece(model, dirs, ranking, s, chosen, mc, generate=n_docs in s.em_documents)
+        tests[n_docs] = piece.run(splits["test"][n_docs], fn,
                                   desc=f"NQ test, {n_docs} documents", quiet=quiet)
     unique = list({ex.qid: ex.gold_only() for ex in splits["test"][s.n_documents]}.values())
     runs["gold_alone"] = identity | {"items": _items(unique)}
