@@ -192,12 +192,14 @@ def _order(values: torch.Tensor) -> list[tuple[int, int]]:
     return [(i // n_heads, i % n_heads) for i in idx]
 
 
-def paired_gain(steered, baseline, *, n_bootstrap: int = 2000, seed: int = 0) -> tuple[float, float, float]:
-    """Mean of ``steered − baseline`` over the same prompts and its paired-bootstrap 95 % CI."""
+def paired_gain(steered, baseline, *, clusters=None, n_bootstrap: int = 2000,
+                seed: int = 0) -> tuple[float, float, float]:
+    """Mean of ``steered − baseline`` over the same prompts and its paired-bootstrap 95 % CI
+    (``clusters``: one label per prompt, e.g. its question, resampled together)."""
     diff = np.asarray(steered, dtype=float) - np.asarray(baseline, dtype=float)
     if diff.size == 0:
         raise DataError("paired_gain: no prompts.")
-    low, high = paired_bootstrap_ci(diff, n_resamples=n_bootstrap, seed=seed)
+    low, high = paired_bootstrap_ci(diff, clusters, n_resamples=n_bootstrap, seed=seed)
     return float(diff.mean()), low, high
 
 

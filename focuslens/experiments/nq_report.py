@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from focuslens.experiments.conditions import paired_gain
 from focuslens.experiments.stages.base import StageResult
 from focuslens.io import json_safe
-from focuslens.measure.stats import paired_bootstrap_ci
 from focuslens.viz.nq import plot_nq_focus, plot_nq_training
 
 __all__ = ["nq_summary", "write_nq", "condition_rows", "headline"]
@@ -41,12 +41,12 @@ def condition_rows(table: pd.DataFrame, condition: str, chosen: tuple[int, float
 
 
 def _gain(steered: pd.Series, base: pd.Series, qids: pd.Series, n_bootstrap: int, seed: int) -> dict:
-    diff = (steered - base.loc[steered.index]).astype(float)
-    low, high = paired_bootstrap_ci(diff.to_numpy(), clusters=qids.loc[steered.index].to_numpy(),
-                                    n_resamples=n_bootstrap, seed=seed)
-    return {"mean": float(steered.mean()), "unsteered": float(base.loc[steered.index].mean()),
-            "gain": float(diff.mean()), "gain_ci": [low, high],
-            "n_prompts": int(len(diff)), "n_questions": int(qids.loc[steered.index].nunique())}
+    """The paired gain over the same prompts, its CI by bootstrap over questions."""
+    paired = base.loc[steered.index]
+    gain, low, high = paired_gain(steered.to_numpy(), paired.to_numpy(), clusters=qids.loc[steered.index].to_numpy(),
+                                  n_bootstrap=n_bootstrap, seed=seed)
+    return {"mean": float(steered.mean()), "unsteered": float(paired.mean()), "gain": gain, "gain_ci": [low, high],
+            "n_prompts": int(len(steered)), "n_questions": int(qids.loc[steered.index].nunique())}
 
 
 def _conditions(table: pd.DataFrame, chosen, mc, s) -> dict:
