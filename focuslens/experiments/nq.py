@@ -44,6 +44,8 @@ from pathlib import Path
 
 import pandas as pd
 import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
 from focuslens.data.splits import nq_splits
 from focuslens.directions.artifact import FocusDirections
@@ -51,7 +53,7 @@ from focuslens.directions.streamed import cache_to_disk
 from focuslens.directions.train import cache_scores, train_directions
 from focuslens.errors import DataError
 from focuslens.experiments.pieces import Pieces
-from focuslens.io import has_manifest, read_json, write_json
+from focuslens.io import has_manifest, read_json, write_atomic, write_json
 from focuslens.data.render import render
 from focuslens.measure.evaluate import evaluate_generation, generate_variants, gold_logprob_variants
 from focuslens.measure.forward import teacher_forced_ids
@@ -162,8 +164,12 @@ def _directions(model, s: NQSettings, splits: dict, work: Path, costs: _Costs, q
     train_in = cache_to_disk(model, train_p, work / "cache" / "train", dtype=s.cache_dtype, quiet=quiet)
     val_in = cache_to_disk(model, val_p, work / "cache" / "validation", dtype=s.cache_dtype, quiet=quiet)
     costs.add("cache", time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    scores = cache_scores(train_in)
+    t0, saved_scores = time.perf_counter(), work / "cache" / "train" / "scores.safetensors"  # goes with its cache
+    if saved_scores.is_file():  # read once: the whole training cache is gigabytes
+        scores = load_safetensors(saved_scores.read_bytes())["gold"]
+    else:
+        scores = cache_scores(train_in)
+        write_atomic(saved_scores, save_safetensors({"gold": scores.contiguous()}))
     idx = torch.argsort(scores.flatten(), descending=True, stable=True).tolist()
     ranking = [(i // scores.shape[1], i % scores.shape[1]) for i in idx]
     costs.add("rank", time.perf_counter() - t0)
