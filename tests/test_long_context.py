@@ -110,7 +110,7 @@ def test_summary_counts_prompts_past_the_context_as_skipped():
 
 
 def test_the_figures_draw(model, tmp_path):
-    from focuslens.viz.long_context import plot_long_context, plot_slot_profile
+    from focuslens.viz.long_context import plot_long_context, plot_long_context_positions, plot_slot_profile
 
     stage = run_long_context(model, [(0, 1), (1, 2)], out_dir=tmp_path, tasks=("needle",),
                              lengths={"needle": (4, 6)}, n_prompts=2, k=2, quiet=True)
@@ -118,6 +118,14 @@ def test_the_figures_draw(model, tmp_path):
     assert len(fig.data) == 3  # accuracy, split-softmax accuracy, gold mass
     heat = plot_slot_profile(stage.objects["profiles"]["needle_6"], 2)
     assert len(heat.data[0].z) == model.cfg.n_layers and len(heat.data[0].z[0]) == 6
+    rows = stage["long_context"]
+    by = plot_long_context_positions(rows)
+    acc = {t.name: list(t.y) for t in by.data if t.name and t.showlegend and "split" not in t.name}
+    for position, g in rows.groupby("position"):  # each position's curve is that position's accuracy, by length
+        assert acc[f"gold {position}"] == list(g.groupby("size").correct.mean())
+    # the summary carries the same cells
+    cell = long_context_summary(rows)["tasks"]["needle"]["6"]["by_position"]
+    assert set(cell) == set(rows.position) and all("top_gold_mass" in c for c in cell.values())
 
 
 @pytest.mark.slow

@@ -17,6 +17,7 @@ from focuslens.experiments.stages import example_from_json
 from focuslens.io import write_atomic
 from focuslens.viz import (
     plot_long_context,
+    plot_long_context_positions,
     plot_slot_profile,
     plot_direction_norms,
     plot_direction_similarity,
@@ -97,10 +98,12 @@ def draw_distraction(stage, out: str | Path) -> list[Path]:
 
 
 def draw_long_context(stage, out: str | Path) -> list[Path]:
-    """Accuracy and gold mass vs context length, and each task's slot × layer profile at
-    its longest length (``run_long_context``)."""
+    """Accuracy and gold mass vs context length (all prompts, and by gold position), and
+    each task's slot × layer profile at its longest length (``run_long_context``)."""
     rows = stage["long_context"]
     paths = _save(plot_long_context(rows, title=f"Distraction at long context on {_model(stage)}"), out, "long_context")
+    paths += _save(plot_long_context_positions(rows, title=f"Distraction at long context by gold position on "
+                                               f"{_model(stage)}"), out, "long_context_positions")
     profiles = stage.objects.get("profiles", {})
     for task, g in rows.groupby("task"):
         size = int(g["size"].max())

@@ -17,7 +17,7 @@ from focuslens.viz.cross_model import (
 from focuslens.viz.distraction import plot_distraction
 from focuslens.viz.export import Figure, save_figure, static_export_available
 from focuslens.viz.heads import plot_head_map, plot_rank_agreement, plot_topk_overlap
-from focuslens.viz.long_context import plot_long_context, plot_slot_profile
+from focuslens.viz.long_context import plot_long_context, plot_long_context_positions, plot_slot_profile
 from focuslens.viz.prompt import AttentionHTML, plot_document_attention, plot_key_bias, token_view
 from focuslens.viz.steering import plot_focus_sweep, plot_split_softmax_sweep
 
@@ -32,6 +32,7 @@ __all__ = [
     "plot_split_softmax_sweep",
     "plot_focus_sweep",
     "plot_long_context",
+    "plot_long_context_positions",
     "plot_slot_profile",
     # one prompt
     "plot_document_attention",

@@ -16,9 +16,12 @@ from plotly.subplots import make_subplots
 from focuslens.measure.stats import wilson_interval
 from focuslens.viz.export import Figure
 
-__all__ = ["plot_long_context", "plot_slot_profile"]
+__all__ = ["plot_long_context", "plot_long_context_positions", "plot_slot_profile"]
 
 _COLOURS = {"nq": "#1f77b4", "kv": "#d62728", "needle": "#2ca02c"}
+_POSITION_COLOURS = {"first": "#1f77b4", "middle": "#ff7f0e", "last": "#2ca02c"}
+_POSITION_SHIFT = {"first": 0.96, "middle": 1.0, "last": 1.04}
+_TICKS = [1000, 2000, 4000, 8000]
 
 
 def _cells(rows: pd.DataFrame) -> pd.DataFrame:
@@ -55,6 +58,39 @@ def plot_long_context(rows: pd.DataFrame, *, title: str | None = None) -> Figure
     fig.update_yaxes(range=[0, 1.02], title_text="accuracy", row=1, col=1)
     fig.update_yaxes(rangemode="tozero", title_text="mean mass on the gold document", row=1, col=2)
     fig.update_layout(title=title or "Distraction at long context", template="plotly_white", width=1000, height=450)
+    return Figure(fig)
+
+
+def plot_long_context_positions(rows: pd.DataFrame, *, title: str | None = None) -> Figure:
+    """Where the gold position matters: one column per task; top, accuracy by gold position
+    (first / middle / last; solid: unsteered, dashed: split-softmax on the top-k heads;
+    Wilson 95 % CIs over that position's prompts); bottom, the top heads' gold mass by
+    position; both against the mean prompt length in tokens."""
+    ok = rows[rows["skipped"].isna()] if "skipped" in rows.columns else rows
+    cells = (ok.groupby(["task", "size", "position"])
+             .agg(n=("correct", "size"), tokens=("n_tokens", "mean"), accuracy=("correct", "mean"),
+                  split=("split_correct", "mean"), gold_mass=("top_gold_mass", "mean"))
+             .reset_index().sort_values(["task", "tokens"]))
+    tasks = list(dict.fromkeys(cells["task"]))
+    fig = make_subplots(rows=2, cols=len(tasks), subplot_titles=tasks, vertical_spacing=0.12)
+    for col, task in enumerate(tasks, start=1):
+        for position, g in cells[cells.task == task].groupby("position", sort=False):
+            colour, legend = _POSITION_COLOURS.get(position, "#7f7f7f"), col == 1
+            x = g.tokens * _POSITION_SHIFT.get(position, 1.0)  # (log axis) so the intervals do not hide each other
+            fig.add_trace(_ci_trace(x, g.accuracy, g.n, f"gold {position}", colour, "solid", legend), 1, col)
+            fig.add_trace(_ci_trace(x * 1.02, g.split, g.n, f"gold {position} + split-softmax", colour, "dash",
+                                    legend), 1, col)
+            fig.add_trace(go.Scatter(x=g.tokens, y=g.gold_mass, mode="lines+markers", line={"color": colour},
+                                     name=f"gold {position}", showlegend=False), 2, col)
+        ticks = {"type": "log", "tickvals": _TICKS, "ticktext": [f"{t // 1000}k" for t in _TICKS]}
+        fig.update_xaxes(**ticks, row=1, col=col)
+        fig.update_xaxes(**ticks, title_text="prompt length (tokens)", row=2, col=col)
+        fig.update_yaxes(range=[0, 1.02], row=1, col=col)
+        fig.update_yaxes(rangemode="tozero", row=2, col=col)
+    fig.update_yaxes(title_text="accuracy", row=1, col=1)
+    fig.update_yaxes(title_text="top heads' gold mass", row=2, col=1)
+    fig.update_layout(title=title or "Distraction at long context by gold position", template="plotly_white",
+                      width=1200, height=750)
     return Figure(fig)
 
 

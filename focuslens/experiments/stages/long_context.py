@@ -198,7 +198,7 @@ def run_long_context(model, ranking, *, out_dir: str | Path, tasks: Sequence[str
 
 def long_context_summary(rows: pd.DataFrame) -> dict:
     """Per task and size: n, tokens, accuracy unsteered and with split-softmax (Wilson 95 %
-    CIs), the top heads' gold mass; and accuracy by gold position."""
+    CIs), the top heads' gold mass; and accuracy and gold mass by gold position."""
     out: dict = {}
     ok = rows[rows["skipped"].isna()] if "skipped" in rows.columns else rows
     for (task, size), g in ok.groupby(["task", "size"]):
@@ -210,7 +210,8 @@ def long_context_summary(rows: pd.DataFrame) -> dict:
             cell[name] = float(g[col].astype(float).mean())
             cell[f"{col}_ci"] = list(wilson_interval(cell[name], n))
         cell["by_position"] = {p: {"n": len(h), "accuracy": float(h.correct.mean()),
-                                   "split_accuracy": float(h.split_correct.mean())}
+                                   "split_accuracy": float(h.split_correct.mean()),
+                                   "top_gold_mass": float(h.top_gold_mass.mean())}
                                for p, h in g.groupby("position")}
         out.setdefault(task, {})[str(size)] = cell
     return {"tasks": out}
@@ -225,4 +226,10 @@ def long_context_table(summary: dict) -> str:
             lines.append(f"{task:>7} {size:>5} {c['n']:>4} {c['mean_tokens']:>7.0f} "
                          f"{c['accuracy']:>6.2f} [{a[0]:.2f}, {a[1]:.2f}]  {c['split_accuracy']:>6.2f} "
                          f"[{s[0]:.2f}, {s[1]:.2f}]  {c['top_gold_mass']:>9.3f}")
+    lines.append("\nBy gold position: accuracy -> with split-softmax (top heads' gold mass)")
+    for task, cells in summary["tasks"].items():
+        for size, c in cells.items():
+            parts = [f"{p} {b['accuracy']:.2f} -> {b['split_accuracy']:.2f} ({b['top_gold_mass']:.3f})"
+                     for p, b in c["by_position"].items()]
+            lines.append(f"{task:>7} {size:>5}  " + ";  ".join(parts))
     return "\n".join(lines)
