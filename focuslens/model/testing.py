@@ -18,7 +18,7 @@ from focuslens.model.load import load_model
 
 __all__ = ["tiny_model", "tiny_tokenizer", "ARCHITECTURES"]
 
-ARCHITECTURES = ("llama", "qwen2", "mistral")
+ARCHITECTURES = ("llama", "qwen2", "mistral", "gemma3")
 _SPECIAL = ["<pad>", "<bos>", "<eos>", "<unk>", "<|user|>", "<|assistant|>", "<|end|>"]
 _CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
@@ -79,8 +79,18 @@ def tiny_model(
     if n_heads % n_kv_heads:
         raise ModelError(f"n_heads={n_heads} must be a multiple of n_kv_heads={n_kv_heads}.")
     tok = tokenizer or tiny_tokenizer()
+    # Gemma 3 (text): QK-norm, embeddings scaled by √d_model, one RoPE table per layer type and
+    # a sliding window on every other layer (layer 0 sliding, as Gemma's); a window of 8
+    # tokens, and a local RoPE base of 180: its lowest frequency (d_head 16) passes π at
+    # position 296 and 2π only past the 512-token context, as Gemma 3 270M's passes π
+    # within its context (29k of 32k)
+    gemma = {"layer_types": ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(n_layers)],
+             "sliding_window": 8, "max_position_embeddings": 512, "query_pre_attn_scalar": d_head,
+             "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 180.0},
+                                 "full_attention": {"rope_type": "default", "rope_theta": 10000.0}}}
+    rest = gemma if arch == "gemma3" else {"rope_theta": 10000.0, "max_position_embeddings": 4096}
     cfg = AutoConfig.for_model(
-        arch,
+        "gemma3_text" if arch == "gemma3" else arch,
         vocab_size=len(tok),
         hidden_size=n_heads * d_head,
         intermediate_size=d_mlp,
@@ -88,13 +98,14 @@ def tiny_model(
         num_attention_heads=n_heads,
         num_key_value_heads=n_kv_heads,
         head_dim=d_head,
-        max_position_embeddings=4096,
-        rope_theta=10000.0,
+        **rest,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
         tie_word_embeddings=False,
     )
+    if arch == "gemma3":
+        cfg.architectures = ["Gemma3ForCausalLM"]  # what the bridge picks its adapter by
     torch.manual_seed(seed)
     hf = AutoModelForCausalLM.from_config(cfg).eval()
     hf.config.name_or_path = f"tiny-{arch}-L{n_layers}H{n_heads}KV{n_kv_heads}"
