@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup demo figures reproduce test test-fast bench clean chromium focus-conditions focus-conditions-nq sizes nq-focus
+.PHONY: setup demo figures reproduce test test-fast bench clean chromium focus-conditions focus-conditions-nq sizes nq-focus families
 
 setup: $(STAMP)
 
@@ -94,3 +94,8 @@ long-context: $(STAMP)
 # 20 documents; resumable (run it again after a stop); results in figures/nq_focus.* and summary.json
 nq-focus: $(STAMP)
 	$(BIN)/focuslens experiment nq --nq $(NQ_ORACLE) --out figures --work runs/nq_work
+
+# every stage on SmolLM2 and Gemma 3 270M with one recipe (full size), then the comparison
+# figures with the paper's released directions (figures/families/; a finished model is reused)
+families: $(STAMP)
+	$(BIN)/focuslens experiment families --out figures/families $(if $(RELEASE),--release $(RELEASE))

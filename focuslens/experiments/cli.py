@@ -115,10 +115,18 @@ def _parser() -> argparse.ArgumentParser:
     figs.add_argument("--release", help="the paper's release folder, for the cross-family figures")
 
     exp = _command(sub, "experiment", "experiment grids; `experiment focus`: where focus directions help; "
-                   "`experiment nq`: focus directions at the paper's NQ data size (resumable; make nq-focus)",
+                   "`experiment nq`: focus directions at the paper's NQ data size (resumable; make nq-focus); "
+                   "`experiment families`: every stage on SmolLM2 and Gemma 3 with one recipe, compared "
+                   "(make families)",
                    "focuslens experiment focus --out runs/focus --n-test 200")
-    exp.add_argument("name", choices=["focus", "nq"], help="focus: task x layout x head ranking x rows; nq: train "
-                     ">= 1,000 NQ questions, test 300 x first/middle/last at 10 and 20 documents")
+    exp.add_argument("name", choices=["focus", "nq", "families"], help="focus: task x layout x head ranking x rows; "
+                     "nq: train >= 1,000 NQ questions, test 300 x first/middle/last at 10 and 20 documents; "
+                     "families: the demo pipeline on each of --models, then the comparison figures")
+    exp.add_argument("--models", nargs="+", default=["smollm2-135m-instruct", "gemma3-270m"],
+                     help="families: the models compared (embedded names, folders or HF ids)")
+    exp.add_argument("--size", choices=["quick", "full"], default="full",
+                     help="families: the demo settings each model runs (full: n >= 100 per distraction point)")
+    exp.add_argument("--release", help="families: the paper's release folder, drawn beside the trained models")
     exp.add_argument("--tasks", nargs="+", default=["synthetic", "synthetic_answer_free"], help="tasks")
     exp.add_argument("--layouts", nargs="+", default=["qa", "qa_query_aware"], help="prompt layouts")
     exp.add_argument("--rankings", nargs="+", default=["contextual", "chance_corrected", "gold_only", "attribution"],
@@ -337,6 +345,15 @@ def _experiment(args) -> None:
 
     if args.name == "nq":
         return _experiment_nq(args)
+    if args.name == "families":
+        from focuslens.experiments.families import run_families
+        from focuslens.experiments.pipeline import DemoSettings
+
+        out = "figures/families" if args.out == "runs/focus_conditions" else args.out  # its own default folder
+        settings = DemoSettings.quick() if args.size == "quick" else DemoSettings()
+        run_families(args.models, settings=settings, out_dir=out, release_dir=args.release, quiet=args.quiet)
+        print(f"{out}/families.{{csv,png,html}}, families_*.png and summary.json")
+        return None
     pairs = tuple(tuple(p.split("/", 1)) for p in args.all_rows)
     settings = ConditionSettings(
         n_train=args.n_train, n_validation=args.n_validation, n_test=args.n_test, n_documents=args.n_documents,

@@ -24,6 +24,7 @@ from focuslens.viz.compare import (
     cosine_matrix,
     norm_profile,
     norm_rank_table,
+    relative_depth,
 )
 from focuslens.viz.export import Figure
 from focuslens.viz.location_panels import (
@@ -63,7 +64,8 @@ def _log_ticks(values) -> list[float]:
 
 # ------------------------------------------------------------------ head locations
 def plot_head_locations(
-    models: Mapping, *, top_k: int = 20, metric: str | None = None, title: str | None = None
+    models: Mapping, *, top_k: int = 20, metric: str | None = None, title: str | None = None,
+    marked_layers: Mapping | None = None,
 ) -> Figure:
     """Where each model's contextual heads sit, on a common relative-depth axis.
 
@@ -77,6 +79,8 @@ def plot_head_locations(
 
     ``models``: name → HeadScores (``metric``; default "gold", then "rank_score", then its
     first), FocusDirections (its ranking) or ``(ranking, n_layers, n_heads)``.
+    ``marked_layers``: name → layers drawn as dashed lines across that model's panel and
+    its strip column (e.g. Gemma 3's global-attention layers among its sliding-window ones).
     """
     maps = _head_maps(models, metric)  # every kind of ranking read with one rank encoding
     _check_k(top_k, "top_k")
@@ -89,6 +93,12 @@ def plot_head_locations(
         cell_px = x_px * widths[col - 1] / m.n_heads
         _add_heat_panel(fig, m, top[top.model == m.name], col, shared_scale=shared_scale, cell_px=cell_px)
     _add_depth_strip(fig, maps, top, top_k)
+    for col, m in enumerate(maps, start=1):
+        for layer in (marked_layers or {}).get(m.name, ()):
+            y = float(relative_depth(layer, m.n_layers))
+            fig.add_hline(y=y, line=dict(color="white", width=1.5, dash="dash"), row=1, col=col)
+            fig.add_shape(type="line", x0=col - 1.45, x1=col - 0.55, y0=y, y1=y, xref=f"x{len(maps) + 1}",
+                          yref=f"y{len(maps) + 1}", line=dict(color="grey", width=1, dash="dash"))
     _style_locations(fig, maps, top_k, shared_scale=shared_scale, title=title, x_px=x_px)
     return Figure(fig)
 

@@ -1,0 +1,194 @@
+"""Two trained model families side by side: SmolLM2-135M-Instruct (Llama architecture) and
+Gemma 3 270M (base model: one KV head, head size 256, QK-norm, sliding-window layers), with
+the paper's released Llama-3.2-3B and Qwen2.5-7B directions in the same figures.
+
+:func:`run_families` runs the whole demo pipeline (:func:`~focuslens.experiments.pipeline.run_demo`:
+distraction, contextual heads, patching, split-softmax top-k vs random, focus directions
+trained and swept) on every model with the **same recipe** (one
+:class:`~focuslens.experiments.pipeline.DemoSettings`), each into its own folder (a model
+whose folder already holds a finished run of these settings is not run again), then writes
+the comparison: the ``"families"`` section of ``summary.json``, ``families.csv`` and the
+figures ``families`` (distraction vs documents, split-softmax top-k vs random, focus
+directions' validation-chosen cell on test, where the top heads sit), ``families_head_locations``
+(heads on a relative-depth axis, Gemma's global-attention layers marked),
+``families_direction_norms`` and ``families_norm_vs_rank``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from focuslens.experiments.figures import _save
+from focuslens.experiments.pipeline import DemoSettings, load_release, load_results, run_demo
+from focuslens.io import read_summary, update_summary, write_atomic
+from focuslens.measure.stats import wilson_interval
+from focuslens.viz.compare import relative_depth
+from focuslens.viz.cross_model import plot_direction_norms, plot_head_locations, plot_norm_vs_rank
+
+__all__ = ["FAMILIES", "run_families", "families_summary", "global_layers"]
+
+#: the embedded models compared by default
+FAMILIES = ("smollm2-135m-instruct", "gemma3-270m")
+_TOP = 20
+
+
+def global_layers(model) -> list[int]:
+    """The layers that attend to the whole prompt when others have a sliding window (Gemma 3:
+    5, 11, 17 of 18); empty for a model whose layers all see everything."""
+    config = getattr(getattr(model, "original_model", None), "config", None)
+    types = list(getattr(config, "layer_types", None) or [])
+    return [i for i, t in enumerate(types) if t == "full_attention"] if any(t != "full_attention" for t in types) else []
+
+
+def _folder(spec: str) -> str:
+    return Path(str(spec)).name.replace("/", "_")
+
+
+def _finished(folder: Path, settings: DemoSettings) -> bool:
+    """Whether ``folder`` holds a finished demo run with exactly these settings."""
+    try:
+        run = read_summary(folder / "summary.json").get("demo_run", {})
+    except Exception:  # no folder, no summary, or a broken one: run it (again)
+        return False
+    return run.get("settings") == json.loads(json.dumps(asdict(settings)))
+
+
+def run_families(models: Sequence[str] = FAMILIES, *, settings: DemoSettings | None = None,
+                 out_dir: str | Path = "figures/families", release_dir: str | Path | None = None,
+                 quiet: bool = False) -> dict:
+    """Run (or reuse) the demo pipeline on every model with one recipe, then compare them
+    (module docstring). ``models``: names or folders for
+    :func:`~focuslens.model.load.load_model`, or loaded bridges. Returns the ``"families"``
+    summary section."""
+    from focuslens.model.load import load_model
+
+    s, out = settings or DemoSettings(), Path(out_dir)
+    runs, marks = {}, {}
+    for spec in models:
+        model = spec if hasattr(spec, "run_with_hooks") else load_model(spec)  # a name, a folder or a loaded bridge
+        name = str(model.cfg.model_name)
+        folder = out / _folder(name)
+        marks[name] = global_layers(model)
+        if _finished(folder, s):
+            print(f"{name}: reusing the finished run in {folder}")
+            runs[name] = load_results(folder)
+        else:
+            runs[name] = run_demo(model, settings=s, out_dir=folder, release_dir=release_dir, quiet=quiet)
+        del model
+    released = load_release(release_dir)
+    summary = families_summary(runs, marks) | {"settings": asdict(s), "released": sorted(released)}
+    table = families_table(summary)
+    write_atomic(out / "families.csv", table.to_csv(index=False))
+    update_summary(out / "summary.json", "families", summary)
+    draw_families(summary, runs, out, released, marks)
+    if not quiet:
+        print(table.to_string(index=False))
+    return summary
+
+
+def _ci(p: float, n: int) -> list[float]:
+    return [float(x) for x in wilson_interval(float(p), int(n))]
+
+
+def families_summary(runs: dict, marks: dict | None = None) -> dict:
+    """Per model, from its demo run: distraction accuracy by documents (Wilson CIs), where
+    its top-20 contextual heads sit (relative depth; share in global layers), patching
+    agreement, split-softmax at τ = 0.1 on its top-k heads vs random k, focus directions'
+    validation-chosen cell on test, and the trained directions' ‖d_q‖ on the top heads."""
+    out = {}
+    for name, r in runs.items():
+        cell: dict = {}
+        if "distraction" in r:
+            d = r["distraction"].summary
+            n = int(d["n_prompts"])
+            cell["distraction"] = {k: {"accuracy": v, "ci": _ci(v, n), "n": n} for k, v in d["accuracy"].items()}
+        if "contextual_heads" in r:
+            scores = r["contextual_heads"]["contextual_heads"]
+            top = scores.ranking()[:_TOP]
+            n_layers, n_heads = scores.shape
+            depth = [float(relative_depth(layer, n_layers)) for layer, _ in top]
+            glob = (marks or {}).get(name) or []
+            cell["heads"] = {"top": [list(h) for h in top], "n_layers": n_layers, "n_heads": n_heads,
+                             "relative_depth_median": float(np.median(depth)),
+                             "relative_depth_quartiles": [float(q) for q in np.quantile(depth, [0.25, 0.75])],
+                             "global_layers": glob,
+                             "share_in_global_layers": (sum(layer in glob for layer, _ in top) / len(top)) if glob else None}
+        if "patching" in r:
+            cell["patching_spearman"] = r["patching"].summary.get("spearman")
+        if "split_softmax" in r:
+            cell["split_softmax"] = _split_cell(r["split_softmax"].summary)
+        if "focus_directions" in r:
+            f = r["focus_directions"].summary
+            n = int(f["n_test"])
+            best = f["best"]
+            cell["focus"] = {"k": best["k"], "alpha": best["alpha"], "rows": f.get("rows"), "n_test": n,
+                             "baseline": f["baseline_test"], "baseline_ci": _ci(f["baseline_test"], n),
+                             "test": best["test_acc"], "test_ci": _ci(best["test_acc"], n),
+                             "gain_points": 100 * (best["test_acc"] - f["baseline_test"]),
+                             "validation": best["val_acc"], "validation_baseline": best["val_baseline"]}
+            dirs = r["focus_directions"]["focus_directions"]
+            top = dirs.ranking()[:_TOP]
+            cell["dq_norm_top_median"] = float(np.median([float(dirs.q[layer, head].float().norm()) for layer, head in top]))
+        out[name] = cell
+    return {"models": out}
+
+
+def _split_cell(s: dict) -> dict:
+    """Split-softmax at τ = 0.1 (or the smallest τ run) on the top-k heads (k = 20, or the
+    largest k run below it) vs random k: accuracy with Wilson CIs (random: the mean over draws)."""
+    ks = sorted(int(k) for k in s["contextual"])
+    k = str(max([k for k in ks if k <= _TOP] or ks[:1]))
+    taus = [t for t in s["contextual"][k] if float(t) < 1.0]  # 1.0 is the unsteered model
+    tau = "0.1" if "0.1" in taus else min(taus, key=float)
+    n = int(s["n_test"])
+    top, rand = s["contextual"][k][tau], s["random"][k][tau]
+    return {"k": int(k), "tau": float(tau), "n_test": n, "baseline": s["baseline"], "baseline_ci": _ci(s["baseline"], n),
+            "top_k": top, "top_k_ci": _ci(top, n), "random_k": rand, "random_k_ci": _ci(rand, n)}
+
+
+def families_table(summary: dict) -> pd.DataFrame:
+    """One row per model: the headline numbers of :func:`families_summary`."""
+    rows = []
+    for name, c in summary["models"].items():
+        row = {"model": name}
+        for n_docs, d in c.get("distraction", {}).items():
+            row[f"accuracy_{n_docs}_documents"] = d["accuracy"]
+        h = c.get("heads", {})
+        row |= {"top20_relative_depth_median": h.get("relative_depth_median"),
+                "top20_share_in_global_layers": h.get("share_in_global_layers"),
+                "patching_spearman": c.get("patching_spearman")}
+        if "split_softmax" in c:
+            sp = c["split_softmax"]
+            row |= {"split_k": sp["k"], "split_baseline": sp["baseline"], "split_top_k": sp["top_k"],
+                    "split_random_k": sp["random_k"]}
+        if "focus" in c:
+            f = c["focus"]
+            row |= {"focus_k": f["k"], "focus_alpha": f["alpha"], "focus_baseline": f["baseline"], "focus_test": f["test"],
+                    "focus_gain_points": f["gain_points"], "dq_norm_top_median": c.get("dq_norm_top_median")}
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def draw_families(summary: dict, runs: dict, out: Path, released: dict, marks: dict) -> list[Path]:
+    """The comparison figures (module docstring)."""
+    from focuslens.viz.families import plot_families
+
+    written = _save(plot_families(summary), out, "families")
+    scores = {name: r["contextual_heads"]["contextual_heads"] for name, r in runs.items() if "contextual_heads" in r}
+    theirs = {d.model.split("/")[-1]: d for d in released.values()}
+    written += _save(plot_head_locations({**scores, **theirs}, top_k=_TOP, marked_layers=marks,
+                                         title="Contextual heads by relative depth (dashed: Gemma 3's global-attention "
+                                               "layers; the others have a 512-token window)"),
+                     out, "families_head_locations")
+    trained = {name: r["focus_directions"]["focus_directions"] for name, r in runs.items() if "focus_directions" in r}
+    every = trained | theirs
+    if every:
+        written += _save(plot_direction_norms(every), out, "families_direction_norms")
+        written += _save(plot_norm_vs_rank(every), out, "families_norm_vs_rank")
+    return written

@@ -1,0 +1,72 @@
+"""The family comparison end to end on two tiny models of different architectures (a
+Llama and a Gemma-3-style one with sliding-window layers): each runs the demo pipeline
+with one recipe, a finished run is reused, and the summary's numbers are those of the
+stages it compares."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+from conftest import get_tiny
+from test_pipeline import TINY
+
+from focuslens.experiments.families import families_summary, global_layers, run_families
+from focuslens.experiments.pipeline import load_results
+from focuslens.measure.stats import wilson_interval
+from focuslens.viz.compare import relative_depth
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory):
+    out = tmp_path_factory.mktemp("families")
+    models = [get_tiny("llama", 2), get_tiny("gemma3", 1)]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "no PNG", UserWarning)
+        warnings.filterwarnings("ignore", "pairs .* have LD_clean", UserWarning)
+        summary = run_families(models, settings=TINY, out_dir=out, quiet=True)
+    return out, models, summary
+
+
+def test_both_families_run_with_one_recipe_and_are_compared(families):
+    out, models, summary = families
+    names = [str(m.cfg.model_name) for m in models]
+    assert list(summary["models"]) == names
+    for stem in ("families", "families_head_locations", "families_direction_norms", "families_norm_vs_rank"):
+        assert (out / f"{stem}.html").exists(), stem
+    assert json.loads((out / "summary.json").read_text())["families"]["models"].keys() == set(names)
+    assert (out / "families.csv").read_text().count("\n") == 3  # a header and one row per model
+    assert global_layers(models[0]) == [] and global_layers(models[1]) == [1]  # tiny Gemma: layer 0 sliding, 1 global
+
+
+def test_the_summary_reads_each_models_own_stages(families):
+    out, models, summary = families
+    for model in models:
+        name = str(model.cfg.model_name)
+        stages = load_results(out / name)
+        cell = summary["models"][name]
+        d = stages["distraction"].summary
+        for n_docs, acc in d["accuracy"].items():
+            assert cell["distraction"][n_docs]["accuracy"] == acc
+            assert cell["distraction"][n_docs]["ci"] == pytest.approx(list(wilson_interval(acc, d["n_prompts"])))
+        top = stages["contextual_heads"]["contextual_heads"].ranking()[:20]
+        assert cell["heads"]["top"] == [list(h) for h in top]
+        depths = sorted(float(relative_depth(layer, model.cfg.n_layers)) for layer, _ in top)
+        assert depths[0] <= cell["heads"]["relative_depth_median"] <= depths[-1]
+        f = stages["focus_directions"].summary
+        assert cell["focus"]["test"] == f["best"]["test_acc"] and cell["focus"]["k"] == f["best"]["k"]
+        sp, mine = stages["split_softmax"].summary, cell["split_softmax"]
+        assert (mine["k"], mine["tau"]) == (2, 0.5)  # the largest k <= 20 and the smallest tau the recipe ran
+        assert mine["top_k"] == sp["contextual"]["2"]["0.5"] and mine["random_k"] == sp["random"]["2"]["0.5"]
+    gemma = summary["models"][str(models[1].cfg.model_name)]["heads"]
+    share = sum(layer == 1 for layer, _ in gemma["top"]) / len(gemma["top"])
+    assert gemma["share_in_global_layers"] == share
+
+
+def test_a_finished_model_is_reused_not_run_again(families, capsys):
+    out, models, summary = families
+    again = run_families(models, settings=TINY, out_dir=out, quiet=True)
+    assert capsys.readouterr().out.count("reusing the finished run") == 2
+    assert again["models"] == json.loads(json.dumps(summary["models"]))
+    assert families_summary({}, {}) == {"models": {}}
