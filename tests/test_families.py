@@ -70,3 +70,13 @@ def test_a_finished_model_is_reused_not_run_again(families, capsys):
     assert capsys.readouterr().out.count("reusing the finished run") == 2
     assert again["models"] == json.loads(json.dumps(summary["models"]))
     assert families_summary({}, {}) == {"models": {}}
+
+
+def test_head_locations_mark_the_given_layers_in_that_models_panel_only():
+    from focuslens.viz.cross_model import plot_head_locations
+
+    ranking = [(0, 1), (3, 2), (5, 0)]
+    fig = plot_head_locations({"a": (ranking, 6, 4), "b": (ranking, 6, 4)}, top_k=3, marked_layers={"b": [5]})
+    dashed = [s for s in fig.layout.shapes if s.line.dash == "dash"]
+    assert len(dashed) == 2  # across b's panel, and b's column of the strip
+    assert {s.xref for s in dashed} == {"x2 domain", "x3"} and all(s.y0 == s.y1 == 1.0 for s in dashed)
