@@ -298,7 +298,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=2000)
     ap.add_argument("--out", default=str(ROOT / "figures" / "bench.json"))
     ap.add_argument("--memory-child")
-    ap.add_argument("--only", choices=["scoring", "directions", "scale", "scale-training", "long_context"],
+    ap.add_argument("--only", choices=["scoring", "directions", "scale", "scale-training", "long_context", "logits"],
                     help="run one benchmark (default: all); scale-training: only the cache/training cases of "
                          "scale (its data-parallel and eager-attention entries are kept)")
     ap.add_argument("--scale-prompts", type=int, default=100, help="N of the scale benchmark (also run at 10·N)")
@@ -329,6 +329,10 @@ def main() -> None:
         from long_context import bench_long_context  # benchmarks/long_context.py
 
         bench["long_context"] = bench_long_context()
+    if args.only in (None, "logits"):
+        from vocabulary import bench_logits  # benchmarks/vocabulary.py
+
+        bench["logits"] = bench_logits()
     if args.only == "scale-training":
         from scale import bench_scale
 

@@ -234,7 +234,7 @@ def gold_breakdown(model, directions, examples, heads, alpha: float, *, rows: st
         for a in (0.0, alpha):
             with (focus(model, directions, alpha=a, heads=mask, rows=rows, prompt=prompt),
                   record(model, mask, _gold_parts, prompt=prompt) as rec, torch.no_grad()):
-                model(prompt.input_ids[None].to(model.cfg.device))
+                model(prompt.input_ids[None].to(model.cfg.device), stop_at_layer=rec.last_layer + 1)  # no logits
             mean = rec.row(0).mean(0)  # over the heads
             for name, value in zip(rec.names, mean.tolist()):
                 totals[(a, name)] = totals.get((a, name), 0.0) + value / len(examples)

@@ -129,8 +129,9 @@ class PrefixCache:
                 return self._run_packed(hooks, batch, last_only, cache)
             if batch > 1:
                 cache.batch_repeat_interleave(batch)
+            last = [last_position_only()] if last_only else []  # a 262k vocabulary: unembed what is returned
             logits = self.model.run_with_hooks(
-                self.suffix[None].expand(batch, -1), past_key_values=cache, fwd_hooks=list(hooks)
+                self.suffix[None].expand(batch, -1), past_key_values=cache, fwd_hooks=[*hooks, *last]
             )
         return logits[:, -1] if last_only else logits
 
