@@ -118,6 +118,10 @@ def test_the_figures_draw(model, tmp_path):
     assert len(fig.data) == 3  # accuracy, split-softmax accuracy, gold mass
     heat = plot_slot_profile(stage.objects["profiles"]["needle_6"], 2)
     assert len(heat.data[0].z) == model.cfg.n_layers and len(heat.data[0].z[0]) == 6
+    from focuslens.experiments.stages.long_context import slot_profiles
+
+    saved = slot_profiles(stage["long_context_slots"])  # the profile saved with the stage, read back
+    assert set(saved) == {"needle_6"} and torch.allclose(saved["needle_6"], stage.objects["profiles"]["needle_6"])
     rows = stage["long_context"]
     by = plot_long_context_positions(rows)
     acc = {t.name: list(t.y) for t in by.data if t.name and t.showlegend and "split" not in t.name}

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from focuslens.data import render
 from focuslens.experiments.stages import example_from_json
+from focuslens.experiments.stages.long_context import slot_profiles
 from focuslens.io import write_atomic
 from focuslens.viz import (
     plot_long_context,
@@ -77,6 +78,16 @@ FIGURES: dict[str, str] = {
     "unsteered model with paired-bootstrap 95% CIs per task × layout × head ranking × rows, (k, α) chosen on "
     "validation, the −α control; and where the steered heads' attention lands (gold title / answer token, "
     "irrelevant documents, sink)",
+    "long_context": "`make long-context`: accuracy (unsteered and with split-softmax on the top-20 heads, Wilson "
+    "95% CIs) and the top heads' gold mass vs prompt length, ~1k to ~8k tokens (needle, NQ, key-value retrieval)",
+    "long_context_positions": "the same by gold position (first / middle / last), one column per task",
+    "long_context_slots_needle": "needle at its longest length: attention mass from the answer rows by document "
+    "slot × layer (the attention-basin profile)",
+    "long_context_slots_nq": "the same for NQ at 50 documents",
+    "long_context_slots_kv": "the same for key-value retrieval at its largest key count",
+    "nq_focus": "`make nq-focus`: focus directions at the paper's NQ size: gains in gold-answer log-prob and EM "
+    "with question-clustered 95% CIs, per gold position, and the controls",
+    "nq_focus_training": "the NQ training run: validation gold mass and mean ‖d_q‖ per epoch",
 }
 
 def _save(fig, out: Path, stem: str, **size) -> list[Path]:
@@ -104,7 +115,8 @@ def draw_long_context(stage, out: str | Path) -> list[Path]:
     paths = _save(plot_long_context(rows, title=f"Distraction at long context on {_model(stage)}"), out, "long_context")
     paths += _save(plot_long_context_positions(rows, title=f"Distraction at long context by gold position on "
                                                f"{_model(stage)}"), out, "long_context_positions")
-    profiles = stage.objects.get("profiles", {})
+    profiles = stage.objects.get("profiles") or (slot_profiles(stage["long_context_slots"])
+                                                 if "long_context_slots" in stage.tables else {})
     for task, g in rows.groupby("task"):
         size = int(g["size"].max())
         key, n = f"{task}_{size}", int((g["size"] == size).sum())

@@ -65,7 +65,9 @@ def plot_families(summary: dict, *, title: str | None = None) -> Figure:
                 marker={"color": colour, "size": 12}, showlegend=False, legendgroup=name,
                 error_x={"type": "data", "symmetric": False, "array": [q3 - h["relative_depth_median"]],
                          "arrayminus": [h["relative_depth_median"] - q1]}), 2, 2)
-    fig.update_xaxes(type="log", title_text="documents in the prompt", row=1, col=1)
+    counts = sorted({int(k) for c in models.values() for k in c.get("distraction", {})})
+    fig.update_xaxes(type="log", title_text="documents in the prompt", tickvals=counts, ticktext=[str(n) for n in counts],
+                     row=1, col=1)
     for row, col in ((1, 1), (1, 2), (2, 1)):
         fig.update_yaxes(range=[0, 1.02], title_text="accuracy", row=row, col=col)
     fig.update_xaxes(range=[-0.02, 1.02], title_text="relative depth (0 = first layer, 1 = last)", row=2, col=2)

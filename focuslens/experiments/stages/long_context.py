@@ -192,8 +192,38 @@ def run_long_context(model, ranking, *, out_dir: str | Path, tasks: Sequence[str
                                             "prompts_this_run": len(progress.rows) - before}
     if not quiet:
         print(long_context_table(summary))
-    return StageResult("long_context", summary, tables={"long_context": rows},
+    return StageResult("long_context", summary, tables={"long_context": rows, "long_context_slots": slot_table(rows, progress.sums)},
                        objects={"profiles": {k_: v for k_, v in progress.sums.items()}})
+
+
+def slot_table(rows: pd.DataFrame, sums: dict) -> pd.DataFrame:
+    """Each task's slot profile at its longest length, saved with the stage (so its figure
+    redraws from disk): one row per (layer, head, slot), the mass from the answer rows onto
+    that document slot summed over the ``n`` prompts of the cell."""
+    frames = []
+    for task, g in rows.groupby("task"):
+        size = int(g["size"].max())
+        key = f"{task}_{size}"
+        if key not in sums:
+            continue
+        t = sums[key]
+        layer, head, slot = torch.meshgrid(*(torch.arange(n) for n in t.shape), indexing="ij")
+        frames.append(pd.DataFrame({"task": task, "size": size, "n": int((g["size"] == size).sum()),
+                                    "layer": layer.flatten().numpy(), "head": head.flatten().numpy(),
+                                    "slot": slot.flatten().numpy(), "mass_sum": t.flatten().float().numpy()}))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["task", "size", "n", "layer", "head", "slot", "mass_sum"])
+
+
+def slot_profiles(table: pd.DataFrame) -> dict:
+    """:func:`slot_table` back as ``{"task_size": [layer, head, slot] sums}``."""
+    out = {}
+    for (task, size), g in table.groupby(["task", "size"]):
+        shape = (int(g.layer.max()) + 1, int(g["head"].max()) + 1, int(g.slot.max()) + 1)
+        t = torch.zeros(shape)
+        t[g.layer.to_numpy(), g["head"].to_numpy(), g.slot.to_numpy()] = torch.tensor(g.mass_sum.to_numpy(dtype="float32", copy=True))
+        out[f"{task}_{size}"] = t
+    return out
 
 
 def long_context_summary(rows: pd.DataFrame) -> dict:
