@@ -124,3 +124,39 @@ def test_the_gpu_long_context_check_runs_its_cases_on_a_tiny_config():
     cases = {"hf_sdpa", "bridge", "span_masses", "split_softmax", "focus", "eager_forward", "eager_span_masses"}
     for T in ("300", "600"):
         assert set(got[T]) == cases and all(got[T][c]["seconds"] > 0 for c in cases)
+
+
+def test_a_killed_demo_resumes_from_its_saved_stages_with_the_same_numbers(demo, tmp_path, monkeypatch):
+    """Kill the demo in the focus-directions stage; the rerun reads the four finished stages
+    back, runs the rest, and gives the numbers of the uninterrupted run."""
+    import focuslens.experiments.pipeline as pipeline
+
+    out, results = demo
+    real = pipeline.run_focus_directions
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run_focus_directions", killed)
+    with warnings.catch_warnings(), pytest.raises(KeyboardInterrupt):
+        warnings.filterwarnings("ignore")
+        run_demo(get_tiny("llama", 2), settings=TINY, out_dir=tmp_path, quiet=True)
+    progress = json.loads((tmp_path / "summary.json").read_text())["demo_progress"]
+    assert progress["done"] == sorted(["distraction", "contextual_heads", "patching", "split_softmax"])
+    monkeypatch.setattr(pipeline, "run_focus_directions", real)
+    ran = []
+    monkeypatch.setattr(pipeline, "run_distraction", lambda *a, **k: ran.append("distraction"))  # must not run
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore")
+        resumed = run_demo(get_tiny("llama", 2), settings=TINY, out_dir=tmp_path, quiet=True)
+    assert ran == [] and tuple(resumed) == STAGES
+    def numbers(summary):  # everything but wall times
+        if isinstance(summary, dict):
+            return {k: numbers(v) for k, v in summary.items() if "seconds" not in k}
+        return summary
+
+    for section in ("split_softmax", "focus_directions", "focus_directions_5_documents"):
+        want = json.loads(json.dumps(json_safe(results[section].summary)))
+        assert numbers(resumed[section].summary) == numbers(want), section
+    other = TINY.__class__(**{**TINY.__dict__, "n_prompts": 5})  # other settings: nothing is reused
+    assert pipeline._Progress(tmp_path, get_tiny("llama", 2), other).done == set()

@@ -5,8 +5,8 @@ the paper's released Llama-3.2-3B and Qwen2.5-7B directions in the same figures.
 :func:`run_families` runs the whole demo pipeline (:func:`~focuslens.experiments.pipeline.run_demo`:
 distraction, contextual heads, patching, split-softmax top-k vs random, focus directions
 trained and swept) on every model with the **same recipe** (one
-:class:`~focuslens.experiments.pipeline.DemoSettings`), each into its own folder (a model
-whose folder already holds a finished run of these settings is not run again), then writes
+:class:`~focuslens.experiments.pipeline.DemoSettings`), each into its own folder (a killed
+run resumes: the stages its folder already holds for these settings are read back), then writes
 the comparison: the ``"families"`` section of ``summary.json``, ``families.csv`` and the
 figures ``families`` (distraction vs documents, split-softmax top-k vs random, focus
 directions' validation-chosen cell on test, where the top heads sit), ``families_head_locations``
@@ -16,7 +16,6 @@ directions' validation-chosen cell on test, where the top heads sit), ``families
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -25,8 +24,8 @@ import numpy as np
 import pandas as pd
 
 from focuslens.experiments.figures import _save
-from focuslens.experiments.pipeline import DemoSettings, load_release, load_results, run_demo
-from focuslens.io import read_summary, update_summary, write_atomic
+from focuslens.experiments.pipeline import DemoSettings, load_release, run_demo
+from focuslens.io import update_run
 from focuslens.measure.stats import wilson_interval
 from focuslens.viz.compare import relative_depth
 from focuslens.viz.cross_model import plot_direction_norms, plot_head_locations, plot_norm_vs_rank
@@ -50,15 +49,6 @@ def _folder(spec: str) -> str:
     return Path(str(spec)).name.replace("/", "_")
 
 
-def _finished(folder: Path, settings: DemoSettings) -> bool:
-    """Whether ``folder`` holds a finished demo run with exactly these settings."""
-    try:
-        run = read_summary(folder / "summary.json").get("demo_run", {})
-    except Exception:  # no folder, no summary, or a broken one: run it (again)
-        return False
-    return run.get("settings") == json.loads(json.dumps(asdict(settings)))
-
-
 def run_families(models: Sequence[str] = FAMILIES, *, settings: DemoSettings | None = None,
                  out_dir: str | Path = "figures/families", release_dir: str | Path | None = None,
                  quiet: bool = False) -> dict:
@@ -75,17 +65,13 @@ def run_families(models: Sequence[str] = FAMILIES, *, settings: DemoSettings | N
         name = str(model.cfg.model_name)
         folder = out / _folder(name)
         marks[name] = global_layers(model)
-        if _finished(folder, s):
-            print(f"{name}: reusing the finished run in {folder}")
-            runs[name] = load_results(folder)
-        else:
-            runs[name] = run_demo(model, settings=s, out_dir=folder, release_dir=release_dir, quiet=quiet)
+        # resumable: the stages an earlier run of these settings saved in its folder are read back
+        runs[name] = run_demo(model, settings=s, out_dir=folder, release_dir=release_dir, quiet=quiet)
         del model
     released = load_release(release_dir)
     summary = families_summary(runs, marks) | {"settings": asdict(s), "released": sorted(released)}
     table = families_table(summary)
-    write_atomic(out / "families.csv", table.to_csv(index=False))
-    update_summary(out / "summary.json", "families", summary)
+    update_run(out, {"families": summary}, {"families.csv": table.to_csv(index=False)})  # one unit
     draw_families(summary, runs, out, released, marks)
     if not quiet:
         print(table.to_string(index=False))

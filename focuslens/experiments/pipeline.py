@@ -116,31 +116,39 @@ def run_demo(model_spec: str = "smollm2-135m-instruct", *, settings: DemoSetting
     model = model_spec if hasattr(model_spec, "run_with_hooks") else load_model(model_spec)
     print(f"loaded {model_spec if isinstance(model_spec, str) else 'the given model'}: {model.cfg.n_layers} layers x {model.cfg.n_heads} heads "
           f"({model.cfg.n_key_value_heads or model.cfg.n_heads} KV heads) in {time.perf_counter() - t0:.1f}s")
-    released, results, seconds = load_release(release_dir), {}, {}
+    released, results = load_release(release_dir), {}
+    progress = _Progress(out, model, s)
+    seconds = progress.seconds
 
-    def keep(run, *args, **kwargs) -> StageResult:
+    def keep(name: str, run, /, *args, **kwargs) -> StageResult:
+        if name in progress.done:  # finished by an earlier run of these settings on this model
+            results[name] = stage = load_stage(out, name)
+            print(f"{name}: the finished stage in {out} (resumed run)")
+            return stage
         t = time.perf_counter()
         stage = run(model, *args, quiet=quiet, **kwargs)
-        seconds[stage.section] = round(time.perf_counter() - t, 1)
         stage.save(out)
-        results[stage.section] = stage
+        progress.finish(name, time.perf_counter() - t)
+        results[name] = stage
         return stage
 
-    keep(run_distraction, n_prompts=s.n_prompts, seed=s.seed)
-    scores = keep(run_contextual_heads, n_prompts=s.n_prompts, seed=s.seed + 1, n_settings=s.n_settings)
+    keep("distraction", run_distraction, n_prompts=s.n_prompts, seed=s.seed)
+    scores = keep("contextual_heads", run_contextual_heads, n_prompts=s.n_prompts, seed=s.seed + 1,
+                  n_settings=s.n_settings)
     scores = scores["contextual_heads"]
-    keep(run_patching, scores, n_pairs=s.n_pairs, n_candidates=s.n_candidates, n_ablation=s.n_ablation,
+    keep("patching", run_patching, scores, n_pairs=s.n_pairs, n_candidates=s.n_candidates, n_ablation=s.n_ablation,
          ablation_ks=s.ablation_ks, seed=s.seed + 2)
-    per_prompt, n_test, view = _steering(model, s, scores, keep, released, quiet)
+    per_prompt, n_test, view = _steering(model, s, scores, keep, released, quiet, progress)
     focus = results["focus_directions"]
     if view is not None:
-        keep(run_prompt_views, scores, view, directions=focus["focus_directions"], alpha=focus.summary["best"]["alpha"])
-    if s.demo_cell:
-
+        progress.done.discard("prompt_views")  # seconds: its prompt object is not saved, so it is always redone
+        keep("prompt_views", run_prompt_views, scores, view, directions=focus["focus_directions"],
+             alpha=focus.summary["best"]["alpha"])
+    if s.demo_cell and "focus_conditions_demo" not in progress.done:
         t = time.perf_counter()
-        n_train, n_validation, n_test = s.demo_cell_sizes
-        run_demo_cell(model, n_train=n_train, n_validation=n_validation, n_test=n_test, out_dir=out, quiet=quiet)
-        seconds["focus_conditions_demo"] = round(time.perf_counter() - t, 1)
+        n_train, n_validation, n_test_cell = s.demo_cell_sizes
+        run_demo_cell(model, n_train=n_train, n_validation=n_validation, n_test=n_test_cell, out_dir=out, quiet=quiet)
+        progress.finish("focus_conditions_demo", time.perf_counter() - t)
     draw_all(results, out, tokenizer=model.tokenizer, released=released)
     total = time.perf_counter() - t0
     update_summary(out / "summary.json", "demo_run", {"settings": asdict(s), "stage_seconds": seconds,
@@ -151,30 +159,67 @@ def run_demo(model_spec: str = "smollm2-135m-instruct", *, settings: DemoSetting
     return results
 
 
-def _steering(model, s: DemoSettings, scores, keep, released: dict, quiet: bool) -> tuple[float, int, object]:
+def _steering(model, s: DemoSettings, scores, keep, released: dict, quiet: bool,
+              progress: _Progress) -> tuple[float, int, object]:
     """Split-softmax and focus directions on 20 documents (one prefill per test prompt
     serves both sweeps), then focus directions on 5. Returns the prefills per test prompt,
     the number of test prompts and the example the prompt views show (the first test
     question with the gold in the middle)."""
 
     splits = steering_splits(n_train=s.n_train, n_validation=s.n_validation, n_test=s.n_test, seed=s.seed + 4)
-    refs = reference_accuracies(model, splits["test"], quiet=quiet)
+    sweeps = {"split_softmax", "focus_directions"}
+    refs = reference_accuracies(model, splits["test"], quiet=quiet) if not sweeps <= progress.done else None
     prefills = PrefillStore()
-    keep(run_split_softmax, scores, splits["test"], ks=s.split_ks, taus=s.taus, n_random=s.n_random,
+    keep("split_softmax", run_split_softmax, scores, splits["test"], ks=s.split_ks, taus=s.taus, n_random=s.n_random,
          references=refs, prefills=prefills)
-    keep(run_focus_directions, scores, splits, ks=s.focus_ks, alphas=s.alphas, refine=s.refine, references=refs,
-         released=released, prefills=prefills, training=s.training)
-    per_prompt = prefills.per_prompt()
+    keep("focus_directions", run_focus_directions, scores, splits, ks=s.focus_ks, alphas=s.alphas, refine=s.refine,
+         references=refs, released=released, prefills=prefills, training=s.training)
+    per_prompt = prefills.per_prompt() if prefills.prefills else progress.per_prompt
     print(f"\nprefills per test prompt: {per_prompt:.2f} ({sum(prefills.prefills.values())} prefills for "
           f"{len(prefills.prefills)} distinct test prompts, {prefills.uses} sweep passes: split-softmax and focus directions)")
     prefills.clear()
     few = steering_splits(n_train=s.n_train, n_validation=s.n_validation, n_test=s.n_test, n_documents=5,
                           seed=s.seed + 8)
-    keep(run_focus_directions, scores, few, ks=s.focus_ks, alphas=s.alphas, refine=s.refine,
-         references=reference_accuracies(model, few["test"], quiet=quiet), section="focus_directions_5_documents",
-         training=s.training)
+    few_refs = reference_accuracies(model, few["test"], quiet=quiet) \
+        if "focus_directions_5_documents" not in progress.done else None
+    keep("focus_directions_5_documents", run_focus_directions, scores, few, ks=s.focus_ks, alphas=s.alphas,
+         refine=s.refine, references=few_refs, section="focus_directions_5_documents", training=s.training)
+    progress.per_prompt = per_prompt
     middle = len(splits["positions"]) // 2
     return per_prompt, len(splits["test"]), splits["test"][middle] if len(splits["test"]) > middle else None
+
+
+class _Progress:
+    """Which stages an earlier, interrupted (or finished) :func:`run_demo` of the same
+    settings on the same model saved under ``out``: those are read back
+    (:func:`~focuslens.experiments.stages.load_stage`) instead of run again. Every stage
+    draws its randomness from its own seeded generator, so a resumed run gives the numbers
+    of an uninterrupted one. Kept as the ``"demo_progress"`` section of ``summary.json``,
+    written with each stage's save."""
+
+    SECTION = "demo_progress"
+
+    def __init__(self, out: Path, model, settings: DemoSettings):
+        import json
+
+        from focuslens.model.load import model_id
+
+        self.out = out
+        self.identity = {"model": model_id(model), "settings": json.loads(json.dumps(asdict(settings)))}
+        saved = read_summary(out / "summary.json").get(self.SECTION, {}) if (out / "summary.json").exists() else {}
+        same = saved.get("identity") == self.identity
+        self.done: set[str] = set(saved.get("done", [])) if same else set()
+        self.seconds: dict[str, float] = dict(saved.get("seconds", {})) if same else {}
+        self.per_prompt = saved.get("prefills_per_test_prompt") if same else None
+        if saved and not same:
+            print(f"{out}: its saved stages are of other settings or another model; running every stage again")
+
+    def finish(self, section: str, seconds: float) -> None:
+        self.done.add(section)
+        self.seconds[section] = round(seconds, 1)
+        update_summary(self.out / "summary.json", self.SECTION,
+                       {"identity": self.identity, "done": sorted(self.done), "seconds": self.seconds,
+                        "prefills_per_test_prompt": self.per_prompt})
 
 
 def _print_final_table(results: dict[str, StageResult]) -> None:
