@@ -143,6 +143,21 @@ def test_a_killed_demo_resumes_from_its_saved_stages_with_the_same_numbers(demo,
         run_demo(get_tiny("llama", 2), settings=TINY, out_dir=tmp_path, quiet=True)
     progress = json.loads((tmp_path / "summary.json").read_text())["demo_progress"]
     assert progress["done"] == sorted(["distraction", "contextual_heads", "patching", "split_softmax"])
+    # killed again in the 5-document stage: both sweeps are then read back, and their prefill count with them
+    calls = []
+
+    def killed_second(*args, **kwargs):
+        calls.append(kwargs.get("section"))
+        if kwargs.get("section") == "focus_directions_5_documents":
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "run_focus_directions", killed_second)
+    with warnings.catch_warnings(), pytest.raises(KeyboardInterrupt):
+        warnings.filterwarnings("ignore")
+        run_demo(get_tiny("llama", 2), settings=TINY, out_dir=tmp_path, quiet=True)
+    assert calls == [None, "focus_directions_5_documents"]
+    assert json.loads((tmp_path / "summary.json").read_text())["demo_progress"]["prefills_per_test_prompt"] == 1.0
     monkeypatch.setattr(pipeline, "run_focus_directions", real)
     ran = []
     monkeypatch.setattr(pipeline, "run_distraction", lambda *a, **k: ran.append("distraction"))  # must not run
@@ -155,6 +170,7 @@ def test_a_killed_demo_resumes_from_its_saved_stages_with_the_same_numbers(demo,
             return {k: numbers(v) for k, v in summary.items() if "seconds" not in k}
         return summary
 
+    assert json.loads((tmp_path / "summary.json").read_text())["demo_run"]["prefills_per_test_prompt"] == 1.0
     for section in ("split_softmax", "focus_directions", "focus_directions_5_documents"):
         want = json.loads(json.dumps(json_safe(results[section].summary)))
         assert numbers(resumed[section].summary) == numbers(want), section

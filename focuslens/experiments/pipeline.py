@@ -174,7 +174,10 @@ def _steering(model, s: DemoSettings, scores, keep, released: dict, quiet: bool,
          references=refs, prefills=prefills)
     keep("focus_directions", run_focus_directions, scores, splits, ks=s.focus_ks, alphas=s.alphas, refine=s.refine,
          references=refs, released=released, prefills=prefills, training=s.training)
-    per_prompt = prefills.per_prompt() if prefills.prefills else progress.per_prompt
+    # both sweeps read back: the count their run measured (saved with the next stage)
+    per_prompt = prefills.per_prompt() if prefills.prefills else (progress.per_prompt or float("nan"))
+    progress.per_prompt = per_prompt
+    progress.save()
     print(f"\nprefills per test prompt: {per_prompt:.2f} ({sum(prefills.prefills.values())} prefills for "
           f"{len(prefills.prefills)} distinct test prompts, {prefills.uses} sweep passes: split-softmax and focus directions)")
     prefills.clear()
@@ -184,7 +187,6 @@ def _steering(model, s: DemoSettings, scores, keep, released: dict, quiet: bool,
         if "focus_directions_5_documents" not in progress.done else None
     keep("focus_directions_5_documents", run_focus_directions, scores, few, ks=s.focus_ks, alphas=s.alphas,
          refine=s.refine, references=few_refs, section="focus_directions_5_documents", training=s.training)
-    progress.per_prompt = per_prompt
     middle = len(splits["positions"]) // 2
     return per_prompt, len(splits["test"]), splits["test"][middle] if len(splits["test"]) > middle else None
 
@@ -217,6 +219,9 @@ class _Progress:
     def finish(self, section: str, seconds: float) -> None:
         self.done.add(section)
         self.seconds[section] = round(seconds, 1)
+        self.save()
+
+    def save(self) -> None:
         update_summary(self.out / "summary.json", self.SECTION,
                        {"identity": self.identity, "done": sorted(self.done), "seconds": self.seconds,
                         "prefills_per_test_prompt": self.per_prompt})
