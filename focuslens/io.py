@@ -18,18 +18,20 @@
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import math
 import os
 from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 from focuslens.errors import DataError
 
 __all__ = ["safetensors_header", "write_atomic", "write_json", "write_csv", "json_safe", "read_json", "parse_json",
            "read_summary", "update_summary", "update_run", "sha256_file", "MANIFEST", "RUN", "write_unit", "check_unit",
-           "unit_manifest", "has_manifest", "file_entry", "file_problem", "json_bytes"]
+           "unit_manifest", "has_manifest", "file_entry", "file_problem", "json_bytes", "locked"]
 
 MANIFEST = "manifest.json"
 RUN = "focuslens run"  # the kind of a run folder's unit (stage tables, artifacts, summary.json)
@@ -92,9 +94,24 @@ def update_run(out_dir: str | Path, sections: Mapping[str, object], files: Mappi
     folder's ``summary.json``, all as one unit (:func:`write_unit`): a kill at any moment
     leaves the old tables under the old summary or the new under the new. Returns the summary."""
     out = Path(out_dir)
-    merged = read_summary(out / summary) | dict(sections)
-    write_unit(out, {**(files or {}), summary: json_bytes(merged, 2)}, kind=RUN, merge=True)
+    with locked(out):  # two processes finishing at once both keep their sections
+        merged = read_summary(out / summary) | dict(sections)
+        write_unit(out, {**(files or {}), summary: json_bytes(merged, 2)}, kind=RUN, merge=True)
     return merged
+
+
+@contextmanager
+def locked(folder: str | Path):
+    """An exclusive lock on ``folder`` (``flock`` on its ``.lock`` file, created with the
+    folder) for a read-modify-write that other processes may do at the same time."""
+    folder = Path(folder)
+    _make_folder(folder)
+    with open(folder / ".lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def read_json(path: str | Path, what: str):

@@ -4,6 +4,13 @@ side by side, resumable training and pieces, the splits, and the experiment at a
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
 
 import pandas as pd
 import pytest
@@ -15,6 +22,7 @@ from focuslens.directions.cache import collect_attention_inputs
 from focuslens.directions.train import cache_scores, train_directions
 from focuslens.errors import DataError
 from focuslens.experiments.pieces import Pieces
+from focuslens.io import write_atomic
 from focuslens.measure.evaluate import generate_variants, gold_logprob_variants
 from focuslens.measure.forward import answer_logprob, teacher_forced_ids
 from focuslens.measure.scoring import prepare_prompts, score_heads
@@ -174,6 +182,71 @@ def test_pieces_resume_and_refuse_another_run(tmp_path):
     assert Pieces(tmp_path / "p", {"a": 1}, size=3).seconds() >= 0
     with pytest.raises(DataError, match="a=1"):
         Pieces(tmp_path / "p", {"a": 2}, size=3)
+
+
+def _double(items, start):
+    return pd.DataFrame({"example": range(start, start + len(items)), "value": [2 * x for x in items]})
+
+
+def _worker(folder, log, n):
+    """One of two processes running the same pieces (each logs the pieces it ran)."""
+    def fn(items, start):
+        with open(log, "a") as f:
+            f.write(f"{os.getpid()} {start}\n")
+        time.sleep(0.05)
+        return _double(items, start)
+    Pieces.poll = 0.05
+    Pieces(folder, {"a": 1}, size=2).run(list(range(n)), fn, quiet=True).to_csv(f"{log}.{os.getpid()}.csv", index=False)
+
+
+def test_pieces_two_processes_run_each_piece_once(tmp_path):
+    ctx = multiprocessing.get_context("spawn")
+    log = tmp_path / "log"
+    workers = [ctx.Process(target=_worker, args=(tmp_path / "p", log, 40)) for _ in range(2)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(60)
+    assert [w.exitcode for w in workers] == [0, 0]
+    runs = [line.split() for line in log.read_text().splitlines()]
+    starts = sorted(int(s) for _, s in runs)
+    assert starts == list(range(0, 40, 2))  # every piece once, none twice
+    assert len({pid for pid, _ in runs}) == 2  # both worked
+    want = _double(list(range(40)), 0)
+    for table in tmp_path.glob("log.*.csv"):  # each returns the whole table
+        assert pd.read_csv(table).equals(want)
+    assert not list((tmp_path / "p").glob("*.claim"))
+    seconds = json.loads((tmp_path / "p" / "meta.json").read_text())["seconds"]
+    assert sorted(map(int, seconds)) == list(range(20))  # no worker's seconds lost to the other's write
+
+
+def test_pieces_wait_for_a_live_claim_and_take_over_a_dead_one(tmp_path, monkeypatch):
+    monkeypatch.setattr(Pieces, "poll", 0.05)
+    calls = []
+
+    def fn(items, start):
+        calls.append(start)
+        return _double(items, start)
+
+    folder, items = tmp_path / "p", list(range(6))
+    pieces = Pieces(folder, {"a": 1}, size=2)
+    host = socket.gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (folder / "piece_00000.claim").write_text(f"{host} {dead.pid}")  # a worker killed mid-piece
+    (folder / "piece_00002.claim").write_text(f"{host} {os.getpid()}")  # a live worker's piece
+
+    def other():  # the live worker finishes its piece a little later
+        time.sleep(0.4)
+        write_atomic(folder / "piece_00002.csv", _double(items[4:], 4).to_csv(index=False))
+        (folder / "piece_00002.claim").unlink()
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    table = pieces.run(items, fn, quiet=True)
+    thread.join()
+    assert sorted(calls) == [0, 2]  # the dead claim redone, the live one waited for, not run
+    assert table.equals(_double(items, 0))
 
 
 # ------------------------------------------------------------------ data and the experiment

@@ -53,7 +53,7 @@ from focuslens.directions.streamed import cache_to_disk
 from focuslens.directions.train import cache_scores, train_directions
 from focuslens.errors import DataError
 from focuslens.experiments.pieces import Pieces
-from focuslens.io import has_manifest, read_json, write_atomic, write_json
+from focuslens.io import has_manifest, locked, read_json, write_atomic, write_json
 from focuslens.data.render import render
 from focuslens.measure.evaluate import evaluate_generation, generate_variants, gold_logprob_variants
 from focuslens.measure.forward import teacher_forced_ids
@@ -122,35 +122,54 @@ class NQSettings:
 class _Costs:
     """Seconds per phase, added up over invocations, and each invocation's wall time (kept
     up to date every 30 s by a thread, so a killed invocation's time still counts), in
-    ``costs.json`` of the work folder."""
+    ``costs.json`` of the work folder. Every write re-reads the file under the folder's lock,
+    so invocations running at the same time (two workers) each keep their own entry."""
 
     def __init__(self, path: Path):
-        self.path = path
-        saved = read_json(path, "the NQ run's costs.json") if path.is_file() else {}
-        self.seconds = saved.get("phases", {})
-        self.invocations = saved.get("invocations", [])
-        self.invocations.append(0.0)
+        self.path, self._added, self._set = path, {}, {}
         self._t0, self._lock = time.perf_counter(), threading.Lock()
+        with locked(path.parent):
+            saved = self._read()
+            saved["invocations"].append(0.0)
+            self._index = len(saved["invocations"]) - 1
+            write_json(path, saved, indent=1)
         threading.Thread(target=self._tick, daemon=True).start()
+
+    def _read(self) -> dict:
+        saved = read_json(self.path, "the NQ run's costs.json") if self.path.is_file() else {}
+        return {"phases": saved.get("phases", {}), "invocations": saved.get("invocations", [])}
 
     def _tick(self) -> None:
         while True:
             time.sleep(30)
             self._write()
 
-    def _write(self) -> None:
-        with self._lock:
-            self.invocations[-1] = time.perf_counter() - self._t0
-            write_json(self.path, {"phases": self.seconds, "invocations": self.invocations}, indent=1)
+    def _write(self) -> dict:
+        with self._lock, locked(self.path.parent):
+            saved = self._read()
+            for phase, seconds in self._added.items():
+                saved["phases"][phase] = saved["phases"].get(phase, 0.0) + seconds
+            saved["phases"].update(self._set)
+            self._added = {}
+            saved["invocations"][self._index] = time.perf_counter() - self._t0
+            write_json(self.path, saved, indent=1)
+            return saved
 
     def add(self, phase: str, seconds: float) -> None:
-        self.seconds[phase] = self.seconds.get(phase, 0.0) + seconds
+        """Add ``seconds`` to a phase (its time in this invocation)."""
+        with self._lock:
+            self._added[phase] = self._added.get(phase, 0.0) + seconds
         self._write()
+
+    def set(self, phase: str, seconds: float) -> None:
+        """A phase's total over every invocation, known from elsewhere (a run of pieces)."""
+        with self._lock:
+            self._set[phase] = float(seconds)
 
     def report(self) -> dict:
         """The phases and ``total``: every invocation's wall time (model loading included)."""
-        self._write()
-        return {**self.seconds, "invocations": len(self.invocations), "total": float(sum(self.invocations))}
+        saved = self._write()
+        return {**saved["phases"], "invocations": len(saved["invocations"]), "total": float(sum(saved["invocations"]))}
 
 
 # ------------------------------------------------------------------ phases 2-4: the directions
@@ -199,10 +218,11 @@ def _random_controls(model, dirs: FocusDirections, k: int, seed: int) -> tuple[F
 
 
 # ------------------------------------------------------------------ phases 5-6: the grid and the test
-def _grid(model, dirs, ranking, s: NQSettings, extra_alphas=()):
-    """The (k, α) grid of one sweep as a Focus value and its ``[variant, layer, head]`` masks."""
+def _grid(model, dirs, ranking, s: NQSettings, extra_alphas=(), ks=None):
+    """The (k, α) grid of one sweep (every ``s.ks``, or only ``ks``) as a Focus value and its
+    ``[variant, layer, head]`` masks."""
     alphas = sorted({0.0, *map(float, s.alphas), *map(float, extra_alphas)})
-    ks = [k for k in s.ks if k <= len(ranking)]
+    ks = [k for k in (s.ks if ks is None else ks) if k <= len(ranking)]
     grid = [(k, a) for k in ks for a in alphas]
     masks = head_masks(model, [ranking[:k] for k, _ in grid])
     table = pd.DataFrame(grid, columns=["k", "alpha"])
@@ -229,16 +249,19 @@ def _choice(val: pd.DataFrame) -> tuple[int, float]:
     return int(k), float(a)
 
 
-def _test_piece(model, dirs, ranking, s: NQSettings, chosen, mc: MagnitudeControl, generate: bool = True):
-    """Per piece of test prompts, from one prefill per prompt: the log-prob of the whole
-    grid (with −α) and of the controls, as the rows of one packed run; then the greedy
-    answers of the unsteered model, the chosen setting and every control, as the rows of one
-    batched generation (the magnitude control's α read from the prompt's own grid)."""
+def _test_piece(model, dirs, ranking, s: NQSettings, chosen, mc: MagnitudeControl, generate: bool = True,
+                full_grid: bool = True):
+    """Per piece of test prompts, from one prefill per prompt: the log-prob of the grid
+    (with −α; every k with ``full_grid``, else only the chosen k's α column, which is all
+    the report and the magnitude control read) and of the controls, as the rows of one
+    packed run; then (``generate``) the greedy answers of the unsteered model, the chosen
+    setting and every control, as the rows of one batched generation (the magnitude
+    control's α read from the prompt's own grid)."""
     k, a = chosen
     rand_dirs, rand_heads = _random_controls(model, dirs, k, s.seed)
     top, other = head_masks(model, [ranking[:k]]), head_masks(model, [rand_heads])
     none = torch.zeros_like(top)
-    iv, masks, meta = _grid(model, dirs, ranking, s, extra_alphas=(-a,))
+    iv, masks, meta = _grid(model, dirs, ranking, s, extra_alphas=(-a,), ks=None if full_grid else (k,))
     G = len(meta)
     # rows: the grid, random directions, random heads, split-softmax, and the random heads unsteered
     # (a row of the model as it is, probing the random heads: their attention before steering)
@@ -345,7 +368,9 @@ def run_nq(model, settings: NQSettings, *, out_dir: str | Path = "figures", work
     for n_docs in s.test_documents:
         runs[f"test_{n_docs}"] = runs["validation"] | {"chosen": list(chosen), "items": _items(splits["test"][n_docs])}
         piece = Pieces(work / f"test_{n_docs}", runs[f"test_{n_docs}"], size=s.piece)
-        fn = _test_piece(model, dirs, ranking, s, chosen, mc, generate=n_docs in s.em_documents)
+        # the full grid where the setting was chosen; elsewhere the chosen k only (a third of the rows)
+        fn = _test_piece(model, dirs, ranking, s, chosen, mc, generate=n_docs in s.em_documents,
+                         full_grid=n_docs == s.n_documents)
         tests[n_docs] = piece.run(splits["test"][n_docs], fn,
                                   desc=f"NQ test, {n_docs} documents", quiet=quiet)
     unique = list({ex.qid: ex.gold_only() for ex in splits["test"][s.n_documents]}.values())
@@ -353,7 +378,7 @@ def run_nq(model, settings: NQSettings, *, out_dir: str | Path = "figures", work
     alone = Pieces(work / "gold_alone", runs["gold_alone"], size=s.piece).run(unique, _gold_alone(model, s),
                                                                               desc="NQ gold alone", quiet=quiet)
     for name, run in runs.items():  # each piece's own time, over every invocation
-        costs.seconds[name] = Pieces(work / name, run, size=s.piece).seconds()
+        costs.set(name, Pieces(work / name, run, size=s.piece).seconds())
     summary = nq_summary(s, splits, dirs, scores, val, tests, alone, chosen, mc, costs.report())
     if out_dir is not None:
         write_nq(Path(out_dir), summary, dirs, val, tests, alone)
