@@ -91,7 +91,8 @@ long-context: $(STAMP)
 
 # Focus directions at the paper's NQ size (issue 26): 1,000 training questions (training cache on
 # disk in runs/nq_work, ~16 MB per prompt), 150 validation, 300 test x first/middle/last at 10 and
-# 20 documents; resumable (run it again after a stop); results in figures/nq_focus.* and summary.json
+# 20 documents; resumable (run it again after a stop); two at once (OMP_NUM_THREADS=1 each) share its
+# pieces over two cores; results in figures/nq_focus.* and summary.json
 nq-focus: $(STAMP)
 	$(BIN)/focuslens experiment nq --nq $(NQ_ORACLE) --out figures --work runs/nq_work
 

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import json
 import warnings
+from dataclasses import replace
 
 import pytest
 from conftest import get_tiny
 from test_pipeline import TINY
 
-from focuslens.experiments.families import families_summary, global_layers, run_families
+from focuslens.errors import DataError
+from focuslens.experiments.families import families_summary, finished_run, global_layers, run_families
 from focuslens.experiments.pipeline import load_results
 from focuslens.measure.stats import wilson_interval
 from focuslens.viz.compare import relative_depth
@@ -71,6 +73,20 @@ def test_a_finished_model_is_reused_not_run_again(families, capsys):
     assert capsys.readouterr().out.count("(resumed run)") == 2 * 6
     assert again["models"] == json.loads(json.dumps(summary["models"]))
     assert families_summary({}, {}) == {"models": {}}
+
+
+def test_a_finished_demo_folder_is_read_not_run_and_other_settings_refused(families, tmp_path):
+    out, models, summary = families
+    name = str(models[0].cfg.model_name)
+    again = run_families(models, settings=TINY, out_dir=tmp_path, reuse={name: out / name}, quiet=True)
+    assert not (tmp_path / name).exists()  # read from the given folder, not run into this one
+    assert again["models"][name] == json.loads(json.dumps(summary["models"][name]))
+    with pytest.raises(DataError, match="seed=0, not 1"):
+        run_families(models, settings=replace(TINY, seed=1), out_dir=tmp_path, reuse={name: out / name}, quiet=True)
+    with pytest.raises(DataError, match="not among models"):
+        run_families(models, settings=TINY, out_dir=tmp_path, reuse={"other": out / name}, quiet=True)
+    with pytest.raises(DataError, match="no finished demo run"):
+        finished_run(tmp_path / "nowhere", models[0], TINY)
 
 
 def test_head_locations_mark_the_given_layers_in_that_models_panel_only():

@@ -127,6 +127,9 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--size", choices=["quick", "full"], default="full",
                      help="families: the demo settings each model runs (full: n >= 100 per distraction point)")
     exp.add_argument("--release", help="families: the paper's release folder, drawn beside the trained models")
+    exp.add_argument("--reuse", nargs="+", default=[], metavar="MODEL=FOLDER",
+                     help="families: a finished demo run of the same settings to read instead of running that model "
+                          "again (e.g. smollm2-135m-instruct=figures)")
     exp.add_argument("--tasks", nargs="+", default=["synthetic", "synthetic_answer_free"], help="tasks")
     exp.add_argument("--layouts", nargs="+", default=["qa", "qa_query_aware"], help="prompt layouts")
     exp.add_argument("--rankings", nargs="+", default=["contextual", "chance_corrected", "gold_only", "attribution"],
@@ -351,7 +354,14 @@ def _experiment(args) -> None:
 
         out = "figures/families" if args.out == "runs/focus_conditions" else args.out  # its own default folder
         settings = DemoSettings.quick() if args.size == "quick" else DemoSettings()
-        run_families(args.models, settings=settings, out_dir=out, release_dir=args.release, quiet=args.quiet)
+        from focuslens.errors import DataError
+
+        bad = [r for r in args.reuse if "=" not in r]
+        if bad:
+            raise DataError(f"--reuse {bad[0]!r}: write MODEL=FOLDER.")
+        reuse = dict(r.split("=", 1) for r in args.reuse)
+        run_families(args.models, settings=settings, out_dir=out, release_dir=args.release, reuse=reuse,
+                     quiet=args.quiet)
         print(f"{out}/families.{{csv,png,html}}, families_*.png and summary.json")
         return None
     pairs = tuple(tuple(p.split("/", 1)) for p in args.all_rows)

@@ -6,7 +6,8 @@ the paper's released Llama-3.2-3B and Qwen2.5-7B directions in the same figures.
 distraction, contextual heads, patching, split-softmax top-k vs random, focus directions
 trained and swept) on every model with the **same recipe** (one
 :class:`~focuslens.experiments.pipeline.DemoSettings`), each into its own folder (a killed
-run resumes: the stages its folder already holds for these settings are read back), then writes
+run resumes: the stages its folder already holds for these settings are read back; or a
+finished demo run of the same settings is read from its folder, ``reuse``), then writes
 the comparison: the ``"families"`` section of ``summary.json``, ``families.csv`` and the
 figures ``families`` (distraction vs documents, split-softmax top-k vs random, focus
 directions' validation-chosen cell on test, where the top heads sit), ``families_head_locations``
@@ -16,6 +17,7 @@ directions' validation-chosen cell on test, where the top heads sit), ``families
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -24,13 +26,14 @@ import numpy as np
 import pandas as pd
 
 from focuslens.experiments.figures import _save
-from focuslens.experiments.pipeline import DemoSettings, load_release, run_demo
-from focuslens.io import update_run
+from focuslens.errors import DataError
+from focuslens.experiments.pipeline import DemoSettings, load_release, load_results, run_demo
+from focuslens.io import read_summary, update_run
 from focuslens.measure.stats import wilson_interval
 from focuslens.viz.compare import relative_depth
 from focuslens.viz.cross_model import plot_direction_norms, plot_head_locations, plot_norm_vs_rank
 
-__all__ = ["FAMILIES", "run_families", "families_summary", "global_layers"]
+__all__ = ["FAMILIES", "run_families", "finished_run", "families_summary", "global_layers"]
 
 #: the embedded models compared by default
 FAMILIES = ("smollm2-135m-instruct", "gemma3-270m")
@@ -51,22 +54,32 @@ def _folder(spec: str) -> str:
 
 def run_families(models: Sequence[str] = FAMILIES, *, settings: DemoSettings | None = None,
                  out_dir: str | Path = "figures/families", release_dir: str | Path | None = None,
-                 quiet: bool = False) -> dict:
+                 reuse: dict[str, str | Path] | None = None, quiet: bool = False) -> dict:
     """Run (or reuse) the demo pipeline on every model with one recipe, then compare them
     (module docstring). ``models``: names or folders for
-    :func:`~focuslens.model.load.load_model`, or loaded bridges. Returns the ``"families"``
-    summary section."""
+    :func:`~focuslens.model.load.load_model`, or loaded bridges. ``reuse``: model (as named
+    in ``models``, or a bridge's ``cfg.model_name``) -> the folder of a finished :func:`run_demo` of these settings on it (e.g.
+    ``{"smollm2-135m-instruct": "figures"}``, where ``make reproduce`` writes), read instead
+    of run again (:func:`finished_run`). Returns the ``"families"`` summary section."""
     from focuslens.model.load import load_model
 
-    s, out = settings or DemoSettings(), Path(out_dir)
+    s, out, reuse = settings or DemoSettings(), Path(out_dir), dict(reuse or {})
+    known = {m if isinstance(m, str) else str(m.cfg.model_name) for m in models}
+    unknown = sorted(set(reuse) - known)
+    if unknown:
+        raise DataError(f"reuse={unknown}: not among models={list(models)}.")
     runs, marks = {}, {}
     for spec in models:
         model = spec if hasattr(spec, "run_with_hooks") else load_model(spec)  # a name, a folder or a loaded bridge
         name = str(model.cfg.model_name)
-        folder = out / _folder(name)
         marks[name] = global_layers(model)
-        # resumable: the stages an earlier run of these settings saved in its folder are read back
-        runs[name] = run_demo(model, settings=s, out_dir=folder, release_dir=release_dir, quiet=quiet)
+        key = spec if isinstance(spec, str) else name
+        if key in reuse:
+            runs[name] = finished_run(reuse[key], model, s)
+            if not quiet:
+                print(f"{name}: the finished demo run in {reuse[key]}")
+        else:  # resumable: the stages an earlier run of these settings saved in its folder are read back
+            runs[name] = run_demo(model, settings=s, out_dir=out / _folder(name), release_dir=release_dir, quiet=quiet)
         del model
     released = load_release(release_dir)
     summary = families_summary(runs, marks) | {"settings": asdict(s), "released": sorted(released)}
@@ -76,6 +89,26 @@ def run_families(models: Sequence[str] = FAMILIES, *, settings: DemoSettings | N
     if not quiet:
         print(table.to_string(index=False))
     return summary
+
+
+def finished_run(folder: str | Path, model, settings: DemoSettings) -> dict:
+    """The stages of a finished :func:`run_demo` in ``folder`` (checked against its manifest),
+    refused by name unless it ran ``settings`` (its ``demo_run`` section) on a model of this
+    one's shape (its contextual-head scores)."""
+    folder = Path(folder)
+    saved = read_summary(folder / "summary.json") if (folder / "summary.json").is_file() else {}
+    if "demo_run" not in saved:
+        raise DataError(f"{folder}: no finished demo run (summary.json has no 'demo_run').")
+    ran, want = saved["demo_run"].get("settings", {}), json.loads(json.dumps(asdict(settings)))
+    for key in sorted(set(ran) | set(want)):
+        if ran.get(key) != want.get(key):
+            raise DataError(f"{folder}: its demo ran {key}={ran.get(key)!r}, not {want.get(key)!r}.")
+    runs = load_results(folder)
+    shape = tuple(runs["contextual_heads"]["contextual_heads"].shape)
+    if shape != (model.cfg.n_layers, model.cfg.n_heads):
+        raise DataError(f"{folder}: its heads are {shape} (layers, heads), not {model.cfg.model_name}'s "
+                        f"{(model.cfg.n_layers, model.cfg.n_heads)}.")
+    return runs
 
 
 def _ci(p: float, n: int) -> list[float]:
