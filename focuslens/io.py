@@ -31,7 +31,7 @@ from focuslens.errors import DataError
 
 __all__ = ["safetensors_header", "write_atomic", "write_json", "write_csv", "json_safe", "read_json", "parse_json",
            "read_summary", "update_summary", "update_run", "sha256_file", "MANIFEST", "RUN", "write_unit", "check_unit",
-           "unit_manifest", "has_manifest", "file_entry", "file_problem", "json_bytes", "locked"]
+           "unit_manifest", "has_manifest", "file_entry", "file_problem", "json_bytes", "locked", "pid_alive"]
 
 MANIFEST = "manifest.json"
 RUN = "focuslens run"  # the kind of a run folder's unit (stage tables, artifacts, summary.json)
@@ -98,6 +98,20 @@ def update_run(out_dir: str | Path, sections: Mapping[str, object], files: Mappi
         merged = read_summary(out / summary) | dict(sections)
         write_unit(out, {**(files or {}), summary: json_bytes(merged, 2)}, kind=RUN, merge=True)
     return merged
+
+
+def pid_alive(pid: int | str) -> bool:
+    """Whether process ``pid`` on this host is running (a string that is not a number: no),
+    for files a live process may still be writing."""
+    if not str(pid).isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
 
 
 @contextmanager

@@ -25,8 +25,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from focuslens.experiments.figures import _save
 from focuslens.errors import DataError
+from focuslens.experiments.figures import _save
 from focuslens.experiments.pipeline import DemoSettings, load_release, load_results, run_demo
 from focuslens.io import read_summary, update_run
 from focuslens.measure.stats import wilson_interval

@@ -47,6 +47,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from focuslens.data.render import render
 from focuslens.data.splits import nq_splits
 from focuslens.directions.artifact import FocusDirections
 from focuslens.directions.streamed import cache_to_disk
@@ -54,7 +55,6 @@ from focuslens.directions.train import cache_scores, train_directions
 from focuslens.errors import DataError
 from focuslens.experiments.pieces import Pieces
 from focuslens.io import has_manifest, locked, read_json, write_atomic, write_json
-from focuslens.data.render import render
 from focuslens.measure.evaluate import evaluate_generation, generate_variants, gold_logprob_variants
 from focuslens.measure.forward import teacher_forced_ids
 from focuslens.measure.scoring import prepare_prompts

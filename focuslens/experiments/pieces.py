@@ -27,7 +27,7 @@ from pathlib import Path
 import pandas as pd
 
 from focuslens.errors import DataError
-from focuslens.io import locked, read_json, write_atomic, write_json
+from focuslens.io import locked, pid_alive, read_json, write_atomic, write_json
 from focuslens.progress import tqdm
 
 __all__ = ["Pieces"]
@@ -141,12 +141,4 @@ def _alive(claim: Path) -> bool:
             return time.time() - claim.stat().st_mtime < 60
         except FileNotFoundError:
             return False
-    if host != socket.gethostname():
-        return True
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return host != socket.gethostname() or pid_alive(pid)

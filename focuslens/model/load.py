@@ -32,14 +32,14 @@ import logging
 import os
 import shutil
 import tempfile
-from pathlib import Path
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from focuslens.errors import ModelError
-from focuslens.io import file_problem, read_json, safetensors_header, sha256_file, write_json
+from focuslens.io import file_problem, pid_alive, read_json, safetensors_header, sha256_file, write_json
 from focuslens.model.parallel import distributed
 
 __all__ = ["load_model", "EMBEDDED_MODELS", "EmbeddedModel", "cache_dir", "embedded_gguf_path", "model_id", "attention_scaling",
@@ -198,21 +198,8 @@ def _remove_leftovers(out: Path) -> None:
     for path in [out.with_name(out.name + ".tmp"), *out.parent.glob(f".{out.name}.*.tmp"),
                  *out.parent.glob(f".{out.name}.*.old")]:
         pid = path.name[len(out.name) + 2:].split(".", 1)[0]
-        if path.is_dir() and not _alive(pid):
+        if path.is_dir() and not pid_alive(pid):
             shutil.rmtree(path, ignore_errors=True)
-
-
-def _alive(pid: str) -> bool:
-    """Whether the process ``pid`` (a string; not a number: a dead one) is running."""
-    if not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _write_manifest(folder: Path) -> None:
@@ -441,8 +428,8 @@ def _frozen(bridge, dtype: torch.dtype, label: str):
         bridge.to(dtype)
     bridge.cfg.model_name = label
     from focuslens.model.attention import install
-    from focuslens.model.prefix import keep_every_position
     from focuslens.model.finite import check_weights, guard
+    from focuslens.model.prefix import keep_every_position
 
     if "blocks.0.attn.hook_rot_q" not in bridge.hook_dict:
         raise ModelError(f"{getattr(bridge.cfg, 'architecture', None) or 'this model'} has no rotary position embedding (no hook_rot_q): "
