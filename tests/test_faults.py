@@ -273,9 +273,10 @@ CHILD = {
 
 
 def _only_temp_files_beside(path) -> bool:
-    """Beside ``path`` only its temporary and pending files, and its unit's manifest (and its temporary file)."""
+    """Beside ``path`` only its temporary and pending files, its unit's manifest (and its
+    temporary file) and the folder's lock (:func:`focuslens.io.locked`)."""
     return all(p.name.startswith((f".{path.name}.", ".manifest.json.")) for p in path.parent.iterdir()
-               if p not in (path, path.parent / "manifest.json"))
+               if p not in (path, path.parent / "manifest.json", path.parent / ".lock"))
 
 
 @pytest.mark.parametrize("delay", [0.0, 0.023, 0.07])
