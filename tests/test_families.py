@@ -9,6 +9,8 @@ import json
 import warnings
 from dataclasses import replace
 
+import numpy as np
+import pandas as pd
 import pytest
 from conftest import get_tiny
 from test_pipeline import TINY
@@ -64,6 +66,31 @@ def test_the_summary_reads_each_models_own_stages(families):
     gemma = summary["models"][str(models[1].cfg.model_name)]["heads"]
     share = sum(layer == 1 for layer, _ in gemma["top"]) / len(gemma["top"])
     assert gemma["share_in_global_layers"] == share
+
+
+def test_key_bias_on_one_shared_prompt_and_depth_overlap(families):
+    from focuslens.data import render
+    from focuslens.directions.artifact import bias_by_part
+    from focuslens.experiments.stages.steer import example_from_json
+
+    out, models, summary = families
+    table = pd.read_csv(out / "families_key_bias.csv")
+    names = [str(m.cfg.model_name) for m in models]
+    assert list(dict.fromkeys(table.model)) == names
+    parts = {name: g.part.tolist() for name, g in table.groupby("model")}
+    assert parts[names[0]] == parts[names[1]]  # one prompt, the same parts whatever the tokenizer
+    for model in models:  # each model's rows: its saved key bias averaged over its own tokenization
+        name = str(model.cfg.model_name)
+        view = load_results(out / name)["prompt_views"]
+        prompt = render(example_from_json(view.summary["example"]), model.tokenizer, max_length=model.cfg.n_ctx)
+        want = bias_by_part(view.tables["key_bias"], prompt)
+        mine = table[table.model == name].set_index("part")
+        np.testing.assert_allclose(mine["mean"], want.mean(axis=0).loc[mine.index], rtol=1e-5, atol=1e-7)
+        assert mine.gold.sum() == 1 and mine.gold[want.attrs["gold"]]
+        assert (mine.n_heads == len(want)).all()
+    overlap = pd.DataFrame(summary["depth_overlap"])
+    assert set(overlap.columns) == set(names) and np.allclose(np.diag(overlap.loc[names, names]), 1)
+    assert (out / "families_key_bias.html").exists() and (out / "families_depth_overlap.html").exists()
 
 
 def test_a_finished_model_is_reused_not_run_again(families, capsys):

@@ -204,6 +204,24 @@ def test_topk_overlap_table():
     assert fig.data[0].text[0][1] == "0.33<br>(1/3)" and fig.data[0].text[1][1] == "1.00<br>(3/3)"
 
 
+def test_topk_depth_overlap_compares_depth_profiles_across_shapes():
+    # a: 4 layers (depths 0, 1/3, 2/3, 1); b: 7 layers (depths 0, 1/6, ..., 1); 2 bins: [0, .5) and [.5, 1]
+    a = ([(0, 0), (1, 0), (3, 0), (3, 1)], 4, 2)  # top 2: depths 0, 1/3 -> both in bin 0
+    b = ([(6, 0), (5, 0), (0, 0), (1, 0)], 7, 1)  # top 2: depths 1, 5/6 -> both in bin 1
+    c = ([(2, 0), (6, 0), (0, 0), (1, 0)], 7, 1)  # top 2: 1/3, 1 -> one in each bin
+    table = C.topk_depth_overlap({"a": a, "b": b, "c": c}, k=2, bins=2)
+    assert table.loc["a", "b"] == 0.0 and table.loc["a", "c"] == table.loc["b", "c"] == 0.5
+    m = table.to_numpy()
+    assert np.allclose(np.diag(m), 1) and np.allclose(m, m.T)
+    assert C.topk_depth_overlap({"a": a, "b": b}, k=4, bins=1).loc["a", "b"] == 1.0  # one bin: always the same
+    fig = plot_topk_overlap({"a": a, "b": b, "c": c}, k=2, by="depth", bins=2)
+    assert fig.data[0].text[0][2] == "0.50" and "relative depths" in fig.layout.title.text
+    with pytest.raises(DataError, match="by='layers'"):
+        plot_topk_overlap({"a": a}, k=2, by="layers")
+    with pytest.raises(DataError, match="bins=0"):
+        C.topk_depth_overlap({"a": a}, k=2, bins=0)
+
+
 def test_topk_overlap_reads_every_per_head_result_through_one_ranking_rule():
     nan = float("nan")
     gold = torch.tensor([[0.9, 0.1, 0.5], [0.3, 0.8, 0.0]])  # ranking (0,0) (1,1) (0,2) (1,0) ...

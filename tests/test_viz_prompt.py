@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import re
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 from conftest import get_tiny
@@ -238,6 +240,26 @@ def test_key_bias_figure():
     labels = [a.text for a in fig.layout.annotations]
     assert all(any(f"{i + 1}" in t for t in labels) for i in range(N_DOCS))
     assert "α·d_q·k_j/√d" in fig.layout.title.text and "α = 0.5" in fig.layout.title.text
+
+
+def test_bias_by_part_averages_each_parts_keys_by_name():
+    from focuslens.directions.artifact import bias_by_part
+
+    model = get_tiny("llama", 2)
+    prompt = prompt_for(model)
+    table = directions_for(model).key_bias(model, prompt, 0.5, 3)
+    parts = bias_by_part(table, prompt)
+    assert list(parts.columns) == ["sink", *(f"doc_{i + 1}" for i in range(N_DOCS)), "question"]
+    assert list(parts.index) == list(table.index) and parts.attrs["gold"] == f"doc_{prompt.gold_index + 1}"
+    assert parts.attrs["alpha"] == 0.5
+    values = table.to_numpy()
+    for name, span in (("sink", prompt.sink), ("doc_2", prompt.documents[1]), ("question", prompt.question)):
+        np.testing.assert_allclose(parts[name], values[:, span.start : span.end].mean(1), rtol=1e-6)
+    read_back = table.copy()
+    read_back.columns = [str(c) for c in read_back.columns]  # as a CSV gives it back
+    pd.testing.assert_frame_equal(bias_by_part(read_back, prompt), parts)
+    with pytest.raises(DataError, match="key columns"):
+        bias_by_part(table.iloc[:, :-1], prompt)
 
 
 def test_key_bias_explicit_heads_and_errors():

@@ -62,7 +62,7 @@ from focuslens.model.heads import Head, ranking_of, resolve_heads
 from focuslens.model.hooks import attn_hook
 from focuslens.model.load import attention_scaling, model_id
 
-__all__ = ["FocusDirections", "import_release", "ARTIFACT_FORMAT", "UNIT_KIND"]
+__all__ = ["FocusDirections", "import_release", "bias_by_part", "ARTIFACT_FORMAT", "UNIT_KIND"]
 
 _HEADER_KEY = "focuslens"  # the safetensors __metadata__ entry holding the artifact's metadata
 ARTIFACT_FORMAT = "focuslens.FocusDirections/1"
@@ -376,3 +376,21 @@ def import_release(
         "hook_points": {"q": attn_hook("{layer}", "rot_q"), "k": attn_hook("{layer}", "rot_k")},
     }
     return FocusDirections(torch.stack(q), torch.stack(k), heads, meta)
+
+
+def bias_by_part(bias: pd.DataFrame, prompt: Prompt) -> pd.DataFrame:
+    """A key-bias table (:meth:`FocusDirections.key_bias`: one row per head, one column per
+    key position) averaged over each part of ``prompt``'s tokens: one column per part in
+    reading order, ``sink``, ``doc_1`` … ``doc_n`` (numbered as the prompt numbers them),
+    ``question``. Parts are named, not positioned, so models with different tokenizers
+    compare on one prompt. ``attrs``: the bias's, plus ``gold`` (the gold document's
+    column, or None)."""
+    if [str(c) for c in bias.columns] != [str(i) for i in range(prompt.n_tokens)]:  # ints, or strings read back
+        raise DataError(f"bias has {bias.shape[1]} key columns, the prompt {prompt.n_tokens} tokens: "
+                        "pass FocusDirections.key_bias of this prompt.")
+    spans = {"sink": prompt.sink, **{f"doc_{i + 1}": d for i, d in enumerate(prompt.documents)},
+             "question": prompt.question}
+    values = bias.to_numpy()
+    table = pd.DataFrame({name: values[:, s.start : s.end].mean(axis=1) for name, s in spans.items()}, index=bias.index)
+    table.attrs.update(bias.attrs, gold=None if prompt.gold_index is None else f"doc_{prompt.gold_index + 1}")
+    return table

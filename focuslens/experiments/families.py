@@ -12,7 +12,10 @@ the comparison: the ``"families"`` section of ``summary.json``, ``families.csv``
 figures ``families`` (distraction vs documents, split-softmax top-k vs random, focus
 directions' validation-chosen cell on test, where the top heads sit), ``families_head_locations``
 (heads on a relative-depth axis, Gemma's global-attention layers marked),
-``families_direction_norms`` and ``families_norm_vs_rank``.
+``families_direction_norms``, ``families_norm_vs_rank``, ``families_key_bias`` (the bias
+each family's directions add to each part of one shared prompt, ``families_key_bias.csv``)
+and ``families_depth_overlap`` (how alike the models' top-20 depth profiles are, also in
+the summary as ``depth_overlap``).
 """
 
 from __future__ import annotations
@@ -25,15 +28,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from focuslens.data import render
+from focuslens.directions.artifact import bias_by_part
 from focuslens.errors import DataError
 from focuslens.experiments.figures import _save
 from focuslens.experiments.pipeline import DemoSettings, load_release, load_results, run_demo
+from focuslens.experiments.stages.steer import example_from_json
 from focuslens.io import read_summary, update_run
 from focuslens.measure.stats import wilson_interval
-from focuslens.viz.compare import relative_depth
+from focuslens.viz.compare import relative_depth, topk_depth_overlap
 from focuslens.viz.cross_model import plot_direction_norms, plot_head_locations, plot_norm_vs_rank
 
-__all__ = ["FAMILIES", "run_families", "finished_run", "families_summary", "global_layers"]
+__all__ = ["FAMILIES", "run_families", "finished_run", "families_summary", "global_layers", "key_bias_profile"]
 
 #: the embedded models compared by default
 FAMILIES = ("smollm2-135m-instruct", "gemma3-270m")
@@ -68,7 +74,7 @@ def run_families(models: Sequence[str] = FAMILIES, *, settings: DemoSettings | N
     unknown = sorted(set(reuse) - known)
     if unknown:
         raise DataError(f"reuse={unknown}: not among models={list(models)}.")
-    runs, marks = {}, {}
+    runs, marks, biases = {}, {}, []
     for spec in models:
         model = spec if hasattr(spec, "run_with_hooks") else load_model(spec)  # a name, a folder or a loaded bridge
         name = str(model.cfg.model_name)
@@ -80,12 +86,17 @@ def run_families(models: Sequence[str] = FAMILIES, *, settings: DemoSettings | N
                 print(f"{name}: the finished demo run in {reuse[key]}")
         else:  # resumable: the stages an earlier run of these settings saved in its folder are read back
             runs[name] = run_demo(model, settings=s, out_dir=out / _folder(name), release_dir=release_dir, quiet=quiet)
+        biases.append(key_bias_profile(model, runs[name]))
         del model
     released = load_release(release_dir)
     summary = families_summary(runs, marks) | {"settings": asdict(s), "released": sorted(released)}
     table = families_table(summary)
-    update_run(out, {"families": summary}, {"families.csv": table.to_csv(index=False)})  # one unit
-    draw_families(summary, runs, out, released, marks)
+    bias = pd.concat([b for b in biases if b is not None], ignore_index=True) if any(
+        b is not None for b in biases) else pd.DataFrame(columns=["model", "part", "mean", "sd", "gold", "alpha", "n_heads"])
+    summary["depth_overlap"] = _depth_overlap(runs, load_release(release_dir)).to_dict()
+    update_run(out, {"families": summary}, {"families.csv": table.to_csv(index=False),  # one unit
+                                            "families_key_bias.csv": bias.to_csv(index=False)})
+    draw_families(summary, runs, out, released, marks, bias)
     if not quiet:
         print(table.to_string(index=False))
     return summary
@@ -109,6 +120,33 @@ def finished_run(folder: str | Path, model, settings: DemoSettings) -> dict:
         raise DataError(f"{folder}: its heads are {shape} (layers, heads), not {model.cfg.model_name}'s "
                         f"{(model.cfg.n_layers, model.cfg.n_heads)}.")
     return runs
+
+
+def key_bias_profile(model, run: dict) -> pd.DataFrame | None:
+    """The key bias of a demo run's prompt view (its trained directions' top heads on one
+    held-out prompt, the same example for every model) averaged per part of the prompt
+    as ``model`` tokenizes it (:func:`~focuslens.directions.artifact.bias_by_part`): one
+    row per part, ``mean`` and ``sd`` over the heads, ``gold``; None without a prompt view
+    with a key bias."""
+    view = run.get("prompt_views")
+    if view is None or "key_bias" not in view.tables:
+        return None
+    prompt = view.objects.get("prompt") or render(example_from_json(view.summary["example"]), model.tokenizer,
+                                                  max_length=model.cfg.n_ctx)
+    parts = bias_by_part(view.tables["key_bias"], prompt)
+    return pd.DataFrame({"model": str(model.cfg.model_name), "part": list(parts.columns),
+                         "mean": parts.mean(axis=0).to_numpy(), "sd": parts.std(axis=0, ddof=0).to_numpy(),
+                         "gold": [c == parts.attrs["gold"] for c in parts.columns],
+                         "alpha": float(view.summary["alpha"]), "n_heads": len(parts)})
+
+
+def _depth_overlap(runs: dict, released: dict) -> pd.DataFrame:
+    """:func:`~focuslens.viz.compare.topk_depth_overlap` of every model's top-20 contextual
+    heads and the released rankings."""
+    scores = {name: r["contextual_heads"]["contextual_heads"] for name, r in runs.items() if "contextual_heads" in r}
+    theirs = {d.model.split("/")[-1]: d for d in released.values()}
+    every = scores | theirs
+    return topk_depth_overlap(every, k=_TOP) if every else pd.DataFrame()
 
 
 def _ci(p: float, n: int) -> list[float]:
@@ -194,9 +232,11 @@ def families_table(summary: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def draw_families(summary: dict, runs: dict, out: Path, released: dict, marks: dict) -> list[Path]:
+def draw_families(summary: dict, runs: dict, out: Path, released: dict, marks: dict,
+                  key_bias: pd.DataFrame | None = None) -> list[Path]:
     """The comparison figures (module docstring)."""
-    from focuslens.viz.families import plot_families
+    from focuslens.viz.families import plot_families, plot_family_key_bias
+    from focuslens.viz.heads import plot_topk_overlap
 
     written = _save(plot_families(summary), out, "families")
     scores = {name: r["contextual_heads"]["contextual_heads"] for name, r in runs.items() if "contextual_heads" in r}
@@ -210,4 +250,9 @@ def draw_families(summary: dict, runs: dict, out: Path, released: dict, marks: d
     if every:
         written += _save(plot_direction_norms(every), out, "families_direction_norms")
         written += _save(plot_norm_vs_rank(every), out, "families_norm_vs_rank")
+    if key_bias is not None and not key_bias.empty:
+        written += _save(plot_family_key_bias(key_bias), out, "families_key_bias")
+    ranked = {**scores, **theirs}
+    if len(ranked) > 1:
+        written += _save(plot_topk_overlap(ranked, k=_TOP, by="depth"), out, "families_depth_overlap")
     return written

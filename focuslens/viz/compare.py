@@ -38,6 +38,7 @@ __all__ = [
     "cosine_matrix",
     "norm_rank_table",
     "topk_overlap",
+    "topk_depth_overlap",
 ]
 
 Head = tuple[int, int]
@@ -349,3 +350,19 @@ def topk_overlap(results: Mapping, k: int = 20, *, metric: str | None = None) ->
     names = list(sets)
     table = [[len(sets[a] & sets[b]) / k for b in names] for a in names]
     return pd.DataFrame(table, index=pd.Index(names, name="setting"), columns=names)
+
+
+def topk_depth_overlap(models: Mapping, k: int = 20, *, bins: int = 10, metric: str | None = None) -> pd.DataFrame:
+    """Whether models put their top-k heads at the same depths, for models of any shapes
+    (where :func:`topk_overlap` needs one model): per model, the share ``p(b)`` of its top-k
+    heads (:func:`top_heads_table`) in each of ``bins`` equal bins of relative depth over
+    [0, 1]; per pair, ``Σ_b min(p_A(b), p_B(b))`` (1: the same depth profile, 0: no depth
+    in common). A symmetric DataFrame, 1 on the diagonal."""
+    if isinstance(bins, bool) or not isinstance(bins, int) or bins < 1:
+        raise DataError(f"bins={bins!r} must be a positive integer.")
+    table = top_heads_table(models, top_k=k, metric=metric)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    shares = {str(m): np.histogram(g.relative_depth, bins=edges)[0] / len(g) for m, g in table.groupby("model", sort=False)}
+    names = list(shares)
+    rows = [[float(np.minimum(shares[a], shares[b]).sum()) for b in names] for a in names]
+    return pd.DataFrame(rows, index=pd.Index(names, name="model"), columns=names)

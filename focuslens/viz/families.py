@@ -12,13 +12,15 @@
 
 from __future__ import annotations
 
+import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from focuslens.errors import DataError
 from focuslens.viz.compare import _PALETTE
 from focuslens.viz.export import Figure
 
-__all__ = ["plot_families"]
+__all__ = ["plot_families", "plot_family_key_bias"]
 
 
 def _err(p: float, ci) -> dict:
@@ -73,4 +75,37 @@ def plot_families(summary: dict, *, title: str | None = None) -> Figure:
     fig.update_xaxes(range=[-0.02, 1.02], title_text="relative depth (0 = first layer, 1 = last)", row=2, col=2)
     fig.update_layout(barmode="group", template="plotly_white", width=1100, height=800,
                       title=title or "Two trained families, one recipe")
+    return Figure(fig)
+
+
+def plot_family_key_bias(table: pd.DataFrame, *, title: str | None = None) -> Figure:
+    """What each model's trained focus directions favour on **one** prompt: the key bias
+    ``b_j = α·d_q·k_j/√d`` of its top heads averaged over each part's tokens (sink, every
+    document, question; :func:`~focuslens.directions.artifact.bias_by_part`), mean ± s.d.
+    over the heads, one panel per model, the gold document in gold. ``table``: columns
+    ``model``, ``part``, ``mean``, ``sd``, ``gold`` (bool), ``alpha``, ``n_heads``
+    (``families_key_bias.csv``)."""
+    need = {"model", "part", "mean", "sd", "gold", "alpha", "n_heads"}
+    if not need <= set(table.columns):
+        raise DataError(f"table lacks columns {sorted(need - set(table.columns))} (families_key_bias.csv has them).")
+    models = list(dict.fromkeys(table.model))
+    if not models:
+        raise DataError("table is empty: no model had trained directions and a prompt view.")
+    fig = make_subplots(rows=len(models), cols=1, vertical_spacing=0.25 / len(models), subplot_titles=[
+        f"{m}: top {int(g.n_heads.iloc[0])} heads of its ranking, α = {float(g.alpha.iloc[0]):g}"
+        for m, g in table.groupby("model", sort=False)])
+    for r, (name, g) in enumerate(table.groupby("model", sort=False), start=1):
+        gold = g.gold.astype(bool).to_numpy()
+        colours = ["#FFD700" if is_gold else _PALETTE[(r - 1) % len(_PALETTE)] for is_gold in gold]
+        fig.add_trace(go.Bar(x=g.part.tolist(), y=g["mean"].tolist(), marker={"color": colours,
+                             "line": {"color": ["#B22222" if x else "rgba(0,0,0,0)" for x in gold], "width": 2}},
+                             error_y={"type": "data", "array": g["sd"].tolist(), "thickness": 1, "color": "#444"},
+                             name=name, showlegend=False,
+                             hovertemplate=f"{name}<br>%{{x}}: mean bias %{{y:+.3f}}<extra></extra>"), r, 1)
+        fig.update_yaxes(title_text="mean logit bias", zeroline=True, zerolinecolor="#444", row=r, col=1)
+        fig.update_xaxes(type="category", row=r, col=1)
+    fig.update_layout(template="plotly_white", width=1000, height=140 + 300 * len(models),
+                      title=title or ("The same prompt, each family's focus directions: the bias they add to each "
+                                      "part's keys<br><sup>gold bar, red outline: the document with the answer; "
+                                      "error bars: s.d. over the heads</sup>"))
     return Figure(fig)

@@ -8,7 +8,8 @@ from collections.abc import Mapping
 import plotly.graph_objects as go
 import torch
 
-from focuslens.viz.compare import topk_overlap
+from focuslens.errors import DataError
+from focuslens.viz.compare import topk_depth_overlap, topk_overlap
 from focuslens.viz.export import Figure, wrap_label
 
 __all__ = ["plot_head_map", "plot_rank_agreement", "plot_topk_overlap"]
@@ -144,16 +145,33 @@ def _pixel_map(xs, ys, width: float, height: float):
 
 
 def plot_topk_overlap(
-    results: Mapping, k: int = 20, *, metric: str | None = None, title: str | None = None
+    results: Mapping, k: int = 20, *, metric: str | None = None, by: str = "heads", bins: int = 10,
+    title: str | None = None,
 ) -> Figure:
-    """Top-k overlap between the contextual-head sets of several scoring settings of one
-    model (e.g. answer rows from the prefix vs the greedy answer): cell = ``|A ∩ B| / k``,
-    annotated with the count of shared heads."""
+    """Top-k overlap between head rankings. ``by="heads"``: the contextual-head sets of
+    several scoring settings of one model (e.g. answer rows from the prefix vs the greedy
+    answer), cell = ``|A ∩ B| / k``, annotated with the count of shared heads
+    (:func:`~focuslens.viz.compare.topk_overlap`). ``by="depth"``: models of any shapes,
+    cell = the overlap of their top-k heads' relative-depth profiles over ``bins`` bins
+    (:func:`~focuslens.viz.compare.topk_depth_overlap`)."""
 
-    table = topk_overlap(results, k, metric=metric)
+    if by not in ("heads", "depth"):
+        raise DataError(f"by={by!r}: 'heads' (one model's settings) or 'depth' (models of any shapes).")
+    if by == "heads":
+        table = topk_overlap(results, k, metric=metric)
+        text = [[f"{v:.2f}<br>({round(v * k)}/{k})" for v in row] for row in table.to_numpy()]
+        axis, bar = "setting", f"shared fraction<br>of the top {k}"
+        default = (f"Overlap of the top-{k} contextual heads between settings"
+                   f"<br><sup>cell: |A ∩ B| / {k} (shared heads / {k})</sup>")
+    else:
+        table = topk_depth_overlap(results, k, bins=bins, metric=metric)
+        text = [[f"{v:.2f}" for v in row] for row in table.to_numpy()]
+        axis, bar = "model", "depth-profile<br>overlap"
+        default = (f"Top-{k} contextual heads: at the same relative depths?"
+                   f"<br><sup>cell: Σ over {bins} depth bins of min(share of A's top {k}, share of B's)"
+                   "<br>1: the same depth profile, 0: no depth in common</sup>")
     names = list(table.columns)
     z = table.to_numpy()
-    text = [[f"{v:.2f}<br>({round(v * k)}/{k})" for v in row] for row in z]
     fig = go.Figure(
         go.Heatmap(
             z=z,
@@ -165,20 +183,18 @@ def plot_topk_overlap(
             text=text,
             texttemplate="%{text}",
             textfont=dict(size=12),
-            colorbar=dict(title=dict(text=f"shared fraction<br>of the top {k}", side="right")),
+            colorbar=dict(title=dict(text=bar, side="right")),
             hovertemplate="%{y} vs %{x}<br>%{text}<extra></extra>",
         )
     )
     # dark cells get white text: plotly picks a contrasting colour automatically in ≥ 5.x
     fig.update_layout(
-        title=title
-        or f"Overlap of the top-{k} contextual heads between settings"
-        f"<br><sup>cell: |A ∩ B| / {k} (shared heads / {k})</sup>",
-        xaxis=dict(title="setting", tickangle=0),
-        yaxis=dict(title="setting", autorange="reversed", scaleanchor="x"),
+        title=title or default,
+        xaxis=dict(title=axis, tickangle=0),
+        yaxis=dict(title=axis, autorange="reversed", scaleanchor="x"),
         template="plotly_white",
-        margin=dict(t=100),
-        width=260 + 130 * len(names),
+        margin=dict(t=120),
+        width=max(260 + 130 * len(names), 640),
         height=220 + 120 * len(names),
     )
     return Figure(fig)

@@ -34,6 +34,7 @@ from plotly.subplots import make_subplots
 from torch import Tensor
 
 from focuslens.data.render import Prompt, Span
+from focuslens.directions.artifact import bias_by_part
 from focuslens.errors import DataError
 from focuslens.io import write_atomic
 from focuslens.viz.export import Figure
@@ -326,12 +327,9 @@ def _add_part_bars(fig, prompt: Prompt, bias: Tensor) -> None:
     s.d. over the heads; the gold document's bar in gold with a red outline."""
 
     n_docs = len(prompt.documents)
-    parts = {
-        "sink": prompt.sink,
-        **{_doc_label(prompt, i): d for i, d in enumerate(prompt.documents)},
-        "question": prompt.question,
-    }
-    per_part = torch.stack([bias[:, s.start : s.end].mean(1) for s in parts.values()], dim=1)  # [head, part]
+    table = bias_by_part(pd.DataFrame(bias.numpy()), prompt)  # [head, part]
+    parts = ["sink", *(_doc_label(prompt, i) for i in range(n_docs)), "question"]
+    per_part = torch.tensor(table.to_numpy())
     colours = [
         "#7f7f7f",
         *(_GOLD_FILL if i == prompt.gold_index else "#6baed6" for i in range(n_docs)),
@@ -340,7 +338,7 @@ def _add_part_bars(fig, prompt: Prompt, bias: Tensor) -> None:
     outline = [_GOLD_OUTLINE if c == _GOLD_FILL else "rgba(0,0,0,0)" for c in colours]
     fig.add_trace(
         go.Bar(
-            x=list(parts),
+            x=parts,
             y=per_part.mean(0).numpy(),
             error_y=dict(
                 type="data", array=per_part.std(0, unbiased=False).numpy(), thickness=1, color="#444"
@@ -355,7 +353,7 @@ def _add_part_bars(fig, prompt: Prompt, bias: Tensor) -> None:
     fig.update_xaxes(
         type="category",
         tickangle=-45 if n_docs > 8 else 0,
-        tickvals=list(parts),
+        tickvals=parts,
         ticktext=[f"<b style='color:{_GOLD_OUTLINE}'>{c}</b>" if "gold" in c else c for c in parts],
         tickfont=dict(size=11 if n_docs <= 30 else 9),
         row=2,
