@@ -292,7 +292,12 @@ def test_the_nq_experiment_at_a_tiny_size(smollm2, tmp_path):
     assert masses["split_softmax"]["all"]["gold_mass"] > masses["unsteered"]["all"]["gold_mass"] + 0.2
     # pinned at this size (float32 noise aside): the unsteered model's mean gold log-prob
     assert conds["focus"]["logprob"]["unsteered"] == pytest.approx(-6.124, abs=0.01)
-    assert {"cache", "train", "validation", "test_3", "test_4", "gold_alone", "total"} <= set(out["costs_seconds"])
+    costs = out["costs_seconds"]
+    assert {"cache", "train", "validation", "test_3", "test_4", "gold_alone", "phases", "total"} <= set(costs)
+    phases = [x for p, x in costs.items() if p not in ("phases", "total", "invocations")]
+    assert costs["phases"] == pytest.approx(sum(phases)) and costs["invocations"] >= 1
+    assert costs["total"] == pytest.approx(sum(json.loads((tmp_path / "work" / "costs.json").read_text())["invocations"]),
+                                           rel=0.05)  # the invocations' wall times, not phases + count + total
     four = out["by_documents"]["4"]["conditions"]["focus"]
     assert set(out["by_documents"]) == {"3", "4"} and four["logprob"]["n_prompts"] == 6 and "em" not in four
     heads = out["by_documents"]["3"]["masses"]

@@ -127,7 +127,7 @@ class _Costs:
 
     def __init__(self, path: Path):
         self.path, self._added, self._set = path, {}, {}
-        self._t0, self._lock = time.perf_counter(), threading.Lock()
+        self._t0, self._lock, self._stop = time.perf_counter(), threading.Lock(), threading.Event()
         with locked(path.parent):
             saved = self._read()
             saved["invocations"].append(0.0)
@@ -140,9 +140,13 @@ class _Costs:
         return {"phases": saved.get("phases", {}), "invocations": saved.get("invocations", [])}
 
     def _tick(self) -> None:
-        while True:
-            time.sleep(30)
+        while not self._stop.wait(30):
             self._write()
+
+    def close(self) -> None:
+        """The last write; the thread stops."""
+        self._stop.set()
+        self._write()
 
     def _write(self) -> dict:
         with self._lock, locked(self.path.parent):
@@ -354,32 +358,35 @@ def run_nq(model, settings: NQSettings, *, out_dir: str | Path = "figures", work
     identity = {"model": model_id(model), "settings": s.record()}
     write_json(work / "run.json", identity, indent=1)
     costs = _Costs(work / "costs.json")
-    splits = nq_splits(s.nq_path, n_train=s.n_train, n_validation=s.n_validation, n_test=s.n_test,
-                       n_documents=s.n_documents, test_documents=s.test_documents, seed=s.seed)
-    dirs, scores = _directions(model, s, splits, work, costs, quiet)
-    ranking = dirs.ranking()
-    check_teacher_forcing(model, splits)
-    runs = {"validation": identity | {"directions": _digest(dirs), "items": _items(splits["validation"])}}
-    val = Pieces(work / "validation", runs["validation"], size=s.piece).run(
-        splits["validation"], _validation_piece(model, dirs, ranking, s), desc="NQ validation grid", quiet=quiet)
-    chosen = _choice(val)
-    mc = MagnitudeControl.fit(val, k=chosen[0], alpha=chosen[1], grid=list(s.alphas))
-    tests = {}
-    for n_docs in s.test_documents:
-        runs[f"test_{n_docs}"] = runs["validation"] | {"chosen": list(chosen), "items": _items(splits["test"][n_docs])}
-        piece = Pieces(work / f"test_{n_docs}", runs[f"test_{n_docs}"], size=s.piece)
-        # the full grid where the setting was chosen; elsewhere the chosen k only (a third of the rows)
-        fn = _test_piece(model, dirs, ranking, s, chosen, mc, generate=n_docs in s.em_documents,
-                         full_grid=n_docs == s.n_documents)
-        tests[n_docs] = piece.run(splits["test"][n_docs], fn,
-                                  desc=f"NQ test, {n_docs} documents", quiet=quiet)
-    unique = list({ex.qid: ex.gold_only() for ex in splits["test"][s.n_documents]}.values())
-    runs["gold_alone"] = identity | {"items": _items(unique)}
-    alone = Pieces(work / "gold_alone", runs["gold_alone"], size=s.piece).run(unique, _gold_alone(model, s),
-                                                                              desc="NQ gold alone", quiet=quiet)
-    for name, run in runs.items():  # each piece's own time, over every invocation
-        costs.set(name, Pieces(work / name, run, size=s.piece).seconds())
-    summary = nq_summary(s, splits, dirs, scores, val, tests, alone, chosen, mc, costs.report())
-    if out_dir is not None:
-        write_nq(Path(out_dir), summary, dirs, val, tests, alone)
-    return summary
+    try:
+        splits = nq_splits(s.nq_path, n_train=s.n_train, n_validation=s.n_validation, n_test=s.n_test,
+                           n_documents=s.n_documents, test_documents=s.test_documents, seed=s.seed)
+        dirs, scores = _directions(model, s, splits, work, costs, quiet)
+        ranking = dirs.ranking()
+        check_teacher_forcing(model, splits)
+        runs = {"validation": identity | {"directions": _digest(dirs), "items": _items(splits["validation"])}}
+        val = Pieces(work / "validation", runs["validation"], size=s.piece).run(
+            splits["validation"], _validation_piece(model, dirs, ranking, s), desc="NQ validation grid", quiet=quiet)
+        chosen = _choice(val)
+        mc = MagnitudeControl.fit(val, k=chosen[0], alpha=chosen[1], grid=list(s.alphas))
+        tests = {}
+        for n_docs in s.test_documents:
+            runs[f"test_{n_docs}"] = runs["validation"] | {"chosen": list(chosen), "items": _items(splits["test"][n_docs])}
+            piece = Pieces(work / f"test_{n_docs}", runs[f"test_{n_docs}"], size=s.piece)
+            # the full grid where the setting was chosen; elsewhere the chosen k only (a third of the rows)
+            fn = _test_piece(model, dirs, ranking, s, chosen, mc, generate=n_docs in s.em_documents,
+                             full_grid=n_docs == s.n_documents)
+            tests[n_docs] = piece.run(splits["test"][n_docs], fn,
+                                      desc=f"NQ test, {n_docs} documents", quiet=quiet)
+        unique = list({ex.qid: ex.gold_only() for ex in splits["test"][s.n_documents]}.values())
+        runs["gold_alone"] = identity | {"items": _items(unique)}
+        alone = Pieces(work / "gold_alone", runs["gold_alone"], size=s.piece).run(unique, _gold_alone(model, s),
+                                                                                  desc="NQ gold alone", quiet=quiet)
+        for name, run in runs.items():  # each piece's own time, over every invocation
+            costs.set(name, Pieces(work / name, run, size=s.piece).seconds())
+        summary = nq_summary(s, splits, dirs, scores, val, tests, alone, chosen, mc, costs.report())
+        if out_dir is not None:
+            write_nq(Path(out_dir), summary, dirs, val, tests, alone)
+        return summary
+    finally:
+        costs.close()

@@ -97,6 +97,19 @@ def _verdict(em: dict, n_train: int, n_test: int) -> dict:
             "acceptance_met": bool(sized and (low > 0 or half <= 0.04))}
 
 
+_NOT_PHASES = ("invocations", "total")
+
+
+def _costs(costs: dict) -> dict:
+    """Seconds per phase (each finished piece's own time, summed over every invocation and
+    worker), ``phases`` (their sum), ``total`` (every invocation's wall time: model loading,
+    checks, killed pieces and paused time included; two workers at once both count) and the
+    number of ``invocations``."""
+    phases = {p: float(x) for p, x in costs.items() if p not in _NOT_PHASES}
+    return {**phases, "phases": float(sum(phases.values())), "total": float(costs["total"]),
+            "invocations": int(costs["invocations"])}
+
+
 def nq_summary(s, splits, dirs, scores, val, tests, alone, chosen, mc, costs) -> dict:
     """The ``"nq_focus"`` section (module docstring)."""
     k, a = chosen
@@ -128,7 +141,7 @@ def nq_summary(s, splits, dirs, scores, val, tests, alone, chosen, mc, costs) ->
         "by_documents": {},
         "gold_alone": {"logprob": float(alone.gold_logprob.mean()), "em": float(alone.correct.mean()),
                        "n_questions": int(len(alone))},
-        "costs_seconds": {**{p: float(x) for p, x in costs.items()}, "total": float(sum(costs.values()))},
+        "costs_seconds": _costs(costs),
     }
     for n_docs, table in tests.items():
         section["by_documents"][str(n_docs)] = {"conditions": _conditions(table, chosen, mc, s),
@@ -181,6 +194,7 @@ def headline(summary: dict) -> str:
             f"3 positions): EM {em['unsteered']:.3f} -> {em['mean']:.3f}, gain {100 * em['gain']:+.1f} points "
             f"[{100 * em['gain_ci'][0]:+.1f}, {100 * em['gain_ci'][1]:+.1f}]; gold log-prob gain {lp['gain']:+.3f} nats "
             f"[{lp['gain_ci'][0]:+.3f}, {lp['gain_ci'][1]:+.3f}]; acceptance {'met' if v['acceptance_met'] else 'NOT met'}."
-            f"\nCost over all invocations: {costs['total'] / 3600:.2f} h ("
-            + ", ".join(f"{k} {x / 60:.1f} min" for k, x in costs.items() if k not in ("total", "invocations"))
-            + f"; {costs['invocations']} invocation(s))")
+            f"\nCost: the phases {costs['phases'] / 3600:.2f} process-hours ("
+            + ", ".join(f"{k} {x / 60:.1f} min" for k, x in costs.items() if k not in ("phases", *_NOT_PHASES))
+            + f"); all {int(costs['invocations'])} invocation(s) {costs['total'] / 3600:.2f} process-hours of wall time "
+            "(loading, checks, killed pieces and pauses included; workers at once each count)")

@@ -12,9 +12,9 @@ from focuslens.viz.export import Figure
 
 __all__ = ["plot_nq_focus", "plot_nq_training"]
 
-_LABELS = {"focus": "focus (chosen k, α)", "negative_alpha": "−α", "random_directions": "random directions",
-           "random_heads": "random heads", "magnitude_control": "magnitude control",
-           "split_softmax": "split-softmax (label)", "random_heads_unsteered": "random heads, unsteered"}
+_LABELS = {"focus": "focus<br>(chosen k, α)", "negative_alpha": "−α", "random_directions": "random<br>directions",
+           "random_heads": "random<br>heads", "magnitude_control": "magnitude<br>control",
+           "split_softmax": "split-softmax<br>(label)", "random_heads_unsteered": "random heads,<br>unsteered"}
 _POSITION_COLOURS = {"all": "#1f77b4", "first": "#9ecae1", "middle": "#fdae6b", "last": "#a1d99b"}
 _MASS_COLOURS = {"gold_mass": "#2ca02c", "sink_mass": "#7f7f7f", "irrelevant_mass": "#d62728"}
 
@@ -29,6 +29,14 @@ def plot_nq_focus(table: pd.DataFrame, summary: dict, *, title: str | None = Non
     for c, n in enumerate(docs, start=1):
         for r, (metric, scale) in enumerate((("logprob", 1.0), ("em", 100.0)), start=1):
             sub = table[(table.documents == n) & (table.metric == metric)]
+            if sub.empty:  # e.g. no greedy answers at this document count: say so, not an empty frame
+                axes = fig.get_subplot(r, c)  # the panel's centre in paper coordinates
+                fig.add_annotation(text=f"not measured at {n} documents<br>(log-prob only)", showarrow=False,
+                                   font={"size": 14, "color": "#666"}, xref="paper", yref="paper",
+                                   x=sum(axes.xaxis.domain) / 2, y=sum(axes.yaxis.domain) / 2)
+                fig.update_xaxes(visible=False, row=r, col=c)
+                fig.update_yaxes(visible=False, row=r, col=c)
+                continue
             for pos, colour in _POSITION_COLOURS.items():
                 part = sub[sub.position == pos]
                 fig.add_trace(go.Bar(
@@ -47,11 +55,12 @@ def plot_nq_focus(table: pd.DataFrame, summary: dict, *, title: str | None = Non
                                  showlegend=c == 1), row=3, col=c)
     ch = summary["chosen"]
     fig.update_layout(
-        barmode="group", template="plotly_white", height=1100, width=max(900, 650 * len(docs)),
+        barmode="group", template="plotly_white", height=1100, width=max(1000, 760 * len(docs)),
         title=title or (f"Focus directions on NQ (SmolLM2; {summary['n_train_questions']} training questions, "
                         f"{summary['n_test_questions']} test questions × first/middle/last)<br><sup>k={ch['k']}, "
                         f"α={ch['alpha']:g} chosen on validation; answer rows steered; 95% CIs over questions</sup>"),
-        legend={"orientation": "h", "y": -0.06})
+        legend={"orientation": "h", "y": -0.07})
+    fig.update_xaxes(tickangle=0, tickfont={"size": 11})
     return Figure(fig)
 
 
