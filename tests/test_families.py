@@ -10,6 +10,7 @@ import warnings
 from dataclasses import replace
 
 import numpy as np
+import torch
 import pandas as pd
 import pytest
 from conftest import get_tiny
@@ -91,6 +92,28 @@ def test_key_bias_on_one_shared_prompt_and_depth_overlap(families):
     overlap = pd.DataFrame(summary["depth_overlap"])
     assert set(overlap.columns) == set(names) and np.allclose(np.diag(overlap.loc[names, names]), 1)
     assert (out / "families_key_bias.html").exists() and (out / "families_depth_overlap.html").exists()
+
+
+def test_every_model_is_also_swept_with_every_row_steered(families):
+    from focuslens.experiments.families import ALL_ROWS, ALL_ROWS_SECTION
+
+    out, models, summary = families
+    for model in models:
+        name = str(model.cfg.model_name)
+        stages = load_results(out / name) | {}
+        from focuslens.experiments.stages.base import load_stage
+
+        stage = load_stage(out / name, ALL_ROWS_SECTION)
+        s, cell = stage.summary, summary["models"][name]["focus_all_rows"]
+        assert s["rows"] == "all" and cell["test"] == s["best"]["test_acc"] and cell["baseline"] == s["baseline_test"]
+        test = stage.tables[f"{ALL_ROWS_SECTION}_test"]
+        assert sorted(test.alpha.unique()) == sorted({0.0, *ALL_ROWS["alphas"]})
+        # the same trained directions as the answer-row stage, and the same test prompts
+        trained = stages["focus_directions"]["focus_directions"]
+        assert torch.equal(stage[ALL_ROWS_SECTION].q, trained.q)
+        assert test.example.nunique() == stages["focus_directions"].tables["focus_directions_test"].example.nunique()
+        # α = 0 is the unsteered model whichever rows are steered: both stages' baselines agree
+        assert s["baseline_test"] == stages["focus_directions"].summary["baseline_test"]
 
 
 def test_a_finished_model_is_reused_not_run_again(families, capsys):

@@ -4,7 +4,8 @@ the paper's released Llama-3.2-3B and Qwen2.5-7B directions in the same figures.
 
 :func:`run_families` runs the whole demo pipeline (:func:`~focuslens.experiments.pipeline.run_demo`:
 distraction, contextual heads, patching, split-softmax top-k vs random, focus directions
-trained and swept) on every model with the **same recipe** (one
+trained and swept; then the trained directions swept again with every row steered,
+:func:`all_rows_stage`) on every model with the **same recipe** (one
 :class:`~focuslens.experiments.pipeline.DemoSettings`), each into its own folder (a killed
 run resumes: the stages its folder already holds for these settings are read back; or a
 finished demo run of the same settings is read from its folder, ``reuse``), then writes
@@ -29,17 +30,20 @@ import numpy as np
 import pandas as pd
 
 from focuslens.data import render
+from focuslens.data.splits import steering_splits
 from focuslens.directions.artifact import bias_by_part
 from focuslens.errors import DataError
 from focuslens.experiments.figures import _save
 from focuslens.experiments.pipeline import DemoSettings, load_release, load_results, run_demo
-from focuslens.experiments.stages.steer import example_from_json
+from focuslens.experiments.stages.base import load_stage
+from focuslens.experiments.stages.steer import example_from_json, run_focus_directions
 from focuslens.io import read_summary, update_run
 from focuslens.measure.stats import wilson_interval
 from focuslens.viz.compare import relative_depth, topk_depth_overlap
 from focuslens.viz.cross_model import plot_direction_norms, plot_head_locations, plot_norm_vs_rank
 
-__all__ = ["FAMILIES", "run_families", "finished_run", "families_summary", "global_layers", "key_bias_profile"]
+__all__ = ["FAMILIES", "run_families", "finished_run", "families_summary", "global_layers", "key_bias_profile",
+           "all_rows_stage", "ALL_ROWS"]
 
 #: the embedded models compared by default
 FAMILIES = ("smollm2-135m-instruct", "gemma3-270m")
@@ -86,6 +90,10 @@ def run_families(models: Sequence[str] = FAMILIES, *, settings: DemoSettings | N
                 print(f"{name}: the finished demo run in {reuse[key]}")
         else:  # resumable: the stages an earlier run of these settings saved in its folder are read back
             runs[name] = run_demo(model, settings=s, out_dir=out / _folder(name), release_dir=release_dir, quiet=quiet)
+        folder = Path(reuse[key]) if key in reuse else out / _folder(name)  # the model's run folder
+        stage = all_rows_stage(model, runs[name], s, folder, quiet=quiet)
+        if stage is not None:
+            runs[name] = {**runs[name], ALL_ROWS_SECTION: stage}
         biases.append(key_bias_profile(model, runs[name]))
         del model
     released = load_release(release_dir)
@@ -120,6 +128,37 @@ def finished_run(folder: str | Path, model, settings: DemoSettings) -> dict:
         raise DataError(f"{folder}: its heads are {shape} (layers, heads), not {model.cfg.model_name}'s "
                         f"{(model.cfg.n_layers, model.cfg.n_heads)}.")
     return runs
+
+
+#: the rows="all" sweep of each model's trained directions (every query row steered, as at
+#: inference without a known answer position): one k and a short α grid, as every α is a
+#: whole forward pass (the answer-row sweep shares one prefill across its grid)
+ALL_ROWS = {"ks": (20,), "alphas": (-0.5, 0.25, 0.5, 1.0, 2.0)}
+ALL_ROWS_SECTION = "focus_directions_all_rows"
+
+
+def all_rows_stage(model, run: dict, settings: DemoSettings, folder: str | Path, *, quiet: bool = False):
+    """The demo's trained directions swept with ``rows="all"`` on its own 20-document
+    splits (:data:`ALL_ROWS`; (k, α) chosen on validation, tested once), saved in
+    ``folder`` as the stage ``focus_directions_all_rows`` and read back when a run of the
+    same settings saved it. None when the run has no trained directions."""
+    if "focus_directions" not in run or "contextual_heads" not in run:
+        return None
+    folder = Path(folder)
+    identity = json.loads(json.dumps({"demo_settings": asdict(settings), **ALL_ROWS}))
+    saved = read_summary(folder / "summary.json") if (folder / "summary.json").is_file() else {}
+    if saved.get(ALL_ROWS_SECTION, {}).get("identity") == identity:
+        return load_stage(folder, ALL_ROWS_SECTION)
+    s = settings
+    splits = steering_splits(n_train=s.n_train, n_validation=s.n_validation, n_test=s.n_test, seed=s.seed + 4)
+    n_heads = model.cfg.n_layers * model.cfg.n_heads
+    ks = tuple(sorted({min(k, n_heads) for k in ALL_ROWS["ks"]}))  # a tiny model has fewer heads
+    stage = run_focus_directions(model, run["contextual_heads"]["contextual_heads"], splits, ks=ks,
+                                 alphas=ALL_ROWS["alphas"], refine=(), directions=run["focus_directions"]["focus_directions"],
+                                 rows="all", section=ALL_ROWS_SECTION, quiet=quiet)
+    stage.summary["identity"] = identity
+    stage.save(folder)
+    return stage
 
 
 def key_bias_profile(model, run: dict) -> pd.DataFrame | None:
@@ -189,6 +228,13 @@ def families_summary(runs: dict, marks: dict | None = None) -> dict:
                              "test": best["test_acc"], "test_ci": _ci(best["test_acc"], n),
                              "gain_points": 100 * (best["test_acc"] - f["baseline_test"]),
                              "validation": best["val_acc"], "validation_baseline": best["val_baseline"]}
+            if ALL_ROWS_SECTION in r:
+                g = r[ALL_ROWS_SECTION].summary
+                m, gb = int(g["n_test"]), g["best"]
+                cell["focus_all_rows"] = {"k": gb["k"], "alpha": gb["alpha"], "n_test": m,
+                                          "baseline": g["baseline_test"], "baseline_ci": _ci(g["baseline_test"], m),
+                                          "test": gb["test_acc"], "test_ci": _ci(gb["test_acc"], m),
+                                          "gain_points": 100 * (gb["test_acc"] - g["baseline_test"])}
             dirs = r["focus_directions"]["focus_directions"]
             top = dirs.ranking()[:_TOP]
             cell["dq_norm_top_median"] = float(np.median([float(dirs.q[layer, head].float().norm()) for layer, head in top]))
@@ -228,6 +274,10 @@ def families_table(summary: dict) -> pd.DataFrame:
             f = c["focus"]
             row |= {"focus_k": f["k"], "focus_alpha": f["alpha"], "focus_baseline": f["baseline"], "focus_test": f["test"],
                     "focus_gain_points": f["gain_points"], "dq_norm_top_median": c.get("dq_norm_top_median")}
+        if "focus_all_rows" in c:
+            f = c["focus_all_rows"]
+            row |= {"all_rows_k": f["k"], "all_rows_alpha": f["alpha"], "all_rows_test": f["test"],
+                    "all_rows_gain_points": f["gain_points"]}
         rows.append(row)
     return pd.DataFrame(rows)
 

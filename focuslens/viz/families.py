@@ -5,7 +5,7 @@
 2. Split-softmax (τ = 0.1) on the top-k contextual heads vs k random heads, against the
    unsteered model (with the label: the ceiling of what attention to the gold can do).
 3. Focus directions (no label): the validation-chosen (k, α) on the test prompts vs the
-   unsteered model.
+   unsteered model, steering the answer rows and (where run) every row.
 4. Where the top-20 contextual heads sit: relative depth (median and quartiles), and the
    share of them in global-attention layers where a model has sliding-window ones.
 """
@@ -44,12 +44,13 @@ def plot_families(summary: dict, *, title: str | None = None) -> Figure:
                          "arrayminus": [v["accuracy"] - v["ci"][0] for _, v in cells]}), 1, 1)
         for col, key, bars in ((2, "split_softmax", (("unsteered", "baseline"), ("random k", "random_k"),
                                                       ("top-k", "top_k"))),
-                               (1, "focus", (("unsteered", "baseline"), ("focus", "test")))):
+                               (1, "focus", (("unsteered", "baseline"), ("focus", "test"))),
+                               (1, "focus_all_rows", (("focus, all rows", "test"),))):
             if key not in c:
                 continue
             cell = c[key]
             row = 1 if key == "split_softmax" else 2
-            label = f"k={cell['k']}" + (f", α={cell['alpha']:g}" if key == "focus" else "")
+            label = f"k={cell['k']}" + (f", α={cell['alpha']:g}" if key != "split_softmax" else "")
             for j, (what, field) in enumerate(bars):
                 p = cell[field]
                 fig.add_trace(go.Bar(x=[f"{what}"], y=[p], name=name, legendgroup=name, showlegend=False,
