@@ -115,7 +115,7 @@ def finished_run(folder: str | Path, model, settings: DemoSettings) -> dict:
     refused by name unless it ran ``settings`` (its ``demo_run`` section) on a model of this
     one's shape (its contextual-head scores)."""
     folder = Path(folder)
-    saved = read_summary(folder / "summary.json") if (folder / "summary.json").is_file() else {}
+    saved = read_summary(folder / "summary.json")  # {} when there is none
     if "demo_run" not in saved:
         raise DataError(f"{folder}: no finished demo run (summary.json has no 'demo_run').")
     ran, want = saved["demo_run"].get("settings", {}), json.loads(json.dumps(asdict(settings)))
@@ -146,7 +146,7 @@ def all_rows_stage(model, run: dict, settings: DemoSettings, folder: str | Path,
         return None
     folder = Path(folder)
     identity = json.loads(json.dumps({"demo_settings": asdict(settings), **ALL_ROWS}))
-    saved = read_summary(folder / "summary.json") if (folder / "summary.json").is_file() else {}
+    saved = read_summary(folder / "summary.json")  # {} when there is none
     if saved.get(ALL_ROWS_SECTION, {}).get("identity") == identity:
         return load_stage(folder, ALL_ROWS_SECTION)
     s = settings

@@ -208,7 +208,7 @@ class _Progress:
 
         self.out = out
         self.identity = {"model": model_id(model), "settings": json.loads(json.dumps(asdict(settings)))}
-        saved = read_summary(out / "summary.json").get(self.SECTION, {}) if (out / "summary.json").exists() else {}
+        saved = read_summary(out / "summary.json").get(self.SECTION, {})  # {} when there is no summary
         same = saved.get("identity") == self.identity
         self.done: set[str] = set(saved.get("done", [])) if same else set()
         self.seconds: dict[str, float] = dict(saved.get("seconds", {})) if same else {}
