@@ -4,7 +4,7 @@ VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 
-.PHONY: setup demo figures reproduce test test-fast bench clean chromium focus-conditions focus-conditions-nq sizes nq-focus families
+.PHONY: setup demo figures reproduce test test-fast bench clean chromium focus-conditions focus-conditions-nq sizes nq-focus families methods
 
 setup: $(STAMP)
 
@@ -100,3 +100,11 @@ nq-focus: $(STAMP)
 # figures with the paper's released directions (figures/families/; a finished model is reused)
 families: $(STAMP)
 	$(BIN)/focuslens experiment families --out figures/families $(if $(RELEASE),--release $(RELEASE))
+
+# the field's head scores and interventions on the same prompts (issue 28): rankings compared,
+# every intervention's setting chosen on validation and tested on the synthetic and NQ test prompts
+# of the focus experiments (needs `make families` for SmolLM2's directions and `make nq-focus` for
+# NQ's); resumable per method (its pieces: figures/methods_work/); results in figures/methods_*
+# and summary.json
+methods: $(STAMP)
+	$(BIN)/focuslens experiment methods --nq $(NQ_ORACLE) --out figures

@@ -203,7 +203,7 @@ def test_positions_come_from_layer_0s_own_rope_table_past_the_wrap_at_pi(first):
     from transformers import AutoModelForCausalLM
 
     from focuslens.model.load import load_model
-    from focuslens.steer.focus import _position_hooks
+    from focuslens.model.rope import position_hooks
 
     tiny = get_tiny("gemma3", 1)
     config = copy.deepcopy(tiny.original_model.config)
@@ -212,7 +212,7 @@ def test_positions_come_from_layer_0s_own_rope_table_past_the_wrap_at_pi(first):
     model = load_model(AutoModelForCausalLM.from_config(config).eval(), tokenizer=tiny.tokenizer)
     state = {}
     ids = torch.randint(10, 100, (1, 400), generator=torch.Generator().manual_seed(1))
-    with model.hooks(fwd_hooks=_position_hooks(model, state)):
+    with model.hooks(fwd_hooks=position_hooks(model, state)):
         _, cache = model(ids, return_type="logits_and_cache")
         assert state["positions"].reshape(-1).tolist() == list(range(400))
         model(ids[:, :1], past_key_values=cache)

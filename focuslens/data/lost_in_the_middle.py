@@ -203,11 +203,11 @@ _STOPWORDS = frozenset(
 )
 
 
-def _terms(text: str) -> list[str]:
+def bm25_terms(text: str) -> list[str]:
     return [t for t in re.findall(r"\w+", text.lower()) if t not in _STOPWORDS]
 
 
-class _BM25:
+class BM25:
     """Okapi BM25 over a fixed list of token lists, as an inverted index of numpy arrays.
 
     A query touches only the posting lists of its own terms, so scoring every passage
@@ -300,7 +300,7 @@ class _DistractorPool:
             pool.setdefault(q.gold, q.line)
         self.passages = list(pool)
         self.lines = list(pool.values())
-        self.bm25 = _BM25([_terms(f"{d.title} {d.text}") for d in self.passages])
+        self.bm25 = BM25([bm25_terms(f"{d.title} {d.text}") for d in self.passages])
         self.normalized = [normalize_answer(f"{d.title} {d.text}") for d in self.passages]
 
     def choose(self, q: _OracleQuestion, k: int, where: str) -> list[int]:
@@ -309,7 +309,7 @@ class _DistractorPool:
         needles = [(a, _answer_pattern(a)) for a in map(normalize_answer, q.answers) if a]
         chosen: list[int] = []
         titles = {q.gold.title}
-        for j in np.argsort(-self.bm25.scores(_terms(q.question)), kind="stable"):
+        for j in np.argsort(-self.bm25.scores(bm25_terms(q.question)), kind="stable"):
             if len(chosen) == k:
                 break
             d, text = self.passages[j], self.normalized[j]

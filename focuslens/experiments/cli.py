@@ -119,9 +119,11 @@ def _parser() -> argparse.ArgumentParser:
                    "`experiment families`: every stage on SmolLM2 and Gemma 3 with one recipe, compared "
                    "(make families)",
                    "focuslens experiment focus --out runs/focus --n-test 200")
-    exp.add_argument("name", choices=["focus", "nq", "families"], help="focus: task x layout x head ranking x rows; "
+    exp.add_argument("name", choices=["focus", "nq", "families", "methods"],
+                     help="focus: task x layout x head ranking x rows; "
                      "nq: train >= 1,000 NQ questions, test 300 x first/middle/last at 10 and 20 documents; "
-                     "families: the demo pipeline on each of --models, then the comparison figures")
+                     "families: the demo pipeline on each of --models, then the comparison figures; "
+                     "methods: the field's head scores and interventions on the same prompts (make methods)")
     exp.add_argument("--models", nargs="+", default=["smollm2-135m-instruct", "gemma3-270m"],
                      help="families: the models compared (embedded names, folders or HF ids)")
     exp.add_argument("--size", choices=["quick", "full"], default="full",
@@ -137,7 +139,7 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--all-rows", nargs="*", default=["synthetic/qa_query_aware"],
                      help="task/layout pairs that also run rows=all (every position re-run per variant)")
     exp.add_argument("--n-train", type=int, default=80, help="training prompts (directions and rankings)")
-    exp.add_argument("--n-validation", type=int, default=40, help="validation prompts (choose k, alpha)")
+    exp.add_argument("--n-validation", type=int, help="validation prompts (choose k, alpha; focus: 40, methods: 100)")
     exp.add_argument("--n-test", type=int, default=200, help="held-out test prompts (a multiple of 5)")
     exp.add_argument("--n-documents", type=int, default=20, help="documents per prompt")
     exp.add_argument("--epochs", type=int, help="direction training epochs (focus: 40; nq: 10, early stopped)")
@@ -154,7 +156,20 @@ def _parser() -> argparse.ArgumentParser:
     exp.add_argument("--max-new-tokens", type=int, default=16, help="nq: greedy answer length")
     exp.add_argument("--work", default="runs/nq_work",
                      help="nq: the resumable run's working folder (training cache ~16 MB per prompt, checkpoints)")
-    exp.add_argument("--seed", type=int, default=7, help="data and training seed")
+    exp.add_argument("--run", default="figures/families/smollm2-135m-instruct",
+                     help="methods: a finished demo run (its contextual_heads.json and focus_directions/) for the "
+                          "synthetic prompts")
+    exp.add_argument("--nq-directions", default="figures/nq_directions",
+                     help="methods: the NQ experiment's directions (their ranking picks the labelled methods' heads)")
+    exp.add_argument("--datasets", nargs="+", choices=["synthetic", "nq"], default=["synthetic", "nq"],
+                     help="methods: where the interventions are compared (nq needs --nq)")
+    exp.add_argument("--methods", nargs="+", help="methods: interventions to compare (default: every registered one)")
+    exp.add_argument("--head-scores", nargs="+", help="methods: head scores to compare (default: every registered one)")
+    exp.add_argument("--n-rank", type=int, default=100, help="methods: prompts the head scores are computed on")
+    exp.add_argument("--n-calibration", type=int, default=50,
+                     help="methods: training prompts the positional profiles are measured on")
+    exp.add_argument("--k", type=int, default=20, help="methods: heads the labelled interventions act on (top k)")
+    exp.add_argument("--seed", type=int, help="data and training seed (focus: 7, methods: 0)")
     exp.add_argument("--out", default="runs/focus_conditions", help="output directory")
 
     lc = _command(sub, "long-context", "distraction from ~1k to ~8k tokens (NQ, key-value retrieval, a needle with "
@@ -335,7 +350,7 @@ def _experiment_nq(args) -> None:
                           n_documents=args.nq_documents, test_documents=tuple(args.test_documents),
                           epochs=args.epochs or 10, lr=args.lr or 1e-3, ks=tuple(args.ks),
                           alphas=tuple(args.alphas or (0.25, 0.5, 1.0, 2.0, 4.0)), max_new_tokens=args.max_new_tokens,
-                          em_documents=(args.nq_documents,), seed=args.seed)
+                          em_documents=(args.nq_documents,), seed=7 if args.seed is None else args.seed)
     out = run_nq(load_model(args.model), settings, out_dir=args.out, work_dir=args.work, quiet=args.quiet)
     print(f"{headline(out)}\n{args.out}/nq_focus.{{csv,png,html}} and summary.json")
 
@@ -348,6 +363,10 @@ def _experiment(args) -> None:
 
     if args.name == "nq":
         return _experiment_nq(args)
+    if args.name == "methods":
+        from focuslens.experiments.methods import run_from_args
+
+        return run_from_args(args)
     if args.name == "families":
         from focuslens.experiments.families import run_families
         from focuslens.experiments.pipeline import DemoSettings
@@ -366,9 +385,9 @@ def _experiment(args) -> None:
         return None
     pairs = tuple(tuple(p.split("/", 1)) for p in args.all_rows)
     settings = ConditionSettings(
-        n_train=args.n_train, n_validation=args.n_validation, n_test=args.n_test, n_documents=args.n_documents,
+        n_train=args.n_train, n_validation=40 if args.n_validation is None else args.n_validation, n_test=args.n_test, n_documents=args.n_documents,
         epochs=args.epochs or 40, lr=args.lr or 1e-2, ks=tuple(args.ks), alphas=tuple(args.alphas or (0.25, 0.5, 1.0, 2.0)),
-        seed=args.seed, rankings=tuple(args.rankings), layouts=tuple(args.layouts), tasks=tuple(args.tasks),
+        seed=7 if args.seed is None else args.seed, rankings=tuple(args.rankings), layouts=tuple(args.layouts), tasks=tuple(args.tasks),
         all_rows=pairs, nq_path=args.nq, nq_documents=args.nq_documents,
         nq_questions=tuple(args.nq_questions or (40, 20, 20)))
     t0 = time.perf_counter()

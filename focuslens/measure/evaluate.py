@@ -244,7 +244,7 @@ def evaluate_variants(
     if probe_heads is not None and probe_heads.shape[0] != n_variants:
         raise DataError(f"probe_heads has {probe_heads.shape[0]} variants, not n_variants={n_variants}.")
     tok = model.tokenizer
-    prompts = to_prompts(model, examples)
+    prompts = to_prompts(model, intervention.rewrite(model, examples))
     warn_unscorable(tok, [p.example for p in prompts])
     rows_out, all_logits = [], []
     n_probe = probe_heads.sum((1, 2)).clamp_min(1) if probe_heads is not None else None
@@ -284,7 +284,7 @@ def generate_variants(
     n_variants, rows, hooks_for = intervention.n_variants(model), intervention.rows, intervention.hooks_for(model)
     if rows not in ("answer", "all"):
         raise DataError(f"rows={rows!r}: generation runs rows='all' or rows='answer'.")
-    out, prompts = [], to_prompts(model, examples)
+    out, prompts = [], to_prompts(model, intervention.rewrite(model, examples))
     n_probe = probe_heads.sum((1, 2)).clamp_min(1) if probe_heads is not None else None
     for i in tqdm(share(len(prompts)), desc=desc, disable=quiet or not is_main(), leave=False):
         store: dict = {}  # under a launcher: this process's share of the prompts (focuslens.model.parallel)
@@ -350,7 +350,7 @@ def gold_logprob_variants(
         n_variants, rows, hooks_for = intervention.n_variants(model), intervention.rows, intervention.hooks_for(model)
     if rows not in ("answer", "all"):
         raise DataError(f"rows={rows!r}: the teacher-forced metric runs rows='all' or rows='answer'.")
-    prompts = to_prompts(model, examples)
+    prompts = to_prompts(model, examples if intervention is None else intervention.rewrite(model, examples))
     n_probe = probe_heads.sum((1, 2)).clamp_min(1) if probe_heads is not None else None
     out = []
     for i in tqdm(share(len(prompts)), desc=desc, disable=quiet or not is_main(), leave=False):

@@ -69,10 +69,14 @@ class Recording:
         rows: ``"answer"`` (the prompt's answer rows) or ``"all"``.
         activations: hook points (of :data:`~focuslens.model.hooks.POINTS`) to keep for
             the chosen heads' layers, batch row 0 (e.g. ``("rot_k",)``).
+        top_keys: also keep, for every recorded row, the key each chosen head attends to
+            most (its argmax: the retrieval score's copy events, Wu et al. 2024), read
+            with :meth:`row_top_keys`.
     """
 
     def __init__(self, model, heads="all", spans=("gold", "sink"), *, ranking=None, prompt=None,
-                 prompts: Sequence | None = None, rows: str = "answer", activations: Sequence[str] = ()):
+                 prompts: Sequence | None = None, rows: str = "answer", activations: Sequence[str] = (),
+                 top_keys: bool = False):
         if rows not in ("answer", "all"):
             raise DataError(f"rows={rows!r}: a recording reads rows='answer' or rows='all'.")
         self.heads = resolve_heads(model, heads, ranking)
@@ -91,6 +95,8 @@ class Recording:
         self.masses: dict[int, Tensor] = {}  # layer -> [batch, heads of that layer, span]
         self._indicators: dict[tuple[int, int], Tensor] = {}
         self.activations: dict[tuple[str, int], Tensor] = {}
+        self.top_keys = bool(top_keys)
+        self.tops: dict[int, list[Tensor]] = {}  # layer -> per batch row [heads of that layer, rows] key index
 
     def _named(self, prompt) -> dict:
         spans = self._spans(prompt) if callable(self._spans) else self._spans
@@ -109,8 +115,8 @@ class Recording:
         """Batch row ``row``'s spans as a ``[n_keys, n_spans]`` indicator."""
         i = row if len(self.prompts) > 1 else 0
         if (i, n_keys) not in self._indicators:  # built once per prompt and length, not once per layer
-            self._indicators[(i, n_keys)] = torch.stack(
-                [_column(v, self.prompts[i], n, n_keys) for n, v in self.columns[i].items()], dim=-1)
+            cols = [_column(v, self.prompts[i], n, n_keys) for n, v in self.columns[i].items()]
+            self._indicators[(i, n_keys)] = torch.stack(cols, dim=-1) if cols else torch.zeros(n_keys, 0)
         return self._indicators[(i, n_keys)]
 
     def _query_rows(self, row: int, q: int, k: int) -> slice | None:
@@ -128,6 +134,8 @@ class Recording:
     def _reduce(self, pattern: Tensor, hook, layer: int) -> None:
         b, n_heads, q, k = pattern.shape
         hs = self._heads_index(layer, n_heads)
+        if self.top_keys:
+            self._keep_tops(pattern, layer, hs, q, k)
         if len(self.prompts) == 1:  # one prompt for every row (the variants of a sweep): one matmul
             rows = self._query_rows(0, q, k)
             if rows is not None:
@@ -143,6 +151,23 @@ class Recording:
             require_finite(out[-1], f"the recorded attention masses of layer {layer} (batch row {r})")
         self.masses[layer] = out  # one [head, span] per row: prompts may have different spans
 
+    def _keep_tops(self, pattern: Tensor, layer: int, hs, q: int, k: int) -> None:
+        """Each recorded row's most-attended key (absolute position), per chosen head."""
+        tops = []
+        for r in range(pattern.shape[0]):
+            rows = self._query_rows(r if len(self.prompts) > 1 else 0, q, k)
+            if rows is None:
+                return
+            tops.append(pattern[r, hs, rows].argmax(-1).cpu())
+        self.tops[layer] = tops
+
+    def row_top_keys(self, row: int) -> Tensor:
+        """Batch row ``row``'s most-attended key per head and recorded query row, ``[head,
+        query row]`` (heads in selection order); needs ``top_keys=True``."""
+        if not self.top_keys:
+            raise DataError("this recording keeps no top keys: make it with top_keys=True.")
+        return self._in_selection_order(self.tops, row, "no top keys were recorded")
+
     def first_row(self) -> int:
         """The first query row read (absolute position): the earliest answer row, or 0."""
         return 0 if self.rows == "all" else min(p.answer.start for p in self.prompts)
@@ -155,19 +180,24 @@ class Recording:
         first = self.first_row()  # the pattern-free path computes only these rows' patterns
         out: list[HookSpec] = [(attn_hook(layer, "pattern"),
                                 RowHook(lambda x, hook, layer=layer: self._reduce(x, hook, layer), first))
-                               for layer in self.by_layer] if self.names else []
+                               for layer in self.by_layer] if self.names or self.top_keys else []
         out += [(attn_hook(layer, point), lambda x, hook, point=point, layer=layer: self._keep(x, hook, point, layer))
                 for point in self.activation_points for layer in self.by_layer]
         return out
 
     def row(self, row: int) -> Float[Tensor, "head span"]:
         """Batch row ``row``'s masses ``[head, span]``, heads in selection order."""
-        missing = [layer for layer in self.by_layer if layer not in self.masses]
+        return self._in_selection_order(self.masses, row, "nothing was recorded")
+
+    def _in_selection_order(self, store: dict, row: int, what: str) -> Tensor:
+        """Batch row ``row`` of a per-layer store (``[batch][heads of the layer, ...]``), one
+        entry per chosen head in selection order."""
+        missing = [layer for layer in self.by_layer if layer not in store]
         if missing:
-            raise DataError(f"nothing was recorded for layers {missing}: run a forward pass of the prompt (its answer "
-                            "rows) inside the recording.")
+            raise DataError(f"{what} for layers {missing}: run a forward pass of the prompt (its answer rows) inside "
+                            "the recording.")
         index = {layer: {h: i for i, h in enumerate(hs)} for layer, hs in self.by_layer.items()}
-        return torch.stack([self.masses[layer][row][index[layer][h]] for layer, h in self.heads])
+        return torch.stack([store[layer][row][index[layer][h]] for layer, h in self.heads])
 
     def tensor(self) -> Float[Tensor, "batch head span"]:
         """Masses ``[batch, head, span]`` (every row with the same spans)."""
@@ -191,10 +221,10 @@ class Recording:
 
 @contextmanager
 def record(model, heads="all", spans=("gold", "sink"), *, ranking=None, prompt=None, prompts=None,
-           rows: str = "answer", activations: Sequence[str] = ()):
+           rows: str = "answer", activations: Sequence[str] = (), top_keys: bool = False):
     """Context manager: a :class:`Recording` whose hooks are active while the block runs."""
     rec = Recording(model, heads, spans, ranking=ranking, prompt=prompt, prompts=prompts, rows=rows,
-                    activations=activations)
+                    activations=activations, top_keys=top_keys)
     with model.hooks(fwd_hooks=rec.hooks()):
         yield rec
 

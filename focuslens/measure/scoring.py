@@ -348,20 +348,21 @@ def scores_from_patterns(model, prompts: Sequence[Prompt], pattern: Float[Tensor
 
 
 def _head_scores(per_example: Tensor, prompts: Sequence[Prompt], metadata: dict, *, n_bootstrap: int,
-                 seed: int) -> HeadScores:
-    """Means over prompts (and bootstrap CIs) of ``per_example [prompt, layer, head, metric]``."""
-    mean = {m: per_example[..., j].mean(0) for j, m in enumerate(METRICS)}
+                 seed: int, metrics: Sequence[str] = METRICS) -> HeadScores:
+    """Means over prompts (and bootstrap CIs) of ``per_example [prompt, layer, head, metric]``
+    (``metrics`` names the last axis; chance levels are known for :data:`METRICS`)."""
+    mean = {m: per_example[..., j].mean(0) for j, m in enumerate(metrics)}
     ci_low, ci_high = {}, {}
     if n_bootstrap and len(prompts) > 1:  # one percentile bootstrap over prompts for every head and metric at once
         low, high = bootstrap_ci(per_example.reshape(len(prompts), -1), n_resamples=n_bootstrap, seed=seed)
         low, high = (torch.from_numpy(b).reshape(per_example.shape[1:]).to(per_example) for b in (low, high))
-        for j, m in enumerate(METRICS):
+        for j, m in enumerate(metrics):
             ci_low[m], ci_high[m] = low[..., j].contiguous(), high[..., j].contiguous()
     metadata = {**metadata, "n_examples": len(prompts), "n_documents": sorted({len(p.documents) for p in prompts}),
                 "seed": seed, "n_bootstrap": n_bootstrap}
     chance = torch.stack([chance_metrics(p) for p in prompts]).mean(0)  # from the prompts: no forward pass
     return HeadScores(mean=mean, ci_low=ci_low, ci_high=ci_high, metadata=metadata,
-                      chance={m: float(chance[j]) for j, m in enumerate(METRICS)})
+                      chance={m: float(chance[j]) for j, m in enumerate(METRICS) if m in mean})
 
 
 # ------------------------------------------------------------------ one prompt, any spans

@@ -26,6 +26,7 @@ intervention, so it is never chosen silently.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import contextmanager
 from typing import ClassVar
 
@@ -34,14 +35,46 @@ from torch import Tensor
 from focuslens.errors import DataError
 from focuslens.model.heads import HookSpec, per_variant, require_heads, variant_masks
 
-__all__ = ["Intervention", "HeadIntervention", "Combined"]
+__all__ = ["Intervention", "HeadIntervention", "Combined", "METHODS"]
+
+#: The field's interventions compared by ``focuslens experiment methods``: name -> class,
+#: filled as the modules of :mod:`focuslens.steer` are imported (a class with ``METHOD``).
+METHODS: dict[str, type[Intervention]] = {}
 
 
 class Intervention:
     """Base of the intervention values. A subclass sets ``rows`` and implements
-    :meth:`hooks` and :meth:`n_variants`."""
+    :meth:`hooks` and :meth:`n_variants`.
+
+    A class that sets ``METHOD`` (a name) joins :data:`METHODS`, the methods comparison; it
+    also sets ``NEEDS_LABEL`` (whether it must know the gold document at inference),
+    ``PAPER`` (the citation) and implements :meth:`candidates`. An intervention that edits
+    the prompt itself (document order) rather than the forward pass overrides
+    :meth:`rewrite`, which every evaluation applies before rendering."""
 
     rows = "all"
+    METHOD: ClassVar[str | None] = None
+    NEEDS_LABEL: ClassVar[bool] = False
+    PAPER: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if vars(cls).get("METHOD"):
+            if cls.METHOD in METHODS and METHODS[cls.METHOD].__qualname__ != cls.__qualname__:
+                raise DataError(f"two interventions are named {cls.METHOD!r}: {METHODS[cls.METHOD]} and {cls}.")
+            METHODS[cls.METHOD] = cls
+
+    @classmethod
+    def candidates(cls, context) -> list[tuple[dict, Intervention]]:
+        """The settings a comparison tries on validation, as ``(setting, value)`` pairs
+        (``setting``: the knobs, e.g. ``{"alpha": 0.1}``, for tables), built from a
+        :class:`~focuslens.steer.context.MethodContext`."""
+        raise NotImplementedError(f"{cls.__name__} has no candidate settings for a methods comparison.")
+
+    def rewrite(self, model, examples: Sequence) -> list:
+        """The examples as this intervention presents them to the model (default: as they
+        are). Evaluations call it before rendering."""
+        return list(examples)
 
     def hooks(self, model, prompt=None, variants: slice | None = None) -> list[HookSpec]:
         """Hook specs for ``prompt`` (needed for span names and ``rows="answer"``); with

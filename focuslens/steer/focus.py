@@ -37,64 +37,13 @@ from focuslens.model.heads import (
 from focuslens.model.hooks import attn_hook
 from focuslens.model.intervention import HeadIntervention
 from focuslens.model.load import attention_scaling
-from focuslens.model.spans import resolve_rows, rows_mask, rows_past_end, rows_reach
+from focuslens.model.rope import position_hooks
+from focuslens.model.spans import resolve_rows, rows_mask
 
 __all__ = ["Focus", "focus_hooks", "focus", "focus_variants", "focus_sweep", "best_setting", "MagnitudeControl"]
 
 
 # ------------------------------------------------------------------ hooks and the context manager
-def _rope_frequency(model) -> tuple[float, int]:
-    """The lowest rotary frequency (radians per position) of the table layer 0 uses, and its
-    channel in ``cos``/``sin`` (HF lays them out as ``cat(freqs, freqs)`` over the inverse
-    frequencies). One table (``inv_freq``: Llama, Qwen2, Mistral) or one per layer type
-    (Gemma 3: ``sliding_attention_inv_freq`` and ``full_attention_inv_freq``)."""
-    config = getattr(getattr(model, "original_model", None), "config", None)
-    layer_types = getattr(config, "layer_types", None) or getattr(getattr(config, "text_config", None),
-                                                                  "layer_types", None)
-    names = ["inv_freq", *([f"{layer_types[0]}_inv_freq"] if layer_types else [])]
-    for _, module in model.named_modules():
-        for name in names:
-            inv = getattr(module, name, None)
-            if isinstance(inv, Tensor):
-                return float(inv.min()), int(inv.argmin())
-    raise ModelError(f"the model has no rotary embedding (none of {names}): rows other than 'all' need one to "
-                     "locate positions.")
-
-
-def _position_hooks(model, state: dict, where=None, rows=None) -> list[HookSpec]:
-    """Hooks that record the absolute position of every query of the running forward pass.
-
-    Layer 0's attention receives RoPE's ``cos``/``sin`` (``blocks.0.attn.hook_cos/sin``:
-    per layer, so a model with one table per layer type, as Gemma 3, is read from the one
-    table layer 0 uses; the shared ``rotary_emb`` hooks fire once per table there, in an order
-    that varies between processes), computed from the true position ids (offset by the KV
-    cache in generation, shared by the packed variants of a
-    :class:`~focuslens.model.prefix.PrefixCache`). On the lowest frequency ``f`` the angle
-    ``p·f`` stays below 2π over the whole context, so ``p = atan2(sin, cos) / f`` exactly
-    (rounded; a negative angle past π is taken modulo 2π), whatever positive rescaling the
-    model applies to both. A pass from position 0 (no KV cache) that the resolved rows
-    ``where`` do not reach raises (:func:`~focuslens.steer.split_softmax.rows_past_end`):
-    the steering would change nothing.
-    """
-    freq, channel = _rope_frequency(model)
-    if freq * model.cfg.n_ctx >= 2 * math.pi:
-        raise ModelError(f"the lowest RoPE frequency {freq:.3g} wraps within n_ctx={model.cfg.n_ctx}.")
-    period = 2 * math.pi / freq
-
-    def keep_cos(cos, hook):
-        state["cos"] = cos[..., channel].float()
-
-    def positions(sin, hook):
-        angle = torch.atan2(sin[..., channel].float(), state.pop("cos")) / freq
-        angle = torch.where(angle < -0.5, angle + period, angle)  # an angle past π comes back negative
-        state["positions"] = pos = torch.round(angle).long()  # [batch or 1, pos]
-        # no sync unless the rows miss a pass of this length: then is it a pass from 0?
-        if not rows_reach(where, pos.shape[-1]) and int(pos[..., 0].min()) == 0:
-            raise rows_past_end(rows, pos.shape[-1])
-
-    return [("blocks.0.attn.hook_cos", keep_cos), ("blocks.0.attn.hook_sin", positions)]
-
-
 def _row_gate(where, state: dict):
     """``x -> [batch or 1, pos, 1, 1]``: 1 on the steered rows (from the RoPE positions the
     position hooks recorded in ``state``), 0 elsewhere; ``where=None`` steers every row (1.0)."""
@@ -161,7 +110,7 @@ def focus_hooks(
     alphas = per_variant(alpha, masks.shape[0], "alpha")
     scale = attention_scaling(model)
     state: dict = {}
-    hooks: list[HookSpec] = [] if where is None else _position_hooks(model, state, where, rows)
+    hooks: list[HookSpec] = [] if where is None else position_hooks(model, state, where, rows)
     row_gate = _row_gate(where, state)
     for layer in masks.any(0).any(-1).nonzero().flatten().tolist():
         gate = alphas[:, None, None] * masks[:, layer, :, None]  # [variant, head, 1]
@@ -210,6 +159,16 @@ class Focus(HeadIntervention):
     strict: bool = True
 
     STRENGTH = "alpha"
+    METHOD, NEEDS_LABEL = "focus", False
+    PAPER = "Zhu et al. 2025, Focus Directions (arXiv 2503.23306)"
+
+    @classmethod
+    def candidates(cls, context):
+        """α over the top k heads of the directions' own ranking (none without directions)."""
+        if context.directions is None:
+            return []
+        return [({"alpha": a}, cls(context.directions, alpha=a, heads=context.k, rows=context.rows))
+                for a in (0.25, 0.5, 1.0, 2.0)]
 
     def ranking_for(self, model):
         return _ranking(self.directions, self.heads, self.ranking)

@@ -47,24 +47,18 @@ from focuslens.model.heads import (
     top_and_random,
     variant_masks,
 )
-from focuslens.model.hooks import HeadEdit, attn_hook
-from focuslens.model.intervention import HeadIntervention
-from focuslens.model.spans import (
-    Rows,
-    check_span_arg,
-    first_row,
-    resolve_rows,
-    resolve_span,
-    rows_mask,
-    rows_past_end,
-    rows_reach,
-    span_key_mask,
-)
+from focuslens.model.spans import Rows
+from focuslens.steer.span_mass import SpanMassEdit, reweight_pattern, span_mass_hooks
 
 __all__ = ["SplitSoftmax", "split_softmax_pattern", "split_softmax_hooks", "split_softmax", "split_softmax_sweep"]
 
 
 # ------------------------------------------------------------------ the operation
+def _power(pi: Tensor, tau: Tensor) -> Tensor:
+    """Split-softmax's new span mass ``π^τ``."""
+    return pi.clamp_min(0) ** tau
+
+
 def split_softmax_pattern(
     pattern: Float[Tensor, "batch head query key"],
     span: Bool[Tensor, "*batch key"],
@@ -74,21 +68,14 @@ def split_softmax_pattern(
 
     ``tau`` broadcasts over ``[batch, head, query]`` (use 1 to leave a row untouched). Rows
     with no mass on the span (π = 0) or all of it (π = 1) are left unchanged. Computed in
-    float32, returned in the pattern's dtype.
+    float32, returned in the pattern's dtype (:func:`~focuslens.steer.span_mass.reweight_pattern`).
     """
-    p = pattern.float()
-    span = span.to(p.device)
-    if span.ndim == 1:
-        span = span[None]
-    inside = span[:, None, None, :].to(p.dtype)  # [batch, 1, 1, key]
-    pi = (p * inside).sum(-1)  # [batch, head, query]
-    tau = torch.as_tensor(tau, dtype=p.dtype, device=p.device)
-    target = pi.clamp_min(0) ** tau
-    ok = (pi > 0) & (pi < 1)
-    scale_in = torch.where(ok, target / pi.clamp_min(1e-30), torch.ones_like(pi))
-    scale_out = torch.where(ok, (1 - target) / (1 - pi).clamp_min(1e-30), torch.ones_like(pi))
-    scale = scale_out[..., None] + (scale_in - scale_out)[..., None] * inside
-    return (p * scale).to(pattern.dtype)
+    return reweight_pattern(pattern, span, _power, tau)
+
+
+def _check_tau(taus: Tensor) -> None:
+    if (taus <= 0).any():
+        raise DataError(f"tau={taus.tolist()} must be > 0 (1 is the identity, smaller boosts more).")
 
 
 def split_softmax_hooks(
@@ -120,57 +107,14 @@ def split_softmax_hooks(
             position, a :class:`Span` or a list of positions.
         prompt: the :class:`~focuslens.data.render.Prompt` that ``rows="answer"`` refers to.
     """
-    where = resolve_rows(rows, prompt)
-    if isinstance(span, (str, tuple)):
-        span = resolve_span(span, prompt)
-    check_span_arg(span)
     masks = variant_masks(model, heads, ranking)
-    taus = per_variant(tau, masks.shape[0], "tau")
-    if (taus <= 0).any():
-        raise DataError(f"tau={taus.tolist()} must be > 0 (1 is the identity, smaller boosts more).")
-    def check(q: int, k: int) -> None:
-        if q == k and not rows_reach(where, k):  # a pass from position 0 that no row reaches
-            raise rows_past_end(rows, k)
-
-    hooks = []
-    for layer in masks.any(0).any(-1).nonzero().flatten().tolist():
-        # per variant and head: tau where the head is chosen, 1 (identity) elsewhere
-        layer_tau = torch.where(masks[:, layer], taus[:, None], torch.ones(()))  # [variant, head]
-        hooks.append((attn_hook(layer, "pattern"), _layer_edit(layer_tau, span, where, check)))
-    return hooks
-
-
-def _layer_edit(layer_tau: Tensor, span, where, check) -> HeadEdit:
-    """One layer's split-softmax as a :class:`HeadEdit`: the same edit on a full pattern
-    (eager path) and on blocks of rows of the steered heads (pattern-free path)."""
-
-    def edit(pattern, query_rows, heads):
-        """``pattern`` [batch, len(heads), rows, key] at absolute ``query_rows``."""
-        b, k = pattern.shape[0], pattern.shape[-1]
-        t = layer_tau.to(pattern.device)[:, heads]
-        if t.shape[0] not in (1, b):
-            raise DataError(f"{t.shape[0]} head selections for a batch of {b}: give one, or one per row.")
-        steered = rows_mask(where, query_rows)
-        t = torch.where(steered[None, None, :], t[:, :, None], torch.ones(()))  # [variant, head, query]
-        return split_softmax_pattern(pattern, span_key_mask(span, k, b), t)
-
-    def hook(pattern, hook):
-        q, k = pattern.shape[-2:]
-        check(q, k)
-        return edit(pattern, torch.arange(k - q, k, device=pattern.device), slice(None))
-
-    def target(pi, query_rows, heads):
-        """The span's new mass ``π^τ`` (``pi`` [batch, len(heads), rows])."""
-        t = layer_tau.to(pi.device)[:, heads]
-        t = torch.where(rows_mask(where, query_rows)[None, None, :], t[:, :, None], torch.ones(()))
-        return pi.clamp_min(0) ** t
-
-    return HeadEdit(hook, layer_tau != 1, first_row(where), edit, check,
-                    span=lambda n_key, b: span_key_mask(span, n_key, b), target=target)
+    _check_tau(per_variant(tau, masks.shape[0], "tau"))
+    return span_mass_hooks(model, masks, span, tau, new_mass=_power, identity=1.0, name="tau", rows=rows,
+                           prompt=prompt)
 
 
 @dataclass
-class SplitSoftmax(HeadIntervention):
+class SplitSoftmax(SpanMassEdit):
     """Split-softmax as a value (module docstring): the span's mass on ``heads`` becomes
     ``π^τ`` at ``rows``. Usable as ``with iv.on(model, prompt):``, in
     ``evaluate_next_token(..., intervention=iv)`` and in sweeps.
@@ -194,15 +138,15 @@ class SplitSoftmax(HeadIntervention):
     tau: object = 0.1
     rows: object = "all"
 
-    def __post_init__(self) -> None:
-        taus = per_variant(self.tau, torch.as_tensor(self.tau).numel(), "tau")  # finite, named
-        if (taus <= 0).any():
-            raise DataError(f"tau={taus.tolist()} must be > 0 (1 is the identity, smaller boosts more).")
+    STRENGTH, IDENTITY = "tau", 1.0
+    METHOD, NEEDS_LABEL = "split_softmax", True
+    PAPER = "Li et al. 2024 (COLM 2024); Zhu et al. 2025 §3.5"
+    new_mass = staticmethod(_power)
+    check_strength = staticmethod(_check_tau)
 
-    STRENGTH = "tau"
-
-    def variant_hooks(self, model, prompt, masks: Tensor, strength: Tensor) -> list[HookSpec]:
-        return split_softmax_hooks(model, masks, self.span, strength, rows=self.rows, prompt=prompt)
+    @classmethod
+    def candidates(cls, context):
+        return [({"tau": t}, cls(context.k, context.ranking, tau=t, rows=context.rows)) for t in (0.5, 0.3, 0.1)]
 
 
 def split_softmax(
