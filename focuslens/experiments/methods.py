@@ -256,8 +256,8 @@ def _gain_row(dataset: str, name: str, test: pd.DataFrame, grid: list, setting: 
 
 def _identity(s: MethodsSettings) -> dict:
     """The settings a piece's results depend on (which datasets, methods and scores run is
-    said per piece folder)."""
-    return {k: v for k, v in s.record().items() if k not in ("datasets", "methods", "scores")}
+    said per piece folder; where the NQ file lies is not a setting)."""
+    return {k: v for k, v in s.record().items() if k not in ("datasets", "methods", "scores", "nq_path")}
 
 
 # ------------------------------------------------------------------ rankings
